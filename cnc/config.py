@@ -1,0 +1,93 @@
+"""YAML → typed (pydantic) configuration, with ``--set key.sub=value`` overrides.
+
+Configs are parsed and validated once at the entry point, then saved beside the outputs
+(:func:`save_config`). Unknown keys are errors, so typos never pass silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (message names the key)."""
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """``"a.b=3"`` → ``(["a", "b"], 3)``; the value is parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (dotted keys for nesting)")
+    key, value = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply dotted ``key=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Read YAML ``path`` (optional), apply overrides, validate into ``model``.
+
+    Raises:
+        ConfigError: with the file, key and problem, on any invalid input.
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        data = loaded
+    apply_overrides(data, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}: " + "; ".join(lines)) from None
+
+
+def config_dict(cfg: BaseModel) -> dict:
+    """JSON-safe dict of a config."""
+    return json.loads(cfg.model_dump_json())
+
+
+def config_hash(cfg: BaseModel | dict) -> str:
+    """Stable sha256 of a config's canonical JSON (first 16 hex)."""
+    d = config_dict(cfg) if isinstance(cfg, BaseModel) else cfg
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""The CnC model on diffusers: local fuser, global fuser, soft guidance, pipeline and trainer."""

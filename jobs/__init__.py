@@ -1,0 +1,1 @@
+"""Cluster job submission: Ray Jobs API, Slurm and KubeRay templates."""

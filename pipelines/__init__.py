@@ -1,0 +1,1 @@
+"""Ray orchestration of the triplet stages: plan, build, commit, resume."""

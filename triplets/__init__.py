@@ -1,0 +1,1 @@
+"""Per-sample triplet stages, the shard sample format, input readers and inspection."""

@@ -1,0 +1,121 @@
+"""Run the stages on source items and assemble triplet samples (no Ray here).
+
+:class:`TripletBuilder` owns one instance of every stage (models loaded once) and turns a list
+of reader items into ``(samples, failures)``. It is the unit of work of the plain loop
+(``cnc build --engine local``), of the Ray shard workers and of the benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+import cnc
+from cnc.hub import resolve_pretrained
+from triplets.batch import ensure_status
+from triplets.config import BuildConfig
+from triplets.sample import TripletSample
+from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, SegmentStage
+
+log = logging.getLogger(__name__)
+STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed")
+
+
+def resolve_models(cfg: BuildConfig) -> dict[str, str]:
+    """Check every model of ``cfg`` up front; config key → what to load. Raises ModelUnavailableError."""
+    return {key: resolve_pretrained(mid, key, is_file=key == "segment.sam_checkpoint")
+            for key, mid in cfg.model_ids().items()}
+
+
+def _revision(resolved: str) -> str | None:
+    """The commit hash when ``resolved`` is a hub cache snapshot folder."""
+    p = Path(resolved)
+    return p.name if p.parent.name == "snapshots" else None
+
+
+class TripletBuilder:
+    """All stages of one build, loaded once. ``builder(items) -> (samples, failures)``.
+
+    Args:
+        cfg: the build config.
+        resolved: output of :func:`resolve_models` (computed here when omitted).
+        device: overrides ``cfg.device`` (Ray workers pass their GPU).
+    """
+
+    def __init__(self, cfg: BuildConfig, resolved: dict[str, str] | None = None, device: str | None = None):
+        self.cfg = cfg
+        resolved = resolved or resolve_models(cfg)
+        dev = device or cfg.device
+        common = dict(device=dev, dtype=cfg.dtype, seed=cfg.seed)
+        seg = cfg.segment
+        seg_kwargs = dict(backend=seg.backend, min_area=seg.min_area, max_area=seg.max_area)
+        if seg.backend == "sam":
+            seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=seg.sam_model_type,
+                              saliency_model=resolved["segment.saliency_model"], prior_quantile=seg.prior_quantile,
+                              **common)
+        ip = cfg.inpaint
+        self.stages = [
+            LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels),
+            SegmentStage(**seg_kwargs),
+            InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,
+                         ip.guidance_scale, ip.strength, ip.dilation_px, ip.paste_back, base_seed=cfg.seed, **common),
+            DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, **common),
+            EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common),
+        ]
+        self.models = {key: {"id": mid, "revision": _revision(resolved[key])} for key, mid in cfg.model_ids().items()}
+
+    def run_batch(self, items: list[dict]) -> dict:
+        """Items → the final batch dict (all columns, see :mod:`triplets.batch`)."""
+        batch = ensure_status({k: [it.get(k) for it in items] for k in ("key", "source", "caption", "mask_path",
+                                                                         "mask_kind")})
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+    def __call__(self, items: list[dict]) -> tuple[list[TripletSample], list[dict]]:
+        samples, failures = [], []
+        for start in range(0, len(items), self.cfg.batch_size):
+            chunk = items[start:start + self.cfg.batch_size]
+            s, f = self.assemble(self.run_batch(chunk))
+            samples += s
+            failures += f
+        return samples, failures
+
+    def assemble(self, batch: dict) -> tuple[list[TripletSample], list[dict]]:
+        """Final batch → (samples of healthy rows, failure records ``{key, source, stage, reason}``)."""
+        samples, failures = [], []
+        for i, key in enumerate(batch["key"]):
+            if batch["error"][i]:
+                failures.append({"key": key, "source": batch["source"][i], "stage": batch["error_stage"][i],
+                                 "reason": batch["error"][i]})
+                continue
+            timings = ({s: round(float(batch[f"time_{s}"][i]), 6) for s in STAGE_NAMES if f"time_{s}" in batch}
+                       if self.cfg.sample_timings else {})
+            meta = {
+                "key": key, "source": batch["source"][i],
+                "original_size": [int(x) for x in batch["original_size"][i]],
+                "crop_box": [float(x) for x in batch["crop_box"][i]],
+                "resolution": self.cfg.resolution, "seed": int(batch["seed"][i]), "models": self.models,
+                "mask_source": str(batch["mask_source"][i]), "mask_area": float(batch["mask_area"][i]),
+                "fg_depth_range": [float(x) for x in batch["fg_depth_range"][i]],
+                "bg_depth_range": [float(x) for x in batch["bg_depth_range"][i]],
+                "inpaint": {"steps": self.cfg.inpaint.num_inference_steps, "guidance": self.cfg.inpaint.guidance_scale,
+                            "paste_back": self.cfg.inpaint.paste_back},
+                "embed_fg_source": self.cfg.embed.fg_source, "timings": timings, "version": cnc.__version__,
+            }
+            samples.append(TripletSample(
+                key=key, image=batch["image"][i], mask=batch["mask"][i].astype(np.uint8),
+                background=batch["background"][i], fg_depth=batch["fg_depth"][i], bg_depth=batch["bg_depth"][i],
+                fg_emb=batch["fg_emb"][i].astype(np.float32), bg_emb=batch["bg_emb"][i].astype(np.float32),
+                caption=batch["caption"][i] or "", meta=meta))
+        return samples, failures
+
+
+def timed_build(builder: TripletBuilder, items: list[dict]) -> tuple[list[TripletSample], list[dict], float]:
+    """Run ``builder`` and return the wall time too."""
+    t0 = time.perf_counter()
+    s, f = builder(items)
+    return s, f, time.perf_counter() - t0

@@ -1,0 +1,107 @@
+"""Typed configuration of a triplet build (``configs/build/*.yaml``).
+
+A model field takes a hub id, a local folder, or the special value ``tiny`` (a seeded
+random tiny model built in code, see :mod:`cnc.tiny`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TINY = "tiny"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SegmentConfig(_Strict):
+    """Salient-object mask M."""
+
+    backend: str = Field("sam", description="registry name: sam | dataset")
+    sam_checkpoint: str = Field("tiny", description="local path of a segment-anything .pth checkpoint, or 'tiny'")
+    sam_model_type: str = Field("vit_h", description="segment-anything registry name: vit_h | vit_l | vit_b")
+    saliency_model: str = Field("Intel/dpt-large", description="DPT used for the saliency prior (sam backend)")
+    prior_quantile: float = Field(0.85, gt=0, lt=1, description="disparity quantile defining the near region")
+    min_area: float = Field(0.01, ge=0, le=1, description="masks covering less of the image fail ('empty mask')")
+    max_area: float = Field(0.95, ge=0, le=1, description="masks covering more of the image fail ('near-full mask')")
+
+
+class InpaintConfig(_Strict):
+    """Background I_b by Stable Diffusion inpainting (reference settings by default)."""
+
+    model: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"
+    prompt: str = "empty scenery, ultra detailed, no people"
+    negative_prompt: str = "low resolution, worst quality, low quality"
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = 10.0
+    strength: float = Field(1.0, gt=0, le=1)
+    dilation_px: int = Field(50, ge=0, description="square dilation of M at 512 px; scaled with the resolution")
+    paste_back: bool = Field(True, description="keep I's pixels outside the dilated mask")
+
+
+class DepthConfig(_Strict):
+    """MiDaS (DPT) depth of I_f and I_b."""
+
+    model: str = "Intel/dpt-large"
+    mask_foreground_depth: bool = Field(False, description="multiply D_f by M (reference: no)")
+
+
+class EmbedConfig(_Strict):
+    """CLIP image embeddings."""
+
+    model: str = "openai/clip-vit-large-patch14"
+    fg_source: Literal["image", "foreground"] = Field(
+        "image", description="e_f from the full image I (reference) or from I_f")
+
+
+class RayConfig(_Strict):
+    """Ray execution (pipelines)."""
+
+    num_workers: int = Field(0, ge=0, description="model workers; 0 = one per GPU, or per CPU pair without GPUs")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPU share of one worker (fractional allowed)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
+    max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
+    progress_interval_s: float = Field(5.0, gt=0)
+
+
+class BuildConfig(_Strict):
+    """Everything that defines a shard build. Saved as ``OUTPUT/config.yaml``."""
+
+    resolution: int = Field(512, ge=16, description="side of the square crop of every field")
+    min_side: int = Field(256, ge=1, description="images whose short side is smaller fail")
+    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    sample_timings: bool = Field(
+        False, description="store per-stage seconds in each sample's json; off by default because it makes tars "
+                           "differ between identical runs (per-stage times always go to the shard stats marker)")
+    batch_size: int = Field(4, ge=1, description="samples per model batch")
+    samples_per_shard: int = Field(1000, ge=1)
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+    seed: int = Field(0, description="base seed; per-sample seeds derive from (seed, key)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = fp16 on CUDA, fp32 on CPU")
+    input_format: Literal["auto", "folder", "coco", "webdataset"] = "auto"
+    segment: SegmentConfig = SegmentConfig()
+    inpaint: InpaintConfig = InpaintConfig()
+    depth: DepthConfig = DepthConfig()
+    embed: EmbedConfig = EmbedConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "BuildConfig":
+        if self.segment.min_area >= self.segment.max_area:
+            raise ValueError("segment.min_area must be below segment.max_area")
+        return self
+
+    def model_ids(self) -> dict[str, str]:
+        """Config key → model id of every model this build loads."""
+        ids = {"inpaint.model": self.inpaint.model, "depth.model": self.depth.model, "embed.model": self.embed.model}
+        if self.segment.backend == "sam":
+            ids["segment.sam_checkpoint"] = self.segment.sam_checkpoint
+            ids["segment.saliency_model"] = self.segment.saliency_model
+        return ids

@@ -1,0 +1,219 @@
+"""The triplet sample format: one WebDataset sample per source image.
+
+================  =========================================================================
+suffix            content
+================  =========================================================================
+``jpg``           I, RGB uint8 ``(R, R, 3)`` after short-side resize + centre crop, JPEG
+``mask.png``      M, uint8 ``(R, R)`` with values {0, 255}, lossless PNG
+``bg.jpg``        I_b, the inpainted background, RGB uint8 ``(R, R, 3)``, JPEG
+``fg_depth.png``  MiDaS disparity of I_f = I⊙M, uint16 ``(R, R)``, min-max normalised per map
+``bg_depth.png``  MiDaS disparity of I_b, uint16 ``(R, R)``, min-max normalised per map
+``fg_emb.npy``    CLIP image embedding (``image_embeds``), float32 ``(D,)`` (768 for ViT-L/14)
+``bg_emb.npy``    CLIP image embedding of I_b, float32 ``(D,)``
+``txt``           the caption, UTF-8
+``json``          metadata: source id, original size, crop box, seed, models, mask area,
+                  raw depth ranges (``fg_depth_range``/``bg_depth_range`` = [min, max]), timings,
+                  package version
+================  =========================================================================
+
+Raw disparity is recoverable: ``raw = min + (u16 / 65535) * (max - min)``.
+
+:func:`encode_sample` and :func:`decode_sample` are the only (de)serialisers; masks and depth
+maps round-trip bit-exactly. Keys are dot-free (a dot would split the sample in every
+WebDataset reader) and derived from the source path, so they are stable across runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from triplets.image_io import decode_png, decode_rgb, encode_jpeg, encode_png
+
+#: Every sample carries every one of these suffixes (readers such as HF datasets require it).
+FIELDS: tuple[str, ...] = (
+    "jpg", "mask.png", "bg.jpg", "fg_depth.png", "bg_depth.png", "fg_emb.npy", "bg_emb.npy", "txt", "json",
+)
+#: Metadata keys every sample's ``json`` holds.
+REQUIRED_META: tuple[str, ...] = (
+    "key", "source", "original_size", "crop_box", "resolution", "seed", "models", "mask_area",
+    "fg_depth_range", "bg_depth_range", "timings", "version",
+)
+DEPTH_MAX = 65535
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_/-]+$")
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
+
+
+def make_key(source_id: str) -> str:
+    """Derive a stable, dot-free WebDataset key from a source identity (relative path, image id...).
+
+    The file extension is dropped; characters outside ``[A-Za-z0-9_/-]`` become ``_``. When
+    anything had to be replaced, an 8-hex digest of the original id is appended so that two ids
+    differing only in replaced characters (``a.b`` / ``a_b``) stay distinct.
+    """
+    stem = source_id.strip().strip("/")
+    last = stem.rsplit("/", 1)[-1]
+    if "." in last:
+        stem = stem[: len(stem) - len(last)] + last.rsplit(".", 1)[0]
+    clean = _BAD_KEY_CHARS.sub("_", stem).strip("/") or "_"
+    clean = re.sub("/+", "/", clean)
+    if clean.startswith("_"):
+        clean = "k" + clean  # a leading underscore marks metadata in WebDataset
+    if clean != stem:
+        clean = f"{clean}_{hashlib.sha1(source_id.encode()).hexdigest()[:8]}"
+    return clean
+
+
+def quantize_depth(depth: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """Min-max normalise one raw disparity map and quantise it to uint16.
+
+    Args:
+        depth: ``(H, W)`` float raw disparity (any range; near = large).
+
+    Returns:
+        ``(H, W)`` uint16 in [0, 65535] and the raw ``(min, max)``. A constant map gives zeros.
+    """
+    d = np.asarray(depth, dtype=np.float64)
+    if not np.isfinite(d).all():
+        raise ValueError("depth map has non-finite values")
+    lo, hi = float(d.min()), float(d.max())
+    if hi <= lo:
+        return np.zeros(d.shape, np.uint16), (lo, hi)
+    q = np.round((d - lo) / (hi - lo) * DEPTH_MAX)
+    return q.astype(np.uint16), (lo, hi)
+
+
+def depth_to_float(depth_u16: np.ndarray, depth_range: tuple[float, float] | None = None) -> np.ndarray:
+    """uint16 depth → float32: normalised [0, 1], or raw disparity when ``depth_range`` is given."""
+    x = depth_u16.astype(np.float32) / DEPTH_MAX
+    if depth_range is None:
+        return x
+    lo, hi = depth_range
+    return (lo + x * (hi - lo)).astype(np.float32)
+
+
+@dataclass
+class TripletSample:
+    """One decoded triplet (R = resolution, D = embedding width).
+
+    Attributes:
+        key: dot-free sample key.
+        image: ``(R, R, 3)`` uint8 RGB, I.
+        mask: ``(R, R)`` uint8 in {0, 1}, M.
+        background: ``(R, R, 3)`` uint8 RGB, I_b.
+        fg_depth / bg_depth: ``(R, R)`` uint16, min-max normalised disparity (near = 65535).
+        fg_emb / bg_emb: ``(D,)`` float32 CLIP ``image_embeds``.
+        caption: the text.
+        meta: the ``json`` metadata (see :data:`REQUIRED_META`).
+    """
+
+    key: str
+    image: np.ndarray
+    mask: np.ndarray
+    background: np.ndarray
+    fg_depth: np.ndarray
+    bg_depth: np.ndarray
+    fg_emb: np.ndarray
+    bg_emb: np.ndarray
+    caption: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def foreground(self) -> np.ndarray:
+        """I_f = I ⊙ M, ``(R, R, 3)`` uint8 (object on black)."""
+        return self.image * self.mask[..., None]
+
+    def fg_depth_float(self, raw: bool = False) -> np.ndarray:
+        return depth_to_float(self.fg_depth, tuple(self.meta["fg_depth_range"]) if raw else None)
+
+    def bg_depth_float(self, raw: bool = False) -> np.ndarray:
+        return depth_to_float(self.bg_depth, tuple(self.meta["bg_depth_range"]) if raw else None)
+
+
+def validate_sample(s: TripletSample) -> list[str]:
+    """Return a list of problems (empty when the sample is well-formed)."""
+    problems = []
+    if not KEY_PATTERN.match(s.key):
+        problems.append(f"key {s.key!r} is not dot-free [A-Za-z0-9_/-]")
+    if s.image.ndim != 3 or s.image.shape[2] != 3 or s.image.dtype != np.uint8:
+        problems.append(f"jpg: expected (H,W,3) uint8, got {s.image.dtype} {s.image.shape}")
+    hw = s.image.shape[:2]
+    for name, arr, dtype in (("mask.png", s.mask, np.uint8), ("fg_depth.png", s.fg_depth, np.uint16),
+                             ("bg_depth.png", s.bg_depth, np.uint16)):
+        if arr.dtype != dtype or arr.shape != hw:
+            problems.append(f"{name}: expected {hw} {np.dtype(dtype).name}, got {arr.shape} {arr.dtype}")
+    if s.background.shape != s.image.shape or s.background.dtype != np.uint8:
+        problems.append(f"bg.jpg: expected {s.image.shape} uint8, got {s.background.shape} {s.background.dtype}")
+    if s.mask.dtype == np.uint8 and not np.isin(s.mask, (0, 1)).all():
+        problems.append("mask.png: values other than 0/255")
+    for name, emb in (("fg_emb.npy", s.fg_emb), ("bg_emb.npy", s.bg_emb)):
+        if emb.dtype != np.float32 or emb.ndim != 1:
+            problems.append(f"{name}: expected float32 (D,), got {emb.dtype} {emb.shape}")
+    if s.fg_emb.shape != s.bg_emb.shape:
+        problems.append(f"fg_emb/bg_emb dims differ: {s.fg_emb.shape} vs {s.bg_emb.shape}")
+    missing = [k for k in REQUIRED_META if k not in s.meta]
+    if missing:
+        problems.append(f"json: missing keys {missing}")
+    return problems
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(s: TripletSample, jpeg_quality: int = 95) -> dict:
+    """Serialise a sample to a WebDataset dict ``{"__key__": key, suffix: bytes, ...}``.
+
+    Raises:
+        ValueError: if the sample is malformed (see :func:`validate_sample`).
+    """
+    problems = validate_sample(s)
+    if problems:
+        raise ValueError(f"sample {s.key!r} is malformed: " + "; ".join(problems))
+    return {
+        "__key__": s.key,
+        "jpg": encode_jpeg(s.image, jpeg_quality),
+        "mask.png": encode_png((s.mask * 255).astype(np.uint8)),
+        "bg.jpg": encode_jpeg(s.background, jpeg_quality),
+        "fg_depth.png": encode_png(s.fg_depth),
+        "bg_depth.png": encode_png(s.bg_depth),
+        "fg_emb.npy": _npy_bytes(s.fg_emb.astype(np.float32)),
+        "bg_emb.npy": _npy_bytes(s.bg_emb.astype(np.float32)),
+        "txt": s.caption.encode("utf-8"),
+        "json": json.dumps(s.meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+    }
+
+
+def decode_sample(raw: dict) -> TripletSample:
+    """Inverse of :func:`encode_sample` (accepts keys with or without a leading dot).
+
+    Raises:
+        KeyError: naming the missing field when the sample is incomplete.
+        ValueError: when a field does not decode.
+    """
+    d = {k.lstrip("."): v for k, v in raw.items()}
+    missing = [f for f in FIELDS if f not in d]
+    if missing:
+        raise KeyError(f"sample {d.get('__key__')!r} lacks fields {missing}")
+    mask = decode_png(d["mask.png"])
+    if mask.dtype != np.uint8:
+        raise ValueError(f"mask.png must be 8-bit, got {mask.dtype}")
+    return TripletSample(
+        key=d["__key__"],
+        image=decode_rgb(d["jpg"]),
+        mask=(mask > 127).astype(np.uint8),
+        background=decode_rgb(d["bg.jpg"]),
+        fg_depth=decode_png(d["fg_depth.png"]),
+        bg_depth=decode_png(d["bg_depth.png"]),
+        fg_emb=np.load(io.BytesIO(d["fg_emb.npy"]), allow_pickle=False),
+        bg_emb=np.load(io.BytesIO(d["bg_emb.npy"]), allow_pickle=False),
+        caption=d["txt"].decode("utf-8") if isinstance(d["txt"], bytes) else str(d["txt"]),
+        meta=json.loads(d["json"]) if isinstance(d["json"], (bytes, str)) else dict(d["json"]),
+    )

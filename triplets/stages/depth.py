@@ -1,0 +1,86 @@
+"""``depth``: MiDaS (DPT) disparity of I_f = I⊙M and of I_b.
+
+Uses transformers ``DPTForDepthEstimation`` with its own ``DPTImageProcessor`` (the reference
+skipped the processor), predicts relative inverse depth (near = large), resizes it back to the
+image size (bicubic) and min-max normalises **each map** to uint16 (raw range kept).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnc.hub import TINY
+from triplets.sample import quantize_depth
+from triplets.stages.base import Stage, resolve_device, resolve_dtype
+
+
+class DPTDepth:
+    """Batched disparity estimator.
+
+    Call with ``(N, H, W, 3)`` uint8 RGB → ``(N, H, W)`` float32 raw disparity (near = large).
+    """
+
+    def __init__(self, model: str = "Intel/dpt-large", device: str = "auto", dtype: str = "auto", seed: int = 0):
+        import torch
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if model == TINY:
+            from cnc.tiny import tiny_dpt
+
+            self.model, self.processor = tiny_dpt(seed)
+        else:
+            from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+            self.processor = DPTImageProcessor.from_pretrained(model)
+            self.model = DPTForDepthEstimation.from_pretrained(model)
+        self.model.to(self.device, self.dtype).eval()
+        self.model_id = model
+        self._torch = torch
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        n, h, w = images.shape[:3]
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        with torch.inference_mode():
+            pred = self.model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype)).predicted_depth
+            pred = torch.nn.functional.interpolate(pred[:, None].float(), size=(h, w), mode="bicubic",
+                                                   align_corners=False)[:, 0]
+        return pred.cpu().numpy().astype(np.float32)
+
+
+class DepthStage(Stage):
+    """Adds ``fg_depth``/``bg_depth`` ``(N, R, R)`` uint16 and ``fg_depth_range``/``bg_depth_range`` ``(N, 2)``.
+
+    Needs ``image``, ``mask`` and ``background``. With ``mask_foreground_depth`` the normalised
+    D_f is multiplied by M (reference: not masked).
+    """
+
+    name = "depth"
+
+    def __init__(self, model: str = "Intel/dpt-large", mask_foreground_depth: bool = False, device: str = "auto",
+                 dtype: str = "auto", seed: int = 0):
+        self.estimator = DPTDepth(model, device, dtype, seed)
+        self.mask_foreground_depth = mask_foreground_depth
+
+    def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
+        image, mask, bg = rows["image"], rows["mask"], rows["background"]
+        n = len(image)
+        fg = image * mask[..., None]
+        raw = self.estimator(np.concatenate([fg, bg], axis=0))
+        cols = {"fg_depth": np.zeros(mask.shape, np.uint16), "bg_depth": np.zeros(mask.shape, np.uint16),
+                "fg_depth_range": np.zeros((n, 2)), "bg_depth_range": np.zeros((n, 2))}
+        for i in range(n):
+            fq, fr = quantize_depth(raw[i])
+            bq, br = quantize_depth(raw[n + i])
+            if self.mask_foreground_depth:
+                fq = fq * mask[i].astype(np.uint16)
+            cols["fg_depth"][i], cols["fg_depth_range"][i] = fq, fr
+            cols["bg_depth"][i], cols["bg_depth_range"][i] = bq, br
+        return cols, {}
+
+    def empty(self, batch: dict) -> dict:
+        n = len(batch["key"])
+        r = batch["image"].shape[1] if "image" in batch else 0
+        return {"fg_depth": np.zeros((n, r, r), np.uint16), "bg_depth": np.zeros((n, r, r), np.uint16),
+                "fg_depth_range": np.zeros((n, 2)), "bg_depth_range": np.zeros((n, 2))}

@@ -1,0 +1,67 @@
+"""``embed``: CLIP image embeddings (``CLIPVisionModelWithProjection.image_embeds``, not L2-normalised).
+
+e_f comes from the full image I by default (reference behaviour; ``fg_source="foreground"``
+uses I_f = I⊙M), e_b from I_b. The HF processor runs on CPU arrays (the reference fed uint8
+CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnc.hub import TINY
+from triplets.stages.base import Stage, resolve_device, resolve_dtype
+
+
+class CLIPImageEmbedder:
+    """``(N, H, W, 3)`` uint8 RGB → ``(N, D)`` float32 ``image_embeds`` (D = 768 for ViT-L/14)."""
+
+    def __init__(self, model: str = "openai/clip-vit-large-patch14", device: str = "auto", dtype: str = "auto",
+                 seed: int = 0):
+        import torch
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if model == TINY:
+            from cnc.tiny import tiny_clip_vision
+
+            self.model, self.processor = tiny_clip_vision(seed)
+        else:
+            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+            self.processor = CLIPImageProcessor.from_pretrained(model)
+            self.model = CLIPVisionModelWithProjection.from_pretrained(model)
+        self.model.to(self.device, self.dtype).eval()
+        self.dim = int(self.model.config.projection_dim)
+        self._torch = torch
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        with self._torch.inference_mode():
+            out = self.model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype)).image_embeds
+        return out.float().cpu().numpy().astype(np.float32)
+
+
+class EmbedStage(Stage):
+    """Adds ``fg_emb`` and ``bg_emb`` ``(N, D)`` float32. Needs ``image``, ``mask``, ``background``."""
+
+    name = "embed"
+
+    def __init__(self, model: str = "openai/clip-vit-large-patch14", fg_source: str = "image", device: str = "auto",
+                 dtype: str = "auto", seed: int = 0):
+        if fg_source not in ("image", "foreground"):
+            raise ValueError(f"embed fg_source must be 'image' or 'foreground', got {fg_source!r}")
+        self.embedder = CLIPImageEmbedder(model, device, dtype, seed)
+        self.fg_source = fg_source
+
+    def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
+        image, bg = rows["image"], rows["background"]
+        fg = image if self.fg_source == "image" else image * rows["mask"][..., None]
+        emb = self.embedder(np.concatenate([fg, bg], axis=0))
+        n = len(image)
+        return {"fg_emb": emb[:n], "bg_emb": emb[n:]}, {}
+
+    def empty(self, batch: dict) -> dict:
+        n = len(batch["key"])
+        return {"fg_emb": np.zeros((n, self.embedder.dim), np.float32),
+                "bg_emb": np.zeros((n, self.embedder.dim), np.float32)}
