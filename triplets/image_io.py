@@ -72,10 +72,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own guard at the same limit (process-wide)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
-                raise SampleError("decode", f"image has {w}x{h}={w * h} pixels, over the limit of {max_pixels}")
+                raise SampleError("decode", f"decompression bomb? {w}x{h}={w * h} pixels, over the limit of "
+                                            f"{max_pixels} (max_pixels)")
             img = ImageOps.exif_transpose(img)
             img.load()
     except SampleError:

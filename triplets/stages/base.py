@@ -36,8 +36,16 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
+def _rebuild(cls, args: tuple, kwargs: dict) -> "Stage":
+    return cls(*args, **kwargs)
+
+
 class Stage:
     """Base class: subclasses set :attr:`name`, implement :meth:`process` and :meth:`empty`.
+
+    Stages pickle by their constructor arguments (the models are rebuilt, loaded once, on the
+    receiving side), so a stage can be shipped to a Ray worker or a subprocess even after
+    libraries attached unpicklable hooks to its models.
 
     :meth:`process` gets the healthy rows and returns ``(columns, failures)`` where ``columns``
     maps column names to arrays over those rows and ``failures`` maps a row position (within
@@ -45,6 +53,14 @@ class Stage:
     """
 
     name = "stage"
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj._init_args = (args, kwargs)
+        return obj
+
+    def __reduce__(self):
+        return _rebuild, (self.__class__, *self._init_args)
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:  # pragma: no cover - abstract
         raise NotImplementedError

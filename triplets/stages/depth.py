@@ -21,8 +21,6 @@ class DPTDepth:
     """
 
     def __init__(self, model: str = "Intel/dpt-large", device: str = "auto", dtype: str = "auto", seed: int = 0):
-        import torch
-
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if model == TINY:
@@ -36,10 +34,10 @@ class DPTDepth:
             self.model = DPTForDepthEstimation.from_pretrained(model)
         self.model.to(self.device, self.dtype).eval()
         self.model_id = model
-        self._torch = torch
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        torch = self._torch
+        import torch
+
         n, h, w = images.shape[:3]
         inputs = self.processor(images=list(images), return_tensors="pt")
         with torch.inference_mode():

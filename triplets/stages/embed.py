@@ -18,8 +18,6 @@ class CLIPImageEmbedder:
 
     def __init__(self, model: str = "openai/clip-vit-large-patch14", device: str = "auto", dtype: str = "auto",
                  seed: int = 0):
-        import torch
-
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if model == TINY:
@@ -33,11 +31,12 @@ class CLIPImageEmbedder:
             self.model = CLIPVisionModelWithProjection.from_pretrained(model)
         self.model.to(self.device, self.dtype).eval()
         self.dim = int(self.model.config.projection_dim)
-        self._torch = torch
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
         inputs = self.processor(images=list(images), return_tensors="pt")
-        with self._torch.inference_mode():
+        with torch.inference_mode():
             out = self.model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype)).image_embeds
         return out.float().cpu().numpy().astype(np.float32)
 

@@ -44,8 +44,6 @@ class InpaintStage(Stage):
                  negative_prompt: str = "low resolution, worst quality, low quality", num_inference_steps: int = 25,
                  guidance_scale: float = 10.0, strength: float = 1.0, dilation_px: int = 50, paste_back: bool = True,
                  base_seed: int = 0, device: str = "auto", dtype: str = "auto", seed: int = 0):
-        import torch
-
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if model == TINY:
@@ -63,12 +61,12 @@ class InpaintStage(Stage):
         self.steps, self.guidance, self.strength = num_inference_steps, guidance_scale, strength
         self.dilation_px, self.paste_back, self.base_seed = dilation_px, paste_back, base_seed
         self.model_id = model
-        self._torch = torch
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
         from PIL import Image
 
-        torch = self._torch
+        import torch
+
         images, masks, keys = rows["image"], rows["mask"], rows["key"]
         n, r = len(images), images.shape[1]
         dilated = np.stack([dilate_mask(m, self.dilation_px, r) for m in masks])

@@ -1,0 +1,39 @@
+# cnc — two commands for a newcomer: `make demo` and `make test` (both install into .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODELS ?= default
+DEMO_OUT ?= out/demo$(if $(filter tiny,$(MODELS)),-tiny,)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast lint bench clean
+
+help: ## List the targets.
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[test]"
+	@touch $@
+
+install: $(VENV)/.installed ## Create .venv and install the project (torch 2.14.1) into it.
+
+demo: install ## Build triplet shards from examples/ (MODELS=default: real weights; MODELS=tiny: tiny random models).
+	@test -f configs/build/$(MODELS).yaml || { echo "unknown MODELS=$(MODELS): use default or tiny"; exit 2; }
+	@$(BIN)/cnc build --config configs/build/$(MODELS).yaml --input examples --output $(DEMO_OUT) \
+	  || { status=$$?; [ "$(MODELS)" = "tiny" ] || echo "No weights or no network? Run the whole path with tiny models: make demo MODELS=tiny"; exit $$status; }
+	$(BIN)/cnc inspect $(DEMO_OUT) --n 8 --out $(DEMO_OUT)/inspect --html
+
+test: install ## Run the test suite (no network, CPU only).
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install ## CPU throughput benchmark of the shard builder (tiny models).
+	$(BIN)/python benchmarks/build_throughput.py
+
+clean: ## Remove build outputs (keeps .venv).
+	rm -rf out .pytest_cache

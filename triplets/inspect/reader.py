@@ -1,0 +1,206 @@
+"""Find shards and their sidecars, and stream one tar sample by sample.
+
+A build output folder looks like::
+
+    OUT/000000.tar            shard (written atomically)
+    OUT/000000_stats.json     per-shard marker, written last: nsamples, sha256, bytes, seconds, failures...
+    OUT/errors/000000.jsonl   one ``{key, source, stage, reason}`` row per failed source item
+    OUT/plan.json, OUT/manifest.json, OUT/config.yaml
+
+:class:`TarStream` reads a tar once, front to back (``tarfile`` streaming mode, so memory holds one
+sample), hashes every byte on the way and checks the end-of-archive marker: ``tarfile`` silently
+stops at a tar cut on a 512-byte boundary or at a garbled header, so a missing marker is the only
+sign of those truncations.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+#: WebDataset's split of a member name into key and suffix: the suffix starts at the first dot of the basename.
+_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+class ShardReadError(Exception):
+    """A tar cannot be read to its end (truncated or corrupt).
+
+    Args:
+        path: the tar.
+        offset: byte offset where reading failed.
+        message: what went wrong, without the path.
+    """
+
+    def __init__(self, path: str | Path, offset: int, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path, self.offset, self.message = str(path), offset, message
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand numeric WebDataset brace ranges: ``data/{000..002}.tar`` → three paths (zero padding kept)."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") else 0
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out += expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():])
+    return out
+
+
+def resolve_shards(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Tar files named by build folders, globs, brace patterns or tar paths, in a stable order.
+
+    A folder contributes its ``*.tar`` (sorted by name); a glob its sorted matches; a brace pattern its
+    expansion; a ``file://`` prefix is dropped. Duplicates are removed, first occurrence kept.
+
+    Raises:
+        FileNotFoundError: when nothing matches, naming the paths.
+    """
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    found: list[Path] = []
+    for item in items:
+        s = str(item).removeprefix("file://")
+        for one in expand_braces(s):
+            p = Path(one)
+            if p.is_dir():
+                found += sorted(p.glob("*.tar"))
+            elif glob.has_magic(one):
+                found += [Path(x) for x in sorted(glob.glob(one)) if Path(x).is_file()]
+            elif p.is_file():
+                found.append(p)
+            else:
+                log.warning("no such file or folder: %s", one)
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise FileNotFoundError(f"no .tar shards found in {', '.join(map(str, items))}")
+    return unique
+
+
+def stats_marker_path(tar: Path) -> Path:
+    """``OUT/000000.tar`` → ``OUT/000000_stats.json``."""
+    return tar.with_name(tar.name.removesuffix(".tar") + "_stats.json")
+
+
+def errors_path(tar: Path) -> Path:
+    """``OUT/000000.tar`` → ``OUT/errors/000000.jsonl``."""
+    return tar.parent / "errors" / (tar.name.removesuffix(".tar") + ".jsonl")
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``; ``None`` when missing. Raises ``ValueError`` when it is not an object."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def split_member(name: str) -> tuple[str | None, str | None]:
+    """``"a/b.mask.png"`` → ``("a/b", "mask.png")``, as WebDataset groups members (suffix lower-cased)."""
+    m = _KEY_SUFFIX.match(name)
+    return (m.group(1), m.group(2).lower()) if m else (None, None)
+
+
+class _HashingReader:
+    """File wrapper that feeds every byte read to sha256 and counts them."""
+
+    def __init__(self, f):
+        self._f, self.sha, self.pos = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha.update(data)
+        self.pos += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+class TarStream:
+    """One streaming pass over a local tar.
+
+    Iterate :meth:`samples` to get WebDataset-style dicts ``{"__key__": key, suffix: bytes}`` (members of a
+    sample are contiguous); afterwards :attr:`sha256` and :attr:`nbytes` describe the whole file.
+    Member-level oddities that do not stop reading (a member without extension, a suffix repeated within one
+    sample) go to ``on_problem``.
+
+    Raises (from :meth:`samples`):
+        ShardReadError: the tar ends early or holds a garbled header; the message names the byte offset.
+    """
+
+    def __init__(self, path: str | Path, on_problem: Callable[[str], None] | None = None):
+        self.path = Path(path)
+        self.on_problem = on_problem or (lambda msg: None)
+        self.sha256: str | None = None
+        self.nbytes = 0
+
+    def samples(self) -> Iterator[dict]:
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as raw:
+            reader = _HashingReader(raw)
+            current: dict | None = None
+            member, end, compressed = None, 0, False
+            try:
+                with tarfile.open(fileobj=reader, mode="r|*") as tf:
+                    compressed = getattr(tf.fileobj, "comptype", "tar") != "tar"
+                    for member in tf:
+                        end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+                        if not member.isfile():
+                            continue
+                        data = tf.extractfile(member).read()
+                        key, suffix = split_member(member.name)
+                        if key is None:
+                            self.on_problem(f"member {member.name!r} has no extension (ignored by readers)")
+                            continue
+                        if current is not None and key != current["__key__"]:
+                            yield current
+                            current = None
+                        if current is None:
+                            current = {"__key__": key}
+                        if suffix in current:
+                            self.on_problem(f"key {key!r}: member {member.name!r} repeats suffix {suffix!r}")
+                        current[suffix] = data
+            except (tarfile.TarError, EOFError) as exc:
+                raise ShardReadError(self.path, reader.pos, _truncation_message(exc, member, size, current)) from None
+            if current is not None:
+                yield current
+            reader.drain()
+            self.sha256, self.nbytes = reader.sha.hexdigest(), reader.pos
+        if not compressed:  # offsets of a compressed tar are not file offsets
+            self._check_end_marker(end, size, current)
+
+    def _check_end_marker(self, end: int, size: int, last: dict | None) -> None:
+        """Two zero blocks must follow the last member; tarfile alone accepts a tar cut between members."""
+        with open(self.path, "rb") as f:
+            f.seek(end)
+            tail = f.read(2 * BLOCK)
+        after = f"after the last sample {last['__key__']!r}" if last else "at the start"
+        if len(tail) < 2 * BLOCK:
+            raise ShardReadError(self.path, size, f"truncated tar: file ends at byte {size}, {after}, "
+                                                  f"without the end-of-archive marker (expected at byte {end})")
+        if tail.strip(b"\0"):
+            raise ShardReadError(self.path, end, f"corrupt tar: unreadable member header at byte {end} ({after})")
+
+
+def _truncation_message(exc: Exception, member, size: int, current: dict | None) -> str:
+    last = f"; last sample started: {current['__key__']!r}" if current else ""
+    if member is not None and member.offset_data + member.size > size:
+        return (f"truncated tar: member {member.name!r} needs bytes {member.offset_data}-"
+                f"{member.offset_data + member.size} but the file ends at byte {size}{last}")
+    return f"unreadable tar ({exc}), file is {size} bytes{last}"
