@@ -17,6 +17,7 @@ import cnc
 from cnc.hub import resolve_pretrained
 from triplets.batch import ensure_status
 from triplets.config import BuildConfig
+from triplets.errors import ModelUnavailableError
 from triplets.sample import TripletSample
 from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, SegmentStage
 
@@ -25,9 +26,20 @@ STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed")
 
 
 def resolve_models(cfg: BuildConfig) -> dict[str, str]:
-    """Check every model of ``cfg`` up front; config key → what to load. Raises ModelUnavailableError."""
-    return {key: resolve_pretrained(mid, key, is_file=key == "segment.sam_checkpoint")
-            for key, mid in cfg.model_ids().items()}
+    """Check every model of ``cfg`` up front; config key → what to load.
+
+    Raises:
+        ModelUnavailableError: one line per missing model, each naming the model and its config key.
+    """
+    resolved, missing = {}, []
+    for key, mid in cfg.model_ids().items():
+        try:
+            resolved[key] = resolve_pretrained(mid, key, is_file=key == "segment.sam_checkpoint")
+        except ModelUnavailableError as exc:
+            missing.append(str(exc))
+    if missing:
+        raise ModelUnavailableError("\n".join(dict.fromkeys(missing)))
+    return resolved
 
 
 def _revision(resolved: str) -> str | None:
