@@ -1,9 +1,130 @@
-"""Sub-commands of ``cnc`` that belong to ``cnc_model``."""
+"""Sub-commands of ``cnc`` that belong to ``cnc_model``: ``sample`` and ``convert-reference``.
+
+Heavy imports (torch, diffusers, transformers) happen inside the commands so ``cnc --help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import typer
+
+logger = logging.getLogger(__name__)
+
+
+def _fail(message: str) -> None:
+    """Print one error line and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def _load_or_fail(spec: str, what: str, option: str, loader):
+    """``loader(spec)``; any failure to find the model becomes one clear line naming it and the option."""
+    hint = f"{what} '{spec}' not found; pass {option} with a local folder or Hugging Face id"
+    if _looks_local(spec) and not Path(spec).expanduser().exists():
+        _fail(hint)
+    try:
+        return loader(str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec)
+    except Exception as err:  # noqa: BLE001 - any load failure is reported as one line
+        _fail(f"{hint} ({type(err).__name__})")
+
+
+def _sheet(tiles, height: int, width: int):
+    """Tiles (PIL images or (H, W[, 3]) arrays in [0, 1] / uint8) side by side -> one PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    row = Image.new("RGB", (width * len(tiles), height))
+    for i, tile in enumerate(tiles):
+        if not isinstance(tile, Image.Image):
+            arr = np.asarray(tile)
+            if arr.dtype != np.uint8:
+                arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+            tile = Image.fromarray(arr)
+        row.paste(tile.convert("RGB").resize((width, height)), (i * width, 0))
+    return row
+
+
+def sample(
+    checkpoint_dir: Path = typer.Argument(
+        ..., help="Folder written by CnCPipeline.save_pretrained / convert-reference."),
+    prompt: str = typer.Option(..., "--prompt", help="Text prompt."),
+    fg: Path = typer.Option(..., "--fg", help="Foreground photo (the object)."),
+    bg: Path = typer.Option(..., "--bg", help="Background photo (the scene)."),
+    out: Path = typer.Option(Path("samples"), "--out", help="Output folder."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    height: int = typer.Option(512, "--height", help="Output height (multiple of 8)."),
+    width: int = typer.Option(512, "--width", help="Output width (multiple of 8)."),
+    fg_scale: float = typer.Option(1.0, "--fg-scale", help="lambda of the foreground tokens (0-2)."),
+    bg_scale: float = typer.Option(1.0, "--bg-scale", help="lambda of the background tokens (0-2)."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Unconditional-branch text."),
+    num_images: int = typer.Option(1, "--num-images", help="Images to generate."),
+    depth_model: str = typer.Option("Intel/dpt-large", "--depth-model",
+                                    help="DPTForDepthEstimation hub id or local folder."),
+    image_encoder: str = typer.Option("openai/clip-vit-large-patch14", "--image-encoder",
+                                      help="CLIP vision model (used when the checkpoint has none)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+) -> None:
+    """Sample CnC from a foreground and a background photo: writes sample_*.png and sheet.png."""
+    import torch
+    from PIL import Image
+
+    from cnc_model.compose import DPTDepthEstimator, compose
+    from cnc_model.pipeline_cnc import CnCPipeline
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for path in (fg, bg):
+        if not path.is_file():
+            _fail(f"image not found: {path}")
+    if not (checkpoint_dir / "model_index.json").is_file():
+        _fail(f"{checkpoint_dir} is not a CnC pipeline folder (no model_index.json)")
+    depth = _load_or_fail(depth_model, "depth model", "--depth-model", lambda s: DPTDepthEstimator(s, device))
+    pipe = CnCPipeline.from_pretrained(checkpoint_dir)
+    if pipe.image_encoder is None or pipe.feature_extractor is None:
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", lambda s: (
+            CLIPVisionModelWithProjection.from_pretrained(s), CLIPImageProcessor.from_pretrained(s)))
+        pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    pipe.to(device)
+    result = compose(
+        pipe, Image.open(fg), Image.open(bg), [prompt] * num_images, depth, height=height, width=width,
+        num_inference_steps=steps, guidance_scale=guidance, fg_scale=fg_scale, bg_scale=bg_scale,
+        negative_prompt=negative_prompt, generator=torch.Generator(device="cpu").manual_seed(seed),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(result.images):
+        image.save(out / f"sample_{i}.png")
+    tiles = [result.fg_image, result.bg_image, result.fg_depth, result.bg_depth, result.mask * 255, *result.images]
+    _sheet(tiles, height, width).save(out / "sheet.png")
+    logger.info("wrote %d samples and sheet.png to %s", len(result.images), out)
+
+
+def convert_reference(
+    checkpoint: Path = typer.Argument(..., help="Reference checkpoint (cnc_v1.ckpt or .safetensors)."),
+    output_dir: Path = typer.Argument(..., help="Output folder."),
+    base_model: str = typer.Option(None, "--base-model",
+                                   help="Diffusers SD 1.5 folder or hub id; writes a complete CnC pipeline."),
+) -> None:
+    """Convert the released CnC weights into local_fuser/ + global_fuser/ (and a full pipeline with --base-model)."""
+    from cnc_model.convert import ConversionError, convert_reference_checkpoint
+
+    try:
+        convert_reference_checkpoint(checkpoint, output_dir, base_model=base_model)
+    except (ConversionError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"converted {checkpoint} -> {output_dir}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+    app.command("sample")(sample)
+    app.command("convert-reference")(convert_reference)
