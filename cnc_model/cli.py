@@ -53,9 +53,15 @@ def _sheet(tiles, height: int, width: int):
 def sample(
     checkpoint_dir: Path = typer.Argument(
         ..., help="Folder written by CnCPipeline.save_pretrained / convert-reference."),
-    prompt: str = typer.Option(..., "--prompt", help="Text prompt."),
-    fg: Path = typer.Option(..., "--fg", help="Foreground photo (the object)."),
-    bg: Path = typer.Option(..., "--bg", help="Background photo (the scene)."),
+    prompt: str = typer.Option(None, "--prompt", help="Text prompt (default with --shard-sample: its caption)."),
+    fg: Path = typer.Option(None, "--fg", help="Foreground photo (the object)."),
+    bg: Path = typer.Option(None, "--bg", help="Background photo (the scene)."),
+    shard_sample: str = typer.Option(
+        None, "--shard-sample", help="TAR#KEY: take depths, mask and embeddings of one built triplet instead of "
+                                     "--fg/--bg."),
+    sam_checkpoint: str = typer.Option(
+        None, "--sam-checkpoint", help="SAM .pth (or 'tiny'): mask from the builder's SAM + saliency-prior backend; "
+                                       "default: mask from the foreground depth."),
     out: Path = typer.Option(Path("samples"), "--out", help="Output folder."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
@@ -72,40 +78,77 @@ def sample(
                                       help="CLIP vision model (used when the checkpoint has none)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
 ) -> None:
-    """Sample CnC from a foreground and a background photo: writes sample_*.png and sheet.png."""
+    """Sample CnC from a foreground and a background photo (or one built triplet): sample_*.png and sheet.png."""
     import torch
     from PIL import Image
 
-    from cnc_model.compose import DPTDepthEstimator, compose
     from cnc_model.pipeline_cnc import CnCPipeline
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    for path in (fg, bg):
+    if shard_sample is None and (fg is None or bg is None):
+        _fail("give --fg and --bg photos, or --shard-sample TAR#KEY")
+    for path in (fg, bg) if shard_sample is None else ():
         if not path.is_file():
             _fail(f"image not found: {path}")
     if not (checkpoint_dir / "model_index.json").is_file():
         _fail(f"{checkpoint_dir} is not a CnC pipeline folder (no model_index.json)")
-    depth = _load_or_fail(depth_model, "depth model", "--depth-model", lambda s: DPTDepthEstimator(s, device))
-    pipe = CnCPipeline.from_pretrained(checkpoint_dir)
-    if pipe.image_encoder is None or pipe.feature_extractor is None:
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    common = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, fg_scale=fg_scale,
+                  bg_scale=bg_scale, negative_prompt=negative_prompt, generator=generator)
+    if shard_sample is not None:
+        triplet = _load_shard_sample(shard_sample)
+        pipe = CnCPipeline.from_pretrained(checkpoint_dir).to(device)
+        images = pipe([prompt or triplet.caption] * num_images, fg_depth=triplet.fg_depth_float(),
+                      bg_depth=triplet.bg_depth_float(), mask=triplet.mask.astype("float32"),
+                      fg_reference=torch.from_numpy(triplet.fg_emb)[None],
+                      bg_reference=torch.from_numpy(triplet.bg_emb)[None], **common).images
+        tiles = [triplet.image, triplet.background, triplet.fg_depth_float(), triplet.bg_depth_float(),
+                 triplet.mask * 255, *images]
+    else:
+        from cnc_model.compose import DPTDepthEstimator, SamSaliencySegmenter, compose
 
-        encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", lambda s: (
-            CLIPVisionModelWithProjection.from_pretrained(s), CLIPImageProcessor.from_pretrained(s)))
-        pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
-    pipe.to(device)
-    result = compose(
-        pipe, Image.open(fg), Image.open(bg), [prompt] * num_images, depth, height=height, width=width,
-        num_inference_steps=steps, guidance_scale=guidance, fg_scale=fg_scale, bg_scale=bg_scale,
-        negative_prompt=negative_prompt, generator=torch.Generator(device="cpu").manual_seed(seed),
-    )
+        if prompt is None:
+            _fail("--prompt is required with --fg/--bg")
+        depth = _load_or_fail(depth_model, "depth model", "--depth-model", lambda s: DPTDepthEstimator(s, device))
+        segmenter = None
+        if sam_checkpoint is not None:
+            if sam_checkpoint != "tiny" and not Path(sam_checkpoint).is_file():
+                _fail(f"SAM checkpoint '{sam_checkpoint}' not found; pass --sam-checkpoint with a local .pth file")
+            segmenter = SamSaliencySegmenter(sam_checkpoint, depth_model, device=device)
+        pipe = CnCPipeline.from_pretrained(checkpoint_dir)
+        if pipe.image_encoder is None or pipe.feature_extractor is None:
+            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+            encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", lambda s: (
+                CLIPVisionModelWithProjection.from_pretrained(s), CLIPImageProcessor.from_pretrained(s)))
+            pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+        pipe.to(device)
+        result = compose(pipe, Image.open(fg), Image.open(bg), [prompt] * num_images, depth, segmenter=segmenter,
+                         **common)
+        images = result.images
+        tiles = [result.fg_image, result.bg_image, result.fg_depth, result.bg_depth, result.mask * 255, *images]
     out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(result.images):
+    for i, image in enumerate(images):
         image.save(out / f"sample_{i}.png")
-    tiles = [result.fg_image, result.bg_image, result.fg_depth, result.bg_depth, result.mask * 255, *result.images]
     _sheet(tiles, height, width).save(out / "sheet.png")
-    logger.info("wrote %d samples and sheet.png to %s", len(result.images), out)
+    logger.info("wrote %d samples and sheet.png to %s", len(images), out)
+
+
+def _load_shard_sample(spec: str):
+    """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (exits with one line when absent)."""
+    from triplets.sample import decode_sample
+    from triplets.shards import iter_raw_samples
+
+    if "#" not in spec:
+        _fail(f"--shard-sample takes TAR#KEY, got {spec!r}")
+    tar, key = spec.rsplit("#", 1)
+    if not Path(tar).is_file():
+        _fail(f"shard not found: {tar}")
+    for raw in iter_raw_samples(tar):
+        if raw["__key__"] == key:
+            return decode_sample(raw)
+    _fail(f"no sample with key {key!r} in {tar}")
 
 
 def convert_reference(

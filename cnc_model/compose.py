@@ -95,27 +95,36 @@ def compose(
 
 
 class DPTDepthEstimator:
-    """transformers ``DPTForDepthEstimation`` (e.g. ``Intel/dpt-large``) as a :data:`DepthEstimator`.
+    """transformers ``DPTForDepthEstimation`` (e.g. ``Intel/dpt-large``, or ``tiny``) as a :data:`DepthEstimator`.
 
-    Uses the model's own image processor; the prediction is resized (bicubic) to the input size and min-max
-    normalised per map to [0, 1] (project convention, method.md §2.5).
+    Wraps the shard builder's :class:`triplets.stages.depth.DPTDepth` (the model's own image processor, prediction
+    resized bicubically to the input size) and min-max normalises each map to [0, 1] (method.md §2.5), so sampling
+    sees depth made exactly as in training.
     """
 
-    def __init__(self, model: str, device: str = "cpu", local_files_only: bool = False) -> None:
-        from transformers import DPTForDepthEstimation, DPTImageProcessor
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32") -> None:
+        from triplets.stages.depth import DPTDepth
 
-        self.processor = DPTImageProcessor.from_pretrained(model, local_files_only=local_files_only)
-        self.model = DPTForDepthEstimation.from_pretrained(model, local_files_only=local_files_only).to(device).eval()
-        self.device = device
+        self.depth = DPTDepth(model, device=device, dtype=dtype)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
+        raw = self.depth(np.asarray(images, dtype=np.uint8))
+        lo = raw.reshape(len(raw), -1).min(1)[:, None, None]
+        hi = raw.reshape(len(raw), -1).max(1)[:, None, None]
+        return np.clip((raw - lo) / np.maximum(hi - lo, 1e-8), 0, 1).astype(np.float32)
 
-        inputs = self.processor(images=[np.array(i) for i in images], return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            pred = self.model(**inputs).predicted_depth  # (N, h, w)
-        pred = F.interpolate(pred[:, None].float(), size=images.shape[1:3], mode="bicubic", align_corners=False)[:, 0]
-        lo = pred.flatten(1).min(1).values.view(-1, 1, 1)
-        hi = pred.flatten(1).max(1).values.view(-1, 1, 1)
-        return ((pred - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1).cpu().numpy().astype(np.float32)
+
+class SamSaliencySegmenter:
+    """The shard builder's ``sam`` mask backend (SAM prompted by the DPT saliency prior) as a :data:`Segmenter`."""
+
+    def __init__(self, sam_checkpoint: str, saliency_model: str, sam_model_type: str = "vit_h", device: str = "cpu",
+                 min_area: float = 0.01, max_area: float = 0.95) -> None:
+        from triplets.stages.segment import SamSegmenter
+
+        self.segmenter = SamSegmenter(sam_checkpoint=sam_checkpoint, sam_model_type=sam_model_type,
+                                      saliency_model=saliency_model, min_area=min_area, max_area=max_area,
+                                      device=device, dtype="float32")
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        masks, _ = self.segmenter({"image": np.asarray(images, dtype=np.uint8)})
+        return (masks > 0).astype(np.uint8)

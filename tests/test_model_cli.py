@@ -51,3 +51,43 @@ def test_cnc_sample_missing_depth_model_fails_fast(assets, tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and str(missing) in lines[0] and "--depth-model" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_cnc_sample_with_the_builders_sam_segmenter(assets, tmp_path):
+    from cnc.cli import app
+
+    out = tmp_path / "sam"
+    result = CliRunner().invoke(app, _args(assets, "--out", str(out), "--depth-model", "tiny",
+                                           "--sam-checkpoint", "tiny"))
+    assert result.exit_code == 0, result.output
+    mask_tile = np.asarray(Image.open(out / "sheet.png").convert("L"))[:, 4 * 96:5 * 96]
+    assert set(np.unique(mask_tile)) <= {0, 255} and 0 < mask_tile.mean() < 255
+
+
+def test_cnc_sample_from_a_built_shard_sample(assets, tmp_path):
+    from cnc.cli import app
+    from cnc.config import load_config
+    from triplets.builder import TripletBuilder
+    from triplets.config import BuildConfig
+    from triplets.readers import read_items
+    from triplets.shards import write_shard
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.open(assets / "fg.png").save(photos / "obj.png")
+    (photos / "obj.txt").write_text("a lower tower")
+    cfg = load_config(BuildConfig, "configs/build/tiny.yaml",
+                      ["resolution=64", "min_side=32", "inpaint.num_inference_steps=2", "segment.min_area=0.0"])
+    samples, failures = TripletBuilder(cfg)(read_items(str(photos)))
+    assert not failures
+    write_shard(tmp_path / "000000.tar", samples)
+    out = tmp_path / "from-shard"
+    args = ["sample", str(assets / "ckpt"), "--shard-sample", f"{tmp_path / '000000.tar'}#obj", "--steps", "2",
+            "--height", "64", "--width", "64", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out / "sample_0.png").size == (64, 64)
+    mask_tile = np.asarray(Image.open(out / "sheet.png").convert("L"))[:, 4 * 64:5 * 64]
+    assert np.array_equal(mask_tile > 127, samples[0].mask.astype(bool))
+    bad = CliRunner().invoke(app, args[:3] + [f"{tmp_path / '000000.tar'}#nope"] + args[4:])
+    assert bad.exit_code == 2 and "no sample with key 'nope'" in bad.output
