@@ -2,8 +2,73 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+
+def _default_out(paths: list[str]) -> Path:
+    first = Path(paths[0].removeprefix("file://"))
+    return first / "inspect" if first.is_dir() else first.parent / "inspect"
+
+
+def inspect(
+    paths: list[str] = typer.Argument(..., help="Build output folder, glob of tars ('out/*.tar'), brace pattern "
+                                                "('out/{000000..000009}.tar') or tar file(s)."),
+    n: int = typer.Option(16, "--n", min=0, help="Samples to show (0: validate and summarise only)."),
+    keys: str | None = typer.Option(None, "--keys", help="Comma-separated keys to show instead of a random pick."),
+    out: Path | None = typer.Option(None, "--out", help="Report folder.",
+                                    show_default="PATH/inspect for a folder, else inspect/ beside the first tar"),
+    html: bool = typer.Option(False, "--html", help="Also write a self-contained index.html."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample choice (same seed, same keys)."),
+    per_page: int = typer.Option(8, "--per-page", min=1, help="Rows per contact-sheet PNG."),
+    tile: int | None = typer.Option(None, "--tile", min=16, help="Tile size in pixels.",
+                                    show_default="the resolution within [96, 256]"),
+    max_shards: int | None = typer.Option(None, "--max-shards", min=1, help="Read only the first N shards."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes reading shards in parallel."),
+    decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every sample (dtypes, shapes, "
+                                "statistics); --no-decode checks structure, markers and keys only."),
+) -> None:
+    """Validate shards, summarise them and render contact sheets of a few samples.
+
+    Exit status: 0 valid (warnings allowed); 1 invalid, with one line per problem on stdout;
+    2 nothing matches PATHS or a --keys key is not found.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from triplets.inspect import inspect_shards, print_report, resolve_shards, write_report
+
+    try:
+        total = len(resolve_shards(paths))
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    wanted = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("reading shards", total=min(total, max_shards or total))
+        result = inspect_shards(paths, n=n, seed=seed, keys=wanted, decode=decode, max_shards=max_shards,
+                                workers=workers, progress=lambda _check: bar.advance(task))
+    print_report(result, Console())
+    if result.samples or html:
+        files = write_report(result, out or _default_out(paths), html=html, per_page=per_page, tile=tile)
+        for path in files.sheets + [files.html]:
+            if path is not None:
+                typer.echo(f"wrote {path}")
+    v = result.validation
+    for problem in v.problems:
+        typer.echo(str(problem))
+    if v.problem_count > len(v.problems):
+        typer.echo(f"... and {v.problem_count - len(v.problems)} more problems")
+    if result.missing_keys:
+        typer.echo(f"error: keys not found: {', '.join(result.missing_keys)}", err=True)
+        raise typer.Exit(2)
+    if not v.ok:
+        typer.echo(f"INVALID: {v.error_count} errors in {len(v.shards)} shards", err=True)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+    app.command("inspect")(inspect)

@@ -1,0 +1,31 @@
+"""Validate, summarise and look at triplet shards (``cnc inspect``).
+
+One streaming pass per shard validates it (reads to the end, complete and well-typed samples,
+unique keys, stats markers that agree), accumulates summary statistics and picks samples to show::
+
+    from triplets.inspect import inspect_shards, validate, write_report
+
+    validate("out/build", max_shards=4).ok          # cheap pre-training check
+    result = inspect_shards("out/build", n=16, seed=0)
+    write_report(result, "out/build/inspect", html=True)
+
+Modules: ``reader`` (find shards, stream a tar), ``validate`` (checks and the pass), ``summary``
+(streaming statistics), ``render`` (contact sheets), ``report`` (tables, files, HTML).
+"""
+
+from triplets.inspect.reader import ShardReadError, TarStream, resolve_shards
+from triplets.inspect.render import SheetLayout, colorize, colormap_lut, contact_sheet, contact_sheets
+from triplets.inspect.report import ReportFiles, html_report, print_report, summary_rows, write_report
+from triplets.inspect.summary import DepthOrder, Histogram, RunningStats, Summary, Throughput, depth_margin
+from triplets.inspect.validate import (
+    InspectResult, Problem, ShardCheck, ValidationResult, inspect_shards, scan_shard, select_samples, summarise,
+    validate,
+)
+
+__all__ = [
+    "DepthOrder", "Histogram", "InspectResult", "Problem", "ReportFiles", "RunningStats", "ShardCheck",
+    "ShardReadError", "SheetLayout", "Summary", "TarStream", "Throughput", "ValidationResult", "colorize",
+    "colormap_lut", "contact_sheet", "contact_sheets", "depth_margin", "html_report", "inspect_shards",
+    "print_report", "resolve_shards", "scan_shard", "select_samples", "summarise", "summary_rows", "validate",
+    "write_report",
+]

@@ -1,0 +1,409 @@
+"""Validate shards in one streaming pass, summarising and picking samples to show on the way.
+
+Per shard (optionally in worker processes) :func:`scan_shard` reads the tar once and checks that it
+reads to its end-of-archive marker, that every sample has every field of the sample format and
+decodes to the right dtypes and shapes, that the ``json`` key matches the tar key, and that the
+stats marker agrees with the tar (sample count, byte size, sha256). Across shards,
+:func:`inspect_shards` checks that keys are unique from 8-byte key hashes (8 bytes per sample held,
+never the samples), names the duplicates in a second, header-only pass, and merges the summaries.
+
+The trainer runs the same checks before training on the first few shards::
+
+    result = validate(urls, max_shards=4)
+    if not result.ok:
+        raise ValueError("\\n".join(map(str, result.errors)))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import multiprocessing
+import tarfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from triplets.inspect.reader import (
+    ShardReadError, TarStream, errors_path, read_json, resolve_shards, split_member, stats_marker_path,
+)
+from triplets.inspect.summary import Summary, failure_reason, marker_count
+from triplets.sample import FIELDS, KEY_PATTERN, REQUIRED_META, TripletSample, decode_sample, validate_sample
+
+log = logging.getLogger(__name__)
+ERROR, WARNING = "error", "warning"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding. ``str(problem)`` is a single line: ``ERROR path: [key] message``."""
+
+    path: str
+    message: str
+    key: str | None = None
+    severity: str = ERROR
+
+    def __str__(self) -> str:
+        key = f"[{self.key}] " if self.key else ""
+        return f"{self.severity.upper()} {self.path}: {key}{' '.join(self.message.split())}"
+
+
+@dataclass
+class ShardCheck:
+    """What one shard holds. ``complete`` is False when the tar could not be read to its end."""
+
+    path: str
+    nsamples: int = 0
+    bytes: int = 0
+    sha256: str | None = None
+    complete: bool = False
+    marker: dict | None = None
+
+
+@dataclass
+class ValidationResult:
+    """Outcome of :func:`validate`.
+
+    Attributes:
+        shards: one :class:`ShardCheck` per shard read, in order.
+        problems: findings, at most ``max_problems`` of them (``problem_count`` counts all).
+    """
+
+    shards: list[ShardCheck] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    problem_count: int = 0
+    error_count: int = 0
+
+    @property
+    def nsamples(self) -> int:
+        return sum(s.nsamples for s in self.shards)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == WARNING]
+
+    @property
+    def ok(self) -> bool:
+        """No errors (warnings allowed)."""
+        return self.error_count == 0
+
+    def add(self, problem: Problem, limit: int) -> None:
+        self.problem_count += 1
+        self.error_count += problem.severity == ERROR
+        if len(self.problems) < limit:
+            self.problems.append(problem)
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """What :func:`scan_shard` does besides validating.
+
+    Attributes:
+        decode: decode every sample (dtypes, shapes, summary statistics); False checks structure only.
+        n / seed: keep the ``n`` samples with the smallest seeded key hash (order-independent sampling).
+        keys: keep the samples with these keys instead.
+        max_problems: findings kept per shard.
+    """
+
+    decode: bool = True
+    n: int = 0
+    seed: int = 0
+    keys: frozenset[str] | None = None
+    max_problems: int = 1000
+
+
+@dataclass
+class ShardScan:
+    """Everything one shard contributes: its check, findings, key hashes, summary and picked raw samples."""
+
+    check: ShardCheck
+    problems: list[Problem]
+    key_hashes: np.ndarray
+    summary: Summary
+    picked: list[tuple[int, int, dict]]  # (priority, index in shard, raw sample)
+
+
+@dataclass
+class InspectResult:
+    """Validation, summary and the chosen samples of :func:`inspect_shards`."""
+
+    validation: ValidationResult
+    summary: Summary
+    samples: list[TripletSample]
+    missing_keys: list[str] = field(default_factory=list)
+
+
+def key_hash(key: str, seed: int | None = None) -> int:
+    """64-bit hash of a key (with ``seed``: the sampling priority)."""
+    text = key if seed is None else f"{seed}\0{key}"
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[str, str | None], None]) -> None:
+    """Field presence, decoding, dtypes/shapes and json consistency of one raw sample."""
+    key = raw["__key__"]
+    missing = [f for f in FIELDS if f not in raw]
+    if missing:
+        report(f"missing fields {missing}", key)
+        return
+    extra = sorted(set(raw) - set(FIELDS) - {"__key__"})
+    if extra:
+        report(f"unexpected fields {extra}", key, WARNING)
+    if not decode:
+        if not KEY_PATTERN.match(key):
+            report(f"key {key!r} is not dot-free [A-Za-z0-9_/-]", key)
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError as exc:
+            report(f"json does not parse: {exc}", key)
+            return
+        lacking = [k for k in REQUIRED_META if k not in meta]
+        if lacking:
+            report(f"json: missing keys {lacking}", key)
+        return
+    try:
+        s = decode_sample(raw)
+    except Exception as exc:  # any decoder failure is a finding about this sample, not a crash
+        report(f"does not decode: {type(exc).__name__}: {exc}", key)
+        return
+    for msg in validate_sample(s):
+        report(msg, key)
+    if s.meta.get("key") not in (None, key):
+        report(f"json key {s.meta.get('key')!r} differs from the tar key", key)
+    summary.add_sample(s)
+
+
+def _read_failures(tar: Path, marker: dict | None, report: Callable[..., None]) -> Counter:
+    """Failure counts by ``"stage: reason"`` from ``errors/NNNNNN.jsonl``, else from the marker."""
+    path, counts = errors_path(tar), Counter()
+    if path.is_file():
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                counts[failure_reason(row.get("stage"), row.get("reason"))] += 1
+            except (ValueError, AttributeError):
+                report(f"{path.name} line {lineno} is not a JSON object", None, WARNING)
+    elif marker:
+        by_reason = next((marker[k] for k in ("failures_by_reason", "failures") if isinstance(marker.get(k), dict)), {})
+        for reason, n in by_reason.items():
+            if isinstance(n, int):
+                counts[failure_reason(None, reason)] += n
+    return counts
+
+
+def _check_marker(tar: Path, check: ShardCheck, report: Callable[..., None]) -> None:
+    marker = check.marker
+    if marker is None:
+        if (tar.parent / "plan.json").exists() or (tar.parent / "manifest.json").exists():
+            report(f"no stats marker {stats_marker_path(tar).name}: the shard may come from an unfinished build",
+                   None, WARNING)
+        return
+    if not check.complete:
+        return  # the truncation is the finding; counts and hashes cannot agree
+    n = marker_count(marker)
+    if n is None:
+        report(f"stats marker {stats_marker_path(tar).name} has no sample count", None, WARNING)
+    elif n != check.nsamples:
+        report(f"stats marker says {n} samples, the tar holds {check.nsamples}")
+    sha = marker.get("sha256")
+    if sha is not None and sha != check.sha256:
+        report(f"stats marker sha256 {str(sha)[:12]}... != tar sha256 {check.sha256[:12]}...")
+    size = marker.get("bytes")
+    if isinstance(size, int) and size != check.bytes:
+        report(f"stats marker says {size} bytes, the tar has {check.bytes}")
+
+
+def scan_shard(path: str | Path, opts: ScanOptions = ScanOptions()) -> ShardScan:
+    """Validate, summarise and sample one shard in one streaming pass (see the module docstring)."""
+    tar = Path(path)
+    problems: list[Problem] = []
+
+    def report(message: str, key: str | None = None, severity: str = ERROR) -> None:
+        if len(problems) < opts.max_problems:
+            problems.append(Problem(str(tar), message, key, severity))
+
+    check, summary = ShardCheck(str(tar)), Summary(shards=1)
+    try:
+        check.marker = read_json(stats_marker_path(tar))
+    except ValueError as exc:
+        report(f"stats marker {stats_marker_path(tar).name} is not valid JSON: {exc}")
+    hashes: list[int] = []
+    heap: list[tuple[int, int, dict]] = []  # max-heap on priority through negation
+    stream = TarStream(tar, on_problem=report)
+    try:
+        for i, raw in enumerate(stream.samples()):
+            check.nsamples += 1
+            hashes.append(key_hash(raw["__key__"]))
+            _check_sample(raw, opts.decode, summary, report)
+            if opts.keys is not None:
+                if raw["__key__"] in opts.keys:
+                    heap.append((0, i, raw))
+            elif opts.n > 0:
+                item = (-key_hash(raw["__key__"], opts.seed), i, raw)
+                (heapq.heappush if len(heap) < opts.n else heapq.heappushpop)(heap, item)
+        check.complete, check.sha256, check.bytes = True, stream.sha256, stream.nbytes
+    except ShardReadError as exc:
+        report(exc.message)
+    except OSError as exc:
+        report(f"cannot read: {exc}")
+    summary.bytes = check.bytes or (tar.stat().st_size if tar.exists() else 0)
+    _check_marker(tar, check, report)
+    summary.add_failures(_read_failures(tar, check.marker, report))
+    if check.marker:
+        summary.throughput.add_marker(check.marker)
+    picked = [(-p if opts.keys is None else p, i, raw) for p, i, raw in heap]
+    return ShardScan(check, problems, np.array(hashes, dtype=np.uint64), summary, picked)
+
+
+def _duplicate_keys(scans: list[ShardScan]) -> dict[str, list[str]]:
+    """Key → shards holding it, for every key seen more than once (a second pass reads tar headers only)."""
+    all_hashes = np.concatenate([s.key_hashes for s in scans]) if scans else np.zeros(0, np.uint64)
+    uniq, counts = np.unique(all_hashes, return_counts=True)
+    dup = set(uniq[counts > 1].tolist())
+    if not dup:
+        return {}
+    where: dict[str, list[str]] = {}
+    for scan in scans:
+        if not dup.intersection(scan.key_hashes.tolist()):
+            continue
+        last = None
+        try:
+            with tarfile.open(scan.check.path) as tf:
+                for name in tf.getnames():
+                    key, _ = split_member(name)
+                    if key is not None and key != last and key_hash(key) in dup:
+                        where.setdefault(key, []).append(scan.check.path)
+                    last = key
+        except (tarfile.TarError, OSError):
+            continue  # already reported as unreadable
+    return {k: v for k, v in where.items() if len(v) > 1}
+
+
+def _folder_checks(inputs: Sequence[str | Path], shards: list[Path], report: Callable[..., None]) -> None:
+    """Build-folder level: markers whose tar is gone; fewer shards than planned."""
+    present = {p.resolve() for p in shards}
+    for item in inputs:
+        folder = Path(str(item).removeprefix("file://"))
+        if not folder.is_dir():
+            continue
+        for marker in sorted(folder.glob("*_stats.json")):
+            tar = marker.with_name(marker.name.removesuffix("_stats.json") + ".tar")
+            if tar.resolve() not in present:
+                report(str(folder), f"stats marker {marker.name} has no {tar.name}")
+        try:
+            plan = read_json(folder / "plan.json")
+        except ValueError:
+            plan = None
+        planned = None
+        if plan:
+            planned = len(plan["shards"]) if isinstance(plan.get("shards"), list) else plan.get("num_shards")
+        have = sum(1 for p in shards if p.parent.resolve() == folder.resolve())
+        if isinstance(planned, int) and have < planned:
+            report(str(folder), f"build incomplete: plan.json lists {planned} shards, {have} present", WARNING)
+
+
+def _scan_all(shards: list[Path], opts: ScanOptions, workers: int,
+              progress: Callable[[ShardCheck], None] | None) -> Iterator[ShardScan]:
+    if workers <= 1 or len(shards) <= 1:
+        for path in shards:
+            scan = scan_shard(path, opts)
+            if progress:
+                progress(scan.check)
+            yield scan
+        return
+    # spawn, not fork: safe in a trainer process that already holds CUDA or threads
+    with ProcessPoolExecutor(min(workers, len(shards)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for scan in pool.map(scan_shard, shards, repeat(opts)):
+            if progress:
+                progress(scan.check)
+            yield scan
+
+
+def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, seed: int = 0,
+                   keys: Iterable[str] | None = None, decode: bool = True, max_shards: int | None = None,
+                   workers: int = 1, max_problems: int = 1000,
+                   progress: Callable[[ShardCheck], None] | None = None) -> InspectResult:
+    """Validate and summarise shards and pick samples to show, in one streaming pass.
+
+    Args:
+        paths: build folder(s), glob(s), brace pattern(s) or tar path(s) (see :func:`resolve_shards`).
+        n / seed: how many samples to pick; the same seed picks the same keys whatever the worker count.
+        keys: pick these keys instead (``missing_keys`` lists those not found).
+        decode: decode every sample; False checks structure, markers and keys only (several times faster).
+        max_shards: read only the first shards (cheap pre-training check).
+        workers: processes reading shards in parallel (spawned: a script calling this with ``workers > 1``
+            needs the ``if __name__ == "__main__":`` guard).
+        max_problems: findings kept (all are counted).
+        progress: called with each shard's :class:`ShardCheck` as it finishes.
+
+    Raises:
+        FileNotFoundError: when ``paths`` name no tar.
+    """
+    inputs = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    shards = resolve_shards(inputs)
+    if max_shards is not None:
+        shards = shards[:max_shards]
+    wanted = frozenset(keys) if keys is not None else None
+    opts = ScanOptions(decode=decode, n=n, seed=seed, keys=wanted, max_problems=max_problems)
+    result, summary, scans, picked = ValidationResult(), Summary(), [], []
+    for si, scan in enumerate(_scan_all(shards, opts, workers, progress)):
+        result.shards.append(scan.check)
+        for p in scan.problems:
+            result.add(p, max_problems)
+        summary.merge(scan.summary)
+        picked += [(prio, si, i, raw) for prio, i, raw in scan.picked]
+        scan.picked = []
+        scans.append(scan)
+    for key, where in _duplicate_keys(scans).items():
+        names = ", ".join(Path(w).name for w in where)
+        result.add(Problem(where[0], f"duplicate key: {len(where)} samples in {names}", key), max_problems)
+    if max_shards is None:
+        _folder_checks(inputs, shards, lambda path, msg, sev=ERROR: result.add(Problem(path, msg, None, sev),
+                                                                               max_problems))
+    if wanted is None:
+        picked = sorted(picked, key=lambda t: t[0])[:n]
+    picked.sort(key=lambda t: (t[1], t[2]))
+    samples = []
+    for *_, raw in picked:
+        try:
+            samples.append(decode_sample(raw))
+        except Exception:  # reported by validation already
+            continue
+    missing = sorted(wanted - {s.key for s in samples}) if wanted is not None else []
+    log.info("inspected %d shards, %d samples, %d problems", len(shards), result.nsamples, result.problem_count)
+    return InspectResult(result, summary, samples, missing)
+
+
+def validate(paths: str | Path | Sequence[str | Path], *, max_shards: int | None = None, decode: bool = True,
+             workers: int = 1, max_problems: int = 1000) -> ValidationResult:
+    """Check shards (readable to the end, complete and well-typed samples, unique keys, matching markers).
+
+    ``validate(urls, max_shards=4).ok`` is the trainer's pre-flight check; see :func:`inspect_shards`.
+    """
+    return inspect_shards(paths, n=0, decode=decode, max_shards=max_shards, workers=workers,
+                          max_problems=max_problems).validation
+
+
+def summarise(paths: str | Path | Sequence[str | Path], *, max_shards: int | None = None,
+              workers: int = 1) -> Summary:
+    """Streaming statistics of shards (see :class:`~triplets.inspect.summary.Summary`)."""
+    return inspect_shards(paths, n=0, max_shards=max_shards, workers=workers).summary
+
+
+def select_samples(paths: str | Path | Sequence[str | Path], *, n: int = 16, seed: int = 0,
+                   keys: Iterable[str] | None = None) -> list[TripletSample]:
+    """``n`` samples chosen by seeded key hash (or the given ``keys``), decoded, in dataset order."""
+    return inspect_shards(paths, n=n, seed=seed, keys=keys).samples
