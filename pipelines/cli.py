@@ -1,9 +1,39 @@
-"""Sub-commands of ``cnc`` that belong to ``pipelines``."""
+"""Sub-commands of ``cnc`` that belong to ``pipelines``: ``cnc build``."""
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import typer
+
+BUILD_HELP = """Build triplet shards from an image collection on Ray (resumable, exactly-once).
+
+Reruns with the same --input/--config/--output resume: committed shards are skipped, partial ones
+rebuilt. Exit code 0 = done; 1 = failures above max_failure_fraction or shards left uncommitted;
+2 = bad config/input, missing model, or an output folder holding another build.
+"""
+
+
+def build(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Build config YAML (configs/build/*.yaml)."),
+    input: str = typer.Option(..., "--input", "-i", help="Image folder, COCO captions .json, .tar or brace pattern."),
+    output: str = typer.Option(..., "--output", "-o", help="Output folder (shards, errors/, manifest.json)."),
+    overrides: List[str] = typer.Option([], "--set", help="Config override key=value (dotted keys), repeatable."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Join a Ray cluster ('auto' or HOST:PORT); default: a private local Ray on 127.0.0.1."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Also recompute the failed samples of "
+                                                                    "committed shards."),
+    input_format: Optional[str] = typer.Option(None, "--input-format", help="auto | folder | coco | webdataset."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Live progress bar "
+                                                                                   "(default: on a terminal)."),
+) -> None:
+    from pipelines.build import build_entry
+
+    code = build_entry(config, input, output, overrides, address=address, retry_failed=retry_failed,
+                       input_format=input_format, progress=progress)
+    raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+    app.command("build", help=BUILD_HELP)(build)

@@ -19,7 +19,6 @@ import glob
 import hashlib
 import json
 import logging
-import os
 import re
 import tarfile
 from pathlib import Path

@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from cnc.hub import TINY
-from triplets.stages.base import Stage, resolve_device, resolve_dtype
+from triplets.stages.base import Stage, resolve_device
 
 
 class Segmenter(Protocol):
