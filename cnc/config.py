@@ -22,7 +22,10 @@ class ConfigError(ValueError):
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
-    """``"a.b=3"`` → ``(["a", "b"], 3)``; the value is parsed as YAML (numbers, bools, lists, null)."""
+    """``"a.b=3"`` → ``(["a", "b"], 3)``.
+
+    The value is parsed as YAML (numbers, bools, lists, null, ``{...}`` mappings); text such as ``a: b`` stays a string.
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value (dotted keys for nesting)")
     key, value = item.split("=", 1)
@@ -32,6 +35,8 @@ def parse_override(item: str) -> tuple[list[str], object]:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, dict) and not value.lstrip().startswith("{"):
+        parsed = value  # "a: b" is a string with a colon, not a mapping
     return key.strip().split("."), parsed
 
 
