@@ -52,14 +52,13 @@ def _env(items: list[str]) -> dict[str, str]:
 
 
 def _spec(kind: Kind, config: Path, overrides: list[str], input_: str | None, output: str | None, workers: int,
-          extra: list[str]):
-    from jobs.run import RunSpec, cluster_path, resolve_config
+          extra: list[str], gpu: bool = True):
+    from jobs.run import make_spec
 
     for item in overrides:
         parse_override(item)  # reject malformed overrides before any work
-    return RunSpec(kind=kind.value, config=resolve_config(kind.value, config, overrides),
-                   input=cluster_path(input_, "--input"), output=cluster_path(output, "--output"),
-                   workers=workers, extra_args=tuple(extra))
+    return make_spec(kind.value, config, overrides, input=input_, output=output, workers=workers, gpu=gpu,
+                     extra_args=tuple(extra))
 
 
 def _client(address: str | None):
@@ -67,8 +66,8 @@ def _client(address: str | None):
 
     try:
         return make_client(address)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        _fail(f"cannot reach the Ray Jobs API at {resolve_address(address)}: {err}")
+    except Exception as err:  # noqa: BLE001 - connection refused, auth required (RAY_AUTH_MODE=token), bad URL
+        _fail(f"cannot use the Ray Jobs API at {resolve_address(address)}: {err}")
 
 
 def _write(text: str) -> None:
@@ -76,11 +75,24 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _follow(client, submission_id: str):
+    """Stream logs until the job ends; Ctrl-C detaches (the job keeps running) with exit code 130."""
+    from jobs.submit import wait as wait_job
+
+    try:
+        return wait_job(client, submission_id, write=_write)
+    except KeyboardInterrupt:
+        typer.echo(f"\ndetached; {submission_id} keeps running (cnc jobs stop {submission_id} to stop it)", err=True)
+        raise typer.Exit(code=130) from None
+
+
 # Shared options (typer needs them per command; these keep help texts identical).
 _CONFIG = typer.Option(..., "--config", help="Config YAML (configs/build/*.yaml, configs/train/*.yaml).")
 _SET = typer.Option([], "--set", help="Config override key.sub=value (repeatable).")
-_INPUT = typer.Option(None, "--input", help="build: input as the cluster sees it (absolute path or URI).")
-_OUTPUT = typer.Option(None, "--output", help="Output as the cluster sees it (absolute path or URI).")
+_INPUT = typer.Option(None, "--input", help="Input as the cluster sees it (absolute path or URI); train: sets "
+                                            "data.train_shards.")
+_OUTPUT = typer.Option(None, "--output", help="Output as the cluster sees it (absolute path or URI); train: sets "
+                                              "output_dir.")
 _ENTRYPOINT = typer.Option(None, "--entrypoint", help="Replace the command; placeholders {python} {config} {input} "
                                                       "{output} {address} {workers}.")
 _RETRY = typer.Option(False, "--retry-failed", help="build: also retry samples that failed before.")
@@ -94,6 +106,7 @@ def submit(
     output: str = _OUTPUT,
     address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
     workers: int = typer.Option(1, "--workers", help="train: Ray Train workers, one per GPU (0 = single process)."),
+    gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="train: one GPU per Ray Train worker."),
     wait: bool = typer.Option(False, "--wait", help="Stream the logs; exit with the job's status."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be submitted; contact nothing."),
     python: str = typer.Option("python", "--python", help="Python on the cluster that has Ray and cnc's deps."),
@@ -108,12 +121,12 @@ def submit(
     entrypoint: str = _ENTRYPOINT,
 ) -> None:
     """Submit a build or training run to a Ray cluster; resubmitting the same run resumes it."""
-    from jobs.submit import attempt_id, build_request, exit_code, wait as wait_job
+    from jobs.submit import attempt_id, build_request, exit_code
     from jobs.submit import submit as submit_job
 
     try:
         spec = _spec(kind, config, overrides, input_, output, workers if kind is Kind.train else 0,
-                     ["--retry-failed"] if retry_failed else [])
+                     ["--retry-failed"] if retry_failed else [], gpu=gpu)
         request = build_request(spec, python=python, env=_env(env), ship_code=ship_code,
                                 entrypoint_template=entrypoint, entrypoint_num_cpus=num_cpus,
                                 entrypoint_num_gpus=num_gpus)
@@ -135,7 +148,7 @@ def submit(
     if not wait:
         typer.echo(f"follow: cnc jobs logs {result.submission_id} --follow")
         return
-    info = wait_job(client, result.submission_id, write=_write)
+    info = _follow(client, result.submission_id)
     status = str(getattr(info.status, "value", info.status))
     typer.echo(f"\n{result.submission_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" else ""))
     raise typer.Exit(code=exit_code(info))
@@ -169,14 +182,14 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends; exit with its status."),
 ) -> None:
     """Print a job's logs."""
-    from jobs.submit import exit_code, wait as wait_job
+    from jobs.submit import exit_code
 
     client = _client(address)
     try:
         if not follow:
             _write(client.get_job_logs(submission_id))
             return
-        info = wait_job(client, submission_id, write=_write)
+        info = _follow(client, submission_id)
     except RuntimeError as err:
         _fail(str(err))
     raise typer.Exit(code=exit_code(info))
@@ -232,7 +245,7 @@ def render_job(
     nodes: int = typer.Option(1, "--nodes", help="Nodes (Slurm) / worker pods (k8s)."),
     gpus_per_node: int = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: Slurm 0, k8s 1)."),
     cpus_per_node: int = typer.Option(8, "--cpus-per-node", help="CPUs per node."),
-    workers: int = typer.Option(None, "--workers", help="train: Ray Train workers (default nodes x GPUs)."),
+    workers: int = typer.Option(None, "--workers", help="train: Ray Train workers (default nodes x GPUs per node)."),
     python: str = typer.Option("python", "--python", help="Python on the nodes / in the image."),
     retry_failed: bool = _RETRY,
     entrypoint: str = _ENTRYPOINT,
@@ -263,10 +276,10 @@ def render_job(
     from jobs.render_slurm import SlurmOptions, render_slurm
 
     gpus = gpus_per_node if gpus_per_node is not None else (1 if target is Target.k8s else 0)
-    n_workers = 0 if kind is Kind.build else (workers if workers is not None else nodes * gpus)
+    n_workers = 0 if kind is Kind.build else (workers if workers is not None else nodes * (gpus or 1))
     extra = ["--retry-failed"] if retry_failed else []
     try:
-        spec = _spec(kind, config, overrides, input_, output, n_workers, extra)
+        spec = _spec(kind, config, overrides, input_, output, n_workers, extra, gpu=gpus > 0)
         if target is Target.slurm:
             opts = SlurmOptions(nodes=nodes, gpus_per_node=gpus, cpus_per_node=cpus_per_node, time=time,
                                 partition=partition, account=account, mem=mem, exclusive=exclusive, python=python,
