@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from cnc_model.train_cli import register as register_train
+
 logger = logging.getLogger(__name__)
 
 
@@ -171,3 +173,4 @@ def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
     app.command("sample")(sample)
     app.command("convert-reference")(convert_reference)
+    register_train(app)

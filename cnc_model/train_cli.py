@@ -1,0 +1,68 @@
+"""``cnc train``: train the CnC fusers on built shards (one stage per run).
+
+    cnc train --config configs/train/local.yaml --set data.train_shards=out/build --set output_dir=out/local
+    cnc train --config configs/train/local.yaml --set ... --resume latest
+    cnc train --config configs/train/global.yaml --set ... --ray-workers 8           # Ray Train, one GPU each
+    accelerate launch --num_processes 8 $(which cnc) train --config ...              # or: -m cnc_model.training
+    torchrun --nproc_per_node 8 -m cnc_model.training --config ...
+
+Heavy imports happen inside the command so ``cnc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+
+def train_command(
+    config: Path = typer.Option(..., "--config", "-c", help="Training config (configs/train/{local,global,joint}.yaml)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config key: --set train.max_train_steps=1000 "
+                                                          "(repeatable; values parsed as YAML)."),
+    resume: str = typer.Option(None, "--resume", help="'latest' or a checkpoint-N folder "
+                                                      "(= --set train.resume_from_checkpoint=...)."),
+    ray_workers: int = typer.Option(0, "--ray-workers", help="Run under Ray Train with N workers (0 = no Ray)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: local/auto)."),
+    gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Ray workers take one GPU each."),
+) -> None:
+    """Train the local fuser, the global fuser, or both (stage from the config)."""
+    from cnc.config import ConfigError
+    from cnc_model.training.config import load_train_config
+    from triplets.errors import ModelUnavailableError
+
+    if resume:
+        overrides = [*overrides, f"train.resume_from_checkpoint={resume}"]
+    try:
+        cfg = load_train_config(config, overrides)
+        if ray_workers > 0:
+            from cnc_model.training.ray_train import run_ray_training
+
+            run_ray_training(cfg, num_workers=ray_workers, use_gpu=gpu, address=ray_address)
+            typer.echo(f"ray training finished; outputs in {cfg.output_dir}")
+            return
+        from cnc_model.training.trainer import train
+
+        result = train(cfg)
+    except (ConfigError, ModelUnavailableError, FileNotFoundError, ValueError, ImportError) as err:
+        logger.debug("cnc train failed", exc_info=True)
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    state = "interrupted" if result.interrupted else "finished"
+    typer.echo(f"training {state} at step {result.global_step}; outputs in {cfg.output_dir}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cnc train`` to the root app."""
+    app.command("train")(train_command)
+
+
+def main() -> None:
+    """``python -m cnc_model.training`` (the same options as ``cnc train``)."""
+    from cnc.logs import setup_logging
+
+    setup_logging("INFO")
+    typer.run(train_command)

@@ -1,0 +1,130 @@
+"""Models of a training run: the frozen SD parts and the stage's trainable fusers.
+
+``model.pretrained_model_name_or_path`` is a diffusers SD 1.5 folder / hub id (checked up front with
+:func:`cnc.hub.resolve_pretrained`, one-line error naming the model and the config key) or ``tiny`` (seeded random
+tiny models from :mod:`cnc.tiny`, no network).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnc.hub import resolve_pretrained
+from cnc_model.training.config import TrainConfig
+from triplets.errors import ModelUnavailableError
+
+logger = logging.getLogger(__name__)
+BASE_KEY = "model.pretrained_model_name_or_path"
+
+
+@dataclass
+class Components:
+    """Frozen ``vae``, ``text_encoder``, ``unet``; ``tokenizer``; training ``noise_scheduler``; the trainable
+    ``local_fuser`` / ``global_fuser`` of the stage (``None`` when the stage does not train it)."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    unet: Any
+    noise_scheduler: Any
+    local_fuser: Any = None
+    global_fuser: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def trainables(self) -> dict[str, torch.nn.Module]:
+        """``{"local_fuser": ..., "global_fuser": ...}`` for the modules that are present, in that order."""
+        return {k: m for k, m in (("local_fuser", self.local_fuser), ("global_fuser", self.global_fuser))
+                if m is not None}
+
+
+def _training_scheduler(config: dict | None = None):
+    """DDPM with SD 1.5's schedule (1000 steps, scaled_linear 0.00085..0.012, epsilon)."""
+    from diffusers import DDPMScheduler
+
+    if config is not None:
+        return DDPMScheduler.from_config(config)
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon")
+
+
+def _load_base(cfg: TrainConfig) -> dict:
+    if cfg.is_tiny:
+        from cnc import tiny
+
+        return dict(vae=tiny.tiny_vae(cfg.seed), text_encoder=tiny.tiny_text_encoder(cfg.seed),
+                    tokenizer=tiny.tiny_tokenizer(), unet=tiny.tiny_unet(seed=cfg.seed),
+                    noise_scheduler=_training_scheduler())
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    m = cfg.model
+    path = resolve_pretrained(m.pretrained_model_name_or_path, BASE_KEY)
+    kw = dict(revision=m.revision)
+    try:
+        return dict(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=m.variant, **kw),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, **kw),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=m.variant, **kw),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(f"model '{m.pretrained_model_name_or_path}' (config key {BASE_KEY}) could not be "
+                                    f"loaded as a diffusers Stable Diffusion folder: {exc}".splitlines()[0]) from None
+
+
+def _fuser_folder(path: str, name: str, key: str) -> Path:
+    """A saved fuser folder, or a run's output folder holding ``name/``; clear error otherwise."""
+    p = Path(path).expanduser()
+    for candidate in (p, p / name):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ModelUnavailableError(f"{name} '{path}' (config key {key}) is not a saved {name} folder "
+                                f"(no config.json in it or in {name}/)")
+
+
+def build_local_fuser(cfg: TrainConfig, unet):
+    """``model.local_fuser`` if set, else ``LocalFuser.from_unet(unet)`` (fresh depth extractor and zero convs)."""
+    from cnc_model.models.local_fuser import LocalFuser
+
+    if cfg.model.local_fuser:
+        folder = _fuser_folder(cfg.model.local_fuser, "local_fuser", "model.local_fuser")
+        logger.info("local fuser initialised from %s", folder)
+        return LocalFuser.from_pretrained(folder, torch_dtype=torch.float32)
+    torch.manual_seed(cfg.seed)
+    return LocalFuser.from_unet(unet, conditioning_channels=cfg.data.depth_channels).to(torch.float32)
+
+
+def build_global_fuser(cfg: TrainConfig, image_embed_dim: int, cross_attention_dim: int):
+    """``model.global_fuser`` if set, else a random ``GlobalFuser`` (reference init)."""
+    from cnc_model.models.global_fuser import GlobalFuser
+
+    if cfg.model.global_fuser:
+        folder = _fuser_folder(cfg.model.global_fuser, "global_fuser", "model.global_fuser")
+        logger.info("global fuser initialised from %s", folder)
+        fuser = GlobalFuser.from_pretrained(folder, torch_dtype=torch.float32)
+    else:
+        torch.manual_seed(cfg.seed + 1)
+        fuser = GlobalFuser(image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim,
+                            tokens_per_reference=cfg.model.tokens_per_reference)
+    if fuser.config.image_embed_dim != image_embed_dim:
+        raise ValueError(f"the global fuser takes {fuser.config.image_embed_dim}-d embeddings but the shards hold "
+                         f"{image_embed_dim}-d ones")
+    return fuser.to(torch.float32)
+
+
+def load_components(cfg: TrainConfig, image_embed_dim: int) -> Components:
+    """Base models + the stage's fusers (all fp32 here; the trainer casts the frozen ones)."""
+    base = _load_base(cfg)
+    if cfg.stage == "joint" and not (cfg.model.local_fuser and cfg.model.global_fuser):
+        logger.warning("stage joint without model.local_fuser and model.global_fuser: the missing fuser starts "
+                       "from scratch (the reference initialises both from the local and global runs)")
+    local = build_local_fuser(cfg, base["unet"]) if cfg.trains_local else None
+    glob = (build_global_fuser(cfg, image_embed_dim, base["unet"].config.cross_attention_dim)
+            if cfg.trains_global else None)
+    return Components(local_fuser=local, global_fuser=glob, **base)

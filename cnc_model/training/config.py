@@ -1,0 +1,160 @@
+"""Typed configuration of ``cnc train`` (``configs/train/*.yaml``), validated once and saved beside the outputs.
+
+Stages (method.md §7): ``local`` trains the local fuser with the 77-token text context (no global tokens, no mask);
+``global`` trains the global fuser with soft guidance (85 tokens + mask in every UNet cross-attention); ``joint``
+trains both, initialised from the two earlier runs (``model.local_fuser`` / ``model.global_fuser``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cnc.config import load_config
+
+STAGES = ("local", "global", "joint")
+TINY = "tiny"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """Base model and fuser initialisation."""
+
+    pretrained_model_name_or_path: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="diffusers SD 1.5 folder or hub id (subfolders unet, vae, text_encoder, tokenizer, scheduler); "
+                    "'tiny' = seeded random tiny models (tests, demo)")
+    revision: str | None = None
+    variant: str | None = Field(None, description="weights variant of the base model, e.g. fp16")
+    local_fuser: str | None = Field(
+        None, description="folder with a saved LocalFuser (config.json + safetensors) to start from; "
+                          "default: LocalFuser.from_unet(unet)")
+    global_fuser: str | None = Field(None, description="folder with a saved GlobalFuser to start from; default: "
+                                                       "random init")
+    image_embed_dim: int | None = Field(None, ge=1, description="CLIP embedding width; default: from the data")
+    tokens_per_reference: int = Field(4, ge=1, description="global tokens per reference image (N)")
+    soft_guidance_resize: Literal["reference", "nearest", "area"] = "reference"
+    frozen_encoder_no_grad: bool = Field(
+        True, description="frozen UNet encoder + middle block under no_grad (reference); false = full graph")
+
+
+class DataConfig(_Strict):
+    """Shards and the streaming loader (``cnc_model.data``)."""
+
+    train_shards: list[str] = Field(default_factory=list, description="shard paths / globs / brace patterns / "
+                                    "build folders / remote URLs")
+    resolution: int | None = Field(512, ge=8, description="training size; samples of another size are resized; "
+                                                          "null = as stored")
+    shuffle_buffer: int = Field(1000, ge=0)
+    num_workers: int = Field(4, ge=0, description="DataLoader workers per process")
+    epoch_samples: int | None = Field(None, ge=1, description="nominal epoch (default: marker counts)")
+    depth_channels: int = Field(3, ge=1, description="depth repeated to this many channels (reference: 3)")
+    drop_caption_prob: float = Field(0.1, ge=0, le=1)
+    drop_depth_prob: float | None = Field(None, ge=0, le=1, description="each depth map; null = stage default "
+                                          "(0.1 for local/joint, 0 for global)")
+    drop_embedding_prob: float | None = Field(None, ge=0, le=1, description="each CLIP embedding; null = stage "
+                                              "default (0.1 for global/joint, 0 for local)")
+    preflight_shards: int = Field(2, ge=0, description="shards validated before training (0 = skip)")
+    preflight_strict: bool = Field(False, description="also fail on shard-level problems (truncated tar...)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_url(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("train_shards"), str):
+            data = {**data, "train_shards": [data["train_shards"]]}
+        return data
+
+
+class OptimConfig(_Strict):
+    """AdamW (reference: lr 1e-5 constant, weight decay 0.01, no warm-up)."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    scale_lr: bool = Field(False, description="lr x accumulation x batch x processes")
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = Field(False, description="bitsandbytes AdamW8bit (pip install bitsandbytes)")
+    max_grad_norm: float | None = Field(1.0, description="clip over all trainable parameters; null = off "
+                                                         "(reference: off)")
+    lr_scheduler: str = Field("constant", description="diffusers get_scheduler name")
+    lr_warmup_steps: int = Field(0, ge=0)
+
+
+class TrainLoopConfig(_Strict):
+    """Loop, precision, checkpoints, logging."""
+
+    train_batch_size: int = Field(4, ge=1, description="per process (reference: 4 per GPU)")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_steps: int = Field(100_000, ge=1, description="optimizer steps")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "bf16", description="dtype of the frozen VAE / text encoder / UNet and autocast; trainables stay fp32")
+    gradient_checkpointing: bool = True
+    allow_tf32: bool = True
+    set_grads_to_none: bool = True
+    use_ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    noise_offset: float = Field(0.0, ge=0, description="0 = reference")
+    checkpointing_steps: int = Field(1000, ge=1)
+    checkpoints_total_limit: int | None = Field(3, ge=1, description="keep the newest N checkpoints")
+    resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint-N folder")
+    log_every: int = Field(10, ge=1, description="steps between scalar logs")
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    progress_bar: bool = True
+    record_keys: bool = Field(False, description="write every consumed sample key to OUTPUT/keys/rank-R.txt")
+    cpu: bool = Field(False, description="force CPU even when a GPU is present")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
+
+class ValidationConfig(_Strict):
+    """Images from CnCPipeline on fixed samples (the first ``num_samples`` of the first shard)."""
+
+    steps: int = Field(1000, ge=0, description="every N optimizer steps (0 = only at the end)")
+    num_samples: int = Field(4, ge=0, description="0 = no validation")
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int = 0
+    shards: list[str] = Field(default_factory=list, description="default: data.train_shards")
+
+
+class TrainConfig(_Strict):
+    """Everything that defines a training run. Saved as ``OUTPUT/train_config.yaml``."""
+
+    stage: Literal["local", "global", "joint"]
+    output_dir: str = Field(..., description="checkpoints, logs, validation images, final fusers")
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    @property
+    def trains_local(self) -> bool:
+        return self.stage in ("local", "joint")
+
+    @property
+    def trains_global(self) -> bool:
+        return self.stage in ("global", "joint")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model.pretrained_model_name_or_path == TINY
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a ``configs/train/*.yaml`` file with ``key.sub=value`` overrides (:func:`cnc.config.load_config`)."""
+    return load_config(TrainConfig, path, overrides)

@@ -1,0 +1,98 @@
+"""Run :func:`cnc_model.training.train` under Ray Train: one ``TorchTrainer`` worker per GPU.
+
+Ray Train starts the workers, sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` and initialises the
+torch process group (NCCL on GPUs, gloo on CPUs); inside each worker the accelerate loop picks that up exactly as it
+does under ``torchrun``. Checkpoints, logs and images go to ``cfg.output_dir`` as in every other launch mode (it must
+be on storage every node can reach for multi-node runs, as for torchrun).
+
+Usage::
+
+    cnc train --config configs/train/global.yaml --set ... --ray-workers 8 [--ray-address auto]
+
+    from cnc_model.training.ray_train import run_ray_training
+    run_ray_training(cfg, num_workers=8, use_gpu=True, address="auto")
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cnc.config import config_dict
+from cnc_model.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _train_loop_per_worker(loop_config: dict) -> None:
+    """Body of every Ray Train worker: rebuild the config, train, report the final step."""
+    from ray import train as ray_train
+
+    from cnc.logs import setup_logging
+    from cnc_model.training.trainer import train
+
+    level = loop_config.get("log_level", "INFO")
+    if logging.getLogger().handlers:  # Ray's worker logging already forwards to the driver
+        logging.getLogger().setLevel(level)
+    else:
+        setup_logging(level)
+    result = train(TrainConfig.model_validate(loop_config["config"]))
+    ray_train.report({"global_step": result.global_step, "interrupted": result.interrupted,
+                      "last_loss": result.losses[-1] if result.losses else float("nan")})
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Workers may run in another directory: make local paths of ``cfg`` absolute."""
+
+    def fix(value: str) -> str:
+        if "://" in value or value.startswith("pipe:"):
+            return value
+        p = Path(value).expanduser()  # globs and brace patterns stay patterns, just anchored to this directory
+        return str(p if p.is_absolute() else Path.cwd() / p)
+
+    data = config_dict(cfg)
+    data["output_dir"] = str(Path(cfg.output_dir).expanduser().resolve())
+    data["data"]["train_shards"] = [fix(u) for u in cfg.data.train_shards]
+    data["validation"]["shards"] = [fix(u) for u in cfg.validation.shards]
+    for key in ("pretrained_model_name_or_path", "local_fuser", "global_fuser"):
+        value = data["model"][key]
+        if value and Path(value).expanduser().exists():
+            data["model"][key] = str(Path(value).expanduser().resolve())
+    return TrainConfig.model_validate(data)
+
+
+def run_ray_training(cfg: TrainConfig, num_workers: int, use_gpu: bool, address: str | None = None,
+                     cpus_per_worker: float | None = None, log_level: str = "INFO"):
+    """Train ``cfg`` on ``num_workers`` Ray Train workers (one per GPU when ``use_gpu``).
+
+    Args:
+        cfg: the training config (sent to the workers as JSON).
+        num_workers: data-parallel workers (processes).
+        use_gpu: one GPU per worker; ``False`` trains on CPUs with gloo.
+        address: Ray cluster address (``"auto"``, ``"ray://host:10001"``); ``None`` joins the cluster this process
+            is already connected to or starts a local one.
+        cpus_per_worker: CPUs reserved per worker (default: ``data.num_workers + 1``).
+
+    Returns:
+        the ``ray.train.Result``; every worker reports ``global_step``, ``interrupted`` and ``last_loss``.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    cfg = _absolute_paths(cfg)
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    cpus = cpus_per_worker if cpus_per_worker is not None else float(cfg.data.num_workers + 1)
+    storage = Path(cfg.output_dir).expanduser().resolve() / "ray"
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"config": config_dict(cfg), "log_level": log_level},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=f"cnc-train-{cfg.stage}", storage_path=str(storage)),
+    )
+    logger.info("Ray Train: %d worker(s), %s, outputs in %s", num_workers, "GPU" if use_gpu else "CPU",
+                cfg.output_dir)
+    return trainer.fit()
