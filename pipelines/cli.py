@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 
 BUILD_HELP = """Build triplet shards from an image collection on Ray (resumable, exactly-once).
@@ -15,16 +13,17 @@ rebuilt. Exit code 0 = done; 1 = failures above max_failure_fraction or shards l
 
 
 def build(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Build config YAML (configs/build/*.yaml)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Build config YAML (configs/build/*.yaml)."),
     input: str = typer.Option(..., "--input", "-i", help="Image folder, COCO captions .json, .tar or brace pattern."),
     output: str = typer.Option(..., "--output", "-o", help="Output folder (shards, errors/, manifest.json)."),
-    overrides: List[str] = typer.Option([], "--set", help="Config override key=value (dotted keys), repeatable."),
-    address: Optional[str] = typer.Option(
-        None, "--address", help="Join a Ray cluster ('auto' or HOST:PORT); default: a private local Ray on 127.0.0.1."),
+    overrides: list[str] = typer.Option([], "--set", help="Config override key=value (dotted keys), repeatable."),
+    address: str | None = typer.Option(
+        None, "--address", help="Join a Ray cluster ('auto' or HOST:PORT); default: $RAY_ADDRESS if set, else a private local "
+             "Ray on 127.0.0.1."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also recompute the failed samples of "
                                                                     "committed shards."),
-    input_format: Optional[str] = typer.Option(None, "--input-format", help="auto | folder | coco | webdataset."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Live progress bar "
+    input_format: str | None = typer.Option(None, "--input-format", help="auto | folder | coco | webdataset."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Live progress bar "
                                                                                    "(default: on a terminal)."),
 ) -> None:
     from pipelines.build import build_entry

@@ -1,0 +1,244 @@
+"""Training-step throughput and peak memory of ``cnc train``: the project's settings vs a reference-style setting.
+
+    .venv/bin/python benchmarks/train_throughput.py                       # tiny models on CPU (+ real size on GPU)
+    .venv/bin/python benchmarks/train_throughput.py --size real --steps 5 --batch 4 --resolution 512   # GPU
+    .venv/bin/python benchmarks/train_throughput.py --size real --steps 1 --allow-real-on-cpu   # slow, ~15 GB RAM
+
+One training step = what :meth:`cnc_model.training.trainer.Trainer.compute_loss` does (VAE encode, CLIP text,
+global fuser, local fuser, frozen UNet with the encoder under no_grad, ε-MSE) + backward + AdamW step, on synthetic
+batches (random images, depths, masks, embeddings; data loading excluded). Settings:
+
+* ``project``: frozen VAE / text encoder / UNet in bf16 (fp16 on GPUs without bf16), fuser weights fp32 under
+  autocast, SDPA (fused kernels), gradient checkpointing;
+* ``project-fp32``: the same in fp32 (what CPUs run fastest);
+* ``reference``: fp32 everywhere and attention through the unfused "math" kernel (materialised Q·K logits, as the
+  reference's einsum + softmax), gradient checkpointing on (``use_checkpoint: True``).
+
+``--size real`` builds the SD 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text tower from their published configs,
+random weights, no download) + ``LocalFuser.from_unet`` + ``GlobalFuser(768, 768, 4)``; ``--size tiny`` the test
+models. Every (size, setting) runs in its own process so peak memory is its own: ``torch.cuda.max_memory_allocated``
+on GPUs, the process's peak RSS on CPUs. Results are printed as a Markdown table (and JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = ("project", "project-fp32", "reference")
+
+
+def real_components(seed: int = 0) -> dict:
+    """SD 1.5 architecture with random weights (published configs) + the two CnC fusers, all fp32."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cnc.tiny import tiny_tokenizer
+    from cnc_model.models.global_fuser import GlobalFuser
+    from cnc_model.models.local_fuser import LocalFuser
+    from cnc_model.training.components import _training_scheduler
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(  # stable-diffusion-v1-5 unet/config.json
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(  # vae/config.json
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4)
+    text = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14 text tower (text_encoder/config.json)
+        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+        max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu"))
+    return dict(vae=vae, text_encoder=text, tokenizer=tiny_tokenizer(), unet=unet,
+                noise_scheduler=_training_scheduler(), local_fuser=LocalFuser.from_unet(unet),
+                global_fuser=GlobalFuser(768, 768, 4))
+
+
+def tiny_components(seed: int = 0) -> dict:
+    from cnc import tiny
+    from cnc_model.testing.tiny import tiny_global_fuser, tiny_local_fuser
+    from cnc_model.training.components import _training_scheduler
+
+    unet = tiny.tiny_unet(seed=seed)
+    return dict(vae=tiny.tiny_vae(seed), text_encoder=tiny.tiny_text_encoder(seed), tokenizer=tiny.tiny_tokenizer(),
+                unet=unet, noise_scheduler=_training_scheduler(), local_fuser=tiny_local_fuser(unet, seed).train(),
+                global_fuser=tiny_global_fuser(seed).train())
+
+
+def synthetic_batch(batch: int, resolution: int, embed_dim: int, tokenizer) -> dict:
+    import torch
+
+    from cnc_model.data import tokenize
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(batch, 1, resolution, resolution)
+    mask[:, :, resolution // 4: 3 * resolution // 4, resolution // 4: 3 * resolution // 4] = 1
+    return {"pixel_values": torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1,
+            "fg_depth": torch.rand(batch, 3, resolution, resolution, generator=g),
+            "bg_depth": torch.rand(batch, 3, resolution, resolution, generator=g), "mask": mask,
+            "fg_emb": torch.randn(batch, embed_dim, generator=g), "bg_emb": torch.randn(batch, embed_dim, generator=g),
+            "input_ids": tokenize(tokenizer, ["a photo of a cat on a sofa"] * batch)}
+
+
+def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, steps: int, warmup: int) -> dict:
+    """One measurement in this process (called through a subprocess by :func:`main`)."""
+    import torch
+
+    from cnc_model.attention import install_soft_guidance
+    from cnc_model.training.components import Components
+    from cnc_model.training.config import TrainConfig
+    from cnc_model.training.trainer import Trainer
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    mixed = setting == "project"
+    wdt = torch.float32
+    if mixed:
+        wdt = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
+    t0 = time.perf_counter()
+    comps = Components(**(real_components() if size == "real" else tiny_components()))
+    if stage == "local":
+        comps.global_fuser = None
+    elif stage == "global":
+        comps.local_fuser = None
+    for frozen in (comps.vae, comps.text_encoder, comps.unet):
+        frozen.requires_grad_(False).eval().to(device=device, dtype=wdt)
+    trainables = comps.trainables()
+    for m in trainables.values():
+        m.to(device=device, dtype=torch.float32).train().requires_grad_(True)
+    n_tokens = comps.global_fuser.config.tokens_per_reference if comps.global_fuser is not None else 0
+    install_soft_guidance(comps.unet, comps.local_fuser, num_text_tokens=77, tokens_per_reference=n_tokens)
+    comps.unet.enable_gradient_checkpointing()
+    if comps.local_fuser is not None:
+        comps.local_fuser.enable_gradient_checkpointing()
+    build_s = time.perf_counter() - t0
+
+    cfg = TrainConfig(stage=stage, output_dir="/tmp/unused")
+    trainer = Trainer(cfg, comps)  # only compute_loss is used: give it what it reads
+    trainer.accelerator = SimpleNamespace(device=device)
+    trainer.weight_dtype, trainer.models = wdt, trainables
+    params = [p for m in trainables.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    embed_dim = comps.global_fuser.config.image_embed_dim if comps.global_fuser is not None else 32
+    data = synthetic_batch(batch, resolution, embed_dim if size == "tiny" else 768, comps.tokenizer)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = sdpa_kernel(SDPBackend.MATH) if setting == "reference" else None
+
+    def step() -> float:
+        autocast = torch.autocast(device.type, dtype=wdt) if mixed else torch.autocast(device.type, enabled=False)
+        with autocast:
+            loss = trainer.compute_loss(data)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def timed(n: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    if kernel is not None:
+        kernel.__enter__()
+    try:
+        timed(warmup)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds = timed(steps)
+    finally:
+        if kernel is not None:
+            kernel.__exit__(None, None, None)
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    n_train = sum(p.numel() for p in params)
+    n_frozen = sum(p.numel() for m in (comps.vae, comps.text_encoder, comps.unet) for p in m.parameters())
+    return {"size": size, "setting": setting, "stage": stage, "device": torch.cuda.get_device_name() if cuda else
+            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "batch": batch, "resolution": resolution, "steps": steps, "step_s": seconds / steps,
+            "images_per_s": batch * steps / seconds, "peak_gb": peak / 2**30, "peak_kind": "cuda allocated" if cuda
+            else "process RSS", "trainable_params_m": n_train / 1e6, "frozen_params_m": n_frozen / 1e6,
+            "dtype": str(wdt).replace("torch.", ""), "build_s": build_s}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| size | setting | stage | device | batch × res | s/step | images/s | peak memory | vs reference |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        ref = next((x for x in rows if x["size"] == r["size"] and x["setting"] == "reference"), None)
+        speed = f"{r['images_per_s'] / ref['images_per_s']:.2f}× speed, {r['peak_gb'] / ref['peak_gb']:.2f}× mem" \
+            if ref and ref is not r else "1×"
+        lines.append(f"| {r['size']} | {r['setting']} ({r['dtype']}) | {r['stage']} | {r['device']} | "
+                     f"{r['batch']} × {r['resolution']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} | "
+                     f"{r['peak_gb']:.2f} GB ({r['peak_kind']}) | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("tiny", "real", "both"), default="both")
+    p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    p.add_argument("--stage", choices=("local", "global", "joint"), default="joint")
+    p.add_argument("--batch", type=int, default=None, help="default: 4 (real), 4 (tiny)")
+    p.add_argument("--resolution", type=int, default=None, help="default: 512 (real), 64 (tiny)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 real, 20 tiny)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--allow-real-on-cpu", action="store_true", help="run the real-size model without a GPU")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    p.add_argument("--_one", nargs=2, metavar=("SIZE", "SETTING"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._one:
+        size, setting = args._one
+        print("RESULT " + json.dumps(run_one(size, setting, args.stage, args.batch, args.resolution, args.steps,
+                                             args.warmup)))
+        return
+    import torch
+
+    sizes = ["tiny", "real"] if args.size == "both" else [args.size]
+    rows = []
+    for size in sizes:
+        if size == "real" and not torch.cuda.is_available() and not args.allow_real_on_cpu:
+            print("real size skipped: no GPU (a real-size SD 1.5 + CnC step needs ~15 GB RAM and minutes per step on "
+                  "a CPU; pass --allow-real-on-cpu --steps 1 to measure it anyway)", file=sys.stderr)
+            continue
+        batch = args.batch or 4
+        res = args.resolution or (512 if size == "real" else 64)
+        steps = args.steps or (5 if size == "real" else 20)
+        for setting in args.settings:
+            cmd = [sys.executable, __file__, "--_one", size, setting, "--stage", args.stage, "--batch", str(batch),
+                   "--resolution", str(res), "--steps", str(steps), "--warmup", str(args.warmup)]
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                print(f"{size}/{setting} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(line[len("RESULT "):]))
+            print(f"{size}/{setting}: {rows[-1]['images_per_s']:.2f} images/s, {rows[-1]['peak_gb']:.2f} GB",
+                  file=sys.stderr)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

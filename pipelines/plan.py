@@ -1,0 +1,128 @@
+"""The work plan (standard S1): fixed shard specs, written before any model runs.
+
+``plan.json`` maps shard ids to their source items and is a pure function of the input
+(its absolute path and the sorted items :func:`triplets.readers.read_items` returns) and of
+the build config. The shard of an item never changes, so after any sequence of crashes and
+reruns an item can only ever be committed in its own shard.
+
+The *fingerprint* is the hash of every config key that changes what the shards contain.
+Purely operational keys (:data:`OPERATIONAL_KEYS`: Ray layout, device, failure policy, input
+format detection) are left out, so a build may resume on another cluster. A rerun whose fingerprint or items differ is refused
+(:class:`PlanMismatchError`): use a new output folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from cnc.config import config_dict
+from pipelines.layout import PLAN_FILE, write_json
+from triplets.config import BuildConfig
+
+log = logging.getLogger(__name__)
+
+PLAN_VERSION = 1
+#: Top-level config keys that do not change shard contents (left out of the fingerprint).
+#: ``batch_size`` stays in: batched convolutions round differently, so it changes tar bytes.
+OPERATIONAL_KEYS: tuple[str, ...] = ("ray", "device", "max_failure_fraction", "input_format")
+
+
+class PlanMismatchError(ValueError):
+    """The output folder holds a build of another input or config."""
+
+
+def content_config(cfg: BuildConfig) -> dict:
+    """The config keys that define shard contents (everything except :data:`OPERATIONAL_KEYS`)."""
+    return {k: v for k, v in config_dict(cfg).items() if k not in OPERATIONAL_KEYS}
+
+
+def fingerprint(cfg: BuildConfig) -> str:
+    """16-hex sha256 of :func:`content_config`."""
+    return hashlib.sha256(json.dumps(content_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_plan(items: list[dict], cfg: BuildConfig, input_path: str, input_format: str) -> dict:
+    """Split sorted ``items`` into shards of ``cfg.samples_per_shard`` (pure function).
+
+    Returns:
+        ``{"version", "fingerprint", "config", "input", "input_format", "num_items",
+        "samples_per_shard", "items_sha256", "shards": [{"shard", "name", "items"}]}``.
+    """
+    n = cfg.samples_per_shard
+    shards = [{"shard": i // n, "name": f"{i // n:06d}", "items": items[i:i + n]} for i in range(0, len(items), n)]
+    return {
+        "version": PLAN_VERSION,
+        "fingerprint": fingerprint(cfg),
+        "config": content_config(cfg),
+        "input": input_path,
+        "input_format": input_format,
+        "num_items": len(items),
+        "samples_per_shard": n,
+        "items_sha256": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest(),
+        "shards": shards,
+    }
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def check_compatible(old: dict, new: dict, output: Path) -> None:
+    """Raise :class:`PlanMismatchError` unless ``old`` (on disk) and ``new`` describe the same build."""
+    where = f"output folder {output} already holds a build of"
+    if old.get("version") != new["version"]:
+        raise PlanMismatchError(f"{where} plan version {old.get('version')} (this is {new['version']}); "
+                                f"use a new --output folder")
+    if old.get("fingerprint") != new["fingerprint"]:
+        changes = _diff(old.get("config", {}), new["config"]) or ["(unknown)"]
+        raise PlanMismatchError(f"{where} a different config ({'; '.join(changes[:5])}"
+                                f"{'; ...' if len(changes) > 5 else ''}); use a new --output folder "
+                                f"or the original config")
+    if old.get("input") != new["input"]:
+        raise PlanMismatchError(f"{where} another input ({old.get('input')!r}, now {new['input']!r}); "
+                                f"use a new --output folder")
+    if old.get("items_sha256") != new["items_sha256"] or old.get("shards") != new["shards"]:
+        raise PlanMismatchError(f"{where} input {new['input']!r} as it was: it had {old.get('num_items')} items, "
+                                f"now {new['num_items']} (files added, removed or changed); use a new --output folder")
+
+
+def prepare_plan(output: Path, plan: dict) -> dict:
+    """Write ``plan.json`` into a fresh folder, or check it against the one already there.
+
+    Raises:
+        PlanMismatchError: different input/config, or a non-empty folder that is not a build.
+    """
+    path = output / PLAN_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise PlanMismatchError(f"{path} is not valid JSON; use a new --output folder") from None
+        check_compatible(old, plan, output)
+        log.info("plan matches %s: resuming (%d shards)", path, len(plan["shards"]))
+        return old
+    output.mkdir(parents=True, exist_ok=True)
+    strangers = [p.name for p in output.iterdir() if p.name not in (".lock",) and not p.name.endswith(".tmp")]
+    if strangers:
+        raise PlanMismatchError(f"output folder {output} is not empty and holds no {PLAN_FILE} "
+                                f"(found {', '.join(sorted(strangers)[:3])}); use an empty or new folder")
+    write_json(path, plan, indent=None)
+    log.info("wrote %s: %d items in %d shards of %d", path, plan["num_items"], len(plan["shards"]),
+             plan["samples_per_shard"])
+    return plan
+
+
+def absolute_input(path: str) -> str:
+    """Absolute form of the input path (so plans do not depend on the working directory)."""
+    return os.path.abspath(os.path.expanduser(path))

@@ -1,0 +1,325 @@
+"""The shard worker: one model set, whole shards in, committed shards out.
+
+:class:`ShardWorker` is a plain class (Ray wraps it as an actor in :mod:`pipelines.build`; tests
+can run it in-process). It loads :class:`~triplets.builder.TripletBuilder` once and builds a
+shard spec in batches through a three-step pipeline so CPU work never stalls the models::
+
+    prefetch thread   decode batch i+1 (LoadStage: read, decode, resize)
+    caller thread     segment → inpaint → depth → embed on batch i (the GPU stages)
+    writer thread     encode + append batch i-1 to NNNNNN.tar.<hex>.tmp
+
+The tar is streamed with the exact ``TarWriter`` settings of :func:`triplets.shards.encode_tar`
+(byte-identical result), then committed by :func:`pipelines.layout.commit_shard`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipelines.layout import commit_shard, tar_path, temp_path
+from triplets.batch import ensure_status
+from triplets.config import BuildConfig
+
+log = logging.getLogger(__name__)
+#: Distinct failure reasons kept per marker (the rest are counted under ``"<other>"``).
+MAX_REASONS = 100
+#: Item columns handed to the stages.
+ITEM_COLUMNS = ("key", "source", "caption", "mask_path", "mask_kind")
+
+
+def open_tar_writer(fileobj):
+    """``TarWriter`` with the reproducible settings of :func:`triplets.shards.encode_tar`."""
+    import webdataset as wds
+
+    from triplets.shards import FIXED_MTIME
+
+    return wds.TarWriter(fileobj, encoder=False, mtime=FIXED_MTIME, user="cnc", group="cnc", mode=0o644)
+
+
+def tar_keys(path: Path) -> list[str]:
+    """Sample keys of a tar in order (WebDataset rule: up to the first dot of the last path part)."""
+    from triplets.shards import tar_member_names
+
+    keys: list[str] = []
+    for name in tar_member_names(path):
+        base, _, last = name.rpartition("/")
+        key = f"{base}/{last.split('.', 1)[0]}" if base else last.split(".", 1)[0]
+        if not keys or keys[-1] != key:
+            keys.append(key)
+    return keys
+
+
+def count_reasons(failures: list[dict]) -> tuple[dict[str, int], dict[str, int]]:
+    """Failures by stage and by reason (reasons capped at :data:`MAX_REASONS` distinct values)."""
+    by_stage = collections.Counter(f["stage"] for f in failures)
+    by_reason = collections.Counter(f["reason"] for f in failures)
+    if len(by_reason) > MAX_REASONS:
+        top = dict(by_reason.most_common(MAX_REASONS))
+        top["<other>"] = sum(by_reason.values()) - sum(top.values())
+        by_reason = collections.Counter(top)
+    return dict(sorted(by_stage.items())), dict(sorted(by_reason.items()))
+
+
+class FaultInjection:
+    """Test-only fault hooks (``CNC_TEST_FAULT_INJECTION`` JSON or ``run_build(fault_injection=...)``).
+
+    Keys: ``kill_shard`` (id) + ``kill_after_batches`` (default 1): the worker process calls
+    ``os._exit(1)`` after that many batches of that shard on its first attempt, as a crash
+    would. ``batch_delay_s``: sleep after every batch (slows a build down for kill tests).
+    """
+
+    def __init__(self, spec: dict | None):
+        spec = spec or {}
+        self.kill_shard = spec.get("kill_shard")
+        self.kill_after = int(spec.get("kill_after_batches", 1))
+        self.delay = float(spec.get("batch_delay_s", 0.0))
+
+    def after_batch(self, shard: int, attempt: int, batches_done: int) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.kill_shard == shard and attempt == 0 and batches_done >= self.kill_after:
+            log.warning("fault injection: killing worker pid %d in shard %d", os.getpid(), shard)
+            os._exit(1)
+
+
+class ShardWorker:
+    """Builds whole shards with one set of models.
+
+    Args:
+        cfg: the build config as a JSON dict (``BuildConfig.model_dump(mode="json")``).
+        resolved: output of :func:`triplets.builder.resolve_models`.
+        fingerprint: the plan fingerprint recorded in every marker.
+        torch_threads: ``torch.set_num_threads`` of this worker.
+        progress: name of a Ray :class:`ProgressTracker` actor (or its handle) told about every batch. A name,
+            not a handle, so the actor's constructor arguments stay out of the object store (restarts
+            must not depend on them, ray-project/ray#53727).
+        fault_injection: test-only hooks, see :class:`FaultInjection`.
+    """
+
+    def __init__(self, cfg: dict, resolved: dict[str, str], fingerprint: str, torch_threads: int = 1,
+                 progress: str | Any = None, fault_injection: dict | None = None):
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        from triplets.builder import TripletBuilder
+
+        t0 = time.perf_counter()
+        self.cfg = BuildConfig.model_validate(cfg)
+        self.builder = TripletBuilder(self.cfg, resolved)
+        self.fingerprint = fingerprint
+        if isinstance(progress, str):
+            import ray
+
+            progress = ray.get_actor(progress)
+        self.progress = progress
+        self.fault = FaultInjection(fault_injection)
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "device": self._device(),
+                     "torch_threads": torch.get_num_threads(), "load_seconds": round(time.perf_counter() - t0, 3)}
+        self.info.update(self._ray_ids())
+        log.info("worker %s ready in %.1f s", self.info, self.info["load_seconds"])
+
+    def _device(self) -> str:
+        for stage in self.builder.stages:
+            if getattr(stage, "device", None):
+                return str(stage.device)
+        return str(self.cfg.device)
+
+    @staticmethod
+    def _ray_ids() -> dict:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ctx = ray.get_runtime_context()
+                return {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id()}
+        except Exception:  # noqa: BLE001 - ids are informative only
+            pass
+        return {}
+
+    def worker_info(self) -> dict:
+        """Where this worker runs (pid, host, node/actor id, device, model load seconds)."""
+        return dict(self.info)
+
+    # -- one shard -----------------------------------------------------------------------
+    def build_shard(self, spec: dict, output: str, attempt: int = 0, reuse_committed: bool = False) -> dict:
+        """Build and commit shard ``spec`` (``{"shard", "name", "items"}``) into ``output``; return its marker.
+
+        With ``reuse_committed`` the samples of the committed tar are copied byte for byte and only
+        its missing items (the failures) are computed again (``--retry-failed``).
+        """
+        out = Path(output)
+        shard, items = int(spec["shard"]), spec["items"]
+        start_wall, t0, cpu0 = datetime.now(timezone.utc), time.perf_counter(), time.process_time()
+        old_tar = tar_path(out, shard)
+        reused_keys = set(tar_keys(old_tar)) if reuse_committed and old_tar.is_file() else set()
+        reused_iter = self._reused_samples(old_tar) if reused_keys else iter(())
+        tmp = temp_path(tar_path(out, shard))
+        try:
+            # 1. stream every sample, in plan order, into a temporary tar
+            with open(tmp, "wb") as f:
+                tw = open_tar_writer(f)
+                nsamples, failures, stage_seconds = self._stream(tw, shard, attempt, items, reused_keys, reused_iter)
+                tw.close()
+            if nsamples + len(failures) != len(items):
+                raise RuntimeError(f"shard {shard}: {nsamples} samples + {len(failures)} failures != "
+                                   f"{len(items)} planned items")
+            # 2. commit: tar, errors, marker (pipelines.layout)
+            failures.sort(key=lambda r: r["key"])
+            by_stage, by_reason = count_reasons(failures)
+            stats = {
+                "shard": shard, "name": spec["name"], "fingerprint": self.fingerprint, "attempt": attempt,
+                "nitems": len(items), "nsamples": nsamples, "nfailed": len(failures), "nreused": len(reused_keys),
+                "failures_by_stage": by_stage, "failures_by_reason": by_reason,
+                "seconds": round(time.perf_counter() - t0, 4),
+                "cpu_seconds": round(time.process_time() - cpu0, 4),  # all threads of the worker process
+                "stage_seconds": {k: round(v, 4) for k, v in sorted(stage_seconds.items())},
+                "start_time": start_wall.isoformat(timespec="milliseconds"),
+                "end_time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "started_at": start_wall.timestamp(), "finished_at": time.time(),
+                "worker": self.worker_info(), "models": self.builder.models,
+            }
+            return commit_shard(out, shard, tmp, failures, stats)
+        finally:
+            tmp.unlink(missing_ok=True)  # only left when the attempt failed
+
+    def _stream(self, tw, shard: int, attempt: int, items: list[dict], reused_keys: set[str],
+                reused_iter: Iterator[dict]) -> tuple[int, list[dict], collections.Counter]:
+        """Decode (prefetch thread) → models (this thread) → encode + write (writer thread), batch by batch.
+
+        Returns ``(samples written, failure rows, seconds per stage)``.
+        """
+        todo = [it for it in items if it["key"] not in reused_keys]
+        bs = self.cfg.batch_size
+        batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+        stage_seconds: collections.Counter = collections.Counter()
+        failures: list[dict] = []
+        nsamples, order, pending_write = 0, iter(items), None
+        with ThreadPoolExecutor(1, "cnc-decode") as decoder, ThreadPoolExecutor(1, "cnc-write") as writer:
+            next_decoded = decoder.submit(self._decode, batches[0]) if batches else None
+            for b, chunk in enumerate(batches):
+                batch, decode_s = next_decoded.result()
+                stage_seconds["decode"] += decode_s
+                next_decoded = decoder.submit(self._decode, batches[b + 1]) if b + 1 < len(batches) else None
+                samples, fails = self.builder.assemble(self._models(batch, stage_seconds))
+                failures += fails
+                if pending_write is not None:
+                    nsamples += self._collect(pending_write, failures, stage_seconds)
+                pending_write = writer.submit(self._write, tw, order, reused_iter, [it["key"] for it in chunk],
+                                              samples)
+                self._report(shard, attempt, len(reused_keys) + sum(len(c) for c in batches[:b + 1]), len(failures))
+                self.fault.after_batch(shard, attempt, b + 1)
+            if pending_write is not None:
+                nsamples += self._collect(pending_write, failures, stage_seconds)
+        nsamples += self._write(tw, order, reused_iter, [], [])[0]  # reused samples after the last computed one
+        return nsamples, failures, stage_seconds
+
+    def _decode(self, chunk: list[dict]) -> tuple[dict, float]:
+        t = time.perf_counter()
+        batch = ensure_status({k: [it.get(k) for it in chunk] for k in ITEM_COLUMNS})
+        batch = self.builder.stages[0](batch)
+        return batch, time.perf_counter() - t
+
+    def _models(self, batch: dict, stage_seconds: collections.Counter) -> dict:
+        for stage in self.builder.stages[1:]:
+            t = time.perf_counter()
+            batch = stage(batch)
+            stage_seconds[stage.name] += time.perf_counter() - t
+        return batch
+
+    @staticmethod
+    def _collect(future, failures: list[dict], stage_seconds: collections.Counter) -> int:
+        written, encode_fails, encode_s, write_s = future.result()
+        failures += encode_fails
+        stage_seconds["encode"] += encode_s
+        stage_seconds["write"] += write_s
+        return written
+
+    @staticmethod
+    def _reused_samples(path: Path) -> Iterator[dict]:
+        from triplets.shards import iter_raw_samples
+
+        for raw in iter_raw_samples(str(path)):
+            yield {k: v for k, v in raw.items() if not k.startswith("_") or k == "__key__"}
+
+    def _write(self, tw, order: Iterator[dict], reused: Iterator[dict], keys: list[str], samples: list) -> tuple:
+        """Append, in plan order, the reused samples before each of ``keys`` and the new ``samples``.
+
+        Runs in the writer thread; returns ``(written, encode_failures, encode_s, write_s)``.
+        """
+        from triplets.sample import encode_sample
+
+        by_key = {s.key: s for s in samples}
+        written, fails, enc_s, wr_s = 0, [], 0.0, 0.0
+        wanted = set(keys)
+
+        def _flush_reused(until: str | None) -> int:
+            n = 0
+            for item in order:
+                if item["key"] == until:
+                    return n
+                raw = next(reused)
+                if raw["__key__"] != item["key"]:
+                    raise RuntimeError(f"reused tar out of plan order: {raw['__key__']} vs {item['key']}")
+                tw.write(raw)
+                n += 1
+            if until is not None:
+                raise RuntimeError(f"key {until} not found in plan order")
+            return n
+
+        for key in keys:
+            t = time.perf_counter()
+            written += _flush_reused(key)
+            wr_s += time.perf_counter() - t
+            sample = by_key.get(key)
+            if sample is None:
+                continue  # failed in a model stage: already in the failures
+            t = time.perf_counter()
+            try:
+                encoded = encode_sample(sample, self.cfg.jpeg_quality)
+            except Exception as exc:  # noqa: BLE001 - a malformed sample is quarantined, not fatal
+                fails.append({"key": key, "source": sample.meta.get("source"), "stage": "encode",
+                              "reason": str(exc)[:300]})
+                continue
+            finally:
+                enc_s += time.perf_counter() - t
+            t = time.perf_counter()
+            tw.write(encoded)
+            wr_s += time.perf_counter() - t
+            written += 1
+        if not wanted:
+            t = time.perf_counter()
+            written += _flush_reused(None)
+            wr_s += time.perf_counter() - t
+        return written, fails, enc_s, wr_s
+
+    def _report(self, shard: int, attempt: int, done: int, failed: int) -> None:
+        if self.progress is not None:
+            self.progress.update.remote(shard, attempt, done, failed)
+
+
+class ProgressTracker:
+    """Tiny Ray actor (``num_cpus=0``) collecting per-shard progress from the workers.
+
+    Each shard keeps the counts of its latest attempt, so a retried shard is not counted twice.
+    """
+
+    def __init__(self) -> None:
+        self.shards: dict[int, tuple[int, int, int]] = {}
+
+    def update(self, shard: int, attempt: int, done: int, failed: int) -> None:
+        cur = self.shards.get(shard)
+        if cur is None or attempt >= cur[0]:
+            self.shards[shard] = (attempt, done, failed)
+
+    def totals(self) -> tuple[int, int]:
+        """``(items done, items failed)`` over all shards reported so far."""
+        return sum(v[1] for v in self.shards.values()), sum(v[2] for v in self.shards.values())

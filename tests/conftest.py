@@ -1,0 +1,98 @@
+"""Shared fixtures: one local Ray on 127.0.0.1 per session, tiny photo folders, fast build overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+#: Overrides that make a tiny-model build take ~1 s of compute on two CPUs.
+FAST_BUILD = [
+    "resolution=64", "min_side=32", "inpaint.num_inference_steps=2", "samples_per_shard=3", "batch_size=2",
+    "ray.num_workers=2", "ray.progress_interval_s=1",
+]
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "build" / "tiny.yaml"
+
+
+def synthetic_photo(seed: int, h: int = 96, w: int = 120) -> np.ndarray:
+    """A textured RGB ``(h, w, 3)`` uint8 image: gradient + noise background, one bright blob (the object)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 60 + 10 * (seed % 10))], -1).astype(np.float64)
+    img += rng.normal(0, 12, img.shape)
+    cy, cx = h * rng.uniform(0.35, 0.65), w * rng.uniform(0.35, 0.65)
+    obj = (yy - cy) ** 2 + (xx - cx) ** 2 < (min(h, w) * rng.uniform(0.2, 0.3)) ** 2
+    img[obj] = rng.uniform(150, 255, 3) + rng.normal(0, 8, (int(obj.sum()), 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_jpeg(path: Path, arr: np.ndarray) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="JPEG", quality=90)
+    return path
+
+
+def make_photo_folder(root: Path, n_good: int, bad: tuple[str, ...] = ("empty", "text", "truncated"),
+                      seed: int = 0) -> dict[str, list[str]]:
+    """Write ``n_good`` synthetic JPEGs ``img_000.jpg``... plus bad files into ``root`` with ``captions.jsonl``.
+
+    Bad kinds: ``empty`` (zero-byte .jpg), ``text`` (a text file named .jpg), ``truncated`` (half a JPEG).
+    Bad files are named after good ones (``img_001_empty.jpg``...) so that, in key order, they are
+    spread over the shards. Returns ``{"good": keys, "bad": keys}`` (keys = file stems).
+    """
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    good = []
+    for i in range(n_good):
+        key = f"img_{i:03d}"
+        write_jpeg(root / f"{key}.jpg", synthetic_photo(seed + i, 88 + 8 * (i % 3), 120 - 8 * (i % 2)))
+        good.append(key)
+    bad_keys = []
+    for j, kind in enumerate(bad):
+        path = root / f"img_{min(n_good - 1, 1 + 3 * j):03d}_{kind}.jpg"
+        if kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "text":
+            path.write_text("this is a text file with a .jpg name\n")
+        elif kind == "truncated":
+            tmp = write_jpeg(root / "full.tmpimg", synthetic_photo(999, 96, 120))
+            data = tmp.read_bytes()
+            tmp.unlink()
+            path.write_bytes(data[: len(data) // 2])
+        else:
+            raise ValueError(kind)
+        bad_keys.append(path.stem)
+    with open(root / "captions.jsonl", "w", encoding="utf-8") as f:
+        for key in good + bad_keys:
+            f.write(json.dumps({"key": key, "caption": f"a photo called {key}: test"}) + "\n")
+    return {"good": good, "bad": bad_keys}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs, 127.0.0.1 only, no dashboard) for the whole session."""
+    ray = pytest.importorskip("ray")
+    from pipelines.build import init_local_ray
+
+    if not ray.is_initialized():
+        init_local_ray(num_cpus=2, object_store_memory=200 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """8 good synthetic photos + a zero-byte, a text and a truncated .jpg (11 items)."""
+    root = tmp_path_factory.mktemp("photos")
+    return root, make_photo_folder(root, 8)
+
+
+@pytest.fixture
+def tiny_photo_folder(tmp_path) -> tuple[Path, dict[str, list[str]]]:
+    """3 good synthetic photos + one truncated .jpg (1 bad of 4)."""
+    root = tmp_path / "photos4"
+    return root, make_photo_folder(root, 3, bad=("truncated",), seed=100)
