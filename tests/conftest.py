@@ -96,3 +96,13 @@ def tiny_photo_folder(tmp_path) -> tuple[Path, dict[str, list[str]]]:
     """3 good synthetic photos + one truncated .jpg (1 bad of 4)."""
     root = tmp_path / "photos4"
     return root, make_photo_folder(root, 3, bad=("truncated",), seed=100)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Two marked shards of 6 tiny triplets at 64 px, built once per session (trainer tests)."""
+    from cnc_model.training.tiny_data import build_tiny_shards
+
+    root = tmp_path_factory.mktemp("cnc-train-shards")
+    build_tiny_shards(root, n_images=6, n_shards=2, resolution=64)
+    return root

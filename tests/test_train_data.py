@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,17 +12,6 @@ import torch
 
 from cnc_model import data
 from triplets.shards import iter_samples, write_shard
-
-
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    """Built once per session (shared with the other test_train_* modules through the base temp folder)."""
-    from cnc_model.training.tiny_data import build_tiny_shards
-
-    root = tmp_path_factory.getbasetemp() / "cnc-train-shards"
-    if not (root / "000001_stats.json").is_file():
-        build_tiny_shards(root, n_images=6, n_shards=2, resolution=64)
-    return root
 
 
 def _keys(loader, n: int) -> list[str]:

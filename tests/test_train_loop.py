@@ -22,17 +22,6 @@ from triplets.shards import atomic_write_bytes, iter_samples, write_shard
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    """Built once per session (shared with the other test_train_* modules through the base temp folder)."""
-    from cnc_model.training.tiny_data import build_tiny_shards
-
-    root = tmp_path_factory.getbasetemp() / "cnc-train-shards"
-    if not (root / "000001_stats.json").is_file():
-        build_tiny_shards(root, n_images=6, n_shards=2, resolution=64)
-    return root
-
-
 def tiny_overrides(shards, out, *extra: str) -> list[str]:
     return [
         "model.pretrained_model_name_or_path=tiny", f"data.train_shards={shards}", f"output_dir={out}",
