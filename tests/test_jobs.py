@@ -216,7 +216,8 @@ def test_sbatch_script_runs_under_fake_slurm(tmp_path):
     bodies = {
         "scontrol": "echo node-a; echo node-b",
         "srun": 'case "$*" in *hostname*) echo 10.1.2.3;; *) sleep 0.2;; esac',
-        "py": 'case "$*" in *" build "*) exit 7;; esac; exit 0',
+        # the node-count check waits a moment so the background `srun ... start` stubs have logged themselves
+        "py": 'case "$*" in *" build "*) exit 7;; *ray.nodes*) sleep 1;; esac; exit 0',
     }
     (tmp_path / "bin").mkdir()
     for name, body in bodies.items():
