@@ -118,7 +118,11 @@ def test_resume_after_ctrl_c_equals_a_straight_run(tiny_shards, tmp_path):
 
     first = Trainer(config(tmp_path / "b"), step_callback=ctrl_c_at_5).train()
     assert first.interrupted and first.global_step == 5
-    assert (tmp_path / "b" / "checkpoint-5" / "trainer_state.json").is_file()
+    ckpt5 = tmp_path / "b" / "checkpoint-5"
+    assert (ckpt5 / "trainer_state.json").is_file()
+    # EMA state is stored as safetensors (loadable without unpickling), never as accelerate's custom pickle
+    assert (ckpt5 / "ema_local_fuser" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(ckpt5.glob("custom_checkpoint_*"))
     second = Trainer(config(tmp_path / "b", "train.resume_from_checkpoint=latest")).train()
     assert second.global_step == 10 and not second.interrupted
 

@@ -3,7 +3,7 @@
 Layout of ``OUTPUT/checkpoint-N/``::
 
     local_fuser/  global_fuser/      trainable modules (config.json + diffusion_pytorch_model.safetensors)
-    optimizer.bin  scheduler.bin     accelerate state (+ scaler.pt with fp16, custom_checkpoint_*.pkl for EMA)
+    optimizer.bin  scheduler.bin     accelerate state (+ scaler.pt with fp16); ema_<name>/ (safetensors) with EMA
     random_states_R.pkl              RNG of every process (python, numpy, torch, cuda)
     data_state_rank_R.json           data position of every process (cnc_model.data.TrainDataLoader.state_dict)
     trainer_state.json               step, stage, batches consumed -- written last: marks the checkpoint complete

@@ -214,7 +214,25 @@ class Trainer:
             base = self.accelerator.unwrap_model(model)
             emas[name] = EMAModel(base.parameters(), decay=self.cfg.train.ema_decay, model_cls=type(base),
                                   model_config=base.config)
-            self.accelerator.register_for_checkpointing(emas[name])
+        # EMA weights go into the checkpoint as safetensors folders (``ema_<name>/``), not as the pickle that
+        # ``register_for_checkpointing`` writes and reloads with ``weights_only=False``.
+        acc = self.accelerator
+
+        # Both build a throw-away module (random init): fork the RNG so a checkpoint never shifts the training noise.
+        def save_ema(models, weights, output_dir) -> None:
+            if acc.is_main_process:
+                with torch.random.fork_rng():
+                    for name, ema in emas.items():
+                        ema.save_pretrained(str(Path(output_dir) / f"ema_{name}"))
+
+        def load_ema(models, input_dir) -> None:
+            with torch.random.fork_rng():
+                for name, ema in emas.items():
+                    loaded = EMAModel.from_pretrained(str(Path(input_dir) / f"ema_{name}"), model_cls=ema.model_cls)
+                    ema.load_state_dict(loaded.state_dict())
+
+        acc.register_save_state_pre_hook(save_ema)
+        acc.register_load_state_pre_hook(load_ema)
         return emas
 
     # ------------------------------------------------------------------------------------------------ step
