@@ -189,3 +189,21 @@ def test_running_job_is_attached_then_stopped(cluster, tmp_path):
 
     missing = cnc(cluster, "jobs", "status", "cnc-build-000000000000")
     assert missing.returncode == 2 and missing.stderr.startswith("error:")
+
+
+def test_train_job_runs_ray_train_and_resubmission_resumes(cluster, tiny_shards, tmp_path):
+    """`cnc submit train`: the trainer's Ray Train path on the cluster; attempt 2 resumes from the checkpoint."""
+    out = tmp_path / "train"
+    args = ("submit", "train", "--config", str(ROOT / "configs" / "train" / "tiny.yaml"),
+            "--set", "train.max_train_steps=4", "--set", "train.checkpointing_steps=2",
+            "--input", str(tiny_shards), "--output", str(out), "--workers", "1", "--no-gpu",
+            "--python", sys.executable, "--wait")
+    first = cnc(cluster, *args)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+    assert (out / "local_fuser" / "diffusion_pytorch_model.safetensors").is_file()
+    again = cnc(cluster, *args)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "(attempt 2)" in again.stdout
+    assert "checkpoint-4" in again.stdout + again.stderr  # resumed from the last checkpoint, no new steps
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
