@@ -45,7 +45,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("build_throughput")
@@ -55,17 +54,11 @@ def synthetic_photos(root: Path, n: int, size: tuple[int, int] = (180, 240)) -> 
     """``n`` textured JPEGs (gradient + noise background, one bright blob) in ``root``."""
     from PIL import Image
 
+    from cnc.tiny import synthetic_photo
+
     root.mkdir(parents=True, exist_ok=True)
-    h, w = size
     for i in range(n):
-        rng = np.random.default_rng(i)
-        yy, xx = np.mgrid[0:h, 0:w]
-        img = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 40 + 7 * (i % 20))], -1).astype(np.float64)
-        img += rng.normal(0, 12, img.shape)
-        cy, cx = h * rng.uniform(0.35, 0.65), w * rng.uniform(0.35, 0.65)
-        obj = (yy - cy) ** 2 + (xx - cx) ** 2 < (min(h, w) * rng.uniform(0.2, 0.3)) ** 2
-        img[obj] = rng.uniform(150, 255, 3) + rng.normal(0, 8, (int(obj.sum()), 3))
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"img_{i:04d}.jpg", quality=90)
+        Image.fromarray(synthetic_photo(i, *size)).save(root / f"img_{i:04d}.jpg", quality=90)
     return root
 
 

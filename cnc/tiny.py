@@ -16,6 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 #: Width of the tiny text encoder / cross-attention.
@@ -168,3 +169,18 @@ def tiny_sam(seed: int = 0):
         transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32,
     )
     return Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder).eval()
+
+
+def synthetic_photo(seed: int, h: int = 96, w: int = 120) -> np.ndarray:
+    """A seeded textured test photo ``(h, w, 3)`` uint8: gradient + noise background and one bright disc (the object).
+
+    Used by tests and benchmarks so that stages see image-like statistics without shipping data.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 60 + 10 * (seed % 10))], -1).astype(np.float64)
+    img += rng.normal(0, 12, img.shape)
+    cy, cx = h * rng.uniform(0.35, 0.65), w * rng.uniform(0.35, 0.65)
+    obj = (yy - cy) ** 2 + (xx - cx) ** 2 < (min(h, w) * rng.uniform(0.2, 0.3)) ** 2
+    img[obj] = rng.uniform(150, 255, 3) + rng.normal(0, 8, (int(obj.sum()), 3))
+    return np.clip(img, 0, 255).astype(np.uint8)

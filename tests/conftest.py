@@ -7,24 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnc.tiny import synthetic_photo
+
 #: Overrides that make a tiny-model build take ~1 s of compute on two CPUs.
 FAST_BUILD = [
     "resolution=64", "min_side=32", "inpaint.num_inference_steps=2", "samples_per_shard=3", "batch_size=2",
     "ray.num_workers=2", "ray.progress_interval_s=1",
 ]
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "build" / "tiny.yaml"
-
-
-def synthetic_photo(seed: int, h: int = 96, w: int = 120) -> np.ndarray:
-    """A textured RGB ``(h, w, 3)`` uint8 image: gradient + noise background, one bright blob (the object)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 60 + 10 * (seed % 10))], -1).astype(np.float64)
-    img += rng.normal(0, 12, img.shape)
-    cy, cx = h * rng.uniform(0.35, 0.65), w * rng.uniform(0.35, 0.65)
-    obj = (yy - cy) ** 2 + (xx - cx) ** 2 < (min(h, w) * rng.uniform(0.2, 0.3)) ** 2
-    img[obj] = rng.uniform(150, 255, 3) + rng.normal(0, 8, (int(obj.sum()), 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def write_jpeg(path: Path, arr: np.ndarray) -> Path:

@@ -6,6 +6,8 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+
+from cnc.tiny import synthetic_photo
 from typer.testing import CliRunner
 
 from cnc.cli import app
@@ -20,11 +22,7 @@ R = 64
 
 
 def _photo(seed: int, w=96, h=80) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 90.0)], -1)
-    img[((xx - w / 2) ** 2 + (yy - h / 2) ** 2) < (min(w, h) / 4) ** 2] = rng.integers(150, 255, 3)
-    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    return synthetic_photo(seed, h, w)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnc.tiny import synthetic_photo
+
 from cnc.config import load_config
 from cnc.hub import resolve_pretrained
 from triplets.builder import TripletBuilder
@@ -24,12 +26,7 @@ FAST = [f"resolution={R}", "min_side=32", "inpaint.num_inference_steps=2", "batc
 
 
 def _photo(seed: int, w=96, h=80) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 90.0)], -1)
-    blob = ((xx - w * 0.5) ** 2 + (yy - h * 0.55) ** 2) < (min(w, h) * 0.25) ** 2
-    base[blob] = rng.integers(150, 255, 3)
-    return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+    return synthetic_photo(seed, h, w)
 
 
 @pytest.fixture(scope="module")
