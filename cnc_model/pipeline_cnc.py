@@ -49,10 +49,14 @@ class CnCPipeline(DiffusionPipeline):
     (``CLIPVisionModelWithProjection``) and ``feature_extractor`` (``CLIPImageProcessor``) to embed PIL references.
     The constructor installs :class:`~cnc_model.attention.SoftGuidanceAttnProcessor` on every attention layer of
     ``unet`` and ``local_fuser`` (in place).
+
+    Either fuser may be ``None``, to sample what one training stage learned: without ``local_fuser`` no depth
+    residuals are added (the same output as a fresh, zero-initialised local fuser); without ``global_fuser`` the
+    context is the 77 text tokens only and references, scales and the mask are ignored.
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->local_fuser->unet->vae"
-    _optional_components = ["image_encoder", "feature_extractor"]
+    _optional_components = ["image_encoder", "feature_extractor", "local_fuser", "global_fuser"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, local_fuser, global_fuser, scheduler,
@@ -73,12 +77,16 @@ class CnCPipeline(DiffusionPipeline):
         """Text context length (the tokenizer's ``model_max_length``, 77 for CLIP)."""
         return int(self.tokenizer.model_max_length)
 
+    def _attention_models(self) -> list:
+        return [m for m in (self.unet, self.local_fuser) if m is not None]
+
     def _install_soft_guidance(self) -> None:
-        install_soft_guidance(self.unet, self.local_fuser, num_text_tokens=self.num_text_tokens,
-                              tokens_per_reference=self.global_fuser.config.tokens_per_reference)
+        tokens = self.global_fuser.config.tokens_per_reference if self.global_fuser is not None else 0
+        install_soft_guidance(*self._attention_models(), num_text_tokens=self.num_text_tokens,
+                              tokens_per_reference=tokens)
 
     def _ensure_soft_guidance(self) -> None:
-        if not (has_soft_guidance(self.unet) and has_soft_guidance(self.local_fuser)):
+        if not all(has_soft_guidance(m) for m in self._attention_models()):
             logger.warning("attention processors were replaced (xformers / set_default_attn_processor?); "
                            "re-installing the soft-guidance processors")
             self._install_soft_guidance()
@@ -132,7 +140,10 @@ class CnCPipeline(DiffusionPipeline):
         A missing mask is derived from the fg depth (:func:`~cnc_model.inputs.mask_from_depth`: min-max, > 0.5); with
         neither mask nor fg depth, soft guidance is off (plain attention over all 85 tokens).
         """
-        channels = self.local_fuser.config.conditioning_channels
+        if self.local_fuser is None:  # depths unused; the mask may still be derived from the fg depth
+            channels, dtype = 3, self.unet.dtype
+        else:
+            channels, dtype = self.local_fuser.config.conditioning_channels, self.local_fuser.dtype
         maps = {}
         for name, value in (("fg_depth", fg_depth), ("bg_depth", bg_depth)):
             maps[name] = (torch.zeros(batch, 1, height, width) if value is None
@@ -141,7 +152,6 @@ class CnCPipeline(DiffusionPipeline):
             mask = to_map_tensor(mask, batch, height, width, "mask")
         elif fg_depth is not None:
             mask = mask_from_depth(maps["fg_depth"])
-        dtype = self.local_fuser.dtype
         fg = depth_to_rgb(maps["fg_depth"], channels).to(device=device, dtype=dtype)
         bg = depth_to_rgb(maps["bg_depth"], channels).to(device=device, dtype=dtype)
         return fg, bg, (None if mask is None else mask.to(device))
@@ -158,6 +168,9 @@ class CnCPipeline(DiffusionPipeline):
     def predict_noise(self, latents, t, context, fg_depth, bg_depth, soft_mask, local_scale: float) -> torch.Tensor:
         """One UNet + local fuser evaluation; all tensors already batched (CFG branches concatenated)."""
         kwargs = None if soft_mask is None else {"soft_guidance_mask": soft_mask}
+        if self.local_fuser is None:
+            return self.unet(latents, t, encoder_hidden_states=context, cross_attention_kwargs=kwargs,
+                             return_dict=False)[0]
         down, mid = self.local_fuser(latents, t, context.to(self.local_fuser.dtype), fg_depth, bg_depth,
                                      conditioning_scale=local_scale, cross_attention_kwargs=kwargs, return_dict=False)
         return self.unet(latents, t, encoder_hidden_states=context, cross_attention_kwargs=kwargs,
@@ -214,9 +227,13 @@ class CnCPipeline(DiffusionPipeline):
         fg_d, bg_d, mask_t = self.prepare_conditions(fg_depth, bg_depth, mask, batch, height, width, device)
 
         # 2. context = [text (77), lambda_fg * fg tokens (N), lambda_bg * bg tokens (N)]
-        tokens = self.global_fuser(self.encode_reference(fg_reference, batch, device),
-                                   self.encode_reference(bg_reference, batch, device), fg_scale, bg_scale)
-        tokens = tokens.to(self.unet.dtype)
+        if self.global_fuser is None:  # text-only context: no reference tokens, so no soft guidance either
+            tokens = torch.zeros(batch, 0, self.unet.config.cross_attention_dim, device=device, dtype=self.unet.dtype)
+            mask_t = None
+        else:
+            tokens = self.global_fuser(self.encode_reference(fg_reference, batch, device),
+                                       self.encode_reference(bg_reference, batch, device), fg_scale, bg_scale)
+            tokens = tokens.to(self.unet.dtype)
         context = torch.cat([self.encode_prompt(prompts, device), tokens], dim=1)
         if do_cfg:  # batched CFG: [uncond, cond]; same tokens, depths and mask in both branches
             negative = negative_prompt if negative_prompt is not None else ""

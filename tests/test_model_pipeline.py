@@ -141,3 +141,27 @@ def test_compose_with_callables(pipe):
     assert fg_input[:16].max() == 0 and fg_input[16:48, 16:48].max() > 0
     res2 = compose(pipe, _photo(0), _photo(1), "low", depth, None, height=64, width=64, num_inference_steps=2)
     assert res2.mask.dtype == np.uint8 and res2.mask.shape == (64, 64)
+
+
+def test_optional_fusers_sample_one_training_stage(tmp_path):
+    """local_fuser=None == a fresh (zero-conv) local fuser; global_fuser=None == text-only context."""
+    from cnc_model.testing.tiny import tiny_cnc_components
+
+    full = CnCPipeline(**tiny_cnc_components())  # fresh local fuser: its residuals are exactly zero
+    no_local = CnCPipeline(**{**tiny_cnc_components(), "local_fuser": None})
+    emb = torch.randn(TINY_IMAGE_EMBED_DIM)
+    kw = dict(fg_reference=emb, bg_reference=-emb, mask=np.ones((64, 96), np.float32))
+    np.testing.assert_allclose(_run(no_local, **kw).images, _run(full, **kw).images, atol=1e-6)
+
+    no_global = CnCPipeline(**{**tiny_cnc_components(), "global_fuser": None})
+    text_only = _run(no_global).images
+    assert text_only.shape == (1, 64, 96, 3) and np.isfinite(text_only).all()
+    np.testing.assert_array_equal(text_only, _run(no_global, fg_reference=emb, fg_scale=2.0).images)
+    assert np.abs(text_only - _run(full).images).max() > 1e-5  # the 8 reference tokens do matter with a fuser
+
+    no_global.save_pretrained(tmp_path / "local-only")
+    index = json.loads((tmp_path / "local-only" / "model_index.json").read_text())
+    assert index["global_fuser"] == [None, None]
+    reloaded = CnCPipeline.from_pretrained(tmp_path / "local-only")
+    assert reloaded.global_fuser is None
+    np.testing.assert_allclose(_run(reloaded).images, text_only, atol=1e-4)

@@ -65,7 +65,6 @@ class Trainer:
         self.step_callback = step_callback
         self.global_step = 0
         self._stop = False
-        self._extra: dict = {}
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -432,8 +431,7 @@ class Trainer:
                         noise_scheduler=comps.noise_scheduler, local_fuser=live.get("local_fuser"),
                         global_fuser=live.get("global_fuser"), samples=self.validation_samples,
                         resolution=self.resolution, num_inference_steps=cfg.validation.num_inference_steps,
-                        guidance_scale=cfg.validation.guidance_scale, seed=cfg.validation.seed,
-                        image_embed_dim=self.image_embed_dim, extra=self._extra)
+                        guidance_scale=cfg.validation.guidance_scale, seed=cfg.validation.seed)
             finally:
                 for m in live.values():
                     m.train()

@@ -4,15 +4,14 @@ Each row of ``OUTPUT/validation/step-NNNNNNN.png`` is one validation sample::
 
     image I | fg depth | bg depth | mask M | background I_b | generated
 
-The pipeline is built from the live (unwrapped) modules. A stage that does not train one of the fusers gets a
-stand-in that reproduces the stage's model exactly: ``local`` uses a 0-token global fuser (the context stays the
-77 text tokens it is trained with), ``global`` a fresh local fuser whose zero convolutions make its residuals exactly 0.
+The pipeline is built from the live (unwrapped) modules. A stage that does not train one of the fusers leaves it
+out (``None``), which ``CnCPipeline`` supports: ``local`` samples with the 77 text tokens it is trained with,
+``global`` without depth residuals.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +22,6 @@ from triplets.sample import TripletSample
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("image", "fg depth", "bg depth", "mask", "background", "generated")
-
-
-def text_only_global_fuser(image_embed_dim: int, cross_attention_dim: int):
-    """A :class:`GlobalFuser` with 0 tokens per reference: ``CnCPipeline`` then runs with the 77 text tokens only."""
-    from cnc_model.models.global_fuser import GlobalFuser
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
-        return GlobalFuser(image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim,
-                           tokens_per_reference=0, hidden_mult=1).eval()
-
-
-def zero_local_fuser(unet):
-    """A fresh ``LocalFuser.from_unet(unet)``: its zero convolutions make the residuals exactly zero."""
-    from cnc_model.models.local_fuser import LocalFuser
-
-    return LocalFuser.from_unet(unet).to(device=unet.device, dtype=unet.dtype).eval()
 
 
 def _tile(arr: np.ndarray, size: int) -> Image.Image:
@@ -63,20 +45,15 @@ def make_grid(samples: list[TripletSample], outputs: np.ndarray) -> Image.Image:
 @torch.no_grad()
 def run_validation(*, vae, text_encoder, tokenizer, unet, noise_scheduler, local_fuser, global_fuser,
                    samples: list[TripletSample], resolution: int, num_inference_steps: int, guidance_scale: float,
-                   seed: int, image_embed_dim: int, extra: dict) -> Image.Image:
-    """Generate one image per sample with ``CnCPipeline`` and return the grid.
+                   seed: int) -> Image.Image:
+    """Generate one image per sample with ``CnCPipeline`` and return the grid (a fuser may be ``None``).
 
-    ``extra`` caches the stand-in fusers between calls. The caller restores train mode and the RNG.
+    The caller restores train mode and the RNG.
     """
     from diffusers import DDIMScheduler
 
     from cnc_model.pipeline_cnc import CnCPipeline
 
-    if global_fuser is None:
-        global_fuser = extra.setdefault("text_only_global_fuser", text_only_global_fuser(
-            image_embed_dim, unet.config.cross_attention_dim).to(unet.device))
-    if local_fuser is None:
-        local_fuser = extra.setdefault("zero_local_fuser", zero_local_fuser(unet))
     pipe = CnCPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, local_fuser=local_fuser,
                        global_fuser=global_fuser, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
