@@ -12,7 +12,6 @@ resume it, while a different config or output folder is a different run.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import posixpath
@@ -24,7 +23,6 @@ import yaml
 
 from cnc.config import (
     ConfigError,
-    apply_overrides,
     config_dict,
     config_hash,
     load_config,
@@ -35,22 +33,19 @@ logger = logging.getLogger(__name__)
 KINDS = ("build", "train")
 
 # kind -> "module:Class" of the pydantic config the entry command validates (imported lazily).
-CONFIG_MODELS = {
-    "build": "triplets.config:BuildConfig",
-    "train": "cnc_model.training.config:TrainConfig",
-}
-
 # Placeholders a user-supplied entrypoint template may use (``--entrypoint``).
 TEMPLATE_FIELDS = ("python", "config", "input", "output", "address", "workers")
 
 
 def _config_model(kind: str):
-    """The pydantic class validating ``kind``'s config, or None when that package is not importable."""
-    module_name, _, cls_name = CONFIG_MODELS[kind].partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError):
-        return None
+    """The pydantic class validating ``kind``'s config (imports stay light: pydantic models only)."""
+    if kind == "build":
+        from triplets.config import BuildConfig
+
+        return BuildConfig
+    from cnc_model.training.config import TrainConfig
+
+    return TrainConfig
 
 
 def resolve_config(kind: str, path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -64,19 +59,7 @@ def resolve_config(kind: str, path: str | Path, overrides: list[str] | None = No
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown run kind {kind!r}; valid: {', '.join(KINDS)}")
-    model = _config_model(kind)
-    if model is not None:
-        return config_dict(load_config(model, path, overrides))
-    # The trainer's config class is not importable here: ship the YAML + overrides as-is; `cnc train` validates.
-    logger.warning("no config model for %r (%s not importable); shipping the config unvalidated", kind,
-                   CONFIG_MODELS[kind])
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
-    return apply_overrides(data, overrides)
+    return config_dict(load_config(_config_model(kind), path, overrides))
 
 
 def cluster_path(value: str | None, option: str) -> str | None:
