@@ -245,29 +245,6 @@ class _ErrorLog:
             logger.warning("skipping corrupt %s (#%d): %s", kind, n, self.last)
 
 
-class _TailReader:
-    """Read-only file wrapper counting bytes and keeping the last ``keep`` of them (to check the tar's end)."""
-
-    def __init__(self, f, keep: int = 1 << 15) -> None:
-        self._f, self.keep, self.pos, self.tail = f, keep, 0, b""
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.pos += len(data)
-        self.tail = (self.tail + data)[-self.keep:]
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def ends_with_marker(self, end: int) -> bool:
-        """Two zero blocks at byte ``end`` (tarfile silently accepts a tar cut between members)."""
-        start = end - (self.pos - len(self.tail))
-        marker = self.tail[start:start + 1024] if start >= 0 else b""
-        return len(marker) == 1024 and not marker.strip(b"\0")
-
-
 def _tar_samples(url: str, errors: _ErrorLog) -> Iterator[dict]:
     """Raw ``{__key__, suffix: bytes, __url__}`` samples of one tar, members grouped by key as WebDataset does.
 
@@ -278,15 +255,17 @@ def _tar_samples(url: str, errors: _ErrorLog) -> Iterator[dict]:
 
     from webdataset.tariterators import base_plus_ext
 
+    from triplets.shards import TarTailReader, tar_member_end
+
     current: dict | None = None
     try:
         with open_shard(url) as raw:
-            reader = _TailReader(raw)
+            reader = TarTailReader(raw)
             end, plain = 0, True
             with tarfile.open(fileobj=reader, mode="r|*") as tf:
                 plain = getattr(tf.fileobj, "comptype", "tar") == "tar"
                 for member in tf:
-                    end = member.offset_data + -(-member.size // 512) * 512
+                    end = tar_member_end(member)
                     if not member.isreg():
                         continue
                     data = tf.extractfile(member).read()
@@ -301,7 +280,7 @@ def _tar_samples(url: str, errors: _ErrorLog) -> Iterator[dict]:
                         current = {"__key__": key, "__url__": url}
                     current[suffix.lower()] = data
             reader.drain()
-            if plain and end and not reader.ends_with_marker(end):
+            if plain and end and reader.end_marker_problem(end):
                 raise tarfile.ReadError(f"no end-of-archive marker after byte {end} (file ends at byte "
                                         f"{reader.pos}): truncated or corrupt tar")
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt tar, unreachable URL: skip the rest of the shard

@@ -78,6 +78,48 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+#: Tar block size; an archive ends with two zero blocks (the end-of-archive marker).
+TAR_BLOCK = 512
+
+
+def tar_member_end(member: tarfile.TarInfo) -> int:
+    """Byte offset just past ``member``'s data, padded to the next tar block."""
+    return member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
+
+
+class TarTailReader:
+    """Read-only stream wrapper for a one-pass tar read: counts bytes, hashes them (sha256) and keeps the last
+    ``keep`` bytes, so the end-of-archive marker can be checked afterwards without seeking (pipes, object stores).
+
+    ``tarfile`` silently accepts a tar cut between two members; :meth:`end_marker_problem` catches that.
+    """
+
+    def __init__(self, f, keep: int = 1 << 15) -> None:
+        self._f, self.keep, self.pos, self.tail = f, keep, 0, b""
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.pos += len(data)
+        self.sha.update(data)
+        self.tail = (self.tail + data)[-self.keep:]
+        return data
+
+    def drain(self) -> None:
+        """Read to the end of the stream (call before :meth:`end_marker_problem` and ``sha.hexdigest()``)."""
+        while self.read(1 << 20):
+            pass
+
+    def end_marker_problem(self, end: int) -> str | None:
+        """``None`` if two zero blocks follow byte ``end``; ``"missing"`` if the stream ends before them;
+        ``"garbled"`` if non-zero bytes stand there."""
+        if self.pos - end < 2 * TAR_BLOCK:
+            return "missing"
+        start = end - (self.pos - len(self.tail))
+        marker = self.tail[start:start + 2 * TAR_BLOCK] if start >= 0 else b""
+        return None if len(marker) == 2 * TAR_BLOCK and not marker.strip(b"\0") else "garbled"
+
+
 def iter_raw_samples(url: str, handler=None) -> Iterator[dict]:
     """Raw ``{__key__, suffix: bytes}`` dicts of one tar (or brace pattern), via webdataset."""
     import webdataset as wds

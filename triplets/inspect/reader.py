@@ -16,7 +16,6 @@ sign of those truncations.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import re
@@ -24,12 +23,12 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from triplets.shards import TarTailReader, tar_member_end
+
 log = logging.getLogger(__name__)
 
-BLOCK = 512
 #: WebDataset's split of a member name into key and suffix: the suffix starts at the first dot of the basename.
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
 class ShardReadError(Exception):
@@ -47,16 +46,10 @@ class ShardReadError(Exception):
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand numeric WebDataset brace ranges: ``data/{000..002}.tar`` → three paths (zero padding kept)."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo) if lo.startswith("0") else 0
-    out = []
-    for i in range(int(lo), int(hi) + 1):
-        out += expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():])
-    return out
+    """Expand WebDataset brace patterns: ``data/{000..002}.tar`` → three paths (zero padding kept)."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
 
 
 def resolve_shards(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -114,23 +107,6 @@ def split_member(name: str) -> tuple[str | None, str | None]:
     return (m.group(1), m.group(2).lower()) if m else (None, None)
 
 
-class _HashingReader:
-    """File wrapper that feeds every byte read to sha256 and counts them."""
-
-    def __init__(self, f):
-        self._f, self.sha, self.pos = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.sha.update(data)
-        self.pos += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
 class TarStream:
     """One streaming pass over a local tar.
 
@@ -152,14 +128,14 @@ class TarStream:
     def samples(self) -> Iterator[dict]:
         size = self.path.stat().st_size
         with open(self.path, "rb") as raw:
-            reader = _HashingReader(raw)
+            reader = TarTailReader(raw)
             current: dict | None = None
             member, end, compressed = None, 0, False
             try:
                 with tarfile.open(fileobj=reader, mode="r|*") as tf:
                     compressed = getattr(tf.fileobj, "comptype", "tar") != "tar"
                     for member in tf:
-                        end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+                        end = tar_member_end(member)
                         if not member.isfile():
                             continue
                         data = tf.extractfile(member).read()
@@ -181,19 +157,12 @@ class TarStream:
                 yield current
             reader.drain()
             self.sha256, self.nbytes = reader.sha.hexdigest(), reader.pos
-        if not compressed:  # offsets of a compressed tar are not file offsets
-            self._check_end_marker(end, size, current)
-
-    def _check_end_marker(self, end: int, size: int, last: dict | None) -> None:
-        """Two zero blocks must follow the last member; tarfile alone accepts a tar cut between members."""
-        with open(self.path, "rb") as f:
-            f.seek(end)
-            tail = f.read(2 * BLOCK)
-        after = f"after the last sample {last['__key__']!r}" if last else "at the start"
-        if len(tail) < 2 * BLOCK:
+            problem = None if compressed else reader.end_marker_problem(end)  # compressed: offsets differ
+        after = f"after the last sample {current['__key__']!r}" if current else "at the start"
+        if problem == "missing":
             raise ShardReadError(self.path, size, f"truncated tar: file ends at byte {size}, {after}, "
                                                   f"without the end-of-archive marker (expected at byte {end})")
-        if tail.strip(b"\0"):
+        if problem == "garbled":
             raise ShardReadError(self.path, end, f"corrupt tar: unreadable member header at byte {end} ({after})")
 
 
