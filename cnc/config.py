@@ -92,7 +92,6 @@ def save_config(cfg: BaseModel, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from triplets.shards import atomic_write_bytes
+
+    return atomic_write_bytes(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())

@@ -20,6 +20,8 @@ import re
 import shutil
 from pathlib import Path
 
+from triplets.shards import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -84,9 +86,8 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(path)
+    """Atomic (temp + fsync + rename) JSON write."""
+    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def data_state_path(ckpt: Path, rank: int) -> Path:
