@@ -3,11 +3,9 @@
 import json
 import time
 
-import numpy as np
 import pytest
+from conftest import make_photo_folder
 from PIL import Image
-
-from cnc.tiny import synthetic_photo
 from typer.testing import CliRunner
 
 from cnc.cli import app
@@ -21,18 +19,10 @@ from triplets.shards import write_shard
 R = 64
 
 
-def _photo(seed: int, w=96, h=80) -> np.ndarray:
-    return synthetic_photo(seed, h, w)
-
-
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     src = tmp_path_factory.mktemp("photos")
-    for i in range(4):
-        Image.fromarray(_photo(i)).save(src / f"p{i}.jpg", quality=92)
-    (src / "broken.jpg").write_bytes(b"not a jpeg")
-    (src / "captions.jsonl").write_text("".join(json.dumps({"key": f"p{i}", "caption": f"a blob number {i}"}) + "\n"
-                                                for i in range(4)))
+    make_photo_folder(src, 4, bad=("text",))  # 4 photos + a text file named .jpg
     cfg = load_config(BuildConfig, "configs/build/tiny.yaml",
                       [f"resolution={R}", "min_side=32", "inpaint.num_inference_steps=2"])
     builder = TripletBuilder(cfg)
