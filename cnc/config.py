@@ -14,10 +14,13 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from cnc.base.errors import UserError
+from cnc.base.location import Location, resolve
+
 T = TypeVar("T", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid (message names the key)."""
 
 
@@ -88,10 +91,6 @@ def config_hash(cfg: BaseModel | dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_config(cfg: BaseModel, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from triplets.shards import atomic_write_bytes
-
-    return atomic_write_bytes(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())
+def save_config(cfg: BaseModel, path: str | Path | Location) -> Location:
+    """Write the resolved config as YAML (atomically; a local path or an fsspec URL) and return its location."""
+    return resolve(path).write_bytes(yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())

@@ -66,6 +66,20 @@ class RayConfig(_Strict):
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
     progress_interval_s: float = Field(5.0, gt=0)
+    worker_start_timeout_s: float = Field(
+        900.0, gt=0, description="give up when no worker has started (loaded its models) after this long")
+
+
+class StorageConfig(_Strict):
+    """Where and how outputs are written (operational: not part of the plan fingerprint)."""
+
+    scratch_dir: str | None = Field(
+        None, description="local folder where shards are staged before upload to an object store "
+                          "(default: the system temporary folder)")
+    verify: bool = Field(False, description="on resume, re-hash every committed shard against its marker "
+                                            "(default: marker + size; --verify)")
+    lease_seconds: float = Field(120.0, gt=0, description="object stores: a build lease not refreshed for this "
+                                                          "long is stale and may be taken over")
 
 
 class BuildConfig(_Strict):
@@ -91,6 +105,7 @@ class BuildConfig(_Strict):
     depth: DepthConfig = DepthConfig()
     embed: EmbedConfig = EmbedConfig()
     ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "BuildConfig":

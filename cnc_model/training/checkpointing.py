@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from triplets.shards import atomic_write_bytes
+from cnc.base.location import resolve
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -87,7 +87,7 @@ def read_json(path: Path) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic (temp + fsync + rename) JSON write."""
-    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    resolve(path).write_bytes(json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def data_state_path(ckpt: Path, rank: int) -> Path:

@@ -131,11 +131,12 @@ class Trainer:
 
     def _setup_data(self) -> None:
         from cnc_model import data
+        from triplets.shardio import resolve_shards
 
         cfg, acc = self.cfg, self.accelerator
         if not cfg.data.train_shards:
             raise ValueError("data.train_shards is empty: set it to a build output folder, glob or shard URLs")
-        urls = data.expand_shard_urls(cfg.data.train_shards)
+        urls = resolve_shards(cfg.data.train_shards, committed_only=True)
         if cfg.data.preflight_shards:
             data.preflight_check(urls, max_shards=cfg.data.preflight_shards, strict=cfg.data.preflight_strict)
         first = data.first_samples(urls, 1)
@@ -145,7 +146,7 @@ class Trainer:
         self.resolution = cfg.data.resolution or int(first[0].image.shape[0])
         self.validation_samples = []
         if acc.is_main_process and cfg.validation.num_samples:
-            val_urls = data.expand_shard_urls(cfg.validation.shards) if cfg.validation.shards else urls
+            val_urls = resolve_shards(cfg.validation.shards, committed_only=True) if cfg.validation.shards else urls
             self.validation_samples = data.first_samples(val_urls, cfg.validation.num_samples)
         dropout = data.ConditionDropout.for_stage(
             cfg.stage, caption=cfg.data.drop_caption_prob,

@@ -31,9 +31,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from triplets.inspect.reader import (
-    ShardReadError, TarStream, errors_path, read_json, resolve_shards, split_member, stats_marker_path,
-)
+from cnc.base.location import resolve
+from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards, split_member
+from triplets.shardio.names import MANIFEST_FILE, PLAN_FILE, errors_for_tar, is_marker, marker_for_tar, tar_for_marker
 from triplets.inspect.summary import Summary, failure_reason, marker_count
 from triplets.sample import FIELDS, KEY_PATTERN, REQUIRED_META, TripletSample, decode_sample, validate_sample
 
@@ -184,11 +184,30 @@ def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[s
     summary.add_sample(s)
 
 
-def _read_failures(tar: Path, marker: dict | None, report: Callable[..., None]) -> Counter:
+def read_json(url: str) -> dict | None:
+    """A JSON object at ``url``; ``None`` when missing. Raises ``ValueError`` when it is not an object."""
+    loc = resolve(url)
+    if not loc.isfile():
+        return None
+    data = json.loads(loc.read_bytes())
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0]
+
+
+def _read_failures(tar: str, marker: dict | None, report: Callable[..., None]) -> Counter:
     """Failure counts by ``"stage: reason"`` from ``errors/NNNNNN.jsonl``, else from the marker."""
-    path, counts = errors_path(tar), Counter()
-    if path.is_file():
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    path, counts = resolve(errors_for_tar(tar)), Counter()
+    if path.isfile():
+        for lineno, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -204,18 +223,19 @@ def _read_failures(tar: Path, marker: dict | None, report: Callable[..., None]) 
     return counts
 
 
-def _check_marker(tar: Path, check: ShardCheck, report: Callable[..., None]) -> None:
+def _check_marker(tar: str, check: ShardCheck, report: Callable[..., None]) -> None:
     marker = check.marker
     if marker is None:
-        if (tar.parent / "plan.json").exists() or (tar.parent / "manifest.json").exists():
-            report(f"no stats marker {stats_marker_path(tar).name}: the shard may come from an unfinished build",
+        folder = resolve(_parent(tar))
+        if folder.child(PLAN_FILE).exists() or folder.child(MANIFEST_FILE).exists():
+            report(f"no stats marker {_name(marker_for_tar(tar))}: the shard may come from an unfinished build",
                    None, WARNING)
         return
     if not check.complete:
         return  # the truncation is the finding; counts and hashes cannot agree
     n = marker_count(marker)
     if n is None:
-        report(f"stats marker {stats_marker_path(tar).name} has no sample count", None, WARNING)
+        report(f"stats marker {_name(marker_for_tar(tar))} has no sample count", None, WARNING)
     elif n != check.nsamples:
         report(f"stats marker says {n} samples, the tar holds {check.nsamples}")
     sha = marker.get("sha256")
@@ -226,9 +246,9 @@ def _check_marker(tar: Path, check: ShardCheck, report: Callable[..., None]) -> 
         report(f"stats marker says {size} bytes, the tar has {check.bytes}")
 
 
-def scan_shard(path: str | Path, opts: ScanOptions = ScanOptions()) -> ShardScan:
-    """Validate, summarise and sample one shard in one streaming pass (see the module docstring)."""
-    tar = Path(path)
+def scan_shard(path: str, opts: ScanOptions = ScanOptions()) -> ShardScan:
+    """Validate, summarise and sample one shard (a local path or URL) in one streaming pass."""
+    tar = str(path)
     problems: list[Problem] = []
 
     def report(message: str, key: str | None = None, severity: str = ERROR) -> None:
@@ -237,9 +257,9 @@ def scan_shard(path: str | Path, opts: ScanOptions = ScanOptions()) -> ShardScan
 
     check, summary = ShardCheck(str(tar)), Summary(shards=1)
     try:
-        check.marker = read_json(stats_marker_path(tar))
-    except ValueError as exc:
-        report(f"stats marker {stats_marker_path(tar).name} is not valid JSON: {exc}")
+        check.marker = read_json(marker_for_tar(tar))
+    except (ValueError, OSError) as exc:
+        report(f"stats marker {_name(marker_for_tar(tar))} is not valid JSON: {exc}")
     hashes: list[int] = []
     heap: list[tuple[int, int, dict]] = []  # max-heap on priority through negation
     stream = TarStream(tar, on_problem=report)
@@ -259,7 +279,7 @@ def scan_shard(path: str | Path, opts: ScanOptions = ScanOptions()) -> ShardScan
         report(exc.message)
     except OSError as exc:
         report(f"cannot read: {exc}")
-    summary.bytes = check.bytes or (tar.stat().st_size if tar.exists() else 0)
+    summary.bytes = check.bytes or (resolve(tar).size() or 0)
     _check_marker(tar, check, report)
     summary.add_failures(_read_failures(tar, check.marker, report))
     if check.marker:
@@ -281,9 +301,9 @@ def _duplicate_keys(scans: list[ShardScan]) -> dict[str, list[str]]:
             continue
         last = None
         try:
-            with tarfile.open(scan.check.path) as tf:
-                for name in tf.getnames():
-                    key, _ = split_member(name)
+            with open_stream(scan.check.path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
+                for member in tf:
+                    key, _ = split_member(member.name)
                     if key is not None and key != last and key_hash(key) in dup:
                         where.setdefault(key, []).append(scan.check.path)
                     last = key
@@ -292,30 +312,36 @@ def _duplicate_keys(scans: list[ShardScan]) -> dict[str, list[str]]:
     return {k: v for k, v in where.items() if len(v) > 1}
 
 
-def _folder_checks(inputs: Sequence[str | Path], shards: list[Path], report: Callable[..., None]) -> None:
+def _folder_checks(inputs: Sequence[str], shards: list[str], report: Callable[..., None]) -> None:
     """Build-folder level: markers whose tar is gone; fewer shards than planned."""
-    present = {p.resolve() for p in shards}
+    present = set(shards)
     for item in inputs:
-        folder = Path(str(item).removeprefix("file://"))
-        if not folder.is_dir():
+        if str(item).startswith("pipe:"):
             continue
-        for marker in sorted(folder.glob("*_stats.json")):
-            tar = marker.with_name(marker.name.removesuffix("_stats.json") + ".tar")
-            if tar.resolve() not in present:
-                report(str(folder), f"stats marker {marker.name} has no {tar.name}")
         try:
-            plan = read_json(folder / "plan.json")
-        except ValueError:
+            folder = resolve(str(item))
+            if not folder.isdir():
+                continue
+        except Exception:  # noqa: BLE001 - a glob or pattern, not a folder
+            continue
+        listing = folder.list()
+        for name in sorted(n for n in listing if is_marker(n)):
+            tar = folder.child(tar_for_marker(name))
+            if tar.url not in present:
+                report(folder.url, f"stats marker {name} has no {tar.name}")
+        try:
+            plan = read_json(folder.child(PLAN_FILE).url) if PLAN_FILE in listing else None
+        except (ValueError, OSError):
             plan = None
         planned = None
         if plan:
             planned = len(plan["shards"]) if isinstance(plan.get("shards"), list) else plan.get("num_shards")
-        have = sum(1 for p in shards if p.parent.resolve() == folder.resolve())
+        have = sum(1 for p in shards if _parent(p) == folder.url.rstrip("/"))
         if isinstance(planned, int) and have < planned:
-            report(str(folder), f"build incomplete: plan.json lists {planned} shards, {have} present", WARNING)
+            report(folder.url, f"build incomplete: plan.json lists {planned} shards, {have} present", WARNING)
 
 
-def _scan_all(shards: list[Path], opts: ScanOptions, workers: int,
+def _scan_all(shards: list[str], opts: ScanOptions, workers: int,
               progress: Callable[[ShardCheck], None] | None) -> Iterator[ShardScan]:
     if workers <= 1 or len(shards) <= 1:
         for path in shards:
@@ -350,9 +376,9 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
         progress: called with each shard's :class:`ShardCheck` as it finishes.
 
     Raises:
-        FileNotFoundError: when ``paths`` name no tar.
+        triplets.shardio.ShardSpecError: when ``paths`` name no tar (a :class:`~cnc.base.errors.UserError`).
     """
-    inputs = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    inputs = [str(paths)] if isinstance(paths, (str, Path)) else [str(p) for p in paths]
     shards = resolve_shards(inputs)
     if max_shards is not None:
         shards = shards[:max_shards]
@@ -368,7 +394,7 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
         scan.picked = []
         scans.append(scan)
     for key, where in _duplicate_keys(scans).items():
-        names = ", ".join(Path(w).name for w in where)
+        names = ", ".join(_name(w) for w in where)
         result.add(Problem(where[0], f"duplicate key: {len(where)} samples in {names}", key), max_problems)
     if max_shards is None:
         _folder_checks(inputs, shards, lambda path, msg, sev=ERROR: result.add(Problem(path, msg, None, sev),
