@@ -9,16 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid (message names the key)."""
+
+
+#: A seed every consumer accepts: ``numpy.random.seed`` (accelerate's ``set_seed``) takes 0 .. 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="random seed, 0 .. 2**32 - 1")]
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
@@ -65,7 +69,16 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        except OSError as exc:
+            raise ConfigError(f"{p}: unreadable ({exc.strerror or exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded
@@ -95,3 +108,34 @@ def save_config(cfg: BaseModel, path: str | Path) -> Path:
     from triplets.shards import atomic_write_bytes
 
     return atomic_write_bytes(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())
+
+
+def check_output_writable(path: str | Path) -> Path:
+    """Refuse an output that cannot hold a build/run folder, before any work starts.
+
+    Returns the absolute path (not created here).
+
+    Raises:
+        ConfigError: ``path`` (or a parent) is an existing file, or the folder (or the nearest existing parent)
+            is not writable (read-only filesystem, permissions).
+    """
+    import os
+
+    p = Path(path).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(f"output {p}: {probe} is a broken symlink")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output {p}: {probe} is an existing file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output {p}: {probe} is not writable")
+    try:  # os.access ignores read-only mounts for root; try for real
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".cnc-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output {p}: cannot write in {probe} ({exc.strerror or exc})") from None
+    return p

@@ -30,7 +30,7 @@ def train_command(
     gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Ray workers take one GPU each."),
 ) -> None:
     """Train the local fuser, the global fuser, or both (stage from the config)."""
-    from cnc.config import ConfigError
+    from cnc.config import ConfigError, check_output_writable
     from cnc_model.training.config import load_train_config
     from triplets.errors import ModelUnavailableError
 
@@ -38,6 +38,7 @@ def train_command(
         overrides = [*overrides, f"train.resume_from_checkpoint={resume}"]
     try:
         cfg = load_train_config(config, overrides)
+        check_output_writable(cfg.output_dir)
         if ray_workers > 0:
             from cnc_model.training.ray_train import run_ray_training
 

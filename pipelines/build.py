@@ -301,7 +301,7 @@ def run_build(cfg: BuildConfig, input: str, output: str | Path, *, address: str 
     resolved = resolve_models(cfg)  # 1. fail fast, before reading anything or starting Ray
     src = absolute_input(input)
     fmt = detect_format(src) if cfg.input_format == "auto" else cfg.input_format
-    plan = make_plan(read_items(src, fmt), cfg, src, fmt)  # 2. plan
+    plan = make_plan(read_items(src, fmt, allow_outside_input=cfg.allow_outside_input), cfg, src, fmt)  # 2. plan
     out = Path(output).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     if fault_injection is None and os.environ.get(FAULT_ENV):
@@ -375,7 +375,7 @@ def build_entry(config: str | None, input: str, output: str, overrides: list[str
     2 bad config/input, unavailable model(s), or an output folder of another build (one log line per
     problem, no traceback).
     """
-    from cnc.config import ConfigError, load_config
+    from cnc.config import ConfigError, check_output_writable, load_config
     from pipelines.layout import OutputBusyError
     from pipelines.plan import PlanMismatchError
     from triplets.errors import ModelUnavailableError
@@ -386,6 +386,7 @@ def build_entry(config: str | None, input: str, output: str, overrides: list[str
         overrides.append(f"input_format={input_format}")
     try:
         cfg = load_config(BuildConfig, config, overrides)
+        check_output_writable(output)
         result = run_build(cfg, input, output, address=address, retry_failed=retry_failed, progress=progress)
     except (ConfigError, ModelUnavailableError, PlanMismatchError, InputError, OutputBusyError) as exc:
         for line in str(exc).splitlines():  # one log line per problem (e.g. per missing model), no traceback
