@@ -31,6 +31,22 @@ log = logging.getLogger(__name__)
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
+#: Default cap on one member's size: larger members are reported, never read into memory.
+MAX_MEMBER_BYTES = 256 * 2**20
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class ShardReadError(Exception):
     """A tar cannot be read to its end (truncated or corrupt).
 
@@ -68,17 +84,30 @@ def resolve_shards(paths: str | Path | Sequence[str | Path]) -> list[Path]:
         for one in expand_braces(s):
             p = Path(one)
             if p.is_dir():
-                found += sorted(p.glob("*.tar"))
+                found += _regular(sorted(p.glob("*.tar")))
             elif glob.has_magic(one):
-                found += [Path(x) for x in sorted(glob.glob(one)) if Path(x).is_file()]
+                found += _regular([Path(x) for x in sorted(glob.glob(one))])
             elif p.is_file():
                 found.append(p)
+            elif p.exists():
+                log.warning("not a regular file (FIFO, device or socket?); skipped: %s", one)
             else:
                 log.warning("no such file or folder: %s", one)
     unique = list(dict.fromkeys(found))
     if not unique:
         raise FileNotFoundError(f"no .tar shards found in {', '.join(map(str, items))}")
     return unique
+
+
+def _regular(paths: list[Path]) -> list[Path]:
+    """Regular files only: opening a FIFO named like a shard would block forever."""
+    out = []
+    for p in paths:
+        if p.is_file():
+            out.append(p)
+        elif not p.is_dir():
+            log.warning("not a regular file (FIFO, device or socket?); skipped: %s", p)
+    return out
 
 
 def stats_marker_path(tar: Path) -> Path:
@@ -119,9 +148,11 @@ class TarStream:
         ShardReadError: the tar ends early or holds a garbled header; the message names the byte offset.
     """
 
-    def __init__(self, path: str | Path, on_problem: Callable[[str], None] | None = None):
+    def __init__(self, path: str | Path, on_problem: Callable[[str], None] | None = None,
+                 max_member_bytes: int = MAX_MEMBER_BYTES):
         self.path = Path(path)
         self.on_problem = on_problem or (lambda msg: None)
+        self.max_member_bytes = max_member_bytes
         self.sha256: str | None = None
         self.nbytes = 0
 
@@ -137,6 +168,13 @@ class TarStream:
                     for member in tf:
                         end = tar_member_end(member)
                         if not member.isfile():
+                            continue
+                        if not _utf8(member.name):
+                            self.on_problem(f"member name {_printable(member.name)!r} is not valid UTF-8 (skipped)")
+                            continue
+                        if member.size > self.max_member_bytes:
+                            self.on_problem(f"member {member.name!r} is {member.size} bytes, over the limit of "
+                                            f"{self.max_member_bytes} (max_member_bytes); not read")
                             continue
                         data = tf.extractfile(member).read()
                         key, suffix = split_member(member.name)
