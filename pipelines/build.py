@@ -165,7 +165,7 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
     check_writable_output(out.loc)
     src = absolute_input(input)
     fmt = detect_format(src) if cfg.input_format == "auto" else cfg.input_format
-    plan = make_plan(read_items(src, fmt), cfg, src, fmt)  # 2. plan
+    plan = make_plan(read_items(src, fmt, allow_outside_input=cfg.allow_outside_input), cfg, src, fmt)  # 2. plan
     if fault_injection is None and os.environ.get(FAULT_ENV):
         fault_injection = json.loads(os.environ[FAULT_ENV])
     verify = cfg.storage.verify if verify_checksums is None else verify_checksums

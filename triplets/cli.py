@@ -40,6 +40,8 @@ def inspect(
     workers: int = typer.Option(1, "--workers", min=1, help="Processes reading shards in parallel."),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every sample (dtypes, shapes, "
                                 "statistics); --no-decode checks structure, markers and keys only."),
+    max_member_mb: float = typer.Option(256.0, "--max-member-mb", min=0.001, help="Size cap of one tar member "
+                                        "(larger members are a finding and are not read)."),
 ) -> None:
     """Validate shards, summarise them and render contact sheets of a few samples.
 
@@ -58,7 +60,8 @@ def inspect(
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("reading shards", total=min(total, max_shards or total))
         result = inspect_shards(paths, n=n, seed=seed, keys=wanted, decode=decode, max_shards=max_shards,
-                                workers=workers, progress=lambda _check: bar.advance(task))
+                                workers=workers, max_member_bytes=int(max_member_mb * 2**20),
+                                progress=lambda _check: bar.advance(task))
     print_report(result, Console())
     if result.samples or html:
         files = write_report(result, out or _default_out(paths), html=html, per_page=per_page, tile=tile)

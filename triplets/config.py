@@ -6,11 +6,16 @@ random tiny model built in code, see :mod:`cnc.tiny`).
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cnc.config import Seed
 
 TINY = "tiny"
+#: Devices a build runs on (``auto`` = CUDA when present).
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class _Strict(BaseModel):
@@ -95,17 +100,27 @@ class BuildConfig(_Strict):
     batch_size: int = Field(4, ge=1, description="samples per model batch")
     samples_per_shard: int = Field(1000, ge=1)
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
-    seed: int = Field(0, description="base seed; per-sample seeds derive from (seed, key)")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    seed: Seed = Field(0, description="base seed (0 .. 2**32-1); per-sample seeds derive from (seed, key)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU")
     input_format: Literal["auto", "folder", "coco", "webdataset"] = "auto"
+    allow_outside_input: bool = Field(
+        False, description="follow symlinks and COCO file_names that point outside the input root (refused per "
+                           "item by default)")
     segment: SegmentConfig = SegmentConfig()
     inpaint: InpaintConfig = InpaintConfig()
     depth: DepthConfig = DepthConfig()
     embed: EmbedConfig = EmbedConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "BuildConfig":

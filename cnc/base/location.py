@@ -352,18 +352,37 @@ def resolve(spec: str | os.PathLike | Location) -> Location:
     return Location(loc._url_of(path), fs, path)
 
 
-def check_writable_output(loc: Location) -> None:
-    """Refuse an output location that is an existing file, or a local folder that cannot be written.
+def check_writable_output(spec: str | os.PathLike | Location) -> Location:
+    """Refuse an output that cannot hold a build or run folder, before any work starts; returns its location.
+
+    Object stores: refused when the URL names an existing object (a file, not a prefix). Local: refused when the
+    path or a parent is an existing file, a broken symlink, or the nearest existing folder cannot be written
+    (permissions or a read-only filesystem — tried for real, since ``os.access`` ignores read-only mounts for root).
+    Nothing is created.
 
     Raises:
         LocationError: one line saying why.
     """
-    if loc.isfile():
-        raise LocationError(f"output {loc.url} is an existing file, not a folder")
-    if loc.is_local:
-        p = loc.local_path()
-        probe = next((q for q in [p, *p.parents] if q.exists()), None)
-        if probe is not None and not probe.is_dir():
-            raise LocationError(f"output {loc.url}: {probe} is a file, not a folder")
-        if probe is not None and not os.access(probe, os.W_OK | os.X_OK):
-            raise LocationError(f"output {loc.url} cannot be written ({probe} is read-only)")
+    loc = resolve(spec)
+    if not loc.is_local:
+        if loc.isfile():
+            raise LocationError(f"output {loc.url} is an existing object, not a folder (prefix)")
+        return loc
+    p = loc.local_path()
+    probe = p
+    while not probe.exists():
+        if probe.is_symlink():
+            raise LocationError(f"output {p}: {probe} is a broken symlink")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LocationError(f"output {p}: {probe} is an existing file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise LocationError(f"output {p}: {probe} is not writable")
+    try:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".cnc-write-test-"):
+            pass
+    except OSError as exc:
+        raise LocationError(f"output {p}: cannot write in {probe} ({exc.strerror or exc})") from None
+    return loc

@@ -34,8 +34,9 @@ import numpy as np
 from cnc.base.location import resolve
 from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards, split_member
 from triplets.shardio.names import MANIFEST_FILE, PLAN_FILE, errors_for_tar, is_marker, marker_for_tar, tar_for_marker
+from triplets.shardio.tario import MAX_MEMBER_BYTES
 from triplets.inspect.summary import Summary, failure_reason, marker_count
-from triplets.sample import FIELDS, KEY_PATTERN, REQUIRED_META, TripletSample, decode_sample, validate_sample
+from triplets.sample import FIELDS, KEY_PATTERN, TripletSample, decode_sample, validate_meta, validate_sample
 
 log = logging.getLogger(__name__)
 ERROR, WARNING = "error", "warning"
@@ -114,6 +115,7 @@ class ScanOptions:
         n / seed: keep the ``n`` samples with the smallest seeded key hash (order-independent sampling).
         keys: keep the samples with these keys instead.
         max_problems: findings kept per shard.
+        max_member_bytes: members larger than this are reported and not read.
     """
 
     decode: bool = True
@@ -121,6 +123,7 @@ class ScanOptions:
     seed: int = 0
     keys: frozenset[str] | None = None
     max_problems: int = 1000
+    max_member_bytes: int = MAX_MEMBER_BYTES
 
 
 @dataclass
@@ -147,7 +150,8 @@ class InspectResult:
 def key_hash(key: str, seed: int | None = None) -> int:
     """64-bit hash of a key (with ``seed``: the sampling priority)."""
     text = key if seed is None else f"{seed}\0{key}"
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    data = text.encode("utf-8", "surrogateescape")  # a non-UTF-8 member name must not crash the hash
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[str, str | None], None]) -> None:
@@ -165,12 +169,11 @@ def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[s
             report(f"key {key!r} is not dot-free [A-Za-z0-9_/-]", key)
         try:
             meta = json.loads(raw["json"])
-        except ValueError as exc:
+        except ValueError as exc:  # incl. UnicodeDecodeError
             report(f"json does not parse: {exc}", key)
             return
-        lacking = [k for k in REQUIRED_META if k not in meta]
-        if lacking:
-            report(f"json: missing keys {lacking}", key)
+        for msg in validate_meta(meta):
+            report(msg, key)
         return
     try:
         s = decode_sample(raw)
@@ -262,7 +265,7 @@ def scan_shard(path: str, opts: ScanOptions = ScanOptions()) -> ShardScan:
         report(f"stats marker {_name(marker_for_tar(tar))} is not valid JSON: {exc}")
     hashes: list[int] = []
     heap: list[tuple[int, int, dict]] = []  # max-heap on priority through negation
-    stream = TarStream(tar, on_problem=report)
+    stream = TarStream(tar, on_problem=report, max_member_bytes=opts.max_member_bytes)
     try:
         for i, raw in enumerate(stream.samples()):
             check.nsamples += 1
@@ -360,7 +363,7 @@ def _scan_all(shards: list[str], opts: ScanOptions, workers: int,
 
 def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, seed: int = 0,
                    keys: Iterable[str] | None = None, decode: bool = True, max_shards: int | None = None,
-                   workers: int = 1, max_problems: int = 1000,
+                   workers: int = 1, max_problems: int = 1000, max_member_bytes: int = MAX_MEMBER_BYTES,
                    progress: Callable[[ShardCheck], None] | None = None) -> InspectResult:
     """Validate and summarise shards and pick samples to show, in one streaming pass.
 
@@ -373,6 +376,7 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
         workers: processes reading shards in parallel (spawned: a script calling this with ``workers > 1``
             needs the ``if __name__ == "__main__":`` guard).
         max_problems: findings kept (all are counted).
+        max_member_bytes: size cap of one tar member (larger ones are a finding and are not read).
         progress: called with each shard's :class:`ShardCheck` as it finishes.
 
     Raises:
@@ -383,7 +387,8 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
     if max_shards is not None:
         shards = shards[:max_shards]
     wanted = frozenset(keys) if keys is not None else None
-    opts = ScanOptions(decode=decode, n=n, seed=seed, keys=wanted, max_problems=max_problems)
+    opts = ScanOptions(decode=decode, n=n, seed=seed, keys=wanted, max_problems=max_problems,
+                       max_member_bytes=max_member_bytes)
     result, summary, scans, picked = ValidationResult(), Summary(), [], []
     for si, scan in enumerate(_scan_all(shards, opts, workers, progress)):
         result.shards.append(scan.check)
@@ -414,13 +419,13 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
 
 
 def validate(paths: str | Path | Sequence[str | Path], *, max_shards: int | None = None, decode: bool = True,
-             workers: int = 1, max_problems: int = 1000) -> ValidationResult:
+             workers: int = 1, max_problems: int = 1000, max_member_bytes: int = MAX_MEMBER_BYTES) -> ValidationResult:
     """Check shards (readable to the end, complete and well-typed samples, unique keys, matching markers).
 
     ``validate(urls, max_shards=4).ok`` is the trainer's pre-flight check; see :func:`inspect_shards`.
     """
     return inspect_shards(paths, n=0, decode=decode, max_shards=max_shards, workers=workers,
-                          max_problems=max_problems).validation
+                          max_problems=max_problems, max_member_bytes=max_member_bytes).validation
 
 
 def summarise(paths: str | Path | Sequence[str | Path], *, max_shards: int | None = None,

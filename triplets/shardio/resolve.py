@@ -33,7 +33,12 @@ def folder_shards(loc: Location, committed_only: bool) -> list[str]:
     """The ``*.tar`` of a folder, sorted. In a build folder (it has ``plan.json`` or markers) and with
     ``committed_only``, only the tars whose ``_stats.json`` marker exists (one listing, no request per shard)."""
     entries = loc.list()
-    tars = sorted(n for n, e in entries.items() if n.endswith(TAR_SUFFIX) and e.get("type") != "directory")
+    tars = []
+    for n, e in sorted(entries.items()):
+        if n.endswith(TAR_SUFFIX) and e.get("type") == "file":
+            tars.append(n)
+        elif n.endswith(TAR_SUFFIX) and e.get("type") != "directory":  # opening a FIFO would block forever
+            log.warning("not a regular file (FIFO, device or socket?); skipped: %s", loc.child(n).url)
     markers = {n.removesuffix(MARKER_SUFFIX) for n in entries if is_marker(n)}
     if committed_only and (markers or PLAN_FILE in entries):
         done = [n for n in tars if n.removesuffix(TAR_SUFFIX) in markers]
@@ -44,13 +49,18 @@ def folder_shards(loc: Location, committed_only: bool) -> list[str]:
     return [loc.child(n).url for n in tars]
 
 
-def _expand_one(spec: str, committed_only: bool) -> list[str]:
+def _expand_one(spec: str, committed_only: bool) -> list[str] | None:
+    """The shards ``spec`` names; ``None`` when nothing exists there."""
     if spec.startswith("pipe:"):
         return [spec]
     loc = resolve(spec)
     if glob.has_magic(loc.path):
         matches = [Location(loc._url_of(p), loc.fs, p) for p in sorted(loc.fs.glob(loc.path))]
-        return [m.url for m in matches if m.isfile()]
+        regular = [m.url for m in matches if m.isfile()]
+        for m in matches:
+            if m.url not in regular and not m.isdir():
+                log.warning("not a regular file (FIFO, device or socket?); skipped: %s", m.url)
+        return regular if matches else None
     if loc.isdir():
         found = folder_shards(loc, committed_only)
         if not found:
@@ -60,8 +70,9 @@ def _expand_one(spec: str, committed_only: bool) -> list[str]:
     if loc.isfile():
         return [loc.url]
     if loc.exists():
-        raise ShardSpecError(f"{loc.url} is not a regular file (a FIFO or device?)")
-    return []
+        log.warning("not a regular file (FIFO, device or socket?); skipped: %s", loc.url)
+        return []
+    return None
 
 
 def resolve_shards(specs: str | Sequence[str], *, committed_only: bool = False) -> list[str]:
@@ -83,9 +94,10 @@ def resolve_shards(specs: str | Sequence[str], *, committed_only: bool = False) 
             expanded = _expand_braces(spec)
             for one in expanded:
                 found = _expand_one(one, committed_only)
-                if not found:
+                if found is None:
                     missing.append(one)
-                out += found
+                else:
+                    out += found
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ShardSpecError(f"no such shard, folder or glob match: {shown}")

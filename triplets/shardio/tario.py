@@ -164,11 +164,11 @@ class TarStream:
                             continue
                         name = _printable(member.name)
                         if name != member.name:
-                            self.on_problem(f"member name {name!r} is not valid UTF-8 (ignored by readers)")
+                            self.on_problem(f"member name {name!r} is not valid UTF-8 (skipped)")
                             continue
                         if member.size > self.max_member_bytes:
-                            self.on_problem(f"member {name!r} is {member.size} bytes, over the "
-                                            f"{self.max_member_bytes}-byte limit (skipped)")
+                            self.on_problem(f"member {name!r} is {member.size} bytes, over the limit of "
+                                            f"{self.max_member_bytes} (max_member_bytes); not read")
                             continue
                         key, suffix = split_member(name)
                         if key is None:
