@@ -157,8 +157,9 @@ def test_rerun_with_other_config_or_input_is_refused(reference, tmp_path, caplog
     before = _stats(out)
     with pytest.raises(PlanMismatchError, match="seed: 0 -> 1"):  # a UserError: the CLI exits 2 with this line
         build_entry(str(TINY_CONFIG), str(src), str(out), LENIENT + ["seed=1"], summary=False)
+    write_jpeg(tmp_path / "other" / "one.jpg", synthetic_photo(5, 96, 96))
     with pytest.raises(PlanMismatchError, match="another input"):
-        run_build(_cfg(), str(tmp_path), out, progress=False)
+        run_build(_cfg(), str(tmp_path / "other"), out, progress=False)
     assert _stats(out) == before
 
 

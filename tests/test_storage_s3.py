@@ -88,9 +88,10 @@ def local_reference(photo_folder, tmp_path_factory, workdir):
 
 def test_s3_build_is_exactly_once_under_sigkill_and_byte_identical(s3_server, photo_folder, local_reference,
                                                                    workdir, tmp_path):
-    src, photos = photo_folder
+    local_src, photos = photo_folder
     bucket = s3_server.bucket("cnc-builds")
-    killed, clean = f"{bucket}/killed", f"{bucket}/clean"
+    killed, clean, src = f"{bucket}/killed", f"{bucket}/clean", f"{bucket}/photos"
+    s3fs().put(str(local_src), src.removeprefix("s3://"), recursive=True)  # the input lives in the bucket too
     # 1. a build whose driver is SIGKILLed after its first committed shard
     env = dict(os.environ, CNC_TEST_FAULT_INJECTION=json.dumps({"batch_delay_s": 0.7}))
     env.pop("RAY_ADDRESS", None)
@@ -132,7 +133,9 @@ def test_s3_build_is_exactly_once_under_sigkill_and_byte_identical(s3_server, ph
     sha = {n: hashlib.sha256(d).hexdigest() for n, d in clean_objects.items() if n.endswith(".tar")}
     assert sha == {n: hashlib.sha256(d).hexdigest() for n, d in resumed.items() if n.endswith(".tar")}
     local = {p.name: p.read_bytes() for p in local_reference.glob("*.tar")}
-    assert samples_of(clean_objects) == samples_of(local)
+    assert samples_of(clean_objects) == samples_of(local)  # same keys and payloads; only the source differs
+    first = json.loads(next(iter(TarStream(f"{clean}/000000.tar").samples()))["json"])
+    assert first["source"].startswith(f"{src}/")
     manifest = json.loads(clean_objects["manifest.json"])
     assert [s["url"] for s in manifest["shardlist"]] == sorted(sha)
     assert not list(workdir.iterdir()), "nothing may be written into the working directory"
