@@ -74,7 +74,8 @@ class TripletBuilder:
             SegmentStage(**seg_kwargs),
             InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,
                          ip.guidance_scale, ip.strength, ip.dilation_px, ip.paste_back, base_seed=cfg.seed, **common),
-            DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, **common),
+            DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, preprocess=cfg.depth.preprocess,
+                       **common),
             EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common),
         ]
         self.models = {key: {"id": mid, "revision": _revision(resolved[key])} for key, mid in cfg.model_ids().items()}

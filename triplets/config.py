@@ -47,6 +47,10 @@ class DepthConfig(_Strict):
 
     model: str = "Intel/dpt-large"
     mask_foreground_depth: bool = Field(False, description="multiply D_f by M (reference: no)")
+    preprocess: Literal["processor", "reference"] = Field(
+        "processor", description="model input: 'processor' = the DPT image processor (resize, mean/std); "
+                                 "'reference' = the RGB image in [0, 1] at build resolution, no processor (as the "
+                                 "reference fed MiDaS; matches the released weights)")
 
 
 class EmbedConfig(_Strict):
