@@ -23,6 +23,8 @@ from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, Seg
 
 log = logging.getLogger(__name__)
 STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed")
+#: Config keys naming a single local checkpoint file (no hub ids).
+FILE_KEYS = ("segment.sam_checkpoint", "segment.u2net_checkpoint")
 
 
 def resolve_models(cfg: BuildConfig) -> dict[str, str]:
@@ -34,7 +36,7 @@ def resolve_models(cfg: BuildConfig) -> dict[str, str]:
     resolved, missing = {}, []
     for key, mid in cfg.model_ids().items():
         try:
-            resolved[key] = resolve_pretrained(mid, key, is_file=key == "segment.sam_checkpoint")
+            resolved[key] = resolve_pretrained(mid, key, is_file=key in FILE_KEYS)
         except ModelUnavailableError as exc:
             missing.append(str(exc))
     if missing:
@@ -68,6 +70,9 @@ class TripletBuilder:
             seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=seg.sam_model_type,
                               saliency_model=resolved["segment.saliency_model"], prior_quantile=seg.prior_quantile,
                               **common)
+        elif seg.backend == "u2net":
+            seg_kwargs.update(u2net_checkpoint=resolved["segment.u2net_checkpoint"],
+                              u2net_threshold=seg.u2net_threshold, **common)
         ip = cfg.inpaint
         self.stages = [
             LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels),
