@@ -94,7 +94,7 @@ class BuildConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU")
-    input_format: Literal["auto", "folder", "coco", "webdataset"] = "auto"
+    input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic"] = "auto"
     segment: SegmentConfig = SegmentConfig()
     inpaint: InpaintConfig = InpaintConfig()
     depth: DepthConfig = DepthConfig()

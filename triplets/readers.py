@@ -34,7 +34,7 @@ from triplets.sample import make_key
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-FORMATS = ("folder", "coco", "webdataset")
+FORMATS = ("folder", "coco", "webdataset", "pickapic")
 
 
 class InputError(ValueError):
@@ -45,6 +45,8 @@ def detect_format(path: str) -> str:
     """``folder`` | ``coco`` | ``webdataset`` from the shape of ``path``."""
     if "{" in path or path.endswith(".tar"):
         return "webdataset"
+    if path.endswith(".parquet"):
+        return "pickapic"  # Pick-a-Pic v1 parquet (triplets.readers_pickapic)
     p = Path(path)
     if p.is_file() and p.suffix == ".json":
         return "coco"
@@ -61,7 +63,8 @@ def read_items(path: str, input_format: str = "auto") -> list[dict]:
     fmt = detect_format(path) if input_format == "auto" else input_format
     if fmt not in FORMATS:
         raise InputError(f"unknown input format {fmt!r}; valid: {', '.join(FORMATS)}")
-    items = {"folder": _read_folder, "coco": _read_coco, "webdataset": _read_webdataset}[fmt](path)
+    items = {"folder": _read_folder, "coco": _read_coco, "webdataset": _read_webdataset,
+             "pickapic": _read_pickapic}[fmt](path)
     items.sort(key=lambda it: it["key"])
     seen: set[str] = set()
     for it in items:
@@ -70,6 +73,11 @@ def read_items(path: str, input_format: str = "auto") -> list[dict]:
         seen.add(it["key"])
     log.info("read %d items from %s (%s)", len(items), path, fmt)
     return items
+
+
+def _read_pickapic(path: str) -> list[dict]:
+    from triplets.readers_pickapic import read_pickapic  # Pick-a-Pic v1 parquet; own module
+    return read_pickapic(path)
 
 
 def _item(key: str, source: str, caption: str, mask: str | None = None, mask_kind: str | None = None) -> dict:
@@ -196,7 +204,10 @@ def _open_tar_index(tar: str) -> dict[str, tuple[int, int]]:
 
 
 def read_source_bytes(source: str) -> bytes:
-    """Bytes of a file path or of a ``TAR#MEMBER`` reference."""
+    """Bytes of a file path, a ``TAR#MEMBER`` or a ``PARQUET#COLUMN/ROW`` (Pick-a-Pic) reference."""
+    if "#" in source and source.split("#", 1)[0].endswith(".parquet"):
+        from triplets.readers_pickapic import read_parquet_cell
+        return read_parquet_cell(source)
     if "#" in source and source.split("#", 1)[0].endswith(".tar"):
         tar, member = source.split("#", 1)
         offset, size = _open_tar_index(tar)[member]
