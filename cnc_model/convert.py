@@ -410,7 +410,11 @@ def convert_reference_checkpoint(
     if base_model is not None:
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+        except (OSError, ValueError) as err:
+            raise ConversionError(f"base model '{base_model}' (--base-model) could not be loaded as a diffusers SD "
+                                  f"folder or hub id: {str(err).splitlines()[0]}") from None
         if check_base:
             check_base_weights(state, unet, str(base_model))
         if local_fuser_config is None:

@@ -162,7 +162,7 @@ def test_base_check_names_keys_and_cli_fails_in_one_line(parts, tmp_path):
     torch.save(sd, ckpt)
     cmd = [sys.executable, "-m", "cnc.cli", "convert-reference", str(ckpt), str(tmp_path / "y"), "--base-model",
            str(base)]
-    bad = subprocess.run(cmd, capture_output=True, text=True)
+    bad = subprocess.run(cmd, check=False, capture_output=True, text=True)
     assert bad.returncode == 2, bad.stderr
     assert "Traceback" not in bad.stderr and "proj_out.bias" in bad.stderr
     from typer.testing import CliRunner
@@ -172,6 +172,8 @@ def test_base_check_names_keys_and_cli_fails_in_one_line(parts, tmp_path):
     ok = CliRunner().invoke(app, cmd[3:] + ["--no-check-base"])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "y" / "model_index.json").is_file()
+    missing = CliRunner().invoke(app, [*cmd[3:5], str(tmp_path / "z"), "--base-model", str(tmp_path / "no-sd")])
+    assert missing.exit_code == 2 and "--base-model" in missing.output and "no-sd" in missing.output
 
 
 def test_lightning_metadata_needing_an_allow_list_is_named(parts, tmp_path):

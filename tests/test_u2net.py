@@ -110,6 +110,6 @@ def test_build_cli_missing_u2net_weights_fails_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cnc.cli", "build", "--config", "configs/build/tiny.yaml",
                            "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                            "--set", "segment.backend=u2net", "--set", f"segment.u2net_checkpoint={tmp_path}/no.pth"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "segment.u2net_checkpoint" in proc.stderr

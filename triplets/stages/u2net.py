@@ -36,7 +36,7 @@ U2NET_SMALL = dict(widths=(64,) * 5, mids=(16,) * 5, dec_mids=(16,) * 5)  # u2ne
 U2NET_TINY = dict(widths=(8,) * 5, mids=(4,) * 5, dec_mids=(4,) * 5)
 
 
-class REBNCONV(nn.Module):  # noqa: N801 - the released checkpoints' class and attribute names
+class REBNCONV(nn.Module):  # the released checkpoints' class and attribute names
     """3x3 conv (dilation ``d``, same padding) + BatchNorm + ReLU: ``(B, cin, H, W) -> (B, cout, H, W)``."""
 
     def __init__(self, cin: int, cout: int, dilation: int = 1):
