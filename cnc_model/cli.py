@@ -139,15 +139,16 @@ def sample(
 
 def _load_shard_sample(spec: str):
     """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (exits with one line when absent)."""
+    from cnc.base.location import resolve
     from triplets.sample import decode_sample
-    from triplets.shards import iter_raw_samples
+    from triplets.shardio import TarStream
 
     if "#" not in spec:
         _fail(f"--shard-sample takes TAR#KEY, got {spec!r}")
     tar, key = spec.rsplit("#", 1)
-    if not Path(tar).is_file():
+    if not resolve(tar).isfile():
         _fail(f"shard not found: {tar}")
-    for raw in iter_raw_samples(tar):
+    for raw in TarStream(tar).samples():
         if raw["__key__"] == key:
             return decode_sample(raw)
     _fail(f"no sample with key {key!r} in {tar}")

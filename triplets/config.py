@@ -6,11 +6,16 @@ random tiny model built in code, see :mod:`cnc.tiny`).
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cnc.config import Seed
 
 TINY = "tiny"
+#: Devices a build runs on (``auto`` = CUDA when present).
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class _Strict(BaseModel):
@@ -75,6 +80,20 @@ class RayConfig(_Strict):
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
     progress_interval_s: float = Field(5.0, gt=0)
+    worker_start_timeout_s: float = Field(
+        900.0, gt=0, description="give up when no worker has started (loaded its models) after this long")
+
+
+class StorageConfig(_Strict):
+    """Where and how outputs are written (operational: not part of the plan fingerprint)."""
+
+    scratch_dir: str | None = Field(
+        None, description="local folder where shards are staged before upload to an object store "
+                          "(default: the system temporary folder)")
+    verify: bool = Field(False, description="on resume, re-hash every committed shard against its marker "
+                                            "(default: marker + size; --verify)")
+    lease_seconds: float = Field(120.0, gt=0, description="object stores: a build lease not refreshed for this "
+                                                          "long is stale and may be taken over")
 
 
 class BuildConfig(_Strict):
@@ -90,16 +109,27 @@ class BuildConfig(_Strict):
     batch_size: int = Field(4, ge=1, description="samples per model batch")
     samples_per_shard: int = Field(1000, ge=1)
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
-    seed: int = Field(0, description="base seed; per-sample seeds derive from (seed, key)")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    seed: Seed = Field(0, description="base seed (0 .. 2**32-1); per-sample seeds derive from (seed, key)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU")
     input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic"] = "auto"
+    allow_outside_input: bool = Field(
+        False, description="follow symlinks and COCO file_names that point outside the input root (refused per "
+                           "item by default)")
     segment: SegmentConfig = SegmentConfig()
     inpaint: InpaintConfig = InpaintConfig()
     depth: DepthConfig = DepthConfig()
     embed: EmbedConfig = EmbedConfig()
     ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "BuildConfig":

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cnc.config import load_config
+from cnc.config import Seed, load_config
 
 STAGES = ("local", "global", "joint")
 TINY = "tiny"
@@ -133,7 +133,7 @@ class ValidationConfig(_Strict):
     num_samples: int = Field(4, ge=0, description="0 = no validation")
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
-    seed: int = 0
+    seed: Seed = 0
     shards: list[str] = Field(default_factory=list, description="default: data.train_shards")
 
 
@@ -142,7 +142,7 @@ class TrainConfig(_Strict):
 
     stage: Literal["local", "global", "joint"]
     output_dir: str = Field(..., description="checkpoints, logs, validation images, final fusers")
-    seed: int = 0
+    seed: Seed = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
