@@ -31,8 +31,9 @@ class SegmentConfig(_Strict):
     saliency_model: str = Field("Intel/dpt-large", description="DPT used for the saliency prior (sam backend)")
     prior_quantile: float = Field(0.85, gt=0, lt=1, description="disparity quantile defining the near region")
     u2net_checkpoint: str = Field(
-        "checkpoints/u2net.pth", description="u2net backend: local path of the released u2net.pth (or u2netp.pth; widths are read "
-                                 "from the file), or 'tiny'")
+        "checkpoints/u2net.pth",
+        description="u2net backend: local path of the released u2net.pth (or u2netp.pth; widths are read from the "
+                    "file), or 'tiny'")
     u2net_threshold: float = Field(0.5, gt=0, lt=1, description="u2net backend: threshold of the fused saliency map "
                                                                 "(reference 0.5)")
     min_area: float = Field(0.01, ge=0, le=1, description="masks covering less of the image fail ('empty mask')")

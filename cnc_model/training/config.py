@@ -47,7 +47,7 @@ class ModelConfig(_Strict):
         True, description="frozen UNet encoder + middle block under no_grad (reference); false = full graph")
 
     @model_validator(mode="after")
-    def _one_local_init(self) -> "ModelConfig":
+    def _one_local_init(self) -> ModelConfig:
         if self.local_fuser and self.local_fuser_init != "from_unet":
             raise ValueError("set model.local_fuser (a saved fuser) or model.local_fuser_init (a reference "
                              "checkpoint), not both")
