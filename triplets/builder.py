@@ -26,6 +26,8 @@ from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, Seg
 
 log = logging.getLogger(__name__)
 STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed")
+#: Config keys naming a single local checkpoint file (no hub ids).
+FILE_KEYS = ("segment.sam_checkpoint", "segment.u2net_checkpoint")
 #: Item columns handed to the stages.
 ITEM_COLUMNS = ("key", "source", "caption", "mask_path", "mask_kind")
 
@@ -39,7 +41,7 @@ def resolve_models(cfg: BuildConfig) -> dict[str, str]:
     resolved, missing = {}, []
     for key, mid in cfg.model_ids().items():
         try:
-            resolved[key] = resolve_pretrained(mid, key, is_file=key == "segment.sam_checkpoint")
+            resolved[key] = resolve_pretrained(mid, key, is_file=key in FILE_KEYS)
         except ModelUnavailableError as exc:
             missing.append(str(exc))
     if missing:
@@ -73,13 +75,17 @@ class TripletBuilder:
             seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=seg.sam_model_type,
                               saliency_model=resolved["segment.saliency_model"], prior_quantile=seg.prior_quantile,
                               **common)
+        elif seg.backend == "u2net":
+            seg_kwargs.update(u2net_checkpoint=resolved["segment.u2net_checkpoint"],
+                              u2net_threshold=seg.u2net_threshold, **common)
         ip = cfg.inpaint
         self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels)
         self.model_stages = [
             SegmentStage(**seg_kwargs),
             InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,
                          ip.guidance_scale, ip.strength, ip.dilation_px, ip.paste_back, base_seed=cfg.seed, **common),
-            DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, **common),
+            DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, preprocess=cfg.depth.preprocess,
+                       **common),
             EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common),
         ]
         self.models = {key: {"id": mid, "revision": _revision(resolved[key])} for key, mid in cfg.model_ids().items()}

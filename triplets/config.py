@@ -25,11 +25,17 @@ class _Strict(BaseModel):
 class SegmentConfig(_Strict):
     """Salient-object mask M."""
 
-    backend: str = Field("sam", description="registry name: sam | dataset")
+    backend: str = Field("sam", description="registry name: sam | dataset | u2net")
     sam_checkpoint: str = Field("tiny", description="local path of a segment-anything .pth checkpoint, or 'tiny'")
     sam_model_type: str = Field("vit_h", description="segment-anything registry name: vit_h | vit_l | vit_b")
     saliency_model: str = Field("Intel/dpt-large", description="DPT used for the saliency prior (sam backend)")
     prior_quantile: float = Field(0.85, gt=0, lt=1, description="disparity quantile defining the near region")
+    u2net_checkpoint: str = Field(
+        "checkpoints/u2net.pth",
+        description="u2net backend: local path of the released u2net.pth (or u2netp.pth; widths are read from the "
+                    "file), or 'tiny'")
+    u2net_threshold: float = Field(0.5, gt=0, lt=1, description="u2net backend: threshold of the fused saliency map "
+                                                                "(reference 0.5)")
     min_area: float = Field(0.01, ge=0, le=1, description="masks covering less of the image fail ('empty mask')")
     max_area: float = Field(0.95, ge=0, le=1, description="masks covering more of the image fail ('near-full mask')")
 
@@ -52,6 +58,10 @@ class DepthConfig(_Strict):
 
     model: str = "Intel/dpt-large"
     mask_foreground_depth: bool = Field(False, description="multiply D_f by M (reference: no)")
+    preprocess: Literal["processor", "reference"] = Field(
+        "processor", description="model input: 'processor' = the DPT image processor (resize, mean/std); "
+                                 "'reference' = the RGB image in [0, 1] at build resolution, no processor (as the "
+                                 "reference fed MiDaS; matches the released weights)")
 
 
 class EmbedConfig(_Strict):
@@ -104,7 +114,7 @@ class BuildConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU")
-    input_format: Literal["auto", "folder", "coco", "webdataset"] = "auto"
+    input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic"] = "auto"
     allow_outside_input: bool = Field(
         False, description="follow symlinks and COCO file_names that point outside the input root (refused per "
                            "item by default)")
@@ -134,4 +144,6 @@ class BuildConfig(_Strict):
         if self.segment.backend == "sam":
             ids["segment.sam_checkpoint"] = self.segment.sam_checkpoint
             ids["segment.saliency_model"] = self.segment.saliency_model
+        if self.segment.backend == "u2net":
+            ids["segment.u2net_checkpoint"] = self.segment.u2net_checkpoint
         return ids

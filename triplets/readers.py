@@ -39,7 +39,7 @@ from triplets.sample import make_key
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-FORMATS = ("folder", "coco", "webdataset")
+FORMATS = ("folder", "coco", "webdataset", "pickapic")
 
 
 class InputError(UserError, ValueError):
@@ -112,6 +112,8 @@ def detect_format(path: str) -> str:
             return "webdataset"
         return "folder"
     if p.is_file():
+        if p.suffix.lower() == ".parquet":
+            return "pickapic"  # Pick-a-Pic v1 (triplets.readers_pickapic)
         if p.suffix.lower() == ".json":
             return "coco"
         if p.suffix.lower() == ".tar":
@@ -130,6 +132,8 @@ def _detect_remote(url: str) -> str:
             return "webdataset"
         return "folder"
     if loc.isfile():
+        if loc.name.lower().endswith(".parquet"):
+            return "pickapic"
         if loc.name.lower().endswith(".json"):
             return "coco"
         if loc.name.lower().endswith(".tar"):
@@ -171,7 +175,8 @@ def read_items(path: str, input_format: str = "auto", *, allow_outside_input: bo
         raise InputError(f"unknown input format {fmt!r}; valid: {', '.join(FORMATS)}")
     check_input_shape(path, fmt)
     warn = _Warnings()
-    reader = {"folder": _read_folder, "coco": _read_coco, "webdataset": _read_webdataset}[fmt]
+    reader = {"folder": _read_folder, "coco": _read_coco, "webdataset": _read_webdataset,
+              "pickapic": _read_pickapic}[fmt]
     try:
         items = reader(path, warn, allow_outside_input)
     except OSError as exc:
@@ -204,6 +209,12 @@ class _Where:
 
     def exists(self) -> bool:
         return self.loc.exists()
+
+
+def _read_pickapic(path: str, warn: _Warnings, allow_outside_input: bool = False) -> list[dict]:
+    from triplets.readers_pickapic import read_pickapic  # Pick-a-Pic v1 parquet: its own module
+
+    return read_pickapic(path)
 
 
 def _item(key: str, source: str, caption: str, mask: str | None = None, mask_kind: str | None = None) -> dict:
@@ -581,11 +592,15 @@ def _open_tar_index(tar: str) -> dict[str, tuple[int, int]]:
 
 
 def read_source_bytes(source: str) -> bytes:
-    """Bytes of a file path or of a ``TAR#MEMBER`` reference.
+    """Bytes of a file path, a ``TAR#MEMBER`` or a ``PARQUET#COLUMN/ROW`` (Pick-a-Pic) reference.
 
     Raises:
         OSError: unreadable, or a tar member that is missing or cut short (truncated tar).
     """
+    if "#" in source and source.split("#", 1)[0].endswith(".parquet"):
+        from triplets.readers_pickapic import read_parquet_cell
+
+        return read_parquet_cell(source)
     if "#" in source and source.split("#", 1)[0].endswith(".tar"):
         tar, member = source.split("#", 1)
         entry = _open_tar_index(tar).get(member)
