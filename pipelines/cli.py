@@ -22,7 +22,7 @@ def build(
              "Ray on 127.0.0.1."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also recompute the failed samples of "
                                                                     "committed shards."),
-    input_format: str | None = typer.Option(None, "--input-format", help="auto | folder | coco | webdataset."),
+    input_format: str | None = typer.Option(None, "--input-format", help="auto | folder | coco | webdataset | pickapic."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Live progress bar "
                                                                                    "(default: on a terminal)."),
 ) -> None:

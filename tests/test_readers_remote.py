@@ -54,12 +54,12 @@ def test_coco_and_tars_on_object_storage(mem):
     fs.pipe(f"{root}/coco/train2017/000000000001.jpg", _jpeg(3))
     fs.pipe(f"{root}/coco/annotations/captions_train2017.json", json.dumps({
         "images": [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 2, "file_name": "gone.jpg"}],
-        "annotations": [{"image_id": 1, "id": 9, "caption": "late"}, {"image_id": 1, "id": 3, "caption": "first"}],
+        "annotations": [{"image_id": 1, "id": 9, "caption": "first\nin file"}, {"image_id": 1, "id": 3, "caption": "x"}],
     }).encode())
     url = f"memory://{root}/coco/annotations/captions_train2017.json"
     assert detect_format(url) == "coco"
     [item] = read_items(url)
-    assert item["key"] == "000000000001" and item["caption"] == "first"
+    assert item["key"] == "000000000001" and item["caption"] == "first in file"
     assert read_source_bytes(item["source"]) == _jpeg(3)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:

@@ -17,8 +17,8 @@ Supported inputs (detected from the path, or forced with ``input_format``):
   theirs), or a ``.txt`` file beside each image. Optional dataset masks in ``masks/`` with the
   same relative path and a ``.png`` extension.
 * ``coco`` — a COCO captions JSON (``captions_train2017.json``); images are looked up in
-  ``<root>/<split>/`` where the split is taken from the file name; the first caption (lowest
-  annotation id) is used, as the reference. COCO-Stuff ``stuffthingmaps_trainval2017/<split>/``
+  ``<root>/<split>/`` where the split is taken from the file name; each image's caption is its first
+  annotation in file order with newlines turned into spaces, as the reference. COCO-Stuff ``stuffthingmaps_trainval2017/<split>/``
   next to the images provides ``cocostuff`` dataset masks when present.
 * ``webdataset`` — a ``.tar`` file, a brace pattern (``data/{000..009}.tar``) or a folder of
   tars with ``jpg``/``png``/``webp`` + ``txt`` members (img2dataset output).
@@ -408,17 +408,7 @@ def _read_coco(path: str, warn: _Warnings, allow_outside_input: bool = False) ->
         raise InputError(f"COCO images for split {split!r} not found in any of {[str(c) for c in candidates]}")
     stuff_dir = next((c for c in (images_dir.parent / "stuffthingmaps_trainval2017" / split,
                                   ann_path.parent.parent / "stuffthingmaps_trainval2017" / split) if c.is_dir()), None)
-    first: dict[int, tuple[int, str]] = {}
-    for n, ann in enumerate(data.get("annotations", [])):
-        img_id = _coco_id(ann.get("image_id")) if isinstance(ann, dict) else None
-        ann_id = _coco_id(ann.get("id", 0)) if isinstance(ann, dict) else None
-        caption = ann.get("caption") if isinstance(ann, dict) else None
-        if img_id is None or ann_id is None or not isinstance(caption, str):
-            warn("bad COCO annotation", "%s: annotations[%d] lacks an integer image_id/id or a string caption; "
-                 "skipped", path, n)
-            continue
-        if img_id not in first or ann_id < first[img_id][0]:
-            first[img_id] = (ann_id, " ".join(caption.split()))
+    first = _coco_first_captions(data, warn, path)
     items, absent = [], 0
     for n, img in enumerate(data["images"]):
         img_id = _coco_id(img.get("id")) if isinstance(img, dict) else None
@@ -437,11 +427,27 @@ def _read_coco(path: str, warn: _Warnings, allow_outside_input: bool = False) ->
         key = f"{img_id:012d}"
         mask = stuff_dir / f"{key}.png" if stuff_dir else None
         has_mask = mask is not None and mask.is_file()
-        items.append(_item(key, str(f), first.get(img_id, (0, ""))[1], str(mask) if has_mask else None,
+        items.append(_item(key, str(f), first.get(img_id, ""), str(mask) if has_mask else None,
                            "cocostuff" if has_mask else None))
     if absent:
         log.warning("%d COCO images listed in %s are not on disk; skipped", absent, ann_path)
     return items
+
+
+def _coco_first_captions(data: dict, warn: _Warnings, where: str) -> dict[int, str]:
+    """image id → its caption, by the reference's rule (``data/parse_cocostuff.py``): the **first annotation in
+    file order** for the image, with ``\\n`` and ``\\r`` replaced by a space (nothing else changed)."""
+    first: dict[int, str] = {}
+    for n, ann in enumerate(data.get("annotations", [])):
+        img_id = _coco_id(ann.get("image_id")) if isinstance(ann, dict) else None
+        caption = ann.get("caption") if isinstance(ann, dict) else None
+        if img_id is None or not isinstance(caption, str):
+            warn("bad COCO annotation", "%s: annotations[%d] lacks an integer image_id or a string caption; "
+                 "skipped", where, n)
+            continue
+        if img_id not in first:
+            first[img_id] = caption.replace("\n", " ").replace("\r", " ")
+    return first
 
 
 def _coco_data(ann: Location) -> dict:
@@ -469,17 +475,7 @@ def _read_coco_at(ann: Location, warn: _Warnings) -> list[dict]:
     stuff_dir = next((c for c in (images_dir.parent.child("stuffthingmaps_trainval2017", split),
                                   root.child("stuffthingmaps_trainval2017", split)) if c.isdir()), None)
     stuff = set(stuff_dir.list()) if stuff_dir else set()
-    first: dict[int, tuple[int, str]] = {}
-    for n, ann_row in enumerate(data.get("annotations", [])):
-        img_id = _coco_id(ann_row.get("image_id")) if isinstance(ann_row, dict) else None
-        ann_id = _coco_id(ann_row.get("id", 0)) if isinstance(ann_row, dict) else None
-        caption = ann_row.get("caption") if isinstance(ann_row, dict) else None
-        if img_id is None or ann_id is None or not isinstance(caption, str):
-            warn("bad COCO annotation", "%s: annotations[%d] lacks an integer image_id/id or a string caption; "
-                 "skipped", ann.url, n)
-            continue
-        if img_id not in first or ann_id < first[img_id][0]:
-            first[img_id] = (ann_id, " ".join(caption.split()))
+    first = _coco_first_captions(data, warn, ann.url)
     items, absent = [], 0
     for n, img in enumerate(data["images"]):
         img_id = _coco_id(img.get("id")) if isinstance(img, dict) else None
@@ -492,7 +488,7 @@ def _read_coco_at(ann: Location, warn: _Warnings) -> list[dict]:
             continue
         key = f"{img_id:012d}"
         has_mask = f"{key}.png" in stuff
-        items.append(_item(key, images_dir.child(name).url, first.get(img_id, (0, ""))[1],
+        items.append(_item(key, images_dir.child(name).url, first.get(img_id, ""),
                            stuff_dir.child(f"{key}.png").url if has_mask else None, "cocostuff" if has_mask else None))
     if absent:
         log.warning("%d COCO images listed in %s are not in %s; skipped", absent, ann.url, images_dir.url)
