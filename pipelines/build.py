@@ -185,7 +185,8 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
         if todo:  # 4. build
             probe = out.write_probe()
             try:
-                with interrupt_on_sigterm(), ray_session(address):
+                # ours before Ray starts, and again after ray.init() installed Ray's own SIGTERM handler
+                with interrupt_on_sigterm(), ray_session(address), interrupt_on_sigterm():
                     scheduler = ShardScheduler(cfg, resolved, plan["fingerprint"], out.url, probe, fault_injection)
                     specs = {s["shard"]: s for s in plan["shards"]}
                     done = scheduler.run(specs, todo, progress)

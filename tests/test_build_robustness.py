@@ -58,9 +58,16 @@ def test_sigkill_of_the_driver_leaves_no_ray_process_behind(photo_folder, tmp_pa
         proc = subprocess.Popen(_cmd(src, out, "ray.num_workers=1"), cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     family: dict[int, psutil.Process] = {}
+
+    def cmdline(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # gone, or a zombie
+            return ""
+
     try:
         deadline = time.monotonic() + 180
-        while not any("ShardWorker" in " ".join(p.cmdline()) for p in family.values() if p.is_running()):
+        while not any("ShardWorker" in cmdline(p) for p in family.values()):
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no worker started in 180 s"
             try:
@@ -71,7 +78,7 @@ def test_sigkill_of_the_driver_leaves_no_ray_process_behind(photo_folder, tmp_pa
         family.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        ray_procs = [p for p in family.values() if p.is_running() and "reaper" not in " ".join(p.cmdline())]
+        ray_procs = [p for p in family.values() if p.is_running() and "reaper" not in cmdline(p)]
         _, alive = psutil.wait_procs(ray_procs, timeout=60)
         assert not alive, f"left running after the driver died: {[' '.join(p.cmdline())[:80] for p in alive]}"
     finally:

@@ -50,7 +50,13 @@ def listing(prefix: str) -> dict[str, bytes]:
     """Every object below ``s3://prefix`` (relative name → bytes)."""
     fs = s3fs()
     bucket_path = prefix.removeprefix("s3://")
-    return {p[len(bucket_path) + 1:]: fs.cat_file(p) for p in fs.find(bucket_path)}
+    out = {}
+    for p in fs.find(bucket_path + "/"):
+        try:
+            out[p[len(bucket_path) + 1:]] = fs.cat_file(p)
+        except FileNotFoundError:  # deleted between the listing and the read (a recovering build)
+            continue
+    return out
 
 
 def samples_of(objects: dict[str, bytes]) -> dict[str, dict]:
