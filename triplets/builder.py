@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 import cnc
-from cnc.hub import resolve_pretrained
+from cnc.hub import TINY, resolve_pretrained
+from cnc.tiny_store import TINY_SAM_TYPE
 from triplets.batch import ensure_status
 from triplets.config import BuildConfig
 from triplets.errors import ModelUnavailableError
@@ -34,7 +35,7 @@ def resolve_models(cfg: BuildConfig) -> dict[str, str]:
     resolved, missing = {}, []
     for key, mid in cfg.model_ids().items():
         try:
-            resolved[key] = resolve_pretrained(mid, key, is_file=key == "segment.sam_checkpoint")
+            resolved[key] = resolve_pretrained(mid, key, is_file=key == "segment.sam_checkpoint", seed=cfg.seed)
         except ModelUnavailableError as exc:
             missing.append(str(exc))
     if missing:
@@ -61,11 +62,12 @@ class TripletBuilder:
         self.cfg = cfg
         resolved = resolved or resolve_models(cfg)
         dev = device or cfg.device
-        common = dict(device=dev, dtype=cfg.dtype, seed=cfg.seed)
+        common = dict(device=dev, dtype=cfg.dtype)
         seg = cfg.segment
         seg_kwargs = dict(backend=seg.backend, min_area=seg.min_area, max_area=seg.max_area)
         if seg.backend == "sam":
-            seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=seg.sam_model_type,
+            sam_type = TINY_SAM_TYPE if seg.sam_checkpoint == TINY else seg.sam_model_type
+            seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=sam_type,
                               saliency_model=resolved["segment.saliency_model"], prior_quantile=seg.prior_quantile,
                               **common)
         ip = cfg.inpaint

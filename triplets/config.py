@@ -1,7 +1,7 @@
 """Typed configuration of a triplet build (``configs/build/*.yaml``).
 
 A model field takes a hub id, a local folder, or the special value ``tiny`` (a seeded
-random tiny model built in code, see :mod:`cnc.tiny`).
+random tiny model, written once as a real checkpoint by :mod:`cnc.tiny_store`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TINY = "tiny"
 
 
 class _Strict(BaseModel):

@@ -13,9 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnc.config import load_config
+from cnc.hub import TINY
 
 STAGES = ("local", "global", "joint")
-TINY = "tiny"
 
 
 class _Strict(BaseModel):

@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from cnc.config import config_dict, save_config
-from cnc.hub import resolve_pretrained
 from cnc_model.training import checkpointing as ckpt
-from cnc_model.training.components import BASE_KEY, Components, load_components
+from cnc_model.training.components import Components, load_components, resolve_base
 from cnc_model.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -74,8 +73,8 @@ class Trainer:
 
         cfg, out = self.cfg, self.cfg.output_path
         # 0. fail fast on a missing base model and on impossible settings
-        if self.components is None and not cfg.is_tiny:
-            resolve_pretrained(cfg.model.pretrained_model_name_or_path, BASE_KEY)
+        if self.components is None:
+            resolve_base(cfg)
         use_cpu = cfg.train.cpu or not torch.cuda.is_available()
         if use_cpu and cfg.train.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")

@@ -7,9 +7,10 @@ image size (bicubic) and min-max normalises **each map** to uint16 (raw range ke
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
-from cnc.hub import TINY
 from triplets.sample import quantize_depth
 from triplets.stages.base import Stage, resolve_device, resolve_dtype
 
@@ -20,18 +21,13 @@ class DPTDepth:
     Call with ``(N, H, W, 3)`` uint8 RGB → ``(N, H, W)`` float32 raw disparity (near = large).
     """
 
-    def __init__(self, model: str = "Intel/dpt-large", device: str = "auto", dtype: str = "auto", seed: int = 0):
+    def __init__(self, model: str = "Intel/dpt-large", device: str = "auto", dtype: str = "auto"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        if model == TINY:
-            from cnc.tiny import tiny_dpt
+        from transformers import DPTForDepthEstimation, DPTImageProcessor
 
-            self.model, self.processor = tiny_dpt(seed)
-        else:
-            from transformers import DPTForDepthEstimation, DPTImageProcessor
-
-            self.processor = DPTImageProcessor.from_pretrained(model)
-            self.model = DPTForDepthEstimation.from_pretrained(model)
+        self.processor = DPTImageProcessor.from_pretrained(model)
+        self.model = DPTForDepthEstimation.from_pretrained(model)
         self.model.to(self.device, self.dtype).eval()
         self.model_id = model
 
@@ -47,6 +43,23 @@ class DPTDepth:
         return pred.cpu().numpy().astype(np.float32)
 
 
+_SHARED: "weakref.WeakValueDictionary[tuple, DPTDepth]" = weakref.WeakValueDictionary()
+
+
+def shared_dpt(model: str, device: str = "auto", dtype: str = "auto") -> DPTDepth:
+    """One :class:`DPTDepth` per (model, device, dtype) in this process while any stage holds it.
+
+    The ``sam`` saliency prior and the depth stage usually name the same DPT: they share its weights instead of
+    loading them twice (DPT-Large: ~1.4 GB fp32).
+    """
+    key = (model, resolve_device(device), dtype)
+    estimator = _SHARED.get(key)
+    if estimator is None:
+        estimator = DPTDepth(model, device, dtype)
+        _SHARED[key] = estimator
+    return estimator
+
+
 class DepthStage(Stage):
     """Adds ``fg_depth``/``bg_depth`` ``(N, R, R)`` uint16 and ``fg_depth_range``/``bg_depth_range`` ``(N, 2)``.
 
@@ -57,8 +70,8 @@ class DepthStage(Stage):
     name = "depth"
 
     def __init__(self, model: str = "Intel/dpt-large", mask_foreground_depth: bool = False, device: str = "auto",
-                 dtype: str = "auto", seed: int = 0):
-        self.estimator = DPTDepth(model, device, dtype, seed)
+                 dtype: str = "auto"):
+        self.estimator = shared_dpt(model, device, dtype)
         self.mask_foreground_depth = mask_foreground_depth
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
