@@ -235,10 +235,15 @@ def write_manifest(output: Path, cfg: BuildConfig, plan: dict, markers: dict[int
     """Rewrite ``manifest.json`` (atomically) from the committed markers; also a wids shard index."""
     shards = [markers[s] for s in sorted(markers)]
     models: dict = {}
+    seen: dict[str, list] = collections.defaultdict(list)  # every distinct identity per key
     for m in shards:
         for k, v in (m.get("models") or {}).items():
-            if models.setdefault(k, v) != v:
-                log.warning("shards were built with different %s: %s vs %s", k, models[k], v)
+            models.setdefault(k, v)
+            if v not in seen[k]:
+                seen[k].append(v)
+    mixed = {k: v for k, v in seen.items() if len(v) > 1}
+    for k, v in mixed.items():
+        log.warning("shards were built with different %s: %s", k, " vs ".join(str(x.get("identity")) for x in v))
     by_stage: collections.Counter = collections.Counter()
     by_reason: collections.Counter = collections.Counter()
     for m in shards:
@@ -256,6 +261,7 @@ def write_manifest(output: Path, cfg: BuildConfig, plan: dict, markers: dict[int
         "input_format": plan["input_format"],
         "versions": package_versions(),
         "models": models,
+        "model_changes": {"shards": mixed, "resumes": plan.get("model_changes", [])},
         "totals": {
             "items": plan["num_items"], "shards_planned": len(plan["shards"]), "shards_committed": len(shards),
             "shards_uncommitted": sorted({s["shard"] for s in plan["shards"]} - set(markers)),
@@ -273,7 +279,7 @@ def write_manifest(output: Path, cfg: BuildConfig, plan: dict, markers: dict[int
 # -- entry points ------------------------------------------------------------------------------
 def run_build(cfg: BuildConfig, input: str, output: str | Path, *, address: str | None = None,
               retry_failed: bool = False, progress: bool | None = None, verify_checksums: bool = True,
-              fault_injection: dict | None = None) -> BuildResult:
+              fault_injection: dict | None = None, allow_model_change: bool = False) -> BuildResult:
     """Build (or resume) the triplet shards of ``input`` into ``output``.
 
     Args:
@@ -287,6 +293,8 @@ def run_build(cfg: BuildConfig, input: str, output: str | Path, *, address: str 
         progress: live bar (``None`` = on a terminal only).
         verify_checksums: re-hash committed tars on start (sizes are always checked).
         fault_injection: test-only worker hooks (default: ``$CNC_TEST_FAULT_INJECTION``).
+        allow_model_change: resume even though a model's identity (hub commit / weight hash) changed; the plan
+            and the manifest record both identities.
 
     Raises:
         triplets.errors.ModelUnavailableError: a model cannot be found (before any work).
@@ -294,20 +302,21 @@ def run_build(cfg: BuildConfig, input: str, output: str | Path, *, address: str 
         triplets.readers.InputError: the input cannot be read.
         pipelines.layout.OutputBusyError: another build holds the folder's lock.
     """
-    from triplets.builder import resolve_models
+    from triplets.builder import model_identities, resolve_models
     from triplets.readers import detect_format, read_items
 
     t0 = time.perf_counter()
     resolved = resolve_models(cfg)  # 1. fail fast, before reading anything or starting Ray
     src = absolute_input(input)
     fmt = detect_format(src) if cfg.input_format == "auto" else cfg.input_format
-    plan = make_plan(read_items(src, fmt), cfg, src, fmt)  # 2. plan
+    models = model_identities(cfg, resolved)  # hub commits / weight hashes (cached per file)
+    plan = make_plan(read_items(src, fmt), cfg, src, fmt, models)  # 2. plan
     out = Path(output).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     if fault_injection is None and os.environ.get(FAULT_ENV):
         fault_injection = json.loads(os.environ[FAULT_ENV])
     with OutputLock(out):
-        plan = prepare_plan(out, plan)
+        plan = prepare_plan(out, plan, allow_model_change)
         save_config(cfg, out / CONFIG_FILE)
         sizes = {s["shard"]: len(s["items"]) for s in plan["shards"]}
         committed = recover(out, plan["fingerprint"], sizes, verify_checksums)  # 3. recover
@@ -368,7 +377,7 @@ def _result(out: Path, cfg: BuildConfig, plan: dict, markers: dict[int, dict], b
 
 def build_entry(config: str | None, input: str, output: str, overrides: list[str] | None = None, *,
                 address: str | None = None, retry_failed: bool = False, input_format: str | None = None,
-                progress: bool | None = None, summary: bool = True) -> int:
+                progress: bool | None = None, summary: bool = True, allow_model_change: bool = False) -> int:
     """What ``cnc build`` runs: load the config, :func:`run_build`, print the summary; return the exit code.
 
     Exit codes: 0 ok; 1 failures above ``max_failure_fraction`` or shards left uncommitted;
@@ -386,7 +395,8 @@ def build_entry(config: str | None, input: str, output: str, overrides: list[str
         overrides.append(f"input_format={input_format}")
     try:
         cfg = load_config(BuildConfig, config, overrides)
-        result = run_build(cfg, input, output, address=address, retry_failed=retry_failed, progress=progress)
+        result = run_build(cfg, input, output, address=address, retry_failed=retry_failed, progress=progress,
+                           allow_model_change=allow_model_change)
     except (ConfigError, ModelUnavailableError, PlanMismatchError, InputError, OutputBusyError) as exc:
         for line in str(exc).splitlines():  # one log line per problem (e.g. per missing model), no traceback
             log.error("%s", line)

@@ -25,11 +25,14 @@ def build(
     input_format: str | None = typer.Option(None, "--input-format", help="auto | folder | coco | webdataset."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Live progress bar "
                                                                                    "(default: on a terminal)."),
+    allow_model_change: bool = typer.Option(
+        False, "--allow-model-change", help="Resume although a model's weights changed (other hub commit or weight "
+                                            "hash); the plan and manifest record both identities."),
 ) -> None:
     from pipelines.build import build_entry
 
     code = build_entry(config, input, output, overrides, address=address, retry_failed=retry_failed,
-                       input_format=input_format, progress=progress)
+                       input_format=input_format, progress=progress, allow_model_change=allow_model_change)
     raise typer.Exit(code)
 
 

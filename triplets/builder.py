@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
 import cnc
 from cnc.hub import TINY, resolve_pretrained
+from cnc.identity import model_identity
 from cnc.tiny_store import TINY_SAM_TYPE
 from triplets.batch import ensure_status
 from triplets.config import BuildConfig
@@ -43,10 +43,9 @@ def resolve_models(cfg: BuildConfig) -> dict[str, str]:
     return resolved
 
 
-def _revision(resolved: str) -> str | None:
-    """The commit hash when ``resolved`` is a hub cache snapshot folder."""
-    p = Path(resolved)
-    return p.name if p.parent.name == "snapshots" else None
+def model_identities(cfg: BuildConfig, resolved: dict[str, str]) -> dict[str, dict]:
+    """Config key → ``{"id", "revision", "identity"}`` (:func:`cnc.identity.model_identity`) of every model."""
+    return {key: model_identity(mid, resolved[key]) for key, mid in cfg.model_ids().items()}
 
 
 class TripletBuilder:
@@ -79,7 +78,7 @@ class TripletBuilder:
             DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, **common),
             EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common),
         ]
-        self.models = {key: {"id": mid, "revision": _revision(resolved[key])} for key, mid in cfg.model_ids().items()}
+        self.models = model_identities(cfg, resolved)
 
     def run_batch(self, items: list[dict]) -> dict:
         """Items → the final batch dict (all columns, see :mod:`triplets.batch`)."""

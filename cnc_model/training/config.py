@@ -137,6 +137,14 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    provenance: dict | None = Field(
+        None, description="written by cnc train into OUTPUT/train_config.yaml: identities of the base model and the "
+                          "initial fusers, sha256 of the shard manifests; ignored when a config is read")
+
+    @field_validator("provenance", mode="before")
+    @classmethod
+    def _written_not_read(cls, value):
+        return None
 
     @property
     def trains_local(self) -> bool:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from cnc.config import config_dict, save_config
 from cnc_model.training import checkpointing as ckpt
+from cnc_model.training import provenance as prov
 from cnc_model.training.components import Components, load_components, resolve_base
 from cnc_model.training.config import TrainConfig
 
@@ -73,8 +74,8 @@ class Trainer:
 
         cfg, out = self.cfg, self.cfg.output_path
         # 0. fail fast on a missing base model and on impossible settings
-        if self.components is None:
-            resolve_base(cfg)
+        base = resolve_base(cfg) if self.components is None else None
+        self.provenance = prov.training_provenance(cfg, base)
         use_cpu = cfg.train.cpu or not torch.cuda.is_available()
         if use_cpu and cfg.train.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
@@ -94,7 +95,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "train_config.yaml")
+            save_config(cfg.model_copy(update={"provenance": self.provenance}), out / "train_config.yaml")
 
         # 2. data: pre-flight check, fixed validation samples, loader
         self._setup_data()
@@ -452,6 +453,7 @@ class Trainer:
                 "global_step": self.global_step, "stage": cfg.stage, "num_processes": acc.num_processes,
                 "train_batch_size": cfg.train.train_batch_size,
                 "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps})
+            prov.write_checkpoint_provenance(path, self.provenance)
             logger.info("saved %s", path)
         acc.wait_for_everyone()
         return path
@@ -467,6 +469,7 @@ class Trainer:
         state = ckpt.read_json(path / ckpt.TRAINER_STATE)
         if state.get("stage") not in (None, cfg.stage):
             raise ValueError(f"checkpoint {path} is from stage {state['stage']!r}, this run is {cfg.stage!r}")
+        prov.check_resume(path, self.provenance)
         acc.load_state(str(path))
         self.global_step = int(state["global_step"])
         data_file = ckpt.data_state_path(path, acc.process_index)
