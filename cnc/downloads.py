@@ -25,7 +25,7 @@ BASE_URL_ENV = "CNC_DOWNLOAD_BASE_URL"
 #: Environment variable overriding the folder of downloaded files (default ``<cnc cache>/files``).
 FILES_ENV = "CNC_FILES_DIR"
 SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16
 
 
 class DownloadError(RuntimeError):

@@ -98,15 +98,15 @@ def check_compatible(old: dict, new: dict, output: Path, allow_model_change: boo
     if old.get("version") != new["version"]:
         raise PlanMismatchError(f"{where} plan version {old.get('version')} (this is {new['version']}); "
                                 f"use a new --output folder")
-    changes = identity_changes(old.get("models") or {}, new.get("models") or {})
-    if changes and not allow_model_change:
-        raise PlanMismatchError(f"{where} other model weights ({'; '.join(changes)}); use the same weights, a new "
-                                f"--output folder, or --allow-model-change to continue on purpose")
     if old.get("config") != new["config"]:
         changes = _diff(old.get("config", {}), new["config"]) or ["(unknown)"]
         raise PlanMismatchError(f"{where} a different config ({'; '.join(changes[:5])}"
                                 f"{'; ...' if len(changes) > 5 else ''}); use a new --output folder "
                                 f"or the original config")
+    changes = identity_changes(old.get("models") or {}, new.get("models") or {})
+    if changes and not allow_model_change:
+        raise PlanMismatchError(f"{where} other model weights ({'; '.join(changes)}); use the same weights, a new "
+                                f"--output folder, or --allow-model-change to continue on purpose")
     if old.get("input") != new["input"]:
         raise PlanMismatchError(f"{where} another input ({old.get('input')!r}, now {new['input']!r}); "
                                 f"use a new --output folder")

@@ -6,7 +6,7 @@ random tiny model, written once as a real checkpoint by :mod:`cnc.tiny_store`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -69,6 +69,8 @@ class RayConfig(_Strict):
 
 class BuildConfig(_Strict):
     """Everything that defines a shard build. Saved as ``OUTPUT/config.yaml``."""
+
+    CONFIG_KIND: ClassVar[str] = "build"  # shipped configs named without a folder are looked up in build/
 
     resolution: int = Field(512, ge=16, description="side of the square crop of every field")
     min_side: int = Field(256, ge=1, description="images whose short side is smaller fail")

@@ -8,7 +8,7 @@ trains both, initialised from the two earlier runs (``model.local_fuser`` / ``mo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -128,6 +128,8 @@ class ValidationConfig(_Strict):
 
 class TrainConfig(_Strict):
     """Everything that defines a training run. Saved as ``OUTPUT/train_config.yaml``."""
+
+    CONFIG_KIND: ClassVar[str] = "train"  # shipped configs named without a folder are looked up in train/
 
     stage: Literal["local", "global", "joint"]
     output_dir: str = Field(..., description="checkpoints, logs, validation images, final fusers")
