@@ -10,11 +10,14 @@ used. The base URL comes from ``$CNC_DOWNLOAD_BASE_URL`` or ``--base-url`` (a mi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cnc.tiny_store import cache_root
 
@@ -77,6 +80,24 @@ def url_for(spec: FileSpec, base_url: str | None = None) -> str:
     return base.rstrip("/") + "/" + spec.name
 
 
+@functools.lru_cache(maxsize=None)
+def unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why the host of ``url`` cannot be reached (DNS or TCP connect, one try), or ``None`` when it can.
+
+    Lets a download command fail in seconds, one line per model, on a machine without network instead of waiting
+    out every client's retries.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        return f"no host in {url!r}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"cannot reach {host}:{port} ({exc.strerror or type(exc).__name__})"
+
+
 def sha256_file(path: Path, start: hashlib._Hash | None = None) -> str:
     """Hex sha256 of a file (read in 1 MiB chunks)."""
     h = start or hashlib.sha256()
@@ -107,6 +128,8 @@ def download_file(spec: FileSpec, directory: Path | None = None, base_url: str |
     directory.mkdir(parents=True, exist_ok=True)
     part = directory / f"{spec.name}.part"
     url = url_for(spec, base_url)
+    if (why := unreachable(url)) is not None:
+        raise DownloadError(f"{url}: {why}")
     have = part.stat().st_size if part.is_file() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
@@ -114,7 +137,7 @@ def download_file(spec: FileSpec, directory: Path | None = None, base_url: str |
             if resp.status_code == 416 and have:  # already complete
                 pass
             elif resp.status_code not in (200, 206):
-                raise DownloadError(f"{spec.name}: {url} answered HTTP {resp.status_code}")
+                raise DownloadError(f"{url} answered HTTP {resp.status_code}")
             else:
                 if resp.status_code == 200 and have:
                     log.info("%s: the server ignored the range request; starting again", spec.name)
@@ -129,29 +152,14 @@ def download_file(spec: FileSpec, directory: Path | None = None, base_url: str |
                         f.write(chunk)
                         bar.update(len(chunk))
     except requests.RequestException as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise DownloadError(f"{spec.name}: download from {url} failed ({reason}); rerun to resume") from None
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise DownloadError(f"download from {url} failed ({type(exc).__name__}{': ' + reason if reason else ''}); "
+                            f"rerun to resume") from None
     digest = sha256_file(part)
     if digest != spec.sha256:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{spec.name}: sha256 {digest} does not match the published {spec.sha256} "
+        raise DownloadError(f"sha256 {digest} of {spec.name} does not match the published {spec.sha256} "
                             f"(from {url}); the partial file was deleted")
     os.replace(part, final)
     log.info("%s: %s (%d bytes, sha256 ok)", spec.name, final, final.stat().st_size)
     return final
-
-
-def download_hub(repo_id: str, revision: str | None = None, cache_dir: Path | None = None,
-                 allow_patterns: list[str] | None = None) -> Path:
-    """``snapshot_download`` of a hub model (resumes partial files); returns the snapshot folder.
-
-    Raises:
-        DownloadError: one line naming the repo and the reason.
-    """
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns))
-    except Exception as exc:  # noqa: BLE001 - offline, 404, gated, disk full: one line each
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise DownloadError(f"{repo_id}: hub download failed ({type(exc).__name__}: {reason})") from None

@@ -138,7 +138,7 @@ def download_ref(ref: ModelRef, cache_dir: Path | None, base_url: str | None, pr
     Raises:
         cnc.downloads.DownloadError: one line naming the model and the reason.
     """
-    from cnc.downloads import DownloadError, download_file, files_dir, known_file
+    from cnc.downloads import DownloadError, download_file, files_dir, known_file, unreachable
 
     state, path = locate(ref)
     if state in ("tiny", "local"):
@@ -153,8 +153,12 @@ def download_ref(ref: ModelRef, cache_dir: Path | None, base_url: str | None, pr
         raise DownloadError(f"local folder '{ref.model_id}' does not exist (nothing to download)")
     if state == "cached" and cache_dir is None:
         return path
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    if constants.HF_HUB_OFFLINE:
+        raise DownloadError("not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+    if (why := unreachable(constants.ENDPOINT)) is not None:
+        raise DownloadError(f"the hub {constants.ENDPOINT}: {why}")
     hub_cache = (cache_dir / "hub") if cache_dir else None
     try:
         allow, ignore = hub_patterns(ref.model_id, ref.revision, ref.variant)

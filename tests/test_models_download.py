@@ -155,3 +155,22 @@ def test_hub_models_resolve_offline_from_a_prefilled_cache(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if "org/not-cached" in ln]
     assert len(lines) == 1 and "depth.model" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_download_without_network_fails_fast_one_line_per_model(tmp_path):
+    # nothing listens on port 9 of 127.0.0.1: the hub and the file server are both unreachable
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), CNC_CACHE=str(tmp_path / "cache"),
+               HF_ENDPOINT="http://127.0.0.1:9", CNC_DOWNLOAD_BASE_URL="http://127.0.0.1:9/sam")
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-m", "cnc.cli", "models", "download", "--config", "default",
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    keys = ("inpaint.model", "depth.model", "embed.model", "segment.sam_checkpoint")
+    assert len(lines) == len(keys) and all(k in ln for k, ln in zip(keys, lines))
+    assert all("cannot reach 127.0.0.1:9" in ln for ln in lines) and "Traceback" not in proc.stderr
+    listed = subprocess.run([sys.executable, "-m", "cnc.cli", "models", "list", "--config", "default"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.count("missing") == len(keys)
+    assert "2.6 GB" in next(ln for ln in listed.stdout.splitlines() if ln.startswith("segment.sam_checkpoint"))
