@@ -91,7 +91,8 @@ def build_local_fuser(cfg: TrainConfig, unet):
         logger.info("local fuser initialised from %s", folder)
         return LocalFuser.from_pretrained(folder, dtype=torch.float32)
     torch.manual_seed(cfg.seed)
-    return LocalFuser.from_unet(unet, conditioning_channels=cfg.data.depth_channels).to(torch.float32)
+    fuser = LocalFuser.from_unet(unet, conditioning_channels=cfg.data.depth_channels)
+    return fuser if fuser.dtype == torch.float32 else fuser.to(torch.float32)
 
 
 def build_global_fuser(cfg: TrainConfig, image_embed_dim: int, cross_attention_dim: int):

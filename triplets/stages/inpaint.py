@@ -49,7 +49,7 @@ class InpaintStage(Stage):
 
         self.pipe = StableDiffusionInpaintPipeline.from_pretrained(
             model, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
-        self.pipe.to(self.device, self.dtype)
+        self.pipe.to(self.device)  # already in self.dtype (a dtype cast here makes diffusers warn)
         self.pipe.set_progress_bar_config(disable=True)
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.guidance, self.strength = num_inference_steps, guidance_scale, strength
