@@ -129,33 +129,29 @@ def test_hub_models_resolve_offline_from_a_prefilled_cache(tmp_path):
         "  model: tiny\n  mask_foreground_depth", "  model: org/tiny-dpt\n  mask_foreground_depth"))
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
-    listed = subprocess.run([sys.executable, "-m", "cnc.cli", "models", "list", "--config", str(cfg)], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert listed.returncode == 0, listed.stderr
-    row = next(ln for ln in listed.stdout.splitlines() if ln.startswith("depth.model"))
-    assert "org/tiny-dpt" in row and "cached" in row and str(snap) in row
-    got = subprocess.run([sys.executable, "-m", "cnc.cli", "models", "download", "--config", str(cfg),
-                          "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
-    assert got.returncode == 0, got.stderr
-    code = ("import json; from cnc.config import load_config; from triplets.config import BuildConfig\n"
+    # one fresh process (huggingface_hub reads HF_HOME / HF_HUB_OFFLINE at import): list, download, resolve
+    code = ("import json, sys; from typer.testing import CliRunner; from cnc.cli import app\n"
+            "from cnc.config import load_config; from triplets.config import BuildConfig\n"
             "from triplets.builder import resolve_models, model_identities\n"
-            f"cfg = load_config(BuildConfig, {str(cfg)!r}); r = resolve_models(cfg)\n"
-            "print(json.dumps([r['depth.model'], model_identities(cfg, r)['depth.model']]))")
+            f"cfg_path = {str(cfg)!r}\n"
+            "ls = CliRunner().invoke(app, ['models', 'list', '--config', cfg_path])\n"
+            "dl = CliRunner().invoke(app, ['models', 'download', '--config', cfg_path, '--no-progress'])\n"
+            "cfg = load_config(BuildConfig, cfg_path); r = resolve_models(cfg)\n"
+            f"missing = CliRunner().invoke(app, ['models', 'download', '--config', {str(tmp_path / 'missing.yaml')!r},"
+            " '--no-progress'])\n"
+            "print(json.dumps([ls.exit_code, ls.output, dl.exit_code, r['depth.model'],"
+            " model_identities(cfg, r)['depth.model'], missing.exit_code, missing.output]))")
+    (tmp_path / "missing.yaml").write_text(cfg.read_text().replace("model: org/tiny-dpt", "model: org/not-cached"))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    path, ident = json.loads(proc.stdout.strip().splitlines()[-1])
+    ls_code, ls_out, dl_code, path, ident, miss_code, miss_out = json.loads(proc.stdout.strip().splitlines()[-1])
+    row = next(ln for ln in ls_out.splitlines() if ln.startswith("depth.model"))
+    assert ls_code == 0 and "org/tiny-dpt" in row and "cached" in row and str(snap) in row
+    assert dl_code == 0  # cached: nothing to fetch, no network needed
     assert path == str(snap) and ident == {"id": "org/tiny-dpt", "revision": commit, "identity": f"hub:{commit}"}
-
-    # a hub model that is not cached still fails fast offline: one line naming the model and its key
-    missing = cfg.read_text().replace("model: org/tiny-dpt", "model: org/not-cached")
-    cfg.write_text(missing)
-    proc = subprocess.run([sys.executable, "-m", "cnc.cli", "build", "--config", str(cfg), "--input",
-                           str(tmp_path), "--output", str(tmp_path / "out")], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if "org/not-cached" in ln]
-    assert len(lines) == 1 and "depth.model" in lines[0] and "Traceback" not in proc.stderr
-
+    # a hub model that is not cached fails offline with one line naming the model and its key
+    lines = [ln for ln in miss_out.splitlines() if "org/not-cached" in ln]
+    assert miss_code == 1 and len(lines) == 1 and "depth.model" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
 
 def test_download_without_network_fails_fast_one_line_per_model(tmp_path):
     # nothing listens on port 9 of 127.0.0.1: the hub and the file server are both unreachable

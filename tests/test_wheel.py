@@ -54,6 +54,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     return target, env
 
 
+@pytest.mark.slow
 def test_the_installed_wheel_builds_and_trains_outside_the_checkout(installed, tmp_path):
     target, env = installed
     work = tmp_path / "elsewhere"
