@@ -98,9 +98,9 @@ def unreachable(url: str, timeout: float = 5.0) -> str | None:
         return f"cannot reach {host}:{port} ({exc.strerror or type(exc).__name__})"
 
 
-def sha256_file(path: Path, start: hashlib._Hash | None = None) -> str:
-    """Hex sha256 of a file (read in 1 MiB chunks)."""
-    h = start or hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
