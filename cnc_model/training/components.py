@@ -72,7 +72,7 @@ def _load_base(cfg: TrainConfig) -> dict:
                                     f"loaded as a diffusers Stable Diffusion folder: {exc}".splitlines()[0]) from None
 
 
-def _fuser_folder(path: str, name: str, key: str) -> Path:
+def fuser_folder(path: str, name: str, key: str) -> Path:
     """A saved fuser folder, or a run's output folder holding ``name/``; clear error otherwise."""
     p = Path(path).expanduser()
     for candidate in (p, p / name):
@@ -87,7 +87,7 @@ def build_local_fuser(cfg: TrainConfig, unet):
     from cnc_model.models.local_fuser import LocalFuser
 
     if cfg.model.local_fuser:
-        folder = _fuser_folder(cfg.model.local_fuser, "local_fuser", "model.local_fuser")
+        folder = fuser_folder(cfg.model.local_fuser, "local_fuser", "model.local_fuser")
         logger.info("local fuser initialised from %s", folder)
         return LocalFuser.from_pretrained(folder, dtype=torch.float32)
     torch.manual_seed(cfg.seed)
@@ -100,7 +100,7 @@ def build_global_fuser(cfg: TrainConfig, image_embed_dim: int, cross_attention_d
     from cnc_model.models.global_fuser import GlobalFuser
 
     if cfg.model.global_fuser:
-        folder = _fuser_folder(cfg.model.global_fuser, "global_fuser", "model.global_fuser")
+        folder = fuser_folder(cfg.model.global_fuser, "global_fuser", "model.global_fuser")
         logger.info("global fuser initialised from %s", folder)
         fuser = GlobalFuser.from_pretrained(folder, dtype=torch.float32)
     else:

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from cnc.identity import local_identity, model_identity
+from cnc_model.training.components import fuser_folder
 from cnc_model.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,10 @@ def training_provenance(cfg: TrainConfig, base_resolved: str | None) -> dict:
     m = cfg.model
     models: dict[str, dict | None] = {
         BASE_KEY: model_identity(m.pretrained_model_name_or_path, base_resolved) if base_resolved else None}
-    for key, value in (("model.local_fuser", m.local_fuser), ("model.global_fuser", m.global_fuser)):
-        if value and Path(value).expanduser().exists():
-            models[key] = {"id": value, "revision": None, "identity": local_identity(Path(value).expanduser())}
+    for name, value in (("local_fuser", m.local_fuser), ("global_fuser", m.global_fuser)):
+        if value:  # the fuser folder itself, also when the config names a run's output folder holding it
+            folder = fuser_folder(value, name, f"model.{name}")
+            models[f"model.{name}"] = {"id": value, "revision": None, "identity": local_identity(folder)}
     return {"models": models, "shard_manifests": _manifest_hashes(cfg.data.train_shards)}
 
 
