@@ -49,6 +49,8 @@ from typing import Mapping
 
 import torch
 
+from cnc.base.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 LOCAL_PREFIX = "local_adapter."
@@ -74,7 +76,7 @@ UNI_PRE_EXTRACTOR = "feature_extractor.pre_extractor."
 LAYOUTS = ("cnc", "local", "global", "uni")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The checkpoint does not match the target modules; the message names the offending keys."""
 
 

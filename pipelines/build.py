@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -203,6 +204,10 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
                 built, interrupted = done.markers, done.interrupted
             except Interrupted as exc:  # arrived while Ray was starting or stopping
                 interrupted = exc
+            except SystemExit as exc:  # Ray's own SIGTERM handler (active inside ray.init) exits with the signal
+                if exc.code != signal.SIGTERM:
+                    raise
+                interrupted = Interrupted(signal.SIGTERM)
             finally:
                 out.remove_probes()
             out.remove_temp_files()  # leftovers of attempts whose worker died (all workers are gone now)

@@ -212,3 +212,27 @@ def test_worker_that_cannot_see_a_local_output_stops_the_build(photo_folder, tmp
     assert "must be shared storage every node mounts, or an object-store URL" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_train_on_s3_writes_checkpoints_there_and_resumes_from_the_store(s3_server, tiny_shards, workdir, tmp_path):
+    bucket = s3_server.bucket("cnc-train")
+    fs = s3fs()
+    for p in sorted(tiny_shards.glob("0*")):  # the marked shards of a finished build
+        fs.put_file(str(p), f"cnc-train/shards/{p.name}")
+    run = f"{bucket}/run"
+    common = ["train", "--config", "train/tiny", "--set", f"data.train_shards=[{bucket}/shards]", "--set",
+              f"output_dir={run}", "--set", "train.checkpointing_steps=1", "--set", "train.checkpoints_total_limit=1",
+              "--set", "validation.num_samples=1", "--set", "train.report_to=none"]
+    first = cnc(common + ["--set", "train.max_train_steps=2", "--set", f"train.scratch_dir={tmp_path / 'a'}"],
+                workdir, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    objects = listing(run)
+    assert "train_config.yaml" in objects and "checkpoint-2/trainer_state.json" in objects
+    assert not any(n.startswith("checkpoint-1/") for n in objects), "rotation applies on the store"
+    assert any(n.startswith("local_fuser/") for n in objects) and any(n.startswith("validation/") for n in objects)
+    # a fresh machine (another scratch folder): resumes from the store's newest complete checkpoint
+    second = cnc(common + ["--set", "train.max_train_steps=3", "--set", f"train.scratch_dir={tmp_path / 'b'}",
+                           "--resume", "latest"], workdir, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "at step 2" in second.stderr and "checkpoint-3/trainer_state.json" in listing(run)
+    assert not list(workdir.iterdir())

@@ -119,6 +119,8 @@ class TrainLoopConfig(_Strict):
     progress_bar: bool = True
     record_keys: bool = Field(False, description="write every consumed sample key to OUTPUT/keys/rank-R.txt")
     cpu: bool = Field(False, description="force CPU even when a GPU is present")
+    scratch_dir: str | None = Field(
+        None, description="local folder mirroring an object-store output_dir (default: the system temp folder)")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -173,7 +175,14 @@ class TrainConfig(_Strict):
 
     @property
     def output_path(self) -> Path:
-        return Path(self.output_dir)
+        """The local folder the run writes: ``output_dir`` itself, or its local mirror for an object-store URL
+        (published by :class:`~cnc_model.training.run_storage.RunStorage`)."""
+        return self.run_storage().local
+
+    def run_storage(self):
+        from cnc_model.training.run_storage import RunStorage
+
+        return RunStorage(self.output_dir, self.train.scratch_dir)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -21,7 +21,7 @@ PROVENANCE_FILE = "provenance.json"
 BASE_KEY = "model.pretrained_model_name_or_path"
 
 
-class ModelChangedError(ValueError):
+class ModelChangedError(UserError, ValueError):
     """A resume would continue on a base model other than the one the checkpoint was trained on."""
 
 

@@ -97,14 +97,18 @@ class RunStorage:
             self.loc.child(ckpt.name, path.relative_to(ckpt).as_posix()).upload(path)
         logger.info("uploaded %s to %s", ckpt.name, self.url)
 
-    def prune_checkpoints(self, keep: list[str]) -> None:
-        """Delete remote ``checkpoint-N`` folders not in ``keep`` (incomplete ones included)."""
+    def prune_checkpoints(self, total_limit: int | None) -> None:
+        """After a checkpoint is complete on the store: delete incomplete remote checkpoints and, with a
+        ``total_limit``, all but the newest ``total_limit`` complete ones (the local rotation rule, on the store)."""
         if not self.remote:
             return
-        for name, entry in self.loc.list().items():
-            if name.startswith("checkpoint-") and entry.get("type") == "directory" and name not in keep:
-                self.loc.fs.rm(self.loc.child(name).path, recursive=True)
-                logger.info("removed remote checkpoint %s", name)
+        complete = self.remote_checkpoints()
+        doomed = complete[:-total_limit] if total_limit else []
+        doomed += [n for n, e in self.loc.list().items()
+                   if n.startswith("checkpoint-") and e.get("type") == "directory" and n not in complete]
+        for name in doomed:
+            self.loc.fs.rm(self.loc.child(name).path, recursive=True)
+            logger.info("removed remote checkpoint %s", name)
 
     # -- everything else --------------------------------------------------------------------------------------
     def sync(self, skip_checkpoints: bool = True) -> None:

@@ -74,7 +74,8 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        cfg, out = self.cfg, self.cfg.output_path
+        cfg, out = self.cfg, self.cfg.output_path  # the local folder written (a mirror of an object-store output)
+        self.storage = cfg.run_storage()
         # 0. fail fast on a missing base model and on impossible settings
         base = resolve_base(cfg) if self.components is None else None
         self.provenance = prov.training_provenance(cfg, base)
@@ -98,6 +99,8 @@ class Trainer:
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg.model_copy(update={"provenance": self.provenance}), out / "train_config.yaml")
+            self.storage.sync()
+        self._check_shared_output()
 
         # 2. data: pre-flight check, fixed validation samples, loader
         self._setup_data()
@@ -369,6 +372,8 @@ class Trainer:
         if cfg.validation.num_samples and (not cfg.validation.steps or self.global_step % cfg.validation.steps):
             self._maybe_validate(result)
         acc.end_training()
+        if acc.is_main_process:
+            self.storage.sync()  # final fusers, validation images, logs
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _log(self, window: dict, per_step: int) -> None:
@@ -459,12 +464,37 @@ class Trainer:
             prov.write_checkpoint_provenance(path, self.provenance)
             logger.info("saved %s", path)
             ckpt.rotate_checkpoints(cfg.output_path, cfg.train.checkpoints_total_limit)  # only once it is complete
+            self.storage.push_checkpoint(path)  # trainer_state.json last: complete on the store too
+            self.storage.prune_checkpoints(cfg.train.checkpoints_total_limit)
+            self.storage.sync()
         acc.wait_for_everyone()
         return path
+
+    def _check_shared_output(self) -> None:
+        """Multi-process runs on a local output: every process must see the folder the main process writes."""
+        acc = self.accelerator
+        if acc.num_processes < 2 or self.storage.remote:
+            return
+        probe = self.cfg.output_path / ".probe-train"
+        if acc.is_main_process:
+            probe.write_text("probe")
+        acc.wait_for_everyone()
+        seen = probe.is_file()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            probe.unlink(missing_ok=True)
+        if not seen:
+            raise UserError(f"output_dir {self.cfg.output_dir} is not visible from process {acc.process_index}: on "
+                            f"several nodes it must be shared storage every node mounts, or an object-store URL")
 
     def resume(self) -> int:
         """Load ``train.resume_from_checkpoint`` (``latest`` or a path); returns the step to continue from."""
         acc, cfg = self.accelerator, self.cfg
+        spec = cfg.train.resume_from_checkpoint
+        if spec and self.storage.remote:  # bring the checkpoint from the object store into the local mirror
+            if acc.is_local_main_process:
+                self.storage.pull_checkpoint(None if spec == "latest" else Path(spec).name)
+            acc.wait_for_everyone()
         path = None
         for candidate in ckpt.resume_candidates(cfg.output_path, cfg.train.resume_from_checkpoint, acc.num_processes):
             state = ckpt.read_json(candidate / ckpt.TRAINER_STATE)
