@@ -191,7 +191,7 @@ def _read_failures(tar: Path, marker: dict | None, report: Callable[..., None]) 
     """Failure counts by ``"stage: reason"`` from ``errors/NNNNNN.jsonl``, else from the marker."""
     path, counts = errors_path(tar), Counter()
     if path.is_file():
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
