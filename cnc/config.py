@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -110,17 +112,18 @@ def save_config(cfg: BaseModel, path: str | Path) -> Path:
     return atomic_write_bytes(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())
 
 
-def check_output_writable(path: str | Path) -> Path:
+def check_output_writable(path: str | Path) -> Path | str:
     """Refuse an output that cannot hold a build/run folder, before any work starts.
 
-    Returns the absolute path (not created here).
+    Returns the absolute path (not created here). A URI (``s3://...``) is returned unchanged: remote storage is
+    checked by the storage layer when it is opened.
 
     Raises:
         ConfigError: ``path`` (or a parent) is an existing file, or the folder (or the nearest existing parent)
             is not writable (read-only filesystem, permissions).
     """
-    import os
-
+    if "://" in str(path):
+        return path
     p = Path(path).expanduser().absolute()
     probe = p
     while not probe.exists():
@@ -132,8 +135,6 @@ def check_output_writable(path: str | Path) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"output {p}: {probe} is not writable")
     try:  # os.access ignores read-only mounts for root; try for real
-        import tempfile
-
         with tempfile.NamedTemporaryFile(dir=probe, prefix=".cnc-write-test-"):
             pass
     except OSError as exc:

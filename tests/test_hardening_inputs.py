@@ -250,3 +250,7 @@ def test_output_that_is_a_file_or_read_only_is_refused(tmp_path):
     assert check_output_writable(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     with pytest.raises(ConfigError, match="writ"):
         check_output_writable("/proc/1/new-output")
+
+
+def test_output_uri_is_left_to_the_storage_layer():
+    assert check_output_writable("s3://bucket/out") == "s3://bucket/out"
