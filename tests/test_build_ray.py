@@ -157,6 +157,7 @@ def test_rerun_with_other_config_or_input_is_refused(reference, tmp_path, caplog
     before = _stats(out)
     code = build_entry(str(TINY_CONFIG), str(src), str(out), LENIENT + ["seed=1"], summary=False)
     assert code == 2 and "seed: 0 -> 1" in caplog.text
+    write_jpeg(tmp_path / "other.jpg", synthetic_photo(3))  # another, non-empty input (an empty one is refused)
     with pytest.raises(PlanMismatchError, match="another input"):
         run_build(_cfg(), str(tmp_path), out, progress=False)
     assert _stats(out) == before
