@@ -463,7 +463,7 @@ class Trainer:
         """Load ``train.resume_from_checkpoint`` (``latest`` or a path); returns the step to continue from."""
         acc, cfg = self.accelerator, self.cfg
         path = None
-        for candidate in ckpt.resume_candidates(cfg.output_path, cfg.train.resume_from_checkpoint, acc.num_processes):
+        for candidate in ckpt.resume_candidates(cfg.output_path, cfg.train.resume_from_checkpoint):
             state = ckpt.read_json(candidate / ckpt.TRAINER_STATE)
             if state.get("stage") not in (None, cfg.stage):
                 raise ValueError(f"checkpoint {candidate} is from stage {state['stage']!r}, this run is {cfg.stage!r}")
