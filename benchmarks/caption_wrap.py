@@ -81,9 +81,8 @@ def main() -> None:
     if args.compare:
         old = subprocess.run(["git", "show", f"{args.compare}:triplets/inspect/render.py"], check=True,
                              capture_output=True, text=True).stdout
-        f = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
-        f.write(old)
-        f.close()
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(old)
         versions[args.compare] = f.name
     print("| caption | " + " | ".join(versions) + " |")
     print("|---|" + "---|" * len(versions))

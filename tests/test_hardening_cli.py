@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import FAST_BUILD, TINY_CONFIG, make_photo_folder
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TINY = REPO / "configs" / "train" / "tiny.yaml"

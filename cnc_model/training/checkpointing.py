@@ -18,8 +18,8 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from triplets.shards import atomic_write_bytes
 

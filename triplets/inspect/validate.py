@@ -32,7 +32,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from triplets.inspect.reader import (
-    MAX_MEMBER_BYTES, ShardReadError, TarStream, errors_path, read_json, resolve_shards, split_member,
+    MAX_MEMBER_BYTES,
+    ShardReadError,
+    TarStream,
+    errors_path,
+    read_json,
+    resolve_shards,
+    split_member,
     stats_marker_path,
 )
 from triplets.inspect.summary import Summary, failure_reason, marker_count
