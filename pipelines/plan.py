@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 #: Top-level config keys that do not change shard contents (left out of the fingerprint).
-#: ``batch_size`` stays in: batched convolutions round differently, so it changes tar bytes.
-OPERATIONAL_KEYS: tuple[str, ...] = ("ray", "device", "max_failure_fraction", "input_format", "storage")
+#: ``batch_size`` stays in: batched convolutions round differently, so it changes tar bytes. ``allow_outside_input``
+#: only changes which items are read, which the plan's ``items_sha256`` already compares.
+OPERATIONAL_KEYS: tuple[str, ...] = ("ray", "device", "max_failure_fraction", "input_format", "storage",
+                                     "allow_outside_input")
 
 
 class PlanMismatchError(UserError, ValueError):

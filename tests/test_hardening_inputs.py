@@ -133,8 +133,8 @@ def test_brace_pattern_with_missing_files_is_refused(tmp_path):
 def test_tar_truncated_mid_member_gives_a_per_item_reason(tmp_path, caplog):
     data = _tar_bytes([("a.jpg", _jpeg(0)), ("a.txt", b"one"), ("b.jpg", _jpeg(1)), ("b.txt", b"two"),
                        ("c.jpg", _jpeg(2))])
-    full = tarfile.open(fileobj=io.BytesIO(data))
-    b = full.getmember("b.jpg")
+    with tarfile.open(fileobj=io.BytesIO(data)) as full:
+        b = full.getmember("b.jpg")
     tar = tmp_path / "x.tar"
     tar.write_bytes(data[: b.offset_data + b.size // 2])  # cut inside b.jpg's data
     with caplog.at_level(logging.WARNING):

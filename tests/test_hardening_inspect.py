@@ -130,3 +130,11 @@ def test_trainer_preflight_reports_instead_of_crashing(tmp_path):
     _tar(tmp_path / "000000.tar", _members("a", json=b"[1]") + [("\xe9.jpg", b"x")])
     with pytest.raises(ValueError, match="not a JSON object"):
         preflight_check([str(tmp_path / "000000.tar")])
+
+
+def test_non_utf8_error_log_is_a_finding_not_a_crash(tmp_path):
+    _tar(tmp_path / "000000.tar", _members("a"))
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "000000.jsonl").write_bytes(b'{"stage": "decode", "reason": "x"}\n\xff\xfe\n[1]\n')
+    result = validate(tmp_path)
+    assert "line 2 is not a JSON object" in _messages(result) and "line 3" in _messages(result)

@@ -51,7 +51,7 @@ def _png_header_only(w: int, h: int) -> bytes:
 
 
 def test_mask_over_max_pixels_is_refused_from_its_header(tmp_path, monkeypatch):
-    import triplets.stages.load as load
+    from triplets.stages import load
 
     img = _jpeg(tmp_path / "a.jpg")
     (tmp_path / "huge.png").write_bytes(_png_header_only(30000, 30000))

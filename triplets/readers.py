@@ -163,7 +163,7 @@ def read_items(path: str, input_format: str = "auto", *, allow_outside_input: bo
     Items that cannot be used (non-UTF-8 names, links outside the input...) are skipped with a warning each.
 
     Args:
-        allow_outside_input: follow symlinks / COCO ``file_name``\ s that point outside the input root
+        allow_outside_input: follow symlinks and COCO ``file_name`` values that point outside the input root
             (refused per item by default).
 
     Raises:

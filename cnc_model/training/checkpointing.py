@@ -18,8 +18,8 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cnc.base.location import resolve
 
@@ -122,7 +122,7 @@ def _check_torch_zip(path: Path) -> None:
         raise ValueError(f"member {bad} fails its CRC")
 
 
-def checkpoint_problems(ckpt: Path, num_processes: int = 1) -> list[str]:
+def checkpoint_problems(ckpt: Path) -> list[str]:
     """Why a complete-looking checkpoint cannot be loaded (empty list: it can): truncated or unreadable
     safetensors, ``optimizer.bin``/``scheduler.bin``/``scaler.pt``, ``trainer_state.json`` or ``data_state``
     files. Cheap: headers, zip directories and JSON only (never the unsafe pickle path)."""
@@ -157,7 +157,7 @@ def rng_state_problem(ckpt: Path, process_index: int) -> str | None:
     return f"{path.name} lacks {missing}" if missing else None
 
 
-def resume_candidates(output_dir: str | Path, spec: str | None, num_processes: int = 1) -> Iterator[Path]:
+def resume_candidates(output_dir: str | Path, spec: str | None) -> Iterator[Path]:
     """Checkpoints to try for ``spec``, best first, skipping damaged ones with a warning.
 
     ``"latest"``: the complete checkpoints, newest first (a truncated newest one falls back to the previous);
@@ -170,7 +170,7 @@ def resume_candidates(output_dir: str | Path, spec: str | None, num_processes: i
         return
     paths = list(reversed(list_checkpoints(output_dir))) if spec == "latest" else [resolve_resume(output_dir, spec)]
     for path in paths:
-        problems = checkpoint_problems(path, num_processes)
+        problems = checkpoint_problems(path)
         if not problems:
             yield path
             continue

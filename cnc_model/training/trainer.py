@@ -496,7 +496,7 @@ class Trainer:
                 self.storage.pull_checkpoint(None if spec == "latest" else Path(spec).name)
             acc.wait_for_everyone()
         path = None
-        for candidate in ckpt.resume_candidates(cfg.output_path, cfg.train.resume_from_checkpoint, acc.num_processes):
+        for candidate in ckpt.resume_candidates(cfg.output_path, cfg.train.resume_from_checkpoint):
             state = ckpt.read_json(candidate / ckpt.TRAINER_STATE)
             if state.get("stage") not in (None, cfg.stage):
                 raise UserError(f"checkpoint {candidate} is from stage {state['stage']!r}, this run is {cfg.stage!r}")

@@ -1,0 +1,174 @@
+"""Issue 11: ``cnc build``, ``cnc inspect`` and ``cnc train`` on a hostile set, in fresh subprocesses.
+
+Whole-input faults exit 2 with a one-line reason, bad items are quarantined (exit 0/1), and no output ever holds a
+Python traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FAST_BUILD, TINY_CONFIG, make_photo_folder
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_TINY = REPO / "configs" / "train" / "tiny.yaml"
+
+
+def cnc(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "cnc.cli", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, errors="replace", timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out
+    assert proc.returncode in (0, 1, 2), out
+    return proc
+
+
+def _tar(path: Path, members) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _encoded_sample(key: str, r: int = 16) -> dict:
+    from triplets.sample import TripletSample, encode_sample
+
+    rng = np.random.default_rng(0)
+    meta = {"key": key, "source": "/x.jpg", "original_size": [r, r], "crop_box": [0, 0, r, r, 1.0], "resolution": r,
+            "seed": 0, "models": {}, "mask_area": 0.5, "fg_depth_range": [0.0, 1.0], "bg_depth_range": [0.0, 1.0],
+            "timings": {}, "version": "test"}
+    return encode_sample(TripletSample(
+        key=key, image=rng.integers(0, 255, (r, r, 3), dtype=np.uint8), mask=np.eye(r, dtype=np.uint8),
+        background=rng.integers(0, 255, (r, r, 3), dtype=np.uint8), fg_depth=np.zeros((r, r), np.uint16),
+        bg_depth=np.zeros((r, r), np.uint16), fg_emb=np.ones(8, np.float32), bg_emb=np.ones(8, np.float32),
+        caption="c", meta=meta))
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hostile")
+    paths: dict[str, Path] = {}
+    (root / "empty").mkdir()
+    (root / "photos.tar").mkdir()
+    (root / "a{1..2}").mkdir()
+    jpg = (make_photo_folder(root / "one", 1, bad=()) and (root / "one" / "img_000.jpg").read_bytes())
+    paths["gzip_tar"] = root / "gz.tar"
+    paths["gzip_tar"].write_bytes(gzip.compress(_tar(root / "plain.tar", [("a.jpg", jpg), ("a.txt", b"x")])))
+    paths["brace_missing"] = root / "shards" / "{000..002}.tar"
+    _tar(root / "shards" / "000.tar", [("a.jpg", jpg)])
+    (root / "annotations").mkdir()
+    paths["coco_list"] = root / "annotations" / "captions_train2017.json"
+    paths["coco_list"].write_text("[1, 2]")
+    (root / "train2017").mkdir()
+    paths["bad_yaml"] = root / "bad.yaml"
+    paths["bad_yaml"].write_text("resolution: [64\nseed: 1\n")
+    paths["out_file"] = root / "out_is_a_file"
+    paths["out_file"].write_text("x")
+    # a folder with good images and bad items: bad caption lines, non-UTF-8 name, symlink out, 16-bit mask
+    folder = root / "mixed"
+    make_photo_folder(folder, 2, bad=("truncated",))
+    with open(folder / "captions.jsonl", "ab") as f:
+        f.write(b'[1,2]\nnull\n"x"\n{"key": "img_000", "caption": null}\n\xff\xfe\n')
+    with open(os.path.join(os.fsencode(folder), b"bad\xffname.jpg"), "wb") as f:
+        f.write(jpg)
+    (root / "outside.jpg").write_bytes(jpg)
+    (folder / "link.jpg").symlink_to(root / "outside.jpg")
+    (folder / "masks").mkdir()
+    h, w = np.asarray(Image.open(folder / "img_001.jpg")).shape[:2]
+    mask16 = np.zeros((h, w), np.uint16)
+    mask16[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 33024  # foreground only when thresholded at 16 bits
+    Image.fromarray(mask16).save(folder / "masks" / "img_001.png")
+    paths["mixed"] = folder
+    # shards with odd members for inspect / train
+    shards = root / "bad_shards"
+    raw = _encoded_sample("k")
+    raw["json"] = b"[1, 2]"
+    _tar(shards / "000000.tar", [(f"k.{k}", v) for k, v in raw.items() if k != "__key__"] + [("\xe9.jpg", b"x")])
+    os.mkfifo(shards / "000001.tar")
+    paths["bad_shards"] = shards
+    return {**paths, "empty": root / "empty", "dir_tar": root / "photos.tar", "dir_brace": root / "a{1..2}",
+            "root": root}
+
+
+# One case per kind; the readers' and config's unit tests (test_hardening_inputs.py) cover the variants in-process.
+@pytest.mark.parametrize("case,extra,match", [
+    ("empty", [], "no usable images"),
+    ("gzip_tar", [], "gzip-compressed"),
+    ("coco_list", [], "not a COCO captions file"),
+    ("mixed", ["--input-format", "coco"], "input_format=coco needs"),
+    ("mixed", ["--set", "device=banana"], "unknown device"),
+    ("mixed", ["--config", "BAD_YAML"], "not valid YAML"),
+    ("mixed", ["--output", "OUT_FILE"], "existing file"),
+])
+def test_build_refuses_whole_input_faults_with_exit_2_and_one_line(hostile, tmp_path, case, extra, match):
+    extra = [hostile["bad_yaml"] if e == "BAD_YAML" else hostile["out_file"] if e == "OUT_FILE" else e for e in extra]
+    args = ["build", "--input", hostile[case]]
+    if "--config" not in extra:
+        args += ["--config", TINY_CONFIG]
+    if "--output" not in extra:
+        args += ["--output", tmp_path / "out"]
+    proc = cnc(*args, *extra)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line or "error" in line]
+    assert len(errors) == 1 and match in errors[0], proc.stderr
+
+
+def test_build_quarantines_bad_items_and_goes_on(hostile, tmp_path, ray_local):
+    """The build joins the session's local Ray (127.0.0.1): a fresh Ray per subprocess costs ~30 s on 2 CPUs."""
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    args = ["build", "--config", TINY_CONFIG, "--input", hostile["mixed"], "--output", out, "--address", address]
+    for item in [*FAST_BUILD, "ray.num_workers=1", "samples_per_shard=8", "max_failure_fraction=0.5"]:
+        args += ["--set", item]
+    proc = cnc(*args, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert "captions.jsonl:6:" in log and "not valid UTF-8" in log and "links outside the input folder" in log
+    manifest = json.loads((out / "manifest.json").read_text())
+    keys = {json.loads(line)["key"] for f in (out / "errors").glob("*.jsonl") for line in f.read_text().splitlines()}
+    assert keys == {"img_001_truncated"}  # the per-item reason of the one undecodable image
+    assert manifest  # written
+    insp = cnc("inspect", out, "--n", "0")
+    assert insp.returncode == 0, insp.stdout + insp.stderr
+
+
+def test_inspect_reports_odd_shards_and_never_hangs(hostile, tmp_path):
+    proc = cnc("inspect", hostile["bad_shards"], "--n", "0", timeout=120)
+    assert proc.returncode == 1
+    assert "not a JSON object" in proc.stdout and "not valid UTF-8" in proc.stdout
+    assert "not a regular file" in proc.stderr
+    assert cnc("inspect", hostile["root"] / "nope").returncode == 2
+    assert cnc("inspect", hostile["empty"]).returncode == 2
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--set", f"seed={2**40}"], "seed"),
+    (["--set", "output_dir=OUT_FILE"], "existing file"),
+    (["--set", "data.train_shards=[BAD_SHARDS]"], "not a JSON object"),
+])
+def test_train_refuses_bad_config_and_data_with_exit_2(hostile, tmp_path, extra, match):
+    sub = {"OUT_FILE": str(hostile["out_file"]), "BAD_SHARDS": str(hostile["bad_shards"] / "000000.tar"),
+           "BAD_YAML": str(hostile["bad_yaml"])}
+    extra = [next((e.replace(k, v) for k, v in sub.items() if k in e), e) for e in extra]
+    args = ["train"]
+    if "--config" not in extra:
+        args += ["--config", TRAIN_TINY, "--set", f"output_dir={tmp_path / 'run'}",
+                 "--set", f"data.train_shards=[{hostile['bad_shards'] / '000000.tar'}]"]
+    proc = cnc(*args, *extra, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert match in proc.stdout + proc.stderr
