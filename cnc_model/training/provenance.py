@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from cnc.base.errors import UserError
 from cnc.identity import local_identity, model_identity
 from cnc_model.training.components import fuser_folder
 from cnc_model.training.config import TrainConfig
