@@ -137,11 +137,13 @@ def test_resume_after_ctrl_c_equals_a_straight_run(tiny_shards, tmp_path):
 def _cli():
     import typer
 
+    from cnc.cli import _wrap_commands
     from cnc_model.train_cli import register
 
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)  # keep "train" a sub-command
+    _wrap_commands(app)  # the CLI's one user-error contract: UserError -> exit 2, one line
     return app
 
 
