@@ -17,7 +17,7 @@ inpainted region):
   of 255). I_b == I inside M gives 0.
 * ``residual``: saliency contrast of M against its surround (``box`` minus M) in I_b, relative to the same contrast
   in I, clipped to [0, 1]. Saliency maps come from the segment backend's model (``sam``: the DPT disparity prior;
-  ``u2net``: the U²-Net map; ``dataset``: the depth stage's DPT), min-max normalised per image. The contrast is
+  ``u2net``: the U²-Net map; ``dataset``: the depth stage's DPT), both scaled by one affine map to [0, 1]. The contrast is
   measured on the part of M that is salient in I (above the ``prior_quantile`` of I's map) when there is one. 1 = the
   object stands out as much as before; 0 = nothing salient is left where it was. ``null`` when the object does not
   stand out in I (no reference) or M fills its box.
@@ -160,12 +160,6 @@ def changed_fraction(image: np.ndarray, background: np.ndarray, mask: np.ndarray
     return _r((diff[m] > threshold).mean())
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-
-
 def saliency_residual(sal_image: np.ndarray, sal_background: np.ndarray, mask: np.ndarray, dilated: np.ndarray,
                       quantile: float = 0.85) -> float | None:
     """Saliency contrast of M against its surround left in I_b, relative to I (see the module docstring).
@@ -185,7 +179,10 @@ def saliency_residual(sal_image: np.ndarray, sal_background: np.ndarray, mask: n
     ring = box & ~m
     if not m.any() or not ring.any():
         return None
-    si, sb = _normalise(sal_image), _normalise(sal_background)
+    lo, hi = float(min(sal_image.min(), sal_background.min())), float(max(sal_image.max(), sal_background.max()))
+    scale = hi - lo if hi > lo else 1.0  # one affine map for both: the ratio below does not depend on it
+    si = (np.asarray(sal_image, np.float64) - lo) / scale
+    sb = (np.asarray(sal_background, np.float64) - lo) / scale
     ref = m & (si >= np.quantile(si, quantile))
     if not ref.any():
         ref = m
