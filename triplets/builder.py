@@ -68,6 +68,7 @@ class TripletBuilder:
     def __init__(self, cfg: BuildConfig, resolved: dict[str, str] | None = None, device: str | None = None):
         self.cfg = cfg
         resolved = resolved or resolve_models(cfg)
+        self._init_args = (cfg, resolved, device)
         dev = device or cfg.device
         common = dict(device=dev, dtype=cfg.dtype, seed=cfg.seed)
         seg = cfg.segment
@@ -97,6 +98,11 @@ class TripletBuilder:
                                    cfg.quality.change_threshold, seg.prior_quantile)
             self.model_stages.append(QualityStage(scorer))
         self.models = {key: {"id": mid, "revision": _revision(resolved[key])} for key, mid in cfg.model_ids().items()}
+
+    def __reduce__(self):
+        """Pickle by the constructor arguments: the receiver loads every model once, and the quality stage shares
+        them again (pickling stage by stage would give it copies)."""
+        return TripletBuilder, self._init_args
 
     @property
     def stages(self) -> list:
