@@ -169,6 +169,7 @@ class _ErrorLog:
         self.counts = Counter(counts or {})
         self.filtered = Counter(filtered or {})  # samples dropped by the quality filter, by failed condition
         self.last = ""
+        self.pass_size = 0  # samples of this worker's largest complete pass so far
 
     def __call__(self, kind: str, where: str, exc: BaseException) -> None:
         self.counts[kind] += 1
@@ -259,6 +260,7 @@ class TripletStream(IterableDataset):
                     if sample_slice is None or (index - 1) % sample_slice[1] == sample_slice[0]:
                         produced += 1
                         yield raw
+            errors.pass_size = max(errors.pass_size, produced)
             if produced == 0:
                 raise RuntimeError(f"a whole pass over {len(shards)} shard(s) gave no samples for this worker "
                                    f"(all corrupt or empty?); last error: {errors.last or 'none'}")
@@ -297,12 +299,20 @@ class TripletStream(IterableDataset):
         items: list[dict] = []
         if emitted >= self.batches_per_epoch:
             return
+        streak = 0  # samples in a row that were dropped (filter) or skipped (undecodable)
         for ordinal, sample in enumerate(raw):
             if ordinal < start_pos:
                 continue  # consumed before the checkpoint (resume)
             item = self._decode(sample, errors)
             if item is None:
+                streak += 1
+                if errors.pass_size and streak > 2 * errors.pass_size + self.shuffle_buffer:
+                    raise TrainingDataError(
+                        f"no usable sample in a whole pass over {len(shards)} shard(s): data.filter dropped "
+                        f"{dict(errors.filtered) or 0}, {errors.counts.get('sample', 0)} did not decode; loosen "
+                        f"data.filter ({self.quality_filter.describe() if self.quality_filter else 'none'})")
                 continue
+            streak = 0
             items.append(apply_condition_dropout(
                 item, self.dropout, np.random.default_rng(_seed(self.seed, self.epoch, gid, ordinal, 4))))
             if len(items) == self.batch_size:

@@ -167,7 +167,10 @@ def _derive_shard(out: BuildOutput, spec: dict, fingerprint: str, transform: Tra
         if sink.written + len(failures) + stats["ndropped"] != spec["nitems"]:
             raise RuntimeError(f"shard {shard}: {sink.written} written + {len(failures)} failed + "
                                f"{stats['ndropped']} dropped != {spec['nitems']} source samples")
-        return sink.commit(sorted(failures, key=lambda r: r["key"]), stats)
+        marker = sink.commit(sorted(failures, key=lambda r: r["key"]), stats)
+    log.info("shard %s committed: %d of %d samples kept (%s)", spec["name"], marker["nsamples"], spec["nitems"],
+             ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none dropped")
+    return marker
 
 
 def _write_manifest(out: BuildOutput, plan: dict, markers: dict[int, dict]) -> None:

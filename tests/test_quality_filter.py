@@ -146,3 +146,43 @@ def test_score_adds_quality_to_old_shards_and_inspect_shows_it(old_shards, tiny_
     assert "Quality scores" in page and "worst 2 by removal" in page
     summary = json.loads(files.summary_json.read_text())
     assert summary["summary"]["quality"]["removal"]["stats"]["n"] == 6
+
+
+def test_filter_on_object_storage_resumes_after_a_crash_exactly_once(filtered, tiny_shards):
+    """A shard that dies mid-way leaves nothing behind; the rerun commits it once; bytes equal the local copy."""
+    from pipelines.derive import derive_build, filter_transform
+    from triplets.shardio import resolve_shards
+
+    local, _, kept, threshold = filtered
+    qf = QualityFilter([parse_where(f"depth_order>={threshold}")])
+    operation = {"op": "filter", "where": [f"depth_order>={threshold:g}"], "keep_unscored": False}
+    url = "memory://cnc-quality-test/filtered"
+
+    calls = []
+
+    def crashing(raws, counts, failures):  # shard 0 completes; shard 1 dies after its first kept sample
+        calls.append(1)
+        for raw in filter_transform(qf)(raws, counts, failures):
+            yield raw
+            if len(calls) == 2:
+                raise RuntimeError("worker died")
+        if len(calls) == 2:
+            raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        derive_build(str(tiny_shards), url, operation, crashing)
+    committed = resolve_shards(url, committed_only=True)
+    assert [u.rsplit("/", 1)[-1] for u in committed] == ["000000.tar"]  # the shard that died is not visible
+    result = derive_build(str(tiny_shards), url, operation, filter_transform(qf))
+    assert (result.shards_built, result.shards_skipped, result.samples) == (1, 1, len(kept))
+    remote = {u.rsplit("/", 1)[-1]: resolve(u).read_bytes() for u in resolve_shards(url, committed_only=True)}
+    assert remote == {p.name: p.read_bytes() for p in sorted(local.glob("*.tar"))}
+
+
+def test_a_filter_that_drops_everything_stops_the_loader_with_one_message(tiny_shards):
+    from cnc_model.data import TrainingDataError, make_dataloader
+
+    loader = make_dataloader(str(tiny_shards), batch_size=1, shuffle_buffer=0,
+                             quality_filter=QualityFilter([parse_where("removal>1")]))
+    with pytest.raises(TrainingDataError, match="no usable sample in a whole pass"):
+        next(iter(loader))
