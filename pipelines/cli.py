@@ -73,8 +73,9 @@ def score_build(
     from pipelines.derive import run_score
     from triplets.config import BuildConfig
 
+    overrides = list(overrides) + ([f"device={device}"] if device else [])  # validated with the config
     cfg = load_config(BuildConfig, _source_config(source, config), overrides)
-    result = run_score(source, output, cfg, verify=verify, device=device)
+    result = run_score(source, output, cfg, verify=verify)
     typer.echo(f"{result.output}: scored {result.samples} of {result.items} samples in {result.shards_total} shards "
                f"({result.shards_built} written, {result.shards_skipped} already committed)"
                + (f"; {result.failures} failed (see errors/)" if result.failures else ""))

@@ -9,8 +9,18 @@ from cnc.config import load_config
 from pipelines.plan import fingerprint
 from triplets.config import BuildConfig
 from triplets.quality import (
-    SCORES, FilterConfig, FilterSpecError, QualityFilter, QualityScorer, changed_fraction, depth_order, mask_shape,
-    parse_where, removal_score, saliency_residual, score_value,
+    SCORES,
+    FilterConfig,
+    FilterSpecError,
+    QualityFilter,
+    QualityScorer,
+    changed_fraction,
+    depth_order,
+    mask_shape,
+    parse_where,
+    removal_score,
+    saliency_residual,
+    score_value,
 )
 
 R = 32

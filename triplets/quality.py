@@ -17,10 +17,10 @@ inpainted region):
   of 255). I_b == I inside M gives 0.
 * ``residual``: saliency contrast of M against its surround (``box`` minus M) in I_b, relative to the same contrast
   in I, clipped to [0, 1]. Saliency maps come from the segment backend's model (``sam``: the DPT disparity prior;
-  ``u2net``: the U²-Net map; ``dataset``: the depth stage's DPT), both scaled by one affine map to [0, 1]. The contrast is
-  measured on the part of M that is salient in I (above the ``prior_quantile`` of I's map) when there is one. 1 = the
-  object stands out as much as before; 0 = nothing salient is left where it was. ``null`` when the object does not
-  stand out in I (no reference) or M fills its box.
+  ``u2net``: the U²-Net map; ``dataset``: the depth stage's DPT), both scaled by one affine map to [0, 1]. The
+  contrast is measured on the part of M that is salient in I (above the ``prior_quantile`` of I's map) when there
+  is one. 1 = the object stands out as much as before; 0 = nothing salient is left where it was. ``null`` when the
+  object does not stand out in I (no reference) or M fills its box.
 * ``clip_sim``: cosine similarity of CLIP ``image_embeds`` of I and I_b cropped to ``box`` (1 = same content).
 * ``score`` = ``changed * (1 - residual)`` (``residual`` null → ``changed``): 0 = object still there, 1 = removed.
 

@@ -25,8 +25,8 @@ from PIL import Image
 
 from triplets.inspect.render import COLUMNS, colorize, contact_sheet, contact_sheets, default_tile, sample_tiles
 from triplets.inspect.summary import ScoreStats, Summary, depth_margin
-from triplets.quality import SCORES
 from triplets.inspect.validate import InspectResult, ValidationResult
+from triplets.quality import SCORES, quality_summary_line
 
 _BAR = "█"
 
@@ -246,7 +246,8 @@ def html_report(result: InspectResult, *, tile: int | None = None, cmap: str = "
             for value, s in items:
                 strip = _data_uri(_row_strip(sample_tiles(s, cmap), size_w))
                 parts.append(f"<div class='sample'><img src='{strip}' alt='{e(s.key)}'><div class='meta'>"
-                             f"<b class='bad'>{e(name)} {value:.3f}</b> · <b>{e(s.key)}</b> · {e(s.caption)}</div></div>")
+                             f"<b class='bad'>{e(name)} {value:.3f}</b> · <b>{e(s.key)}</b> · "
+                             f"{e(quality_summary_line(s.meta))}<br>{e(s.caption)}</div></div>")
     v = result.validation
     parts.append(f"<h2>Problems ({v.problem_count})</h2>")
     if v.problems:
@@ -264,7 +265,8 @@ def html_report(result: InspectResult, *, tile: int | None = None, cmap: str = "
         strip = _data_uri(_row_strip(sample_tiles(s, cmap), size))
         parts.append(f"<div class='sample' id='{e(s.key)}'><img src='{strip}' alt='{e(s.key)}'>"
                      f"<div class='meta'><b>{e(s.key)}</b> · mask {s.mask.mean():.1%} · "
-                     f"<span{cls}>{order}</span><br>{e(s.caption)}</div><details><summary>json</summary><pre>"
+                     f"<span{cls}>{order}</span> · {e(quality_summary_line(s.meta))}<br>{e(s.caption)}</div>"
+                     "<details><summary>json</summary><pre>"
                      f"{e(json.dumps(s.meta, indent=1, sort_keys=True, ensure_ascii=False))}</pre></details></div>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -135,7 +135,7 @@ class ScoreStats:
     undefined: int = 0
 
     @classmethod
-    def for_score(cls, name: str) -> "ScoreStats":
+    def for_score(cls, name: str) -> ScoreStats:
         sc = SCORES[name]
         return cls(Histogram.uniform(sc.lo, sc.hi, 10))
 
@@ -146,7 +146,7 @@ class ScoreStats:
         self.hist.add(v)
         self.stats.add(v)
 
-    def merge(self, other: "ScoreStats") -> None:
+    def merge(self, other: ScoreStats) -> None:
         self.hist.merge(other.hist)
         self.stats.merge(other.stats)
         self.undefined += other.undefined

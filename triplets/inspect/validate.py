@@ -454,7 +454,7 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
     missing = sorted(wanted - {s.key for s in samples}) if wanted is not None else []
     worst_samples: dict[str, list[tuple[float, TripletSample]]] = {}
     for name, items in worst_raw.items():
-        for bad, _, raw in sorted(items, key=lambda t: t[:2], reverse=True):
+        for _, _, raw in sorted(items, key=lambda t: t[:2], reverse=True):
             try:
                 s = decode_sample(raw)
             except Exception:  # noqa: BLE001 - reported by validation already
