@@ -89,6 +89,9 @@ def _source_config(source: str, config: str | None) -> str:
     from cnc.base.location import resolve
     from triplets.shardio.names import CONFIG_FILE
 
+    from triplets.shardio import resolve_shards
+
+    resolve_shards(source, committed_only=True)  # a source naming nothing is the first thing to report
     if config is not None:
         return config
     loc = resolve(source)
