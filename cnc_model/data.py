@@ -6,7 +6,8 @@ Per data-loader worker (everything below runs inside the worker)::
       -> tar members -> raw samples        (a corrupt / truncated tar or an undecodable sample is skipped,
       -> shuffle buffer                      logged and counted -- never fatal)
       -> [resume: drop the samples a checkpoint already consumed]
-      -> decode_sample -> tensors -> condition dropout -> batches of B
+      -> decode_sample -> [quality filter on the json: dropped samples counted by condition]
+      -> tensors -> condition dropout -> batches of B
       -> ``batches_per_epoch`` batches per worker and epoch  (webdataset's ``.batched(B).with_epoch(n)``)
 
 Sharding: with at least ``world_size * num_workers`` shards every (rank, worker) reads its own disjoint subset of
@@ -164,9 +165,11 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 class _ErrorLog:
     """Counts skipped shards / samples; logs the first few at WARNING and then every 100th."""
 
-    def __init__(self, counts: dict | None = None) -> None:
+    def __init__(self, counts: dict | None = None, filtered: dict | None = None) -> None:
         self.counts = Counter(counts or {})
+        self.filtered = Counter(filtered or {})  # samples dropped by the quality filter, by failed condition
         self.last = ""
+        self.pass_size = 0  # samples of this worker's largest complete pass so far
 
     def __call__(self, kind: str, where: str, exc: BaseException) -> None:
         self.counts[kind] += 1
@@ -210,13 +213,15 @@ class TripletStream(IterableDataset):
         resolution: resize to this size (``None`` = as stored).
         depth_channels: channels the depth maps are repeated to (3, as the reference).
         tokenizer: optional CLIP tokenizer; adds ``input_ids``.
+        quality_filter: optional :class:`triplets.quality.QualityFilter` applied to each decoded sample's json.
     """
 
     def __init__(self, urls: Sequence[str], *, batch_size: int, batches_per_epoch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  dropout: ConditionDropout = ConditionDropout(), resolution: int | None = None,
-                 depth_channels: int = 3, tokenizer=None) -> None:
+                 depth_channels: int = 3, tokenizer=None, quality_filter=None) -> None:
         super().__init__()
+        self.quality_filter = quality_filter or None
         if batch_size < 1 or batches_per_epoch < 1:
             raise ValueError(f"batch_size ({batch_size}) and batches_per_epoch ({batches_per_epoch}) must be >= 1")
         if not 0 <= rank < world_size:
@@ -255,6 +260,7 @@ class TripletStream(IterableDataset):
                     if sample_slice is None or (index - 1) % sample_slice[1] == sample_slice[0]:
                         produced += 1
                         yield raw
+            errors.pass_size = max(errors.pass_size, produced)
             if produced == 0:
                 raise RuntimeError(f"a whole pass over {len(shards)} shard(s) gave no samples for this worker "
                                    f"(all corrupt or empty?); last error: {errors.last or 'none'}")
@@ -265,6 +271,10 @@ class TripletStream(IterableDataset):
             problems = validate_sample(s)
             if problems:
                 raise ValueError("; ".join(problems))
+            why = self.quality_filter.reason(s.meta) if self.quality_filter is not None else None
+            if why is not None:
+                errors.filtered[why] += 1
+                return None
             return sample_to_tensors(s, self.resolution, self.depth_channels)
         except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped and counted
             errors("sample", f"{raw.get('__url__')}#{raw.get('__key__')}", exc)
@@ -278,7 +288,7 @@ class TripletStream(IterableDataset):
         v = (physical + self.first_worker) % n_workers  # virtual worker: what this process plays
         done = self.workers.get(v, {})
         start_pos, emitted = int(done.get("pos", 0)), int(done.get("batches", 0))
-        errors = _ErrorLog(done.get("errors"))
+        errors = _ErrorLog(done.get("errors"), done.get("filtered"))
         total, gid = self.world_size * n_workers, self.rank * n_workers + v
         shards, sample_slice = self._shards_for(gid, total)
         pass_seed = _seed(self.seed, self.epoch, 1) if sample_slice else _seed(self.seed, self.epoch, gid, 2)
@@ -289,19 +299,28 @@ class TripletStream(IterableDataset):
         items: list[dict] = []
         if emitted >= self.batches_per_epoch:
             return
+        streak = 0  # samples in a row that were dropped (filter) or skipped (undecodable)
         for ordinal, sample in enumerate(raw):
             if ordinal < start_pos:
                 continue  # consumed before the checkpoint (resume)
             item = self._decode(sample, errors)
             if item is None:
+                streak += 1
+                if errors.pass_size and streak > 2 * errors.pass_size + self.shuffle_buffer:
+                    raise TrainingDataError(
+                        f"no usable sample in a whole pass over {len(shards)} shard(s): data.filter dropped "
+                        f"{dict(errors.filtered) or 0}, {errors.counts.get('sample', 0)} did not decode; loosen "
+                        f"data.filter ({self.quality_filter.describe() if self.quality_filter else 'none'})")
                 continue
+            streak = 0
             items.append(apply_condition_dropout(
                 item, self.dropout, np.random.default_rng(_seed(self.seed, self.epoch, gid, ordinal, 4))))
             if len(items) == self.batch_size:
                 emitted += 1
                 batch = collate(items, self.tokenizer)
                 batch[META_KEY] = {"worker": v, "workers": n_workers, "epoch": self.epoch, "pos": ordinal + 1,
-                                   "batches": emitted, "errors": dict(errors.counts), "last_error": errors.last}
+                                   "batches": emitted, "errors": dict(errors.counts), "last_error": errors.last,
+                                   "filtered": dict(errors.filtered)}
                 items = []
                 yield batch
                 if emitted >= self.batches_per_epoch:
@@ -327,6 +346,7 @@ class TrainDataLoader:
 
     Attributes:
         skipped: corrupt shards / bad samples skipped so far (``{"shard": n, "sample": m}``).
+        filtered: samples dropped by the quality filter so far, by failed condition (``{"removal>=0.5": n}``).
     """
 
     def __init__(self, stream: TripletStream, *, num_workers: int = 0, pin_memory: bool = False,
@@ -338,6 +358,7 @@ class TrainDataLoader:
         self.epoch, self.next_worker = 0, 0
         self.workers: dict[int, dict] = {}
         self.skipped: Counter = Counter()
+        self.filtered: Counter = Counter()
         self.batches_per_epoch = stream.batches_per_epoch * max(1, num_workers)
 
     def _epoch_loader(self):
@@ -363,7 +384,10 @@ class TrainDataLoader:
             logger.warning("data: skipped %s so far (latest: %s)",
                            ", ".join(f"{n} corrupt {k}(s)" for k, n in sorted(self.skipped.items())),
                            meta["last_error"])
-        self.workers[v] = {"pos": meta["pos"], "batches": meta["batches"], "errors": dict(new)}
+        old_f, new_f = Counter(self.workers.get(v, {}).get("filtered", {})), Counter(meta.get("filtered", {}))
+        self.filtered.update(new_f - old_f)
+        self.workers[v] = {"pos": meta["pos"], "batches": meta["batches"], "errors": dict(new),
+                           "filtered": dict(new_f)}
         self.next_worker = (v + 1) % int(meta["workers"])
 
     def __iter__(self) -> Iterator[dict]:
@@ -377,11 +401,13 @@ class TrainDataLoader:
         """JSON-serialisable position (store one per rank)."""
         return {"epoch": self.epoch, "next_worker": self.next_worker, "num_workers": self.num_workers,
                 "world_size": self.stream.world_size, "rank": self.stream.rank,
-                "workers": {str(k): v for k, v in self.workers.items()}, "skipped": dict(self.skipped)}
+                "workers": {str(k): v for k, v in self.workers.items()}, "skipped": dict(self.skipped),
+                "filtered": dict(self.filtered)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict`; a different worker count or world size restarts the next epoch."""
         self.skipped = Counter(state.get("skipped", {}))
+        self.filtered = Counter(state.get("filtered", {}))
         same = (state.get("num_workers") == self.num_workers and state.get("world_size") == self.stream.world_size)
         if same:
             self.epoch, self.next_worker = int(state["epoch"]), int(state["next_worker"])
@@ -397,11 +423,13 @@ def make_dataloader(urls: str | Sequence[str], *, batch_size: int, num_workers: 
                     world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                     epoch_samples: int | None = None, dropout: ConditionDropout = ConditionDropout(),
                     resolution: int | None = None, depth_channels: int = 3, tokenizer=None,
-                    pin_memory: bool = False) -> TrainDataLoader:
+                    pin_memory: bool = False, quality_filter=None) -> TrainDataLoader:
     """Build the training loader over shard specs (see :func:`triplets.shardio.resolve_shards`).
 
     ``epoch_samples`` (default: the sum of the shards' marker counts, else 10,000) sets the nominal epoch:
     ``ceil(epoch_samples / (batch_size * world_size * workers))`` batches per worker, as ``with_epoch`` does.
+    ``quality_filter`` (:class:`triplets.quality.QualityFilter`, from ``data.filter``) drops samples while streaming;
+    the loader's ``filtered`` counts them.
     """
     shard_urls = resolve_shards(urls, committed_only=True)
     if epoch_samples is None:
@@ -415,7 +443,10 @@ def make_dataloader(urls: str | Sequence[str], *, batch_size: int, num_workers: 
                     len(shard_urls), world_size, max(1, num_workers))
     stream = TripletStream(shard_urls, batch_size=batch_size, batches_per_epoch=per_worker, rank=rank,
                            world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, dropout=dropout,
-                           resolution=resolution, depth_channels=depth_channels, tokenizer=tokenizer)
+                           resolution=resolution, depth_channels=depth_channels, tokenizer=tokenizer,
+                           quality_filter=quality_filter)
+    if quality_filter:
+        logger.info("data.filter: training on samples with %s", quality_filter.describe())
     return TrainDataLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 

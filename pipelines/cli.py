@@ -1,4 +1,4 @@
-"""Sub-commands of ``cnc`` that belong to ``pipelines``: ``cnc build``."""
+"""Sub-commands of ``cnc`` that belong to ``pipelines``: ``cnc build``, ``cnc filter``, ``cnc score``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,81 @@ def build(
     raise typer.Exit(code)
 
 
+def filter_build(
+    source: str = typer.Argument(..., help="Build folder (committed shards), glob, brace pattern or tars."),
+    output: str = typer.Option(..., "--output", "-o", help="New folder (local path or URL) for the filtered copy."),
+    where: list[str] = typer.Option([], "--where", "-w", help="SCORE OP NUMBER, e.g. 'removal>=0.5', "
+                                    "'depth_order>=0.6', 'mask_components<=2'; repeatable, all must hold."),
+    keep_unscored: bool = typer.Option(False, "--keep-unscored/--drop-unscored", help="Samples without quality "
+                                       "scores (old shards): keep or drop them."),
+    verify: bool = typer.Option(False, "--verify", help="On resume, re-hash committed output shards."),
+) -> None:
+    """Write a filtered copy of a build (exactly once per shard; a rerun resumes). Kept samples are copied byte
+    for byte; each output marker counts the dropped samples by condition.
+
+    Scores: removal, removal_changed, removal_residual, clip_sim, depth_order, depth_margin, mask_area,
+    mask_components, mask_border, mask_bbox_fill (see docs/build.md, "Quality scores").
+    """
+    from pipelines.derive import run_filter
+
+    result = run_filter(source, output, where, keep_unscored=keep_unscored, verify=verify)
+    dropped = ", ".join(f"{k}: {v}" for k, v in sorted(result.dropped.items())) or "none"
+    typer.echo(f"{result.output}: kept {result.samples} of {result.items} samples in {result.shards_total} shards "
+               f"({result.shards_built} written, {result.shards_skipped} already committed); dropped: {dropped}"
+               + (f"; {result.failures} unreadable" if result.failures else ""))
+
+
+def score_build(
+    source: str = typer.Argument(..., help="Build folder (committed shards), glob, brace pattern or tars."),
+    output: str = typer.Option(..., "--output", "-o", help="New folder (local path or URL) for the scored copy."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Build config naming the models.",
+                                      show_default="SOURCE/config.yaml"),
+    overrides: list[str] = typer.Option([], "--set", help="Config override key=value, repeatable."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: the config's)."),
+    verify: bool = typer.Option(False, "--verify", help="On resume, re-hash committed output shards."),
+) -> None:
+    """Add quality scores to shards built without them: a copy of SOURCE whose sample json carries ``quality``,
+    recomputed from the stored fields with the config's saliency and CLIP models (committed per shard like a
+    build; a rerun resumes). Every other member is copied byte for byte."""
+    from cnc.config import load_config
+    from pipelines.derive import run_score
+    from triplets.config import BuildConfig
+
+    overrides = list(overrides) + ([f"device={device}"] if device else [])  # validated with the config
+    cfg = load_config(BuildConfig, _source_config(source, config), overrides)
+    result = run_score(source, output, cfg, verify=verify)
+    typer.echo(f"{result.output}: scored {result.samples} of {result.items} samples in {result.shards_total} shards "
+               f"({result.shards_built} written, {result.shards_skipped} already committed)"
+               + (f"; {result.failures} failed (see errors/)" if result.failures else ""))
+
+
+def _source_config(source: str, config: str | None) -> str:
+    """``--config``, else the source build's ``config.yaml`` (copied to a local temporary file for a URL)."""
+    import tempfile
+
+    from cnc.base.errors import UserError
+    from cnc.base.location import resolve
+    from triplets.shardio.names import CONFIG_FILE
+
+    from triplets.shardio import resolve_shards
+
+    resolve_shards(source, committed_only=True)  # a source naming nothing is the first thing to report
+    if config is not None:
+        return config
+    loc = resolve(source)
+    found = loc.child(CONFIG_FILE) if loc.isdir() else None
+    if found is None or not found.isfile():
+        raise UserError(f"no {CONFIG_FILE} in {source}: give the build config naming the models with --config")
+    if found.is_local:
+        return str(found.local_path())
+    tmp = tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False)
+    with tmp:
+        tmp.write(found.read_bytes())
+    return tmp.name
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
     app.command("build", help=BUILD_HELP)(build)
+    app.command("filter")(filter_build)
+    app.command("score")(score_build)

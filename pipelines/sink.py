@@ -43,5 +43,9 @@ class ShardSink:
 
     def __exit__(self, *exc: object) -> None:
         if not self._file.closed:
+            try:
+                self._writer.close()  # finish the abandoned tar stream, so it never writes to a closed file later
+            except Exception:  # noqa: BLE001 - the file is deleted below anyway
+                pass
             self._file.close()
         self.path.unlink(missing_ok=True)  # gone after a commit (renamed or uploaded), else the abandoned attempt

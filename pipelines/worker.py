@@ -5,7 +5,7 @@ in-process). It loads :class:`~triplets.builder.TripletBuilder` once and builds 
 three-step pipeline so CPU work never stalls the models::
 
     prefetch thread   builder.decode(batch i+1)        read, decode, resize
-    caller thread     builder.run_models(batch i)      segment → inpaint → depth → embed (the GPU stages)
+    caller thread     builder.run_models(batch i)      segment → inpaint → depth → embed → quality (the GPU stages)
     writer thread     encode + append batch i-1 to the shard's :class:`~pipelines.sink.ShardSink`
 
 The sink stages the tar locally and commits it through :class:`triplets.shardio.BuildOutput` (tar → errors →

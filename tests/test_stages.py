@@ -191,3 +191,19 @@ def test_missing_weights_fail_fast_with_model_and_key(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "stable-diffusion-v1-5/stable-diffusion-inpainting" in proc.stderr and "inpaint.model" in proc.stderr
+
+
+def test_quality_stage_shares_the_loaded_models_and_scores_every_sample(builder, built):
+    from triplets.quality import QualityStage
+
+    segment, _, depth, embed, quality = builder.model_stages
+    assert isinstance(quality, QualityStage) and quality.name == "quality"
+    assert quality.scorer.saliency is segment.segmenter.prior_depth  # the same instances, not second copies
+    assert quality.scorer.embedder is embed.embedder
+    _, batch, (samples, _) = built
+    assert "time_quality" in batch
+    for s in samples:
+        q = s.meta["quality"]
+        assert set(q) == {"version", "removal", "depth", "mask"}
+        assert q["mask"]["area"] == pytest.approx(s.meta["mask_area"], abs=1e-5)
+        assert 0 <= q["removal"]["score"] <= 1 and 0 <= q["depth"]["order"] <= 1

@@ -4,7 +4,7 @@
 of reader items into ``(samples, failures)`` in three steps the shard worker overlaps:
 
     decode(items) -> batch           CPU: read, decode, resize (the load stage)
-    run_models(batch, seconds) -> batch   the model stages: segment → inpaint → depth → embed
+    run_models(batch, seconds) -> batch   the model stages: segment → inpaint → depth → embed [→ quality]
     assemble(batch) -> (samples, failures)
 """
 
@@ -22,11 +22,12 @@ from cnc.tiny_store import TINY_SAM_TYPE
 from triplets.batch import ensure_status
 from triplets.config import BuildConfig
 from triplets.errors import ModelUnavailableError
+from triplets.quality import QualityScorer, QualityStage, saliency_of
 from triplets.sample import TripletSample
 from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, SegmentStage
 
 log = logging.getLogger(__name__)
-STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed")
+STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed", "quality")
 #: Config keys naming a single local checkpoint file (no hub ids).
 FILE_KEYS = ("segment.sam_checkpoint", "segment.u2net_checkpoint")
 #: Item columns handed to the stages.
@@ -67,6 +68,7 @@ class TripletBuilder:
     def __init__(self, cfg: BuildConfig, resolved: dict[str, str] | None = None, device: str | None = None):
         self.cfg = cfg
         resolved = resolved or resolve_models(cfg)
+        self._init_args = (cfg, resolved, device)
         dev = device or cfg.device
         common = dict(device=dev, dtype=cfg.dtype)
         seg = cfg.segment
@@ -81,15 +83,27 @@ class TripletBuilder:
                               u2net_threshold=seg.u2net_threshold, **common)
         ip = cfg.inpaint
         self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels)
+        segment = SegmentStage(**seg_kwargs)
+        depth = DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, preprocess=cfg.depth.preprocess,
+                           **common)
+        embed = EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common)
         self.model_stages = [
-            SegmentStage(**seg_kwargs),
+            segment,
             InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,
                          ip.guidance_scale, ip.strength, ip.dilation_px, ip.paste_back, base_seed=cfg.seed, **common),
-            DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, preprocess=cfg.depth.preprocess,
-                       **common),
-            EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common),
+            depth,
+            embed,
         ]
+        if cfg.quality.enabled:  # the same model instances, never a second copy
+            scorer = QualityScorer(saliency_of(segment, depth), embed.embedder, ip.dilation_px,
+                                   cfg.quality.change_threshold, seg.prior_quantile)
+            self.model_stages.append(QualityStage(scorer))
         self.models = model_identities(cfg, resolved)
+
+    def __reduce__(self):
+        """Pickle by the constructor arguments: the receiver loads every model once, and the quality stage shares
+        them again (pickling stage by stage would give it copies)."""
+        return TripletBuilder, self._init_args
 
     @property
     def stages(self) -> list:
@@ -145,6 +159,8 @@ class TripletBuilder:
                             "paste_back": self.cfg.inpaint.paste_back},
                 "embed_fg_source": self.cfg.embed.fg_source, "timings": timings, "version": cnc.__version__,
             }
+            if self.cfg.quality.enabled:
+                meta["quality"] = batch["quality"][i]
             samples.append(TripletSample(
                 key=key, image=batch["image"][i], mask=batch["mask"][i].astype(np.uint8),
                 background=batch["background"][i], fg_depth=batch["fg_depth"][i], bg_depth=batch["bg_depth"][i],

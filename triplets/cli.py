@@ -40,6 +40,8 @@ def inspect(
     workers: int = typer.Option(1, "--workers", min=1, help="Processes reading shards in parallel."),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every sample (dtypes, shapes, "
                                 "statistics); --no-decode checks structure, markers and keys only."),
+    worst: int = typer.Option(4, "--worst", min=0, help="Worst samples per quality score drawn as "
+                              "worst_<score>.png (and in the HTML); 0 = none."),
     max_member_mb: float = typer.Option(256.0, "--max-member-mb", min=0.001, help="Size cap of one tar member "
                                         "(larger members are a finding and are not read)."),
 ) -> None:
@@ -61,11 +63,11 @@ def inspect(
         task = bar.add_task("reading shards", total=min(total, max_shards or total))
         result = inspect_shards(paths, n=n, seed=seed, keys=wanted, decode=decode, max_shards=max_shards,
                                 workers=workers, max_member_bytes=int(max_member_mb * 2**20),
-                                progress=lambda _check: bar.advance(task))
+                                progress=lambda _check: bar.advance(task), worst=worst)
     print_report(result, Console())
-    if result.samples or html:
+    if result.samples or result.worst or html:
         files = write_report(result, out or _default_out(paths), html=html, per_page=per_page, tile=tile)
-        for path in files.sheets + [files.html]:
+        for path in files.sheets + files.worst + [files.html]:
             if path is not None:
                 typer.echo(f"wrote {path}")
     v = result.validation

@@ -71,6 +71,15 @@ class EmbedConfig(_Strict):
         "image", description="e_f from the full image I (reference) or from I_f")
 
 
+class QualityConfig(_Strict):
+    """Per-sample quality scores in each sample's json (``triplets.quality``; changes tar content)."""
+
+    enabled: bool = Field(True, description="compute removal / depth-order / mask-shape scores during the build "
+                                            "(reuses the loaded saliency and CLIP models)")
+    change_threshold: int = Field(24, ge=0, le=254, description="removal.changed: a pixel of M counts as changed "
+                                                                "when a channel differs by more than this (of 255)")
+
+
 class RayConfig(_Strict):
     """Ray execution (pipelines)."""
 
@@ -123,6 +132,7 @@ class BuildConfig(_Strict):
     inpaint: InpaintConfig = InpaintConfig()
     depth: DepthConfig = DepthConfig()
     embed: EmbedConfig = EmbedConfig()
+    quality: QualityConfig = QualityConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
 

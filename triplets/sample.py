@@ -193,7 +193,7 @@ def validate_meta(meta) -> list[str]:
         and v > 0, "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
         "key": lambda v: isinstance(v, str), "source": lambda v: isinstance(v, str),
         "version": lambda v: isinstance(v, str), "models": lambda v: isinstance(v, dict),
-        "timings": lambda v: isinstance(v, dict),
+        "timings": lambda v: isinstance(v, dict), "quality": lambda v: isinstance(v, dict),
     }
     for k, ok in checks.items():
         if meta.get(k) is not None and not ok(meta[k]):

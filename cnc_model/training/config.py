@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cnc.config import Seed, load_config
 from cnc.hub import TINY
+from triplets.quality import FilterConfig
 
 STAGES = ("local", "global", "joint")
 
@@ -72,6 +73,8 @@ class DataConfig(_Strict):
                                               "default (0.1 for global/joint, 0 for local)")
     preflight_shards: int = Field(2, ge=0, description="shards validated before training (0 = skip)")
     preflight_strict: bool = Field(False, description="also fail on shard-level problems (truncated tar...)")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="thresholds on the samples' quality "
+                                 "scores, applied while streaming (triplets.quality; all off by default)")
 
     @model_validator(mode="before")
     @classmethod

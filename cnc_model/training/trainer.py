@@ -48,6 +48,7 @@ class TrainResult:
     checkpoints: list[str] = field(default_factory=list)
     validation_images: list[str] = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
+    filtered: dict = field(default_factory=dict)  # samples dropped by data.filter, by failed condition
 
 
 class Trainer:
@@ -162,7 +163,7 @@ class Trainer:
             rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
             shuffle_buffer=cfg.data.shuffle_buffer, epoch_samples=cfg.data.epoch_samples, dropout=dropout,
             resolution=self.resolution, depth_channels=cfg.data.depth_channels,
-            pin_memory=acc.device.type == "cuda")
+            pin_memory=acc.device.type == "cuda", quality_filter=cfg.data.filter.build())
         logger.info("data: %d shards, %d batches of %d per process and epoch, dropout %s", len(urls),
                     self.loader.batches_per_epoch, cfg.train.train_batch_size, dropout)
 
@@ -338,6 +339,9 @@ class Trainer:
         result.interrupted = stop
         self._finish(result)
         result.global_step, result.skipped = self.global_step, dict(self.loader.skipped)
+        result.filtered = dict(self.loader.filtered)
+        if result.filtered:
+            logger.info("data.filter dropped %d samples: %s", sum(result.filtered.values()), result.filtered)
         return result
 
     def _micro_step(self, batch: dict) -> float:
@@ -384,7 +388,9 @@ class Trainer:
         logs = {"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
                 "samples_per_s": window["steps"] * per_step / elapsed,
                 "data/skipped_shards": self.loader.skipped.get("shard", 0),
-                "data/skipped_samples": self.loader.skipped.get("sample", 0)}
+                "data/skipped_samples": self.loader.skipped.get("sample", 0),
+                "data/filtered": sum(self.loader.filtered.values()),
+                **{f"data/filtered/{why}": n for why, n in self.loader.filtered.items()}}
         if torch.cuda.is_available():
             logs["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         acc.log(logs, step=self.global_step)

@@ -166,12 +166,14 @@ def _fit(text: str, width: float, draw: ImageDraw.ImageDraw, font) -> tuple[str,
     return text[:n].strip(), text[n:].lstrip()
 
 
-def _caption_lines(s: TripletSample, n: int, width: float, draw, font) -> list[tuple[str, tuple]]:
+def _caption_lines(s: TripletSample, n: int, width: float, draw, font, label: str = "") -> list[tuple[str, tuple]]:
     margin = depth_margin(s)
     area = float(s.mask.mean())
     bad = margin is None or margin <= 0
     order = "empty mask" if margin is None else f"fg-bg depth in M {margin:+.2f} " + ("REVERSED" if bad else "ok")
-    lines = [(_clip(f"{s.key}   mask {area:.1%}   {order}", width, draw, font), BAD_COLOR if bad else (40, 40, 40))]
+    head = f"{label}   " if label else ""
+    lines = [(_clip(f"{head}{s.key}   mask {area:.1%}   {order}", width, draw, font),
+              BAD_COLOR if bad or label else (40, 40, 40))]
     # at most n lines of at most width+1 glyphs can show: never process more of a (possibly huge) caption
     rest = " ".join(s.caption[: n * (int(width) + 2)].split()) or "(empty caption)"
     for i in range(n - 1):
@@ -199,13 +201,14 @@ def _scale_bar(draw: ImageDraw.ImageDraw, img: Image.Image, layout: SheetLayout,
 
 
 def contact_sheet(samples: list[TripletSample], *, tile: int | None = None, cmap: str = "viridis",
-                  layout: SheetLayout | None = None) -> Image.Image:
+                  layout: SheetLayout | None = None, labels: list[str] | None = None) -> Image.Image:
     """Render samples as an RGB contact sheet, one row per sample (see the module docstring).
 
     Args:
         samples: the rows; tiles are resized to ``tile`` (default: the first sample's resolution within [96, 256]).
         cmap: ``viridis`` or ``magma`` for the depth maps.
         layout: full geometry (overrides ``tile``); ``layout.size(len(samples))`` is the sheet size.
+        labels: one text per row shown first on its caption line (e.g. ``"removal 0.12"`` on a worst-k sheet).
     """
     if layout is None:
         res = samples[0].image.shape[0] if samples else 128
@@ -223,7 +226,9 @@ def contact_sheet(samples: list[TripletSample], *, tile: int | None = None, cmap
             img.paste(tile_img, layout.tile_origin(r, c))
         x, y = layout.tile_origin(r, 0)
         y += layout.tile + 2
-        for text, color in _caption_lines(s, layout.caption_lines, layout.width - 2 * layout.margin, draw, font):
+        label = labels[r] if labels else ""
+        for text, color in _caption_lines(s, layout.caption_lines, layout.width - 2 * layout.margin, draw, font,
+                                          label):
             draw.text((x, y), text, fill=color, font=font)
             y += layout.line_height
     _scale_bar(draw, img, layout, layout.height(len(samples)) - layout.margin - layout.footer + 6, cmap)

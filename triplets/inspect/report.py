@@ -5,8 +5,10 @@
     contact_sheet_000.png ...   one sheet per page of samples (see triplets.inspect.render)
     summary.json                Summary.to_dict(), validation counts, every kept problem line, sample keys
     problems.txt                one line per problem (only when there are any)
-    index.html                  with html=True: summary, problems and one row per sample with its json,
-                                images embedded as base64 data URIs, no external references
+    worst_<score>.png           the worst-k samples of each quality score (``worst`` > 0), worst first
+    index.html                  with html=True: summary, quality histograms, problems, the worst-k samples and one
+                                row per sample with its json, images embedded as base64 data URIs, no external
+                                references
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from triplets.inspect.render import COLUMNS, colorize, contact_sheets, default_tile, sample_tiles
-from triplets.inspect.summary import Summary, depth_margin
+from triplets.inspect.render import COLUMNS, colorize, contact_sheet, contact_sheets, default_tile, sample_tiles
+from triplets.inspect.summary import ScoreStats, Summary, depth_margin
 from triplets.inspect.validate import InspectResult, ValidationResult
+from triplets.quality import SCORES, quality_summary_line
 
 _BAR = "█"
 
@@ -33,6 +36,7 @@ class ReportFiles:
     """Paths written by :func:`write_report`."""
 
     sheets: list[Path] = field(default_factory=list)
+    worst: list[Path] = field(default_factory=list)
     summary_json: Path | None = None
     problems_txt: Path | None = None
     html: Path | None = None
@@ -76,6 +80,9 @@ def summary_rows(summary: Summary, validation: ValidationResult | None = None) -
             rows.append((label, f"mean {st.mean:.1f}, min {st.min:.0f}, max {st.max:.0f}"))
     if s.empty_captions:
         rows.append(("empty captions", str(s.empty_captions)))
+    if s.scored or s.unscored:
+        rows.append(("quality scores", f"{s.scored} scored, {s.unscored} without scores"
+                     + (" (add them with `cnc score`)" if s.unscored else "")))
     t = s.throughput
     if t.samples_per_second is not None:
         rows.append(("throughput", f"{t.samples_per_second:.2f} samples/s per worker "
@@ -97,6 +104,44 @@ def histogram_rows(summary: Summary, width: int = 30) -> list[tuple[str, int, st
     peak = max(h.counts) or 1
     return [(f"{lo:.0%}-{hi:.0%}", c, _BAR * round(c / peak * width))
             for lo, hi, c in zip(h.edges[:-1], h.edges[1:], h.counts)]
+
+
+_SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(counts: list[int]) -> str:
+    """Counts → one block character per bin, scaled to the largest (empty bins are spaces)."""
+    peak = max(counts) if counts else 0
+    return "".join(_SPARK[0 if not c else max(1, round(c / peak * 8))] for c in counts) if peak else ""
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def quality_rows(summary: Summary) -> list[tuple[str, str, str, str, str, str]]:
+    """``(score, n, mean, min..max, histogram over [lo, hi], good end)`` per score with values."""
+    rows = []
+    for name, st in summary.quality.items():
+        if not st.stats.n and not st.undefined:
+            continue
+        sc = SCORES[name]
+        n = str(st.stats.n) + (f" (+{st.undefined} undefined)" if st.undefined else "")
+        good = {"high": "high", "low": "low"}.get(sc.better, "-")
+        rows.append((name, n, _fmt(st.stats.mean), f"{_fmt(st.stats.min)}..{_fmt(st.stats.max)}",
+                     f"{sc.lo:g} |{sparkline(st.hist.counts)}| {sc.hi:g}", good))
+    return rows
+
+
+def bin_rows(st: ScoreStats, width: int = 30) -> list[tuple[str, int, str, str]]:
+    """``(bin, count, bar, share of samples below the bin's upper edge)`` of one score's histogram: the share is what
+    a ``min`` threshold at that edge would remove."""
+    peak, total, below = max(st.hist.counts) or 1, sum(st.hist.counts) or 1, 0
+    out = []
+    for lo, hi, c in zip(st.hist.edges[:-1], st.hist.edges[1:], st.hist.counts):
+        below += c
+        out.append((f"{lo:.2f} – {hi:.2f}", c, _BAR * round(c / peak * width), f"{below / total:.0%}"))
+    return out
 
 
 def print_report(result: InspectResult, console=None) -> None:
@@ -126,6 +171,15 @@ def print_report(result: InspectResult, console=None) -> None:
         for label, n, bar in histogram_rows(result.summary):
             hist.add_row(label, str(n), bar)
         console.print(hist)
+    rows = quality_rows(result.summary)
+    if rows:
+        q = Table(title="Quality scores (10 bins each; details in index.html / summary.json)")
+        for col, just in (("score", "left"), ("samples", "right"), ("mean", "right"), ("range", "right"),
+                          ("histogram", "left"), ("good", "left")):
+            q.add_column(col, justify=just, no_wrap=col in ("score", "histogram"))
+        for row in rows:
+            q.add_row(*row)
+        console.print(q)
 
 
 def _data_uri(img: Image.Image | np.ndarray) -> str:
@@ -168,6 +222,32 @@ def html_report(result: InspectResult, *, tile: int | None = None, cmap: str = "
         parts.append("<h2>Mask area</h2><table><tr><th>area</th><th>samples</th><th></th></tr>")
         parts += [f"<tr><td>{e(a)}</td><td>{n}</td><td>{bar}</td></tr>" for a, n, bar in histogram_rows(result.summary)]
         parts.append("</table>")
+    if quality_rows(result.summary):
+        parts.append("<h2>Quality scores</h2><p>Each table is one score's histogram; <i>below</i> is the share of "
+                     "scored samples under the bin's upper edge, i.e. what <code>--where 'SCORE&gt;=EDGE'</code> "
+                     "would remove (for a low-is-good score, <code>SCORE&lt;=EDGE</code> removes the rest).</p>")
+        for name, st in result.summary.quality.items():
+            if not st.stats.n:
+                continue
+            sc = SCORES[name]
+            good = {"high": "higher is better", "low": "lower is better"}.get(sc.better, "no good end")
+            parts.append(f"<h3 id='q-{e(name)}'>{e(name)}</h3><p>{e(sc.doc)} ({good}); mean "
+                         f"{_fmt(st.stats.mean)}, {st.stats.n} samples"
+                         + (f", {st.undefined} undefined" if st.undefined else "") + "</p>"
+                         "<table><tr><th>bin</th><th>samples</th><th></th><th>below</th></tr>")
+            parts += [f"<tr><td>{e(b)}</td><td>{c}</td><td>{bar}</td><td>{below}</td></tr>"
+                      for b, c, bar, below in bin_rows(st)]
+            parts.append("</table>")
+    if result.worst:
+        size_w = tile or default_tile(next(iter(result.worst.values()))[0][1].image.shape[0])
+        parts.append("<h2>Worst samples per score</h2>")
+        for name, items in result.worst.items():
+            parts.append(f"<h3>worst {len(items)} by {e(name)}</h3>")
+            for value, s in items:
+                strip = _data_uri(_row_strip(sample_tiles(s, cmap), size_w))
+                parts.append(f"<div class='sample'><img src='{strip}' alt='{e(s.key)}'><div class='meta'>"
+                             f"<b class='bad'>{e(name)} {value:.3f}</b> · <b>{e(s.key)}</b> · "
+                             f"{e(quality_summary_line(s.meta))}<br>{e(s.caption)}</div></div>")
     v = result.validation
     parts.append(f"<h2>Problems ({v.problem_count})</h2>")
     if v.problems:
@@ -185,7 +265,8 @@ def html_report(result: InspectResult, *, tile: int | None = None, cmap: str = "
         strip = _data_uri(_row_strip(sample_tiles(s, cmap), size))
         parts.append(f"<div class='sample' id='{e(s.key)}'><img src='{strip}' alt='{e(s.key)}'>"
                      f"<div class='meta'><b>{e(s.key)}</b> · mask {s.mask.mean():.1%} · "
-                     f"<span{cls}>{order}</span><br>{e(s.caption)}</div><details><summary>json</summary><pre>"
+                     f"<span{cls}>{order}</span> · {e(quality_summary_line(s.meta))}<br>{e(s.caption)}</div>"
+                     "<details><summary>json</summary><pre>"
                      f"{e(json.dumps(s.meta, indent=1, sort_keys=True, ensure_ascii=False))}</pre></details></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -201,10 +282,20 @@ def write_report(result: InspectResult, out_dir: str | Path, *, html: bool = Fal
         path = out / f"contact_sheet_{i:03d}.png"
         sheet.save(path, optimize=True)
         files.sheets.append(path)
+    for name, items in result.worst.items():
+        if not items:
+            continue
+        sheet = contact_sheet([s for _, s in items], tile=tile, cmap=cmap,
+                              labels=[f"{name} {value:.3f}" for value, _ in items])
+        path = out / f"worst_{name}.png"
+        sheet.save(path, optimize=True)
+        files.worst.append(path)
     v = result.validation
     data = {"ok": v.ok, "shards": len(v.shards), "samples": v.nsamples, "problem_count": v.problem_count,
             "error_count": v.error_count, "problems": [str(p) for p in v.problems],
-            "summary": result.summary.to_dict(), "shown": [s.key for s in result.samples]}
+            "summary": result.summary.to_dict(), "shown": [s.key for s in result.samples],
+            "worst": {name: [{"key": s.key, "value": value} for value, s in items]
+                      for name, items in result.worst.items()}}
     files.summary_json = out / "summary.json"
     files.summary_json.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     if v.problems:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from triplets.quality import SCORES, has_quality, score_value
 from triplets.sample import DEPTH_MAX, TripletSample
 
 _DIGITS = re.compile(r"\d+(\.\d+)?")
@@ -124,6 +125,37 @@ class DepthOrder:
         return self.fg_nearer / self.n if self.n else None
 
 
+@dataclass
+class ScoreStats:
+    """Distribution of one quality score (see :data:`triplets.quality.SCORES`): histogram over the score's range
+    (10 bins; values outside go to the end bins), running statistics, and samples where it is undefined."""
+
+    hist: Histogram
+    stats: RunningStats = field(default_factory=RunningStats)
+    undefined: int = 0
+
+    @classmethod
+    def for_score(cls, name: str) -> ScoreStats:
+        sc = SCORES[name]
+        return cls(Histogram.uniform(sc.lo, sc.hi, 10))
+
+    def add(self, v: float | None) -> None:
+        if v is None:
+            self.undefined += 1
+            return
+        self.hist.add(v)
+        self.stats.add(v)
+
+    def merge(self, other: ScoreStats) -> None:
+        self.hist.merge(other.hist)
+        self.stats.merge(other.stats)
+        self.undefined += other.undefined
+
+
+def _quality_stats() -> dict[str, ScoreStats]:
+    return {name: ScoreStats.for_score(name) for name in SCORES}
+
+
 def _first_number(d: dict, keys: tuple[str, ...]) -> float | None:
     for k in keys:
         v = d.get(k)
@@ -194,6 +226,8 @@ class Summary:
         depth_order: foreground-nearer-than-background check inside the mask.
         caption_chars / caption_words: caption length; ``empty_captions`` counts blank ones.
         throughput: build speed from the stats markers.
+        quality: score name → :class:`ScoreStats` over the samples that carry ``quality``; ``unscored`` counts
+            the samples without it (shards built before scoring).
     """
 
     shards: int = 0
@@ -209,6 +243,19 @@ class Summary:
     caption_words: RunningStats = field(default_factory=RunningStats)
     empty_captions: int = 0
     throughput: Throughput = field(default_factory=Throughput)
+    quality: dict[str, ScoreStats] = field(default_factory=_quality_stats)
+    unscored: int = 0
+
+    def add_quality(self, meta: dict) -> None:
+        if not has_quality(meta):
+            self.unscored += 1
+            return
+        for name, st in self.quality.items():
+            st.add(score_value(meta, name))
+
+    @property
+    def scored(self) -> int:
+        return max((st.stats.n + st.undefined for st in self.quality.values()), default=0)
 
     def add_sample(self, s: TripletSample) -> None:
         self.samples += 1
@@ -223,6 +270,7 @@ class Summary:
         self.caption_chars.add(len(caption))
         self.caption_words.add(len(caption.split()))
         self.empty_captions += not caption
+        self.add_quality(s.meta)
 
     def add_failures(self, counts: Counter | dict) -> None:
         for k, v in counts.items():
@@ -247,6 +295,9 @@ class Summary:
         self.caption_words.merge(other.caption_words)
         self.empty_captions += other.empty_captions
         self.throughput.merge(other.throughput)
+        for name, st in other.quality.items():
+            self.quality.setdefault(name, ScoreStats.for_score(name)).merge(st)
+        self.unscored += other.unscored
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -256,6 +307,8 @@ class Summary:
         for name in ("mask_area_stats", "caption_chars", "caption_words"):
             stats = getattr(self, name)
             d[name].update(mean=stats.mean, std=stats.std)
+        for name, st in self.quality.items():
+            d["quality"][name]["stats"].update(mean=st.stats.mean, std=st.stats.std)
         return d
 
 

@@ -36,6 +36,7 @@ from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_sha
 from triplets.shardio.names import MANIFEST_FILE, PLAN_FILE, errors_for_tar, is_marker, marker_for_tar, tar_for_marker
 from triplets.shardio.tario import MAX_MEMBER_BYTES
 from triplets.inspect.summary import Summary, failure_reason, marker_count
+from triplets.quality import SCORES, score_value
 from triplets.sample import FIELDS, KEY_PATTERN, TripletSample, decode_sample, validate_meta, validate_sample
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class ScanOptions:
         keys: keep the samples with these keys instead.
         max_problems: findings kept per shard.
         max_member_bytes: members larger than this are reported and not read.
+        worst: keep the ``worst`` samples of each quality score that has a good end (lowest removal, highest
+            clip_sim...; see :data:`triplets.quality.SCORES`).
     """
 
     decode: bool = True
@@ -124,6 +127,17 @@ class ScanOptions:
     keys: frozenset[str] | None = None
     max_problems: int = 1000
     max_member_bytes: int = MAX_MEMBER_BYTES
+    worst: int = 0
+
+
+def ranked_scores() -> list[str]:
+    """Scores with a good end (the ones a worst-k list makes sense for)."""
+    return [name for name, sc in SCORES.items() if sc.better]
+
+
+def badness(name: str, value: float) -> float:
+    """Larger = worse for score ``name``."""
+    return -value if SCORES[name].better == "high" else value
 
 
 @dataclass
@@ -135,6 +149,7 @@ class ShardScan:
     key_hashes: np.ndarray
     summary: Summary
     picked: list[tuple[int, int, dict]]  # (priority, index in shard, raw sample)
+    worst: dict[str, list[tuple[float, int, dict]]] = field(default_factory=dict)  # score → (badness, hash, raw)
 
 
 @dataclass
@@ -145,6 +160,7 @@ class InspectResult:
     summary: Summary
     samples: list[TripletSample]
     missing_keys: list[str] = field(default_factory=list)
+    worst: dict[str, list[tuple[float, TripletSample]]] = field(default_factory=dict)  # score → (value, sample)
 
 
 def key_hash(key: str, seed: int | None = None) -> int:
@@ -265,6 +281,7 @@ def scan_shard(path: str, opts: ScanOptions = ScanOptions()) -> ShardScan:
         report(f"stats marker {_name(marker_for_tar(tar))} is not valid JSON: {exc}")
     hashes: list[int] = []
     heap: list[tuple[int, int, dict]] = []  # max-heap on priority through negation
+    worst: dict[str, list[tuple[float, int, dict]]] = {name: [] for name in ranked_scores()} if opts.worst else {}
     stream = TarStream(tar, on_problem=report, max_member_bytes=opts.max_member_bytes)
     try:
         for i, raw in enumerate(stream.samples()):
@@ -277,6 +294,8 @@ def scan_shard(path: str, opts: ScanOptions = ScanOptions()) -> ShardScan:
             elif opts.n > 0:
                 item = (-key_hash(raw["__key__"], opts.seed), i, raw)
                 (heapq.heappush if len(heap) < opts.n else heapq.heappushpop)(heap, item)
+            if worst:
+                _keep_worst(raw, worst, opts.worst)
         check.complete, check.sha256, check.bytes = True, stream.sha256, stream.nbytes
     except ShardReadError as exc:
         report(exc.message)
@@ -288,7 +307,22 @@ def scan_shard(path: str, opts: ScanOptions = ScanOptions()) -> ShardScan:
     if check.marker:
         summary.throughput.add_marker(check.marker)
     picked = [(-p if opts.keys is None else p, i, raw) for p, i, raw in heap]
-    return ShardScan(check, problems, np.array(hashes, dtype=np.uint64), summary, picked)
+    return ShardScan(check, problems, np.array(hashes, dtype=np.uint64), summary, picked, worst)
+
+
+def _keep_worst(raw: dict, worst: dict[str, list], k: int) -> None:
+    """Push ``raw`` into each score's min-heap of the ``k`` worst samples (ties broken by key hash)."""
+    try:
+        meta = json.loads(raw["json"])
+    except (KeyError, ValueError):
+        return
+    tie = key_hash(raw["__key__"])
+    for name, heap in worst.items():
+        v = score_value(meta, name)
+        if v is None:
+            continue
+        item = (badness(name, v), -tie, raw)
+        (heapq.heappush if len(heap) < k else heapq.heappushpop)(heap, item)
 
 
 def _duplicate_keys(scans: list[ShardScan]) -> dict[str, list[str]]:
@@ -364,7 +398,7 @@ def _scan_all(shards: list[str], opts: ScanOptions, workers: int,
 def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, seed: int = 0,
                    keys: Iterable[str] | None = None, decode: bool = True, max_shards: int | None = None,
                    workers: int = 1, max_problems: int = 1000, max_member_bytes: int = MAX_MEMBER_BYTES,
-                   progress: Callable[[ShardCheck], None] | None = None) -> InspectResult:
+                   progress: Callable[[ShardCheck], None] | None = None, worst: int = 0) -> InspectResult:
     """Validate and summarise shards and pick samples to show, in one streaming pass.
 
     Args:
@@ -378,6 +412,7 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
         max_problems: findings kept (all are counted).
         max_member_bytes: size cap of one tar member (larger ones are a finding and are not read).
         progress: called with each shard's :class:`ShardCheck` as it finishes.
+        worst: also keep the ``worst`` samples of each ranked quality score (``InspectResult.worst``).
 
     Raises:
         triplets.shardio.ShardSpecError: when ``paths`` name no tar (a :class:`~cnc.base.errors.UserError`).
@@ -388,15 +423,18 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
         shards = shards[:max_shards]
     wanted = frozenset(keys) if keys is not None else None
     opts = ScanOptions(decode=decode, n=n, seed=seed, keys=wanted, max_problems=max_problems,
-                       max_member_bytes=max_member_bytes)
+                       max_member_bytes=max_member_bytes, worst=worst)
     result, summary, scans, picked = ValidationResult(), Summary(), [], []
+    worst_raw: dict[str, list] = {}
     for si, scan in enumerate(_scan_all(shards, opts, workers, progress)):
         result.shards.append(scan.check)
         for p in scan.problems:
             result.add(p, max_problems)
         summary.merge(scan.summary)
         picked += [(prio, si, i, raw) for prio, i, raw in scan.picked]
-        scan.picked = []
+        for name, items in scan.worst.items():
+            worst_raw[name] = heapq.nlargest(worst, worst_raw.get(name, []) + items, key=lambda t: t[:2])
+        scan.picked, scan.worst = [], {}
         scans.append(scan)
     for key, where in _duplicate_keys(scans).items():
         names = ", ".join(_name(w) for w in where)
@@ -414,8 +452,16 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
         except Exception:  # reported by validation already
             continue
     missing = sorted(wanted - {s.key for s in samples}) if wanted is not None else []
+    worst_samples: dict[str, list[tuple[float, TripletSample]]] = {}
+    for name, items in worst_raw.items():
+        for _, _, raw in sorted(items, key=lambda t: t[:2], reverse=True):
+            try:
+                s = decode_sample(raw)
+            except Exception:  # noqa: BLE001 - reported by validation already
+                continue
+            worst_samples.setdefault(name, []).append((score_value(s.meta, name), s))
     log.info("inspected %d shards, %d samples, %d problems", len(shards), result.nsamples, result.problem_count)
-    return InspectResult(result, summary, samples, missing)
+    return InspectResult(result, summary, samples, missing, worst_samples)
 
 
 def validate(paths: str | Path | Sequence[str | Path], *, max_shards: int | None = None, decode: bool = True,

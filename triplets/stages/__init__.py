@@ -1,4 +1,7 @@
-"""The per-sample stages: load → segment → inpaint → depth → embed (see :mod:`triplets.builder`)."""
+"""The per-sample stages: load → segment → inpaint → depth → embed (see :mod:`triplets.builder`).
+
+The ``quality`` stage, which reuses these stages' models, lives in :mod:`triplets.quality`.
+"""
 
 from triplets.stages.base import Stage
 from triplets.stages.depth import DepthStage, DPTDepth
