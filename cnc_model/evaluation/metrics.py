@@ -16,6 +16,7 @@ the two CnC-specific measures, which no library has:
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +33,12 @@ METRICS = {
     "region_fg_to_fg_ref": True, "region_fg_to_bg_ref": False, "region_bg_to_bg_ref": True,
     "region_bg_to_fg_ref": False, "region_fg_margin": True, "region_bg_margin": True,
 }
+
+
+def inception_splits(n: int) -> int:
+    """10 splits (the usual protocol) from 1000 images on; a single split for smaller sets (a split of a few images
+    has an IS of ~1 whatever the images)."""
+    return 10 if n >= 1000 else 1
 
 
 def depth_mae(pred: np.ndarray, fg_depth: np.ndarray, bg_depth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -53,6 +60,29 @@ def depth_mae(pred: np.ndarray, fg_depth: np.ndarray, bg_depth: np.ndarray, mask
     return {"depth_mae": float(total.mean()),
             "depth_mae_fg": float(err_fg[inside].mean()) if inside.any() else float("nan"),
             "depth_mae_bg": float(err_bg[~inside].mean()) if (~inside).any() else float("nan")}
+
+
+class _ProjectedCLIP(torch.nn.Module):
+    """A ``CLIPModel`` whose ``get_image_features`` / ``get_text_features`` return the projected feature tensors.
+
+    transformers >= 5 returns a ``BaseModelOutputWithPooling`` (features in ``pooler_output``), which torchmetrics'
+    CLIPScore (1.9) does not unpack; the score itself is still computed by torchmetrics.
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
 
 
 def _nchw(images: np.ndarray) -> torch.Tensor:
@@ -96,12 +126,16 @@ class MetricSuite:
         from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 
         fid = FrechetInceptionDistance(feature=self.fid_net, normalize=False).to(self.device)
-        inception = InceptionScore(feature=self.is_net, splits=max(1, min(10, len(fake)))).to(self.device)
+        with warnings.catch_warnings():  # "will save all extracted features in buffer": expected, N is bounded
+            warnings.simplefilter("ignore", UserWarning)
+            inception = InceptionScore(feature=self.is_net, splits=inception_splits(len(fake))).to(self.device)
         for sl in _chunks(len(fake), self.batch_size):
             fid.update(_nchw(real[sl]).to(self.device), real=True)
             fid.update(_nchw(fake[sl]).to(self.device), real=False)
             inception.update(_nchw(fake[sl]).to(self.device))
-        is_mean, _ = inception.compute()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            is_mean, _ = inception.compute()  # (std of one split: "degrees of freedom <= 0")
         return {"fid": float(fid.compute()), "inception_score": float(is_mean)}
 
     def _pairwise(self, real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
@@ -117,7 +151,8 @@ class MetricSuite:
     def _clip_score(self, fake: np.ndarray, captions: Sequence[str]) -> float:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
-        metric = CLIPScore(model_name_or_path=lambda: (self.clip, self.clip_processor)).to(self.device)
+        clip = _ProjectedCLIP(self.clip)
+        metric = CLIPScore(model_name_or_path=lambda: (clip, self.clip_processor)).to(self.device)
         for sl in _chunks(len(fake), self.batch_size):
             metric.update(list(_nchw(fake[sl]).to(self.device)), list(captions[sl]))
         return float(metric.compute())
@@ -128,8 +163,7 @@ class MetricSuite:
         feats = []
         for sl in _chunks(len(images), self.batch_size):
             pixels = self.clip_processor(images=list(images[sl]), return_tensors="pt").pixel_values
-            out = self.clip.get_image_features(pixel_values=pixels.to(self.device))
-            out = out if torch.is_tensor(out) else out.pooler_output
+            out = _ProjectedCLIP._tensor(self.clip.get_image_features(pixel_values=pixels.to(self.device)))
             feats.append(torch.nn.functional.normalize(out.float(), dim=-1).cpu())
         return torch.cat(feats)
 

@@ -99,6 +99,9 @@ def check(models: MetricModels) -> list[str]:
         if not target.is_file():
             problems.append(f"{what} not found at {target}: download {url} there, or pass {OPTION} DIR with "
                             f"DIR/hub/checkpoints/{Path(url).name} ({OPTION} tiny: random stand-ins)")
+        elif not _plain_state_dict(target):
+            problems.append(f"{what} at {target} is not a plain tensor state dict (refused: torch.hub would unpickle "
+                            f"it with weights_only=False); replace it with the file from {url}")
     for what, spec in (("CLIP model (CLIPScore, region similarity)", models.clip),
                        ("depth model (depth MAE)", models.dpt)):
         try:
@@ -108,6 +111,19 @@ def check(models: MetricModels) -> list[str]:
                             f"and pass {OPTION} DIR with it in DIR/{'clip' if 'CLIP' in what else 'dpt'}/ "
                             f"({OPTION} tiny: random stand-ins)")
     return problems
+
+
+def _plain_state_dict(path: Path) -> bool:
+    """Whether ``path`` loads with ``weights_only=True``.
+
+    torch.hub (used inside torch-fidelity and torchvision) unpickles cached files with ``weights_only=False``; every
+    file is therefore checked here first, so only plain tensor state dicts ever reach it.
+    """
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any failure means "not a plain state dict"
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -162,9 +178,9 @@ def _tiny_clip(seed: int):
     return CLIPModel(config).eval(), processor
 
 
-def materialise_tiny(seed: int = 0) -> Path:
-    """Write the seeded tiny metric networks once (atomically) and return their folder."""
-    root = cache_dir() / f"metrics-tiny-v{_TINY_VERSION}-seed{seed}"
+def materialise_tiny(seed: int = 0, cache: str | Path | None = None) -> Path:
+    """Write the seeded tiny metric networks once (atomically) under ``cache`` (default :func:`cache_dir`)."""
+    root = Path(cache or cache_dir()) / f"metrics-tiny-v{_TINY_VERSION}-seed{seed}"
     if (root / "complete.json").is_file():
         return root
     import torchvision
