@@ -96,3 +96,13 @@ def tiny_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cnc-train-shards")
     build_tiny_shards(root, n_images=6, n_shards=2, resolution=64)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_metrics_cache(tmp_path_factory) -> Path:
+    """A ``CNC_CACHE_DIR`` holding the seeded tiny metric networks of ``cnc eval --metrics-models tiny``."""
+    from cnc_model.evaluation.models import materialise_tiny
+
+    root = tmp_path_factory.mktemp("cnc-cache")
+    materialise_tiny(cache=root)
+    return root
