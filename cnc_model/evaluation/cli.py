@@ -98,8 +98,8 @@ def eval_command(
         raise typer.Exit(code=2)
     try:
         samples = load_samples(shards, n)
-    except ValueError as err:
-        _fail(str(err))
+    except (ValueError, FileNotFoundError) as err:
+        _fail(f"--shards: {str(err).splitlines()[0]}")
     pipes = {label: load_pipeline_or_fail(p) for label, p in zip(_labels(paths), paths)}
     # 2. generate and score
     settings = EvalSettings(n=n, steps=steps, seeds=seed_list, guidance_scale=guidance, batch_size=batch_size,

@@ -102,14 +102,14 @@ def check(models: MetricModels) -> list[str]:
         elif not _plain_state_dict(target):
             problems.append(f"{what} at {target} is not a plain tensor state dict (refused: torch.hub would unpickle "
                             f"it with weights_only=False); replace it with the file from {url}")
-    for what, spec in (("CLIP model (CLIPScore, region similarity)", models.clip),
-                       ("depth model (depth MAE)", models.dpt)):
+    for what, spec, sub, own in (("CLIP model (CLIPScore, region similarity)", models.clip, "clip", "--clip-model"),
+                                 ("depth model (depth MAE)", models.dpt, "dpt", "--depth-model")):
         try:
             resolve_pretrained(spec, OPTION)
         except ModelUnavailableError:
             problems.append(f"{what} '{spec}' not found (not a folder, not in the Hugging Face cache): download it "
-                            f"and pass {OPTION} DIR with it in DIR/{'clip' if 'CLIP' in what else 'dpt'}/ "
-                            f"({OPTION} tiny: random stand-ins)")
+                            f"and pass {own} PATH, or {OPTION} DIR with it in DIR/{sub}/ ({OPTION} tiny: random "
+                            f"stand-ins)")
     return problems
 
 
