@@ -91,3 +91,9 @@ def test_pickled_objects_are_refused_in_the_hub_folder(tmp_path, tiny_metrics_ca
     ckpt.write_bytes(pickle.dumps(object()))
     problems = metric_models.check(metric_models.resolve(str(tmp_path / "mm")))
     assert len(problems) == 1 and "not a plain tensor state dict" in problems[0]
+
+
+def test_seed_lists():
+    from cnc_model.evaluation.cli import _parse_seeds
+
+    assert _parse_seeds("0") == [0] and _parse_seeds("0,1,2") == [0, 1, 2] and _parse_seeds("2-4,0") == [2, 3, 4, 0]

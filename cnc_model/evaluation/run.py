@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cnc_model.evaluation.metrics import METRICS, MetricSuite
 from cnc_model.evaluation.models import MetricModels
@@ -108,9 +109,7 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + f"\n\nn = {n} generated images per model.\n"
 
 
-def _tile(arr: np.ndarray, size: tuple[int, int]):
-    from PIL import Image
-
+def _tile(arr: np.ndarray, size: tuple[int, int]) -> Image.Image:
     arr = np.asarray(arr)
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
@@ -119,8 +118,6 @@ def _tile(arr: np.ndarray, size: tuple[int, int]):
 
 def make_grid(samples: Sequence, generated: dict[str, np.ndarray]):
     """Rows = samples (first seed), columns = I | fg depth | bg depth | M | one image per model."""
-    from PIL import Image
-
     rows = samples[:GRID_ROWS]
     h, w = samples[0].image.shape[:2]
     cols = 4 + len(generated)
@@ -150,8 +147,6 @@ def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSett
         generated[label] = images
         folder = out / "images" / label
         folder.mkdir(parents=True, exist_ok=True)
-        from PIL import Image
-
         for j, image in enumerate(images):
             seed, i = settings.seeds[j // len(samples)], j % len(samples)
             Image.fromarray(image).save(folder / f"{samples[i].key}_s{seed}.png")
