@@ -7,7 +7,7 @@ DEMO_OUT ?= out/demo$(if $(filter tiny,$(MODELS)),-tiny,)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint bench clean
+.PHONY: help install demo test lint bench clean
 
 help: ## List the targets.
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -29,7 +29,10 @@ demo: install ## Build triplet shards from examples/ (MODELS=default: real weigh
 	  || { status=$$?; [ "$(MODELS)" = "tiny" ] || echo "No weights or no network? Run the whole path with tiny models: make demo MODELS=tiny"; exit $$status; }
 	$(BIN)/cnc inspect $(DEMO_OUT) --n 8 --out $(DEMO_OUT)/inspect --html
 
-test: install ## Run the test suite (no network, CPU only).
+lint: install ## Lint with ruff (configured in pyproject.toml).
+	$(BIN)/ruff check .
+
+test: lint ## Lint, then run the test suite (no network, CPU only).
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install ## CPU throughput benchmark of the shard builder (tiny models).

@@ -91,7 +91,7 @@ def plain_loop(cfg, src: Path, out: Path) -> dict:
     from pipelines.plan import make_plan
     from triplets.builder import TripletBuilder, resolve_models
     from triplets.readers import read_items
-    from triplets.shards import write_shard
+    from triplets.shardio import write_shard
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def ray_build(config: Path, src: Path, out: Path, overrides: list[str], workers:
 
 
 def shas(folder: Path) -> dict[str, str]:
-    from triplets.shards import file_sha256
+    from triplets.shardio import file_sha256
 
     return {p.name: file_sha256(p) for p in sorted(folder.glob("*.tar"))}
 

@@ -27,6 +27,38 @@ def _root(
     setup_logging("DEBUG" if verbose else "INFO")
 
 
+def user_errors_exit_2(fn):
+    """Wrap a command: a :class:`~cnc.base.errors.UserError` becomes one log line per problem and exit status 2.
+
+    This is the one place where user errors meet the command line (every command is wrapped by
+    :func:`_register_all`), so no command prints a traceback for input the user controls.
+    """
+    import functools
+    import logging
+
+    from cnc.base.errors import UserError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                logging.getLogger("cnc").error("%s", line)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _wrap_commands(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        if info.callback is not None and not getattr(info.callback, "__wrapped__", None):
+            info.callback = user_errors_exit_2(info.callback)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _wrap_commands(group.typer_instance)
+
+
 def _register_all() -> None:
     from triplets.cli import register as register_triplets
     from pipelines.cli import register as register_pipelines
@@ -35,6 +67,7 @@ def _register_all() -> None:
 
     for register in (register_pipelines, register_triplets, register_model, register_jobs):
         register(app)
+    _wrap_commands(app)
 
 
 _register_all()

@@ -9,16 +9,23 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+
+from cnc.base.errors import UserError
+from cnc.base.location import Location, resolve
 
 T = TypeVar("T", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid (message names the key)."""
+
+
+#: A seed every consumer accepts: ``numpy.random.seed`` (accelerate's ``set_seed``) takes 0 .. 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="random seed, 0 .. 2**32 - 1")]
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
@@ -65,7 +72,16 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        except OSError as exc:
+            raise ConfigError(f"{p}: unreadable ({exc.strerror or exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded
@@ -88,10 +104,6 @@ def config_hash(cfg: BaseModel | dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_config(cfg: BaseModel, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from triplets.shards import atomic_write_bytes
-
-    return atomic_write_bytes(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())
+def save_config(cfg: BaseModel, path: str | Path | Location) -> Location:
+    """Write the resolved config as YAML (atomically; a local path or an fsspec URL) and return its location."""
+    return resolve(path).write_bytes(yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())

@@ -103,14 +103,19 @@ class SoftGuidanceAttnProcessor:
         num_text_tokens: T, text tokens at the start of the context (77).
         tokens_per_reference: N, tokens per reference image (4); the context has ``T + 2N`` keys.
         resize_mode: how the mask is brought to each layer's grid, one of :data:`RESIZE_MODES`.
+        fp32_logits: when the model runs in fp16/bf16, compute the logits ``Q K^T / sqrt(d)`` (from fp32 Q and K, with
+            autocast off) and the softmax in fp32, then multiply the probabilities (cast back) with V -- the
+            reference's ``_ATTN_PRECISION = "fp32"``. fp32 models are unaffected (SDPA already works in fp32).
     """
 
-    def __init__(self, num_text_tokens: int = 77, tokens_per_reference: int = 4, resize_mode: str = "reference"):
+    def __init__(self, num_text_tokens: int = 77, tokens_per_reference: int = 4, resize_mode: str = "reference",
+                 fp32_logits: bool = False):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize_mode {resize_mode!r}; valid: {RESIZE_MODES}")
         self.num_text_tokens = num_text_tokens
         self.tokens_per_reference = tokens_per_reference
         self.resize_mode = resize_mode
+        self.fp32_logits = fp32_logits
 
     def _soft_mask(self, soft_guidance_mask, query_len: int, batch: int, num_keys: int, device) -> torch.Tensor:
         expected = self.num_text_tokens + 2 * self.tokens_per_reference
@@ -175,8 +180,11 @@ class SoftGuidanceAttnProcessor:
             key = attn.norm_k(key)
 
         # Text columns are always visible, so no row is fully masked and the softmax never sees an all -inf row.
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        if self.fp32_logits and query.dtype != torch.float32:
+            hidden_states = fp32_logits_attention(query, key, value, attention_mask, attn.scale)
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -186,11 +194,28 @@ class SoftGuidanceAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def fp32_logits_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention with fp32 logits and softmax: ``(B, h, Q, d)``, ``(B, h, K, d)`` x2 -> ``(B, h, Q, d)`` in
+    ``value.dtype``. ``attention_mask``: boolean (True = attend) or additive, broadcastable to ``(B, h, Q, K)``;
+    hidden entries get ``-finfo(float32).max`` as in the reference."""
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale  # (B, h, Q, K)
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                logits = logits.masked_fill(~attention_mask, -torch.finfo(torch.float32).max)
+            else:
+                logits = logits + attention_mask.float()
+        probs = logits.softmax(dim=-1)
+    return torch.matmul(probs.to(value.dtype), value)
+
+
 def install_soft_guidance(
     *models,
     num_text_tokens: int = 77,
     tokens_per_reference: int = 4,
     resize_mode: str = "reference",
+    fp32_logits: bool = False,
 ) -> SoftGuidanceAttnProcessor:
     """Install one :class:`SoftGuidanceAttnProcessor` on **every** attention layer of each model.
 
@@ -199,7 +224,7 @@ def install_soft_guidance(
     ``enable_xformers_memory_efficient_attention`` / ``set_default_attn_processor`` / ``fuse_qkv_projections``
     afterwards: they replace the processors.
     """
-    processor = SoftGuidanceAttnProcessor(num_text_tokens, tokens_per_reference, resize_mode)
+    processor = SoftGuidanceAttnProcessor(num_text_tokens, tokens_per_reference, resize_mode, fp32_logits)
     for model in models:
         if model is not None:
             model.set_attn_processor(processor)

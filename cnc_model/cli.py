@@ -202,31 +202,40 @@ def export(
 
 def _load_shard_sample(spec: str):
     """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (exits with one line when absent)."""
+    from cnc.base.location import resolve
     from triplets.sample import decode_sample
-    from triplets.shards import iter_raw_samples
+    from triplets.shardio import TarStream
 
     if "#" not in spec:
         _fail(f"--shard-sample takes TAR#KEY, got {spec!r}")
     tar, key = spec.rsplit("#", 1)
-    if not Path(tar).is_file():
+    if not resolve(tar).isfile():
         _fail(f"shard not found: {tar}")
-    for raw in iter_raw_samples(tar):
+    for raw in TarStream(tar).samples():
         if raw["__key__"] == key:
             return decode_sample(raw)
     _fail(f"no sample with key {key!r} in {tar}")
 
 
 def convert_reference(
-    checkpoint: Path = typer.Argument(..., help="Reference checkpoint (cnc_v1.ckpt or .safetensors)."),
+    checkpoint: Path = typer.Argument(
+        ..., help="Reference checkpoint: cnc_v1.ckpt, a stage-1 (local) or stage-2 (global) Lightning checkpoint, "
+                  "Uni-ControlNet's uni.ckpt, or a .safetensors of one."),
     output_dir: Path = typer.Argument(..., help="Output folder."),
     base_model: str = typer.Option(None, "--base-model",
-                                   help="Diffusers SD 1.5 folder or hub id; writes a complete CnC pipeline."),
+                                   help="Diffusers SD 1.5 folder or hub id; checks the checkpoint's base UNet "
+                                        "against it and writes a complete CnC pipeline."),
+    check_base: bool = typer.Option(True, "--check-base/--no-check-base",
+                                    help="Fail when the checkpoint's model.diffusion_model.* differs from "
+                                         "--base-model."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the new fg/bg depth stems (uni.ckpt only)."),
 ) -> None:
-    """Convert the released CnC weights into local_fuser/ + global_fuser/ (and a full pipeline with --base-model)."""
+    """Convert reference weights into local_fuser/ and/or global_fuser/ (and a full pipeline with --base-model)."""
     from cnc_model.convert import ConversionError, convert_reference_checkpoint
 
     try:
-        convert_reference_checkpoint(checkpoint, output_dir, base_model=base_model)
+        convert_reference_checkpoint(checkpoint, output_dir, base_model=base_model, check_base=check_base,
+                                     seed=seed)
     except (ConversionError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"converted {checkpoint} -> {output_dir}")

@@ -24,6 +24,19 @@ with ``b = (i - 1) // (layers_per_block + 1)``, ``l = (i - 1) % (layers_per_bloc
 ``in_layers.0 -> norm1``, ``in_layers.2 -> conv1``, ``emb_layers.1 -> time_emb_proj``, ``out_layers.0 -> norm2``,
 ``out_layers.3 -> conv2``, ``skip_connection -> conv_shortcut``, ``norm_in -> norm1`` and ``norm_out -> norm2`` (FDN).
 The global fuser keys load unchanged.
+
+Accepted checkpoints (:func:`detect_layout`):
+
+* ``cnc`` -- the released ``cnc_v1.ckpt`` (stage 3): both fusers.
+* ``local`` / ``global`` -- the reference's stage-1 / stage-2 Lightning checkpoints: one fuser each.
+* ``uni`` -- Uni-ControlNet's ``uni.ckpt``: its local adapter (``local_adapter.*``, same layout, trained FDN,
+  attention, extractors and zero convs) initialises the local fuser as the reference's ``init_local_fromuni`` does:
+  every name/shape match is copied; Uni's 21-channel ``feature_extractor.pre_extractor`` is dropped and the CnC
+  ``fg_extractor`` / ``bg_extractor`` stems are new (default ``nn.Conv2d`` init, seeded). Uni's own
+  ``global_adapter.*`` (a different network) is ignored.
+
+When the checkpoint holds the frozen UNet (``model.diffusion_model.*``) and a base model is given, its weights are
+compared with the base UNet (via diffusers' own LDM -> diffusers key map) and every differing key is named.
 """
 
 from __future__ import annotations
@@ -53,6 +66,12 @@ _RESNET_RENAMES = (
     ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut."),
     ("norm_in.", "norm1."), ("norm_out.", "norm2."),
 )
+
+
+UNET_PREFIX = "model.diffusion_model."
+#: Uni-ControlNet's 21-channel (7 conditions x 3) depth-free stem, replaced by CnC's fg/bg stems.
+UNI_PRE_EXTRACTOR = "feature_extractor.pre_extractor."
+LAYOUTS = ("cnc", "local", "global", "uni")
 
 
 class ConversionError(ValueError):
@@ -128,8 +147,78 @@ def local_key_to_reference(key: str, layers_per_block: int = 2) -> str:
     return f"{LOCAL_PREFIX}input_blocks.{i}.0.{res(rest)}"
 
 
+def unet_key_to_reference(key: str, layers_per_block: int = 2) -> str:
+    """``UNet2DConditionModel`` key -> LDM key (with ``model.diffusion_model.``); inverse of diffusers'
+    ``convert_ldm_unet_checkpoint`` for SD-style UNets (used to write reference-layout test checkpoints)."""
+    simple = {"conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+    for old, new in simple.items():
+        if key.startswith(old):
+            return UNET_PREFIX + new + key[len(old):]
+    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)", key)
+    if m is None:
+        return UNET_PREFIX + local_key_to_reference(key, layers_per_block)[len(LOCAL_PREFIX):]
+    block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+    per = layers_per_block + 1
+    if kind == "upsamplers":
+        raise KeyError(f"{key}: use unet_state_dict_to_reference (the upsampler index depends on the block)")
+    i = block * per + layer
+    if kind == "attentions":
+        return f"{UNET_PREFIX}output_blocks.{i}.1.{rest}"
+    return f"{UNET_PREFIX}output_blocks.{i}.0.{_resnet_to_reference(rest)}"
+
+
+def _resnet_to_reference(rest: str) -> str:
+    """Diffusers ResNet sub-key -> LDM ``ResBlock`` sub-key."""
+    table = {"conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.", "conv2.": "out_layers.3.",
+             "conv_shortcut.": "skip_connection.", "norm1.": "in_layers.0.", "norm2.": "out_layers.0."}
+    old = next(o for o in table if rest.startswith(o))
+    return table[old] + rest[len(old):]
+
+
+def unet_state_dict_to_reference(state: Mapping[str, torch.Tensor], layers_per_block: int = 2) -> dict:
+    """A whole diffusers UNet state dict -> LDM keys (``model.diffusion_model.*``), upsamplers included."""
+    out = {}
+    blocks_with_attn = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    for key, value in state.items():
+        if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            block = int(m[1])
+            i = block * (layers_per_block + 1) + layers_per_block
+            slot = 2 if block in blocks_with_attn else 1
+            out[f"{UNET_PREFIX}output_blocks.{i}.{slot}.conv.{m[2]}"] = value
+        else:
+            out[unet_key_to_reference(key, layers_per_block)] = value
+    return out
+
+
+def compare_base_unet(state: Mapping[str, torch.Tensor], unet: torch.nn.Module) -> list[str]:
+    """Keys (diffusers names) where the checkpoint's ``model.diffusion_model.*`` differs from ``unet``.
+
+    The LDM keys are mapped with diffusers' ``convert_ldm_unet_checkpoint``; values are compared exactly in the base
+    UNet's dtype. Keys missing from the checkpoint are reported as ``KEY (missing)``. Returns ``[]`` when equal.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    ldm = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    converted = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    differ = []
+    for key, ref in unet.state_dict().items():
+        theirs = converted.get(key)
+        if theirs is None:
+            differ.append(f"{key} (missing)")
+        elif theirs.shape != ref.shape:
+            differ.append(f"{key} (shape {tuple(theirs.shape)} vs {tuple(ref.shape)})")
+        elif not torch.equal(theirs.to(ref.dtype), ref):
+            differ.append(key)
+    return differ
+
+
 def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``; unwraps ``state_dict``."""
+    """Load a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``; unwraps ``state_dict``.
+
+    Lightning checkpoints keep their weights under ``state_dict``; the rest (optimizer states, loops, callbacks) is
+    plain containers and tensors that a safe load accepts. When it holds other Python objects (e.g. hyper-parameter
+    classes) the load is refused and the message names them.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -140,9 +229,16 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001 - the listing is best effort; the message stays useful without it
+            names = []
+        what = f"these Python objects: {', '.join(names)}" if names else f"non-tensor objects ({err})"
         raise ConversionError(
-            f"{path} contains non-tensor objects that a safe (weights_only) load refuses: {err}. Re-save its "
-            "state_dict as safetensors in a trusted environment and convert that file instead.") from err
+            f"{path} holds {what}, which a safe (weights_only=True) load refuses (Lightning metadata such as "
+            "hyper-parameters). If you trust the file, re-save only its state_dict, e.g. "
+            "`torch.save(torch.load(F, weights_only=False)['state_dict'], 'weights.ckpt')` or as safetensors, "
+            "and convert that file.") from None
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):
@@ -150,8 +246,23 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """``cnc`` (both fusers), ``local`` (stage 1), ``global`` (stage 2) or ``uni`` (Uni-ControlNet ``uni.ckpt``)."""
+    if any(k.startswith(LOCAL_PREFIX + UNI_PRE_EXTRACTOR) for k in state):
+        return "uni"
+    has_local = any(k.startswith(LOCAL_PREFIX) for k in state)
+    has_global = any(k.startswith(GLOBAL_PREFIX) for k in state)
+    if has_local and has_global:
+        return "cnc"
+    if has_local or has_global:
+        return "local" if has_local else "global"
+    raise ConversionError(f"not a CnC checkpoint: no '{LOCAL_PREFIX}*' or '{GLOBAL_PREFIX}*' keys")
+
+
 def split_reference_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """-> ``(local, global)`` with prefixes stripped; SD parts and schedule buffers are dropped.
+    """-> ``(local, global)`` with prefixes stripped (either may be empty); SD parts and schedule buffers are dropped.
+
+    For a ``uni`` layout the global part (Uni-ControlNet's own global adapter) is dropped.
 
     Raises:
         ConversionError: keys with an unknown prefix, or no fuser keys at all.
@@ -162,9 +273,9 @@ def split_reference_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict,
                and k not in SCHEDULE_KEYS]
     if unknown:
         raise ConversionError(f"{len(unknown)} unmatched keys with unknown prefixes: {_preview(unknown)}")
-    if not local or not glob:
-        raise ConversionError(f"not a CnC checkpoint: {len(local)} '{LOCAL_PREFIX}*' and {len(glob)} "
-                              f"'{GLOBAL_PREFIX}*' keys (both are required)")
+    if detect_layout(state) == "uni":
+        logger.info("uni.ckpt layout: Uni-ControlNet's global adapter (%d keys) is not used", len(glob))
+        glob = {}
     return local, glob
 
 
@@ -187,12 +298,16 @@ def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
     module.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def convert_local_fuser(local: dict[str, torch.Tensor], config: dict | None = None):
+def convert_local_fuser(local: dict[str, torch.Tensor], config: dict | None = None, seed: int = 0):
     """Reference local-fuser weights (prefix stripped) -> a loaded ``LocalFuser``.
 
     ``config``: ``LocalFuser`` config (default SD 1.5); ``inject_channels`` and ``conditioning_channels`` are read from
-    the weights.
+    the weights. Uni-ControlNet weights (with ``feature_extractor.pre_extractor.*``) keep everything but that stem;
+    the fg/bg depth stems are new, default-initialised after ``torch.manual_seed(seed)`` (``conditioning_channels``
+    then comes from ``config``, default 3).
     """
+    uni = [k for k in local if k.startswith(UNI_PRE_EXTRACTOR)]
+    local = {k: v for k, v in local.items() if not k.startswith(UNI_PRE_EXTRACTOR)}
     from cnc_model.models.local_fuser import LocalFuser
 
     config = dict(config or {})
@@ -202,6 +317,8 @@ def convert_local_fuser(local: dict[str, torch.Tensor], config: dict | None = No
         config["inject_channels"] = [int(local[k].shape[0]) for k in zero]
     if "feature_extractor.fg_extractor.0.weight" in local:
         config["conditioning_channels"] = int(local["feature_extractor.fg_extractor.0.weight"].shape[1])
+    if uni:
+        torch.manual_seed(seed)
     fuser = LocalFuser(**config)
     lpb = fuser.config.layers_per_block
     renamed, unmatched = {}, []
@@ -210,6 +327,15 @@ def convert_local_fuser(local: dict[str, torch.Tensor], config: dict | None = No
         (unmatched.append(LOCAL_PREFIX + key) if new is None else renamed.__setitem__(new, value))
     if unmatched:
         raise ConversionError(f"local fuser: {len(unmatched)} unmatched keys: {_preview(unmatched)}")
+    if uni:
+        stems = {k: v for k, v in fuser.state_dict().items()
+                 if k.startswith(("depth_extractor.fg_extractor.", "depth_extractor.bg_extractor."))}
+        clash = sorted(set(stems) & set(renamed))
+        if clash:
+            raise ConversionError(f"uni.ckpt layout with CnC depth stems as well: {_preview(clash)}")
+        renamed.update(stems)
+        logger.info("Uni-ControlNet init: dropped %d pre_extractor tensors; %d fg/bg stem tensors are new",
+                    len(uni), len(stems))
     _load_exact(fuser, renamed, "local fuser")
     return fuser
 
@@ -231,45 +357,101 @@ def convert_global_fuser(glob: dict[str, torch.Tensor], cross_attention_dim: int
     return fuser
 
 
+def _base_config(unet) -> dict:
+    from cnc_model.models.local_fuser import LocalFuser
+
+    derived = LocalFuser.from_unet(unet, load_weights_from_unet=False).config
+    return {k: v for k, v in derived.items() if not k.startswith("_")}
+
+
+def check_base_weights(state: Mapping[str, torch.Tensor], unet, base_name: str) -> None:
+    """Raise :class:`ConversionError` naming the keys where the checkpoint's frozen UNet differs from ``unet``.
+
+    Checkpoints without ``model.diffusion_model.*`` keys (a bare state dict of the fusers) pass with a log line.
+    """
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        logger.info("checkpoint has no %s* weights: base UNet not compared", UNET_PREFIX)
+        return
+    differ = compare_base_unet(state, unet)
+    if differ:
+        raise ConversionError(
+            f"the checkpoint's base UNet ({UNET_PREFIX}*) differs from {base_name} in {len(differ)} of "
+            f"{len(unet.state_dict())} tensors: {_preview(differ, 10)}; use the SD base it was trained on "
+            "(or --no-check-base to convert anyway)")
+    logger.info("checkpoint's base UNet equals %s", base_name)
+
+
 def convert_reference_checkpoint(
     checkpoint: str | Path | Mapping[str, torch.Tensor],
     output_dir: str | Path,
     base_model: str | Path | None = None,
     local_fuser_config: dict | None = None,
+    check_base: bool = True,
+    seed: int = 0,
 ) -> Path:
-    """Convert ``cnc_v1.ckpt`` into ``output_dir``.
+    """Convert a reference checkpoint (``cnc_v1.ckpt``, a stage-1 / stage-2 checkpoint or ``uni.ckpt``).
 
-    Always writes ``local_fuser/`` and ``global_fuser/`` (``save_pretrained``: config.json + safetensors). With
-    ``base_model`` (a local diffusers SD 1.5 folder with ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and
-    ``scheduler`` subfolders, or a hub id) it writes a complete :class:`~cnc_model.pipeline_cnc.CnCPipeline` folder
-    (model_index.json, DDIM scheduler) loadable with ``CnCPipeline.from_pretrained(output_dir)``; the local fuser's
-    architecture is then derived from the base UNet's config.
+    Writes ``local_fuser/`` and/or ``global_fuser/`` (``save_pretrained``: config.json + safetensors), whichever the
+    checkpoint holds. With ``base_model`` (a local diffusers SD 1.5 folder with ``vae``, ``text_encoder``,
+    ``tokenizer``, ``unet`` and ``scheduler`` subfolders, or a hub id) the local fuser's architecture is derived from
+    the base UNet, the checkpoint's ``model.diffusion_model.*`` weights are compared with it (``check_base``), and a
+    complete :class:`~cnc_model.pipeline_cnc.CnCPipeline` folder is written (model_index.json, DDIM scheduler;
+    a missing fuser is ``None``), loadable with ``CnCPipeline.from_pretrained(output_dir)``. ``seed`` seeds the new
+    fg/bg depth stems of a ``uni.ckpt`` conversion.
 
     Raises:
-        ConversionError: unmatched, missing or mis-shaped keys (named in the message).
+        ConversionError: unmatched, missing or mis-shaped keys, or base weights that differ (named in the message).
     """
     state = load_reference_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else dict(checkpoint)
+    layout = detect_layout(state)
     local, glob = split_reference_state_dict(state)
     output_dir = Path(output_dir)
     unet = None
     if base_model is not None:
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+        except (OSError, ValueError) as err:
+            raise ConversionError(f"base model '{base_model}' (--base-model) could not be loaded as a diffusers SD "
+                                  f"folder or hub id: {str(err).splitlines()[0]}") from None
+        if check_base:
+            check_base_weights(state, unet, str(base_model))
         if local_fuser_config is None:
-            from cnc_model.models.local_fuser import LocalFuser
-
-            derived = LocalFuser.from_unet(unet, load_weights_from_unet=False).config
-            local_fuser_config = {k: v for k, v in derived.items() if not k.startswith("_")}
-    local_fuser = convert_local_fuser(local, local_fuser_config)
-    global_fuser = convert_global_fuser(glob, cross_attention_dim=local_fuser.config.cross_attention_dim)
+            local_fuser_config = _base_config(unet)
+    local_fuser = convert_local_fuser(local, local_fuser_config, seed=seed) if local else None
+    cross_dim = (local_fuser.config.cross_attention_dim if local_fuser is not None
+                 else unet.config.cross_attention_dim if unet is not None
+                 else (local_fuser_config or {}).get("cross_attention_dim"))
+    global_fuser = convert_global_fuser(glob, cross_attention_dim=cross_dim) if glob else None
+    logger.info("checkpoint layout %r: local fuser %s, global fuser %s", layout,
+                "converted" if local_fuser is not None else "absent", "converted" if global_fuser else "absent")
     if base_model is None:
-        local_fuser.save_pretrained(output_dir / "local_fuser")
-        global_fuser.save_pretrained(output_dir / "global_fuser")
-        logger.info("wrote local_fuser/ and global_fuser/ to %s (no --base-model: SD parts not written)", output_dir)
+        for name, module in (("local_fuser", local_fuser), ("global_fuser", global_fuser)):
+            if module is not None:
+                module.save_pretrained(output_dir / name)
+        logger.info("wrote the fusers to %s (no --base-model: SD parts not written)", output_dir)
         return output_dir
     _save_pipeline(base_model, unet, local_fuser, global_fuser, output_dir)
     return output_dir
+
+
+def local_fuser_from_reference(path: str | Path, unet, conditioning_channels: int = 3, check_base: bool = True,
+                               seed: int = 0):
+    """A ``LocalFuser`` for ``unet`` initialised from a reference checkpoint holding ``local_adapter.*`` (``uni.ckpt``
+    or a stage-1 / CnC checkpoint), as the reference's ``init_local_fromuni``; the base UNet is checked first.
+
+    Raises:
+        ConversionError: no local adapter in the file, differing base weights, or mismatching keys.
+    """
+    state = load_reference_state_dict(path)
+    local, _ = split_reference_state_dict(state)
+    if not local:
+        raise ConversionError(f"{path} holds no '{LOCAL_PREFIX}*' weights (layout {detect_layout(state)!r})")
+    if check_base:
+        check_base_weights(state, unet, "the base model")
+    config = dict(_base_config(unet), conditioning_channels=conditioning_channels)
+    return convert_local_fuser(local, config, seed=seed)
 
 
 def _save_pipeline(base_model, unet, local_fuser, global_fuser, output_dir: Path) -> None:

@@ -31,7 +31,6 @@ Batch (``R`` = resolution, ``E`` = CLIP embedding width, ``C`` = ``depth_channel
 
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import random
@@ -45,7 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
+from cnc.base.errors import UserError
 from triplets.sample import TripletSample, decode_sample, validate_sample
+from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards
+from triplets.shardio.names import marker_for_tar
 
 logger = logging.getLogger(__name__)
 
@@ -55,79 +57,8 @@ META_KEY = "__meta__"
 
 
 # ----------------------------------------------------------------------------------------------------- shard URLs
-def _marker_url(url: str) -> str:
-    """``…/000123.tar`` -> ``…/000123_stats.json`` (the build's per-shard completion marker)."""
-    return url[: -len(".tar")] + "_stats.json" if url.endswith(".tar") else url + "_stats.json"
-
-
-def _expand_one(spec: str) -> list[str]:
-    """One brace-free spec (file, glob, build folder; local or any fsspec URL) -> shard URLs."""
-    if spec.startswith("pipe:"):
-        return [spec]
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, path = fsspec.core.url_to_fs(spec)
-    local = isinstance(fs, LocalFileSystem)
-
-    def url(p: str) -> str:
-        return p if local else fs.unstrip_protocol(p)
-
-    if glob.has_magic(path):
-        return [url(p) for p in sorted(fs.glob(path)) if fs.isfile(p)]
-    if fs.isdir(path):
-        tars = sorted(p for p in fs.glob(path.rstrip("/") + "/*.tar"))
-        done = [p for p in tars if fs.exists(_marker_url(p))]
-        if len(done) < len(tars):
-            logger.warning("%s: %d of %d shards have no _stats.json marker (unfinished build?); they are not used",
-                           spec, len(tars) - len(done), len(tars))
-        if not done:
-            raise FileNotFoundError(f"build folder {spec} has no finished shards (*.tar with a _stats.json marker); "
-                                    f"pass the tars explicitly (e.g. '{spec.rstrip('/')}/*.tar') to use them anyway")
-        return [url(p) for p in done]
-    if fs.exists(path):
-        return [url(path)]
-    raise FileNotFoundError(f"no such shard, folder or glob: {spec}")
-
-
-def expand_shard_urls(specs: str | Sequence[str]) -> list[str]:
-    """Shard URLs named by paths, globs, brace patterns (``data/{000..099}.tar``), build folders or remote URLs.
-
-    A build folder contributes its ``*.tar`` that have a ``_stats.json`` marker; a glob its sorted matches; remote
-    URLs (``s3://``, ``gs://``, ``memory://`` ... anything fsspec knows) are expanded the same way; ``pipe:``
-    commands are passed through. Order is stable, duplicates are dropped.
-
-    Raises:
-        FileNotFoundError: naming the spec that matched nothing.
-    """
-    from webdataset.shardlists import expand_urls
-
-    items = [specs] if isinstance(specs, str) else list(specs)
-    out: list[str] = []
-    for item in items:
-        for one in expand_urls(str(item)):
-            found = _expand_one(one)
-            if not found:
-                raise FileNotFoundError(f"no shards match {one}")
-            out += found
-    if not out:
-        raise FileNotFoundError("no training shards given")
-    return list(dict.fromkeys(out))
-
-
-def open_shard(url: str):
-    """A binary stream for a shard URL: local path, ``file://``, ``pipe:cmd`` or any fsspec URL (``s3://`` ...)."""
-    if url.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
-        return gopen(url, "rb")
-    if "://" not in url:
-        return open(url, "rb")
-    if url.startswith("file://"):
-        return open(url[len("file://"):], "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
+class TrainingDataError(UserError, ValueError):
+    """The training shards cannot be trained on (the pre-flight check failed)."""
 
 
 def count_marked_samples(urls: Sequence[str]) -> int | None:
@@ -137,7 +68,7 @@ def count_marked_samples(urls: Sequence[str]) -> int | None:
     total = 0
     for url in urls:
         try:
-            with open_shard(_marker_url(url)) as f:
+            with open_stream(marker_for_tar(url)) as f:
                 marker = json.loads(f.read())
             total += int(marker.get("nsamples", marker.get("count")))
         except Exception:  # noqa: BLE001 - any missing/odd marker means "unknown"
@@ -246,48 +177,19 @@ class _ErrorLog:
 
 
 def _tar_samples(url: str, errors: _ErrorLog) -> Iterator[dict]:
-    """Raw ``{__key__, suffix: bytes, __url__}`` samples of one tar, members grouped by key as WebDataset does.
+    """Raw ``{__key__, suffix: bytes, __url__}`` samples of one tar (:class:`~triplets.shardio.TarStream`).
 
     A truncated or corrupt tar (read error, or no end-of-archive marker after the last member) ends the shard:
     the samples before the damage are used, the incomplete last one is dropped, the shard is counted as corrupt.
     """
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext
-
-    from triplets.shards import TarTailReader, tar_member_end
-
-    current: dict | None = None
     try:
-        with open_shard(url) as raw:
-            reader = TarTailReader(raw)
-            end, plain = 0, True
-            with tarfile.open(fileobj=reader, mode="r|*") as tf:
-                plain = getattr(tf.fileobj, "comptype", "tar") == "tar"
-                for member in tf:
-                    end = tar_member_end(member)
-                    if not member.isreg():
-                        continue
-                    data = tf.extractfile(member).read()
-                    tf.members = []
-                    key, suffix = base_plus_ext(member.name)
-                    if key is None or key.startswith("__"):
-                        continue
-                    if current is not None and key != current["__key__"]:
-                        yield current
-                        current = None
-                    if current is None:
-                        current = {"__key__": key, "__url__": url}
-                    current[suffix.lower()] = data
-            reader.drain()
-            if plain and end and reader.end_marker_problem(end):
-                raise tarfile.ReadError(f"no end-of-archive marker after byte {end} (file ends at byte "
-                                        f"{reader.pos}): truncated or corrupt tar")
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt tar, unreachable URL: skip the rest of the shard
+        for raw in TarStream(url).samples():
+            if raw["__key__"].startswith("__"):
+                continue
+            raw["__url__"] = url
+            yield raw
+    except ShardReadError as exc:
         errors("shard", url, exc)
-        return
-    if current is not None:
-        yield current
 
 
 def _seed(*parts: int) -> int:
@@ -298,7 +200,7 @@ class TripletStream(IterableDataset):
     """Endless, seeded, resumable stream of training batches (see the module docstring).
 
     Args:
-        urls: shard URLs (:func:`expand_shard_urls`).
+        urls: shard URLs (:func:`triplets.shardio.resolve_shards`).
         batch_size: per-process batch size B.
         batches_per_epoch: batches each worker yields per epoch (``with_epoch`` semantics).
         rank, world_size: this process and the number of processes (node split).
@@ -496,12 +398,12 @@ def make_dataloader(urls: str | Sequence[str], *, batch_size: int, num_workers: 
                     epoch_samples: int | None = None, dropout: ConditionDropout = ConditionDropout(),
                     resolution: int | None = None, depth_channels: int = 3, tokenizer=None,
                     pin_memory: bool = False) -> TrainDataLoader:
-    """Build the training loader over shard specs (see :func:`expand_shard_urls`).
+    """Build the training loader over shard specs (see :func:`triplets.shardio.resolve_shards`).
 
     ``epoch_samples`` (default: the sum of the shards' marker counts, else 10,000) sets the nominal epoch:
     ``ceil(epoch_samples / (batch_size * world_size * workers))`` batches per worker, as ``with_epoch`` does.
     """
-    shard_urls = expand_shard_urls(urls)
+    shard_urls = resolve_shards(urls, committed_only=True)
     if epoch_samples is None:
         epoch_samples = count_marked_samples(shard_urls)
         if epoch_samples is None:
@@ -539,18 +441,17 @@ def first_samples(urls: Sequence[str], n: int) -> list[TripletSample]:
 def preflight_check(urls: Sequence[str], *, max_shards: int = 2, strict: bool = False) -> list[str]:
     """Validate the first ``max_shards`` shards before training; returns the findings (one line each).
 
-    Uses :func:`triplets.inspect.validate.validate` on local shards (readable to the end, every field present and
-    well-typed, unique keys, markers agree); for remote shards, decodes the first samples of the first shard. Sample
-    problems in intact shards (wrong format: the run would learn garbage or crash) always raise; shard problems (a
+    Uses :func:`triplets.inspect.validate.validate` (readable to the end, every field present and well-typed, unique
+    keys, markers agree); for ``pipe:`` shards, decodes the first samples of the first shard. Sample problems in intact shards (wrong format: the run would learn garbage or crash) always raise; shard problems (a
     truncated tar and its cut last sample, a marker mismatch) are warnings, since the loader skips corrupt data,
     unless ``strict``.
 
     Raises:
-        ValueError: listing the findings when the data cannot be trained on.
+        TrainingDataError: listing the findings when the data cannot be trained on.
     """
     head = list(urls)[: max(1, max_shards)]
     fatal, findings = [], []
-    if all("://" not in u for u in head):
+    if not any(u.startswith("pipe:") for u in head):
         from triplets.inspect.validate import validate
 
         result = validate(head, decode=True, max_problems=50)
@@ -568,5 +469,5 @@ def preflight_check(urls: Sequence[str], *, max_shards: int = 2, strict: bool = 
     for line in findings:
         logger.warning("preflight: %s", line)
     if fatal:
-        raise ValueError("training data failed the pre-flight check:\n" + "\n".join(fatal[:20]))
+        raise TrainingDataError("training data failed the pre-flight check:\n" + "\n".join(fatal[:20]))
     return findings

@@ -30,27 +30,22 @@ def train_command(
     gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Ray workers take one GPU each."),
 ) -> None:
     """Train the local fuser, the global fuser, or both (stage from the config)."""
-    from cnc.config import ConfigError
+    from cnc.base.location import check_writable_output
     from cnc_model.training.config import load_train_config
-    from triplets.errors import ModelUnavailableError
 
     if resume:
         overrides = [*overrides, f"train.resume_from_checkpoint={resume}"]
-    try:
-        cfg = load_train_config(config, overrides)
-        if ray_workers > 0:
-            from cnc_model.training.ray_train import run_ray_training
+    cfg = load_train_config(config, overrides)  # user errors (UserError) exit 2 with one line, in cnc.cli
+    check_writable_output(cfg.output_dir)
+    if ray_workers > 0:
+        from cnc_model.training.ray_train import run_ray_training
 
-            run_ray_training(cfg, num_workers=ray_workers, use_gpu=gpu, address=ray_address)
-            typer.echo(f"ray training finished; outputs in {cfg.output_dir}")
-            return
-        from cnc_model.training.trainer import train
+        run_ray_training(cfg, num_workers=ray_workers, use_gpu=gpu, address=ray_address)
+        typer.echo(f"ray training finished; outputs in {cfg.output_dir}")
+        return
+    from cnc_model.training.trainer import train
 
-        result = train(cfg)
-    except (ConfigError, ModelUnavailableError, FileNotFoundError, ValueError, ImportError) as err:
-        logger.debug("cnc train failed", exc_info=True)
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from None
+    result = train(cfg)
     state = "interrupted" if result.interrupted else "finished"
     typer.echo(f"training {state} at step {result.global_step}; outputs in {cfg.output_dir}")
 
@@ -62,7 +57,8 @@ def register(app: typer.Typer) -> None:
 
 def main() -> None:
     """``python -m cnc_model.training`` (the same options as ``cnc train``)."""
+    from cnc.cli import user_errors_exit_2
     from cnc.logs import setup_logging
 
     setup_logging("INFO")
-    typer.run(train_command)
+    typer.run(user_errors_exit_2(train_command))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,21 @@ from jobs.run import RunSpec
 from jobs.submit import DEFAULT_ENV, check_env
 
 SKELETON = Path(__file__).parent / "k8s" / "rayjob.yaml"
+#: RFC 1123 subdomain (PVC and secret names) and label (namespace), as the Kubernetes API validates them.
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def check_k8s_name(option: str, value: str, label: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a valid Kubernetes object name (RFC 1123)."""
+    limit, pattern = (63, _DNS_LABEL) if label else (253, _DNS_SUBDOMAIN)
+    if not (isinstance(value, str) and len(value) <= limit and pattern.match(value)):
+        chars = "lower-case letters, digits and '-'" + ("" if label else " or '.'")
+        raise ConfigError(f"{option} {value!r} is not a valid Kubernetes name (RFC 1123 "
+                          f"{'label' if label else 'subdomain'}: at most {limit} {chars}, starting and ending with "
+                          f"a letter or digit)")
+
+
 CONFIG_MOUNT = "/etc/cnc"
 
 
@@ -72,6 +88,14 @@ class K8sOptions:
         if self.backoff_limit < 0 or self.active_deadline_s < 1:
             raise ConfigError("--backoff-limit must be >= 0 and --active-deadline must be >= 1")
         check_env(self.env)
+        if self.pvc is not None:
+            check_k8s_name("--pvc", self.pvc)
+        for name in self.secrets:
+            check_k8s_name("--secret", name)
+        if self.namespace is not None:
+            check_k8s_name("--namespace", self.namespace, label=True)
+        if self.pvc and not posixpath.isabs(self.mount_path):
+            raise ConfigError(f"--mount-path {self.mount_path!r} must be an absolute path")
         if self.pvc:
             mount = posixpath.normpath(self.mount_path)
             for name, path in (("--output", spec.output), ("--input", spec.input)):

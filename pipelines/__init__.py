@@ -1,9 +1,11 @@
 """Ray orchestration of the triplet stages: plan, build, commit, resume (``cnc build``).
 
 * :mod:`pipelines.plan` — ``plan.json``: fixed shard specs, config fingerprint, refusal of foreign builds.
-* :mod:`pipelines.layout` — output layout and the commit protocol (temp + rename, marker last, recovery).
 * :mod:`pipelines.worker` — ``ShardWorker``: one model set, whole shards in, committed shards out.
-* :mod:`pipelines.build` — ``run_build`` / ``build_entry``: the driver (Ray session, actor pool, retries, manifest).
+* :mod:`pipelines.sink` — ``ShardSink``: one shard's streaming tar, committed through ``triplets.shardio``.
+* :mod:`pipelines.scheduler` — ``ShardScheduler``: actor pool, placement, assignment, retries, teardown.
+* :mod:`pipelines.ray_session` / :mod:`pipelines.reaper` — the one Ray session (loopback-only locally, no orphans).
+* :mod:`pipelines.build` — ``run_build`` / ``build_entry``: plan, lock, recover, schedule, manifest.
 * :mod:`pipelines.progress` — live progress bar and summary table.
 * :mod:`pipelines.cli` — the ``cnc build`` command.
 

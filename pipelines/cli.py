@@ -14,22 +14,26 @@ rebuilt. Exit code 0 = done; 1 = failures above max_failure_fraction or shards l
 
 def build(
     config: str | None = typer.Option(None, "--config", "-c", help="Build config YAML (configs/build/*.yaml)."),
-    input: str = typer.Option(..., "--input", "-i", help="Image folder, COCO captions .json, .tar or brace pattern."),
-    output: str = typer.Option(..., "--output", "-o", help="Output folder (shards, errors/, manifest.json)."),
+    input: str = typer.Option(..., "--input", "-i", help="Image folder, COCO captions .json, .tar or brace pattern; "
+                                                         "a local path or a URL (s3://, gs://, ...)."),
+    output: str = typer.Option(..., "--output", "-o", help="Output folder or URL (shards, errors/, manifest.json)."),
     overrides: list[str] = typer.Option([], "--set", help="Config override key=value (dotted keys), repeatable."),
     address: str | None = typer.Option(
         None, "--address", help="Join a Ray cluster ('auto' or HOST:PORT); default: $RAY_ADDRESS if set, else a private local "
              "Ray on 127.0.0.1."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also recompute the failed samples of "
                                                                     "committed shards."),
-    input_format: str | None = typer.Option(None, "--input-format", help="auto | folder | coco | webdataset."),
+    input_format: str | None = typer.Option(None, "--input-format", help="auto | folder | coco | webdataset | pickapic."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Live progress bar "
                                                                                    "(default: on a terminal)."),
+    verify: bool = typer.Option(False, "--verify", help="On resume, re-hash every committed shard against its "
+                                                        "marker (default: marker + size; downloads the whole build "
+                                                        "on object stores)."),
 ) -> None:
     from pipelines.build import build_entry
 
     code = build_entry(config, input, output, overrides, address=address, retry_failed=retry_failed,
-                       input_format=input_format, progress=progress)
+                       input_format=input_format, progress=progress, verify=verify)
     raise typer.Exit(code)
 
 

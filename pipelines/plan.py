@@ -16,22 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from pathlib import Path
 
+from cnc.base.errors import UserError
+from cnc.base.location import TEMP_NAME, resolve
 from cnc.config import config_dict
-from pipelines.layout import PLAN_FILE, write_json
 from triplets.config import BuildConfig
+from triplets.shardio import BuildOutput
+from triplets.shardio.names import LOCK_FILE, PLAN_FILE, PROBE_PREFIX
 
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 #: Top-level config keys that do not change shard contents (left out of the fingerprint).
 #: ``batch_size`` stays in: batched convolutions round differently, so it changes tar bytes.
-OPERATIONAL_KEYS: tuple[str, ...] = ("ray", "device", "max_failure_fraction", "input_format")
+OPERATIONAL_KEYS: tuple[str, ...] = ("ray", "device", "max_failure_fraction", "input_format", "storage")
 
 
-class PlanMismatchError(ValueError):
+class PlanMismatchError(UserError, ValueError):
     """The output folder holds a build of another input or config."""
 
 
@@ -78,7 +79,7 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_compatible(old: dict, new: dict, output: Path) -> None:
+def check_compatible(old: dict, new: dict, output: str) -> None:
     """Raise :class:`PlanMismatchError` unless ``old`` (on disk) and ``new`` describe the same build."""
     where = f"output folder {output} already holds a build of"
     if old.get("version") != new["version"]:
@@ -97,32 +98,36 @@ def check_compatible(old: dict, new: dict, output: Path) -> None:
                                 f"now {new['num_items']} (files added, removed or changed); use a new --output folder")
 
 
-def prepare_plan(output: Path, plan: dict) -> dict:
-    """Write ``plan.json`` into a fresh folder, or check it against the one already there.
+def prepare_plan(output: BuildOutput, plan: dict) -> dict:
+    """Write ``plan.json`` into a fresh output, or check it against the one already there.
 
     Raises:
         PlanMismatchError: different input/config, or a non-empty folder that is not a build.
     """
-    path = output / PLAN_FILE
-    if path.is_file():
+    path = output.file(PLAN_FILE)
+    if path.exists():
         try:
-            old = json.loads(path.read_text(encoding="utf-8"))
+            old = path.read_json()
         except ValueError:
-            raise PlanMismatchError(f"{path} is not valid JSON; use a new --output folder") from None
-        check_compatible(old, plan, output)
-        log.info("plan matches %s: resuming (%d shards)", path, len(plan["shards"]))
+            raise PlanMismatchError(f"{path.url} is not valid JSON; use a new --output folder") from None
+        check_compatible(old, plan, output.url)
+        log.info("plan matches %s: resuming (%d shards)", path.url, len(plan["shards"]))
         return old
-    output.mkdir(parents=True, exist_ok=True)
-    strangers = [p.name for p in output.iterdir() if p.name not in (".lock",) and not p.name.endswith(".tmp")]
+    output.loc.makedirs()
+    strangers = [n for n in output.loc.list()
+                 if n != LOCK_FILE and not n.startswith(PROBE_PREFIX) and not TEMP_NAME.match(n)]
     if strangers:
-        raise PlanMismatchError(f"output folder {output} is not empty and holds no {PLAN_FILE} "
+        raise PlanMismatchError(f"output folder {output.url} is not empty and holds no {PLAN_FILE} "
                                 f"(found {', '.join(sorted(strangers)[:3])}); use an empty or new folder")
-    write_json(path, plan, indent=None)
-    log.info("wrote %s: %d items in %d shards of %d", path, plan["num_items"], len(plan["shards"]),
+    path.write_json(plan, indent=None)
+    log.info("wrote %s: %d items in %d shards of %d", path.url, plan["num_items"], len(plan["shards"]),
              plan["samples_per_shard"])
     return plan
 
 
 def absolute_input(path: str) -> str:
-    """Absolute form of the input path (so plans do not depend on the working directory)."""
-    return os.path.abspath(os.path.expanduser(path))
+    """Canonical form of the input (absolute local path or URL), so plans do not depend on the working directory.
+    ``pipe:`` commands and brace patterns are kept as given."""
+    if path.startswith("pipe:"):
+        return path
+    return resolve(path).url

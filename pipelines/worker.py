@@ -1,15 +1,15 @@
 """The shard worker: one model set, whole shards in, committed shards out.
 
-:class:`ShardWorker` is a plain class (Ray wraps it as an actor in :mod:`pipelines.build`; tests
-can run it in-process). It loads :class:`~triplets.builder.TripletBuilder` once and builds a
-shard spec in batches through a three-step pipeline so CPU work never stalls the models::
+:class:`ShardWorker` is a plain class (Ray wraps it as an actor in :mod:`pipelines.scheduler`; tests can run it
+in-process). It loads :class:`~triplets.builder.TripletBuilder` once and builds a shard spec in batches through a
+three-step pipeline so CPU work never stalls the models::
 
-    prefetch thread   decode batch i+1 (LoadStage: read, decode, resize)
-    caller thread     segment → inpaint → depth → embed on batch i (the GPU stages)
-    writer thread     encode + append batch i-1 to NNNNNN.tar.<hex>.tmp
+    prefetch thread   builder.decode(batch i+1)        read, decode, resize
+    caller thread     builder.run_models(batch i)      segment → inpaint → depth → embed (the GPU stages)
+    writer thread     encode + append batch i-1 to the shard's :class:`~pipelines.sink.ShardSink`
 
-The tar is streamed with the exact ``TarWriter`` settings of :func:`triplets.shards.encode_tar`
-(byte-identical result), then committed by :func:`pipelines.layout.commit_shard`.
+The sink stages the tar locally and commits it through :class:`triplets.shardio.BuildOutput` (tar → errors →
+marker), on local disk or an object store alike.
 """
 
 from __future__ import annotations
@@ -22,40 +22,15 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-from pipelines.layout import commit_shard, tar_path, temp_path
-from triplets.batch import ensure_status
+from pipelines.sink import ShardSink
 from triplets.config import BuildConfig
+from triplets.shardio import BuildOutput, TarStream, check_probe, tar_keys
 
 log = logging.getLogger(__name__)
 #: Distinct failure reasons kept per marker (the rest are counted under ``"<other>"``).
 MAX_REASONS = 100
-#: Item columns handed to the stages.
-ITEM_COLUMNS = ("key", "source", "caption", "mask_path", "mask_kind")
-
-
-def open_tar_writer(fileobj):
-    """``TarWriter`` with the reproducible settings of :func:`triplets.shards.encode_tar`."""
-    import webdataset as wds
-
-    from triplets.shards import FIXED_MTIME
-
-    return wds.TarWriter(fileobj, encoder=False, mtime=FIXED_MTIME, user="cnc", group="cnc", mode=0o644)
-
-
-def tar_keys(path: Path) -> list[str]:
-    """Sample keys of a tar in order (WebDataset rule: up to the first dot of the last path part)."""
-    from triplets.shards import tar_member_names
-
-    keys: list[str] = []
-    for name in tar_member_names(path):
-        base, _, last = name.rpartition("/")
-        key = f"{base}/{last.split('.', 1)[0]}" if base else last.split(".", 1)[0]
-        if not keys or keys[-1] != key:
-            keys.append(key)
-    return keys
 
 
 def count_reasons(failures: list[dict]) -> tuple[dict[str, int], dict[str, int]]:
@@ -75,6 +50,8 @@ class FaultInjection:
     Keys: ``kill_shard`` (id) + ``kill_after_batches`` (default 1): the worker process calls
     ``os._exit(1)`` after that many batches of that shard on its first attempt, as a crash
     would. ``batch_delay_s``: sleep after every batch (slows a build down for kill tests).
+    ``hide_probe``: the worker looks for the shared-storage probe under another name, as a worker on a node
+    without the driver's folder would.
     """
 
     def __init__(self, spec: dict | None):
@@ -82,6 +59,7 @@ class FaultInjection:
         self.kill_shard = spec.get("kill_shard")
         self.kill_after = int(spec.get("kill_after_batches", 1))
         self.delay = float(spec.get("batch_delay_s", 0.0))
+        self.hide_probe = bool(spec.get("hide_probe", False))
 
     def after_batch(self, shard: int, attempt: int, batches_done: int) -> None:
         if self.delay:
@@ -106,7 +84,7 @@ class ShardWorker:
     """
 
     def __init__(self, cfg: dict, resolved: dict[str, str], fingerprint: str, torch_threads: int = 1,
-                 progress: str | Any = None, fault_injection: dict | None = None):
+                 progress: str | Any = None, fault_injection: dict | None = None, output: str | None = None):
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
@@ -116,6 +94,7 @@ class ShardWorker:
         self.cfg = BuildConfig.model_validate(cfg)
         self.builder = TripletBuilder(self.cfg, resolved)
         self.fingerprint = fingerprint
+        self.output = BuildOutput(output, self.cfg.storage.scratch_dir) if output is not None else None
         if isinstance(progress, str):
             import ray
 
@@ -127,8 +106,12 @@ class ShardWorker:
         self.info.update(self._ray_ids())
         log.info("worker %s ready in %.1f s", self.info, self.info["load_seconds"])
 
+    def check_output(self, probe: str | None) -> None:
+        """Raise :class:`~triplets.shardio.OutputNotSharedError` when this node cannot see the driver's probe file."""
+        check_probe(probe + ".hidden" if probe and self.fault.hide_probe else probe)
+
     def _device(self) -> str:
-        for stage in self.builder.stages:
+        for stage in self.builder.model_stages:
             if getattr(stage, "device", None):
                 return str(stage.device)
         return str(self.cfg.device)
@@ -150,35 +133,32 @@ class ShardWorker:
         return dict(self.info)
 
     # -- one shard -----------------------------------------------------------------------
-    def build_shard(self, spec: dict, output: str, attempt: int = 0, reuse_committed: bool = False) -> dict:
-        """Build and commit shard ``spec`` (``{"shard", "name", "items"}``) into ``output``; return its marker.
+    def build_shard(self, spec: dict, output: str | None = None, attempt: int = 0,
+                    reuse_committed: bool = False) -> dict:
+        """Build and commit shard ``spec`` (``{"shard", "name", "items"}``); return its marker.
 
-        With ``reuse_committed`` the samples of the committed tar are copied byte for byte and only
-        its missing items (the failures) are computed again (``--retry-failed``).
+        ``output`` (path or URL) defaults to the worker's. With ``reuse_committed`` the samples of the committed tar
+        are copied byte for byte and only its missing items (the failures) are computed again (``--retry-failed``).
         """
-        out = Path(output)
+        out = BuildOutput(output, self.cfg.storage.scratch_dir) if output is not None else self.output
         shard, items = int(spec["shard"]), spec["items"]
         start_wall, t0, cpu0 = datetime.now(timezone.utc), time.perf_counter(), time.process_time()
-        old_tar = tar_path(out, shard)
-        reused_keys = set(tar_keys(old_tar)) if reuse_committed and old_tar.is_file() else set()
-        reused_iter = self._reused_samples(old_tar) if reused_keys else iter(())
-        tmp = temp_path(tar_path(out, shard))
-        try:
-            # 1. stream every sample, in plan order, into a temporary tar
-            with open(tmp, "wb") as f:
-                tw = open_tar_writer(f)
-                nsamples, failures, stage_seconds = self._stream(tw, shard, attempt, items, reused_keys, reused_iter)
-                tw.close()
-            if nsamples + len(failures) != len(items):
-                raise RuntimeError(f"shard {shard}: {nsamples} samples + {len(failures)} failures != "
+        old_tar = out.tar(shard)
+        reused_keys = set(tar_keys(old_tar.url)) if reuse_committed and old_tar.exists() else set()
+        reused_iter = self._reused_samples(old_tar.url) if reused_keys else iter(())
+        with ShardSink(out, shard) as sink:
+            # 1. stream every sample, in plan order, into the sink's staging tar
+            failures, stage_seconds = self._stream(sink, shard, attempt, items, reused_keys, reused_iter)
+            if sink.written + len(failures) != len(items):
+                raise RuntimeError(f"shard {shard}: {sink.written} samples + {len(failures)} failures != "
                                    f"{len(items)} planned items")
-            # 2. commit: tar, errors, marker (pipelines.layout)
+            # 2. commit: tar, errors, marker
             failures.sort(key=lambda r: r["key"])
             by_stage, by_reason = count_reasons(failures)
             stats = {
                 "shard": shard, "name": spec["name"], "fingerprint": self.fingerprint, "attempt": attempt,
-                "nitems": len(items), "nsamples": nsamples, "nfailed": len(failures), "nreused": len(reused_keys),
-                "failures_by_stage": by_stage, "failures_by_reason": by_reason,
+                "nitems": len(items), "nsamples": sink.written, "nfailed": len(failures),
+                "nreused": len(reused_keys), "failures_by_stage": by_stage, "failures_by_reason": by_reason,
                 "seconds": round(time.perf_counter() - t0, 4),
                 "cpu_seconds": round(time.process_time() - cpu0, 4),  # all threads of the worker process
                 "stage_seconds": {k: round(v, 4) for k, v in sorted(stage_seconds.items())},
@@ -187,97 +167,81 @@ class ShardWorker:
                 "started_at": start_wall.timestamp(), "finished_at": time.time(),
                 "worker": self.worker_info(), "models": self.builder.models,
             }
-            return commit_shard(out, shard, tmp, failures, stats)
-        finally:
-            tmp.unlink(missing_ok=True)  # only left when the attempt failed
+            return sink.commit(failures, stats)
 
-    def _stream(self, tw, shard: int, attempt: int, items: list[dict], reused_keys: set[str],
-                reused_iter: Iterator[dict]) -> tuple[int, list[dict], collections.Counter]:
+    def _stream(self, sink: ShardSink, shard: int, attempt: int, items: list[dict], reused_keys: set[str],
+                reused_iter: Iterator[dict]) -> tuple[list[dict], collections.Counter]:
         """Decode (prefetch thread) → models (this thread) → encode + write (writer thread), batch by batch.
 
-        Returns ``(samples written, failure rows, seconds per stage)``.
+        Returns ``(failure rows, seconds per stage)``.
         """
         todo = [it for it in items if it["key"] not in reused_keys]
         bs = self.cfg.batch_size
         batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
         stage_seconds: collections.Counter = collections.Counter()
         failures: list[dict] = []
-        nsamples, order, pending_write = 0, iter(items), None
+        order, pending_write = iter(items), None
         with ThreadPoolExecutor(1, "cnc-decode") as decoder, ThreadPoolExecutor(1, "cnc-write") as writer:
             next_decoded = decoder.submit(self._decode, batches[0]) if batches else None
             for b, chunk in enumerate(batches):
                 batch, decode_s = next_decoded.result()
                 stage_seconds["decode"] += decode_s
                 next_decoded = decoder.submit(self._decode, batches[b + 1]) if b + 1 < len(batches) else None
-                samples, fails = self.builder.assemble(self._models(batch, stage_seconds))
+                samples, fails = self.builder.assemble(self.builder.run_models(batch, stage_seconds))
                 failures += fails
                 if pending_write is not None:
-                    nsamples += self._collect(pending_write, failures, stage_seconds)
-                pending_write = writer.submit(self._write, tw, order, reused_iter, [it["key"] for it in chunk],
+                    self._collect(pending_write, failures, stage_seconds)
+                pending_write = writer.submit(self._write, sink, order, reused_iter, [it["key"] for it in chunk],
                                               samples)
                 self._report(shard, attempt, len(reused_keys) + sum(len(c) for c in batches[:b + 1]), len(failures))
                 self.fault.after_batch(shard, attempt, b + 1)
             if pending_write is not None:
-                nsamples += self._collect(pending_write, failures, stage_seconds)
-        nsamples += self._write(tw, order, reused_iter, [], [])[0]  # reused samples after the last computed one
-        return nsamples, failures, stage_seconds
+                self._collect(pending_write, failures, stage_seconds)
+        self._write(sink, order, reused_iter, [], [])  # reused samples after the last computed one
+        return failures, stage_seconds
 
     def _decode(self, chunk: list[dict]) -> tuple[dict, float]:
         t = time.perf_counter()
-        batch = ensure_status({k: [it.get(k) for it in chunk] for k in ITEM_COLUMNS})
-        batch = self.builder.stages[0](batch)
+        batch = self.builder.decode(chunk)
         return batch, time.perf_counter() - t
-
-    def _models(self, batch: dict, stage_seconds: collections.Counter) -> dict:
-        for stage in self.builder.stages[1:]:
-            t = time.perf_counter()
-            batch = stage(batch)
-            stage_seconds[stage.name] += time.perf_counter() - t
-        return batch
 
     @staticmethod
     def _collect(future, failures: list[dict], stage_seconds: collections.Counter) -> int:
-        written, encode_fails, encode_s, write_s = future.result()
+        encode_fails, encode_s, write_s = future.result()
         failures += encode_fails
         stage_seconds["encode"] += encode_s
         stage_seconds["write"] += write_s
-        return written
 
     @staticmethod
-    def _reused_samples(path: Path) -> Iterator[dict]:
-        from triplets.shards import iter_raw_samples
-
-        for raw in iter_raw_samples(str(path)):
+    def _reused_samples(url: str) -> Iterator[dict]:
+        for raw in TarStream(url).samples():
             yield {k: v for k, v in raw.items() if not k.startswith("_") or k == "__key__"}
 
-    def _write(self, tw, order: Iterator[dict], reused: Iterator[dict], keys: list[str], samples: list) -> tuple:
+    def _write(self, sink: ShardSink, order: Iterator[dict], reused: Iterator[dict], keys: list[str],
+               samples: list) -> tuple:
         """Append, in plan order, the reused samples before each of ``keys`` and the new ``samples``.
 
-        Runs in the writer thread; returns ``(written, encode_failures, encode_s, write_s)``.
+        Runs in the writer thread; returns ``(encode_failures, encode_s, write_s)``.
         """
         from triplets.sample import encode_sample
 
         by_key = {s.key: s for s in samples}
-        written, fails, enc_s, wr_s = 0, [], 0.0, 0.0
-        wanted = set(keys)
+        fails, enc_s, wr_s = [], 0.0, 0.0
 
-        def _flush_reused(until: str | None) -> int:
-            n = 0
+        def _flush_reused(until: str | None) -> None:
             for item in order:
                 if item["key"] == until:
-                    return n
+                    return
                 raw = next(reused)
                 if raw["__key__"] != item["key"]:
                     raise RuntimeError(f"reused tar out of plan order: {raw['__key__']} vs {item['key']}")
-                tw.write(raw)
-                n += 1
+                sink.write(raw)
             if until is not None:
                 raise RuntimeError(f"key {until} not found in plan order")
-            return n
 
         for key in keys:
             t = time.perf_counter()
-            written += _flush_reused(key)
+            _flush_reused(key)
             wr_s += time.perf_counter() - t
             sample = by_key.get(key)
             if sample is None:
@@ -292,34 +256,14 @@ class ShardWorker:
             finally:
                 enc_s += time.perf_counter() - t
             t = time.perf_counter()
-            tw.write(encoded)
+            sink.write(encoded)
             wr_s += time.perf_counter() - t
-            written += 1
-        if not wanted:
+        if not keys:
             t = time.perf_counter()
-            written += _flush_reused(None)
+            _flush_reused(None)
             wr_s += time.perf_counter() - t
-        return written, fails, enc_s, wr_s
+        return fails, enc_s, wr_s
 
     def _report(self, shard: int, attempt: int, done: int, failed: int) -> None:
         if self.progress is not None:
             self.progress.update.remote(shard, attempt, done, failed)
-
-
-class ProgressTracker:
-    """Tiny Ray actor (``num_cpus=0``) collecting per-shard progress from the workers.
-
-    Each shard keeps the counts of its latest attempt, so a retried shard is not counted twice.
-    """
-
-    def __init__(self) -> None:
-        self.shards: dict[int, tuple[int, int, int]] = {}
-
-    def update(self, shard: int, attempt: int, done: int, failed: int) -> None:
-        cur = self.shards.get(shard)
-        if cur is None or attempt >= cur[0]:
-            self.shards[shard] = (attempt, done, failed)
-
-    def totals(self) -> tuple[int, int]:
-        """``(items done, items failed)`` over all shards reported so far."""
-        return sum(v[1] for v in self.shards.values()), sum(v[2] for v in self.shards.values())

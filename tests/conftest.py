@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +69,7 @@ def make_photo_folder(root: Path, n_good: int, bad: tuple[str, ...] = ("empty", 
 def ray_local():
     """One local Ray (2 CPUs, 127.0.0.1 only, no dashboard) for the whole session."""
     ray = pytest.importorskip("ray")
-    from pipelines.build import init_local_ray
+    from pipelines.ray_session import init_local_ray
 
     if not ray.is_initialized():
         init_local_ray(num_cpus=2, object_store_memory=200 * 2**20)
@@ -106,3 +109,57 @@ def tiny_metrics_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cnc-cache")
     materialise_tiny(cache=root)
     return root
+
+
+@dataclass
+class S3Server:
+    """A real S3-compatible server (moto) on 127.0.0.1; ``env`` points clients (and subprocesses) at it."""
+
+    endpoint: str
+    env: dict[str, str]
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name`` (if needed) and return ``s3://name``."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server on a free 127.0.0.1 port for the session; torn down even when tests fail.
+
+    Sets ``AWS_ENDPOINT_URL`` and dummy credentials in ``os.environ`` (so Ray workers and ``cnc`` subprocesses
+    started by the tests reach it too) and restores the environment afterwards.
+    """
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield S3Server(endpoint, env)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # cached clients point at the stopped server

@@ -9,12 +9,13 @@ import random
 import numpy as np
 import pytest
 
-from pipelines import layout
+import cnc.base.location as location
 from pipelines.plan import PlanMismatchError, fingerprint, make_plan, prepare_plan
-from pipelines.worker import count_reasons, open_tar_writer, tar_keys
+from cnc.base.errors import OutputBusyError
+from pipelines.worker import count_reasons
 from triplets.config import BuildConfig
 from triplets.sample import TripletSample, encode_sample
-from triplets.shards import encode_tar, file_sha256, iter_samples
+from triplets.shardio import BuildOutput, encode_tar, file_sha256, iter_samples, open_tar_writer, tar_keys
 
 FP = "f" * 16
 
@@ -34,19 +35,20 @@ def _sample(key: str, seed: int = 0, r: int = 16) -> TripletSample:
 
 def _write_shard(out, shard: int, keys: list[str], failures: list[dict] | None = None, crash_after: int | None = None):
     """Commit a synthetic shard; ``crash_after`` = 0 (tmp written), 1 (tar renamed), 2 (errors written)."""
-    tmp = layout.temp_path(layout.tar_path(out, shard))
+    output = BuildOutput(str(out))
+    tmp = output.staging_path(shard)
     tmp.write_bytes(encode_tar([_sample(k, i) for i, k in enumerate(keys)]))
     failures = failures or []
-    stats = {"shard": shard, "name": layout.shard_name(shard), "fingerprint": FP,
+    stats = {"shard": shard, "name": f"{shard:06d}", "fingerprint": FP,
              "nitems": len(keys) + len(failures), "nsamples": len(keys), "nfailed": len(failures)}
     if crash_after is None:
-        return layout.commit_shard(out, shard, tmp, failures, stats)
+        return output.commit_shard(shard, tmp, failures, stats)
 
     class Crash(Exception):
         pass
 
     calls = {"n": 0}
-    real_replace = layout.fsync_replace
+    real_replace = location.fsync_replace
 
     def replace(src, dst):
         if calls["n"] >= crash_after:
@@ -54,13 +56,17 @@ def _write_shard(out, shard: int, keys: list[str], failures: list[dict] | None =
         calls["n"] += 1
         real_replace(src, dst)
 
-    layout.fsync_replace = replace
+    location.fsync_replace = replace
     try:
         with pytest.raises(Crash):
-            layout.commit_shard(out, shard, tmp, failures, stats)
+            output.commit_shard(shard, tmp, failures, stats)
     finally:
-        layout.fsync_replace = real_replace
+        location.fsync_replace = real_replace
     return None
+
+
+def _recover(out, fp, sizes, verify=False):
+    return BuildOutput(str(out)).recover(fp, sizes, verify)
 
 
 def test_streamed_tar_is_byte_identical_to_encode_tar(tmp_path):
@@ -72,7 +78,7 @@ def test_streamed_tar_is_byte_identical_to_encode_tar(tmp_path):
             tw.write(encode_sample(s))
         tw.close()
     assert path.read_bytes() == encode_tar(samples)
-    assert tar_keys(path) == ["k0", "k1", "k2"]
+    assert tar_keys(str(path)) == ["k0", "k1", "k2"]
 
 
 def test_commit_then_recover_keeps_committed_shard(tmp_path):
@@ -81,7 +87,7 @@ def test_commit_then_recover_keeps_committed_shard(tmp_path):
     assert marker["url"] == "000000.tar" and marker["errors"] == "errors/000000.jsonl"
     rows = [json.loads(line) for line in (tmp_path / "errors" / "000000.jsonl").read_text().splitlines()]
     assert rows == [{"key": "c", "source": "s", "stage": "decode", "reason": "x"}]
-    committed = layout.recover(tmp_path, FP, {0: 3})
+    committed = _recover(tmp_path, FP, {0: 3})
     assert list(committed) == [0]
     assert [s.key for s in iter_samples(str(tmp_path / "000000.tar"))] == ["a", "b"]
 
@@ -90,7 +96,7 @@ def test_commit_then_recover_keeps_committed_shard(tmp_path):
 def test_crash_at_each_commit_step_leaves_nothing_committed(tmp_path, crash_after):
     _write_shard(tmp_path, 0, ["a"])
     _write_shard(tmp_path, 1, ["b", "c"], crash_after=crash_after)
-    committed = layout.recover(tmp_path, FP, {0: 1, 1: 2})
+    committed = _recover(tmp_path, FP, {0: 1, 1: 2})
     assert list(committed) == [0]
     names = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert names == ["000000.jsonl", "000000.tar", "000000_stats.json"]
@@ -119,7 +125,7 @@ def test_recover_random_crash_states(tmp_path):
                     expected[shard] = keys
             else:
                 _write_shard(out, shard, keys, crash_after=state)
-        committed = layout.recover(out, FP, sizes)
+        committed = _recover(out, FP, sizes, verify=True)
         for shard in range(4):
             tar = out / f"{shard:06d}.tar"
             if shard in committed:
@@ -132,10 +138,10 @@ def test_recover_random_crash_states(tmp_path):
 
 def test_recover_rejects_marker_of_other_plan_or_size(tmp_path):
     _write_shard(tmp_path, 0, ["a"])
-    assert layout.recover(tmp_path, "0" * 16, {0: 1}) == {}
+    assert _recover(tmp_path, "0" * 16, {0: 1}) == {}
     assert not (tmp_path / "000000.tar").exists()
     _write_shard(tmp_path, 1, ["a"])
-    assert layout.recover(tmp_path, FP, {1: 2}) == {}  # plan says 2 items
+    assert _recover(tmp_path, FP, {1: 2}) == {}  # plan says 2 items
 
 
 def _cfg(**kw) -> BuildConfig:
@@ -152,9 +158,9 @@ def test_plan_is_pure_and_split_by_samples_per_shard(tmp_path):
     assert [len(s["items"]) for s in p1["shards"]] == [2, 2, 1]
     assert [s["name"] for s in p1["shards"]] == ["000000", "000001", "000002"]
     assert json.dumps(p1, sort_keys=True) == json.dumps(make_plan(_items(5), _cfg(), "/in", "folder"), sort_keys=True)
-    prepare_plan(tmp_path, p1)
+    prepare_plan(BuildOutput(str(tmp_path)), p1)
     before = (tmp_path / "plan.json").read_bytes()
-    prepare_plan(tmp_path, make_plan(_items(5), _cfg(ray={"num_workers": 7}, device="cpu"), "/in", "folder"))
+    prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(5), _cfg(ray={"num_workers": 7}, device="cpu"), "/in", "folder"))
     assert (tmp_path / "plan.json").read_bytes() == before  # operational keys do not matter
 
 
@@ -165,17 +171,17 @@ def test_plan_is_pure_and_split_by_samples_per_shard(tmp_path):
     (dict(input="/other"), "another input"),
 ])
 def test_plan_mismatch_is_refused_with_reason(tmp_path, change, message):
-    prepare_plan(tmp_path, make_plan(_items(5), _cfg(), "/in", "folder"))
+    prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(5), _cfg(), "/in", "folder"))
     cfg = BuildConfig(**({"samples_per_shard": 2} | change.get("cfg", {})))
     new = make_plan(_items(change.get("n", 5)), cfg, change.get("input", "/in"), "folder")
     with pytest.raises(PlanMismatchError, match=message.replace("(", r"\(")):
-        prepare_plan(tmp_path, new)
+        prepare_plan(BuildOutput(str(tmp_path)), new)
 
 
 def test_non_empty_folder_without_plan_is_refused(tmp_path):
     (tmp_path / "holiday.jpg").write_bytes(b"x")
     with pytest.raises(PlanMismatchError, match="not empty"):
-        prepare_plan(tmp_path, make_plan(_items(1), _cfg(), "/in", "folder"))
+        prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(1), _cfg(), "/in", "folder"))
     assert (tmp_path / "holiday.jpg").exists()
 
 
@@ -187,7 +193,7 @@ def test_fingerprint_ignores_operational_keys_only():
 
 
 def test_plan_workers_rules():
-    from pipelines.build import plan_workers
+    from pipelines.scheduler import SchedulingError, plan_workers
 
     cpu = _cfg()
     assert plan_workers(cpu, {"CPU": 2}, 10) == (1, 0.0, 1)
@@ -197,7 +203,7 @@ def test_plan_workers_rules():
     half = _cfg(ray={"gpus_per_worker": 0.5, "torch_threads": 4})
     assert plan_workers(half, {"CPU": 16, "GPU": 2}, 10) == (4, 0.5, 4)
     assert plan_workers(_cfg(device="cpu"), {"CPU": 4, "GPU": 2}, 10) == (2, 0.0, 1)
-    with pytest.raises(RuntimeError, match="no GPU"):
+    with pytest.raises(SchedulingError, match="no GPU"):
         plan_workers(_cfg(device="cuda"), {"CPU": 4}, 1)
 
 
@@ -209,9 +215,40 @@ def test_count_reasons_caps_distinct_reasons():
 
 
 def test_output_lock_is_exclusive(tmp_path):
-    with layout.OutputLock(tmp_path), pytest.raises(layout.OutputBusyError):
-        with layout.OutputLock(tmp_path):
+    out = BuildOutput(str(tmp_path))
+    with out.lock(), pytest.raises(OutputBusyError):
+        with out.lock():
             pass
-    with layout.OutputLock(tmp_path):
+    with out.lock():
         pass
     assert os.path.exists(tmp_path / ".lock")
+
+
+def test_resume_checks_size_by_default_and_hashes_on_verify(tmp_path):
+    """A same-size corruption passes the default (marker + size) check and is caught by verify."""
+    _write_shard(tmp_path, 0, ["a", "b"])
+    with open(tmp_path / "000000.tar", "r+b") as f:
+        f.seek(700)
+        f.write(b"X")
+    assert list(_recover(tmp_path, FP, {0: 2})) == [0]
+    assert _recover(tmp_path, FP, {0: 2}, verify=True) == {}
+    _write_shard(tmp_path, 0, ["a", "b"])
+    with open(tmp_path / "000000.tar", "r+b") as f:
+        f.truncate(1024)
+    assert _recover(tmp_path, FP, {0: 2}) == {}
+
+
+def test_recovery_deletes_only_files_the_build_wrote(tmp_path):
+    """Regression (issue 11.6): names that merely start with six digits are the user's, not ours."""
+    _write_shard(tmp_path, 0, ["a"])
+    theirs = [tmp_path / "123456_notes.txt", tmp_path / "errors" / "424242_mine.txt", tmp_path / "000001.tar.bak",
+              tmp_path / "000000.tar.tmp", tmp_path / "999999.jsonl"]
+    for p in theirs:
+        p.write_text("keep me")
+    ours = [tmp_path / "000003.tar", tmp_path / "errors" / "000003.jsonl",
+            tmp_path / location.temp_name("000002.tar"), tmp_path / "errors" / location.temp_name("000002.jsonl")]
+    for p in ours:
+        p.write_text("partial")
+    assert list(_recover(tmp_path, FP, {0: 1, 2: 1, 3: 1})) == [0]
+    assert all(p.read_text() == "keep me" for p in theirs)
+    assert not any(p.exists() for p in ours)

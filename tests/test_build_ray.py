@@ -23,7 +23,7 @@ from pipelines.build import build_entry, run_build
 from pipelines.plan import PlanMismatchError
 from triplets.config import BuildConfig
 from triplets.sample import FIELDS, validate_sample
-from triplets.shards import file_sha256, iter_samples, tar_member_names
+from triplets.shardio import file_sha256, iter_samples, tar_keys
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -155,10 +155,11 @@ def test_rerun_of_finished_build_does_no_work(reference):
 def test_rerun_with_other_config_or_input_is_refused(reference, tmp_path, caplog):
     out, _, src, _ = reference
     before = _stats(out)
-    code = build_entry(str(TINY_CONFIG), str(src), str(out), LENIENT + ["seed=1"], summary=False)
-    assert code == 2 and "seed: 0 -> 1" in caplog.text
+    with pytest.raises(PlanMismatchError, match="seed: 0 -> 1"):  # a UserError: the CLI exits 2 with this line
+        build_entry(str(TINY_CONFIG), str(src), str(out), LENIENT + ["seed=1"], summary=False)
+    write_jpeg(tmp_path / "other" / "one.jpg", synthetic_photo(5, 96, 96))
     with pytest.raises(PlanMismatchError, match="another input"):
-        run_build(_cfg(), str(tmp_path), out, progress=False)
+        run_build(_cfg(), str(tmp_path / "other"), out, progress=False)
     assert _stats(out) == before
 
 
@@ -226,7 +227,7 @@ def test_driver_sigkill_then_rerun_is_exactly_once(reference, tmp_path):
         # what a reader sees right after the crash: no temp file under a shard name, every .tar complete
         assert len(list(out.glob("*_stats.json"))) < 4, "the build finished before the kill"
         for tar in out.glob("*.tar"):
-            assert tar_member_names(tar) and list(iter_samples(str(tar)))
+            assert tar_keys(str(tar)) and list(iter_samples(str(tar)))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from cnc.cli import app
 from triplets.inspect import (
-    SheetLayout, Summary, colorize, contact_sheet, depth_margin, inspect_shards, resolve_shards, summarise, validate,
+    SheetLayout, Summary, colorize, contact_sheet, depth_margin, inspect_shards, summarise, validate,
 )
-from triplets.inspect.reader import expand_braces
+from triplets.shardio import resolve_shards
 from triplets.sample import REQUIRED_META, TripletSample, encode_sample, quantize_depth
-from triplets.shards import write_shard
+from triplets.shardio import write_shard
 
 R = 32
 
@@ -249,10 +249,9 @@ def test_html_report_is_self_contained(build, tmp_path):
 
 
 def test_paths_globs_and_braces(build):
-    assert [p.name for p in resolve_shards(build)] == ["000000.tar", "000001.tar"]
+    assert [p.rsplit("/", 1)[1] for p in resolve_shards(str(build))] == ["000000.tar", "000001.tar"]
     assert len(resolve_shards(str(build / "*.tar"))) == 2
     assert len(resolve_shards(str(build / "{000000..000001}.tar"))) == 2
-    assert expand_braces("x/{08..10}.tar") == ["x/08.tar", "x/09.tar", "x/10.tar"]
     res, _ = run_cli(build / "nothing*.tar")
     assert res.exit_code == 2
 

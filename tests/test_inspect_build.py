@@ -14,7 +14,7 @@ from triplets.builder import TripletBuilder
 from triplets.config import BuildConfig
 from triplets.inspect import SheetLayout, inspect_shards
 from triplets.readers import read_items
-from triplets.shards import write_shard
+from triplets.shardio import write_shard
 
 R = 64
 

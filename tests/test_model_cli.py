@@ -70,7 +70,7 @@ def test_cnc_sample_from_a_built_shard_sample(assets, tmp_path):
     from triplets.builder import TripletBuilder
     from triplets.config import BuildConfig
     from triplets.readers import read_items
-    from triplets.shards import write_shard
+    from triplets.shardio import write_shard
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -74,7 +74,7 @@ def test_coco_reader_first_caption_present_images_and_stuff_masks(tmp_path):
     assert detect_format(str(path)) == "coco"
     items = read_items(str(path))
     assert [it["key"] for it in items] == ["000000000009", "000000000025"]  # 30 is not on disk
-    assert items[0]["caption"] == "the first caption"
+    assert items[0]["caption"] == "second caption"  # first in file order, newline → space (the reference's rule)
     assert items[0]["mask_kind"] == "cocostuff" and items[1]["mask_path"] is None
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cnc_model import data
-from triplets.shards import iter_samples, write_shard
+from triplets.shardio import iter_samples, resolve_shards, write_shard
 
 
 def _keys(loader, n: int) -> list[str]:
@@ -43,25 +43,25 @@ def test_batch_decodes_the_sample_format_exactly(tiny_shards):
 
 def test_shard_specs_folder_glob_braces_and_remote(tiny_shards, tmp_path, caplog):
     tars = [str(tiny_shards / "000000.tar"), str(tiny_shards / "000001.tar")]
-    assert data.expand_shard_urls(str(tiny_shards)) == tars
-    assert data.expand_shard_urls(str(tiny_shards / "*.tar")) == tars
-    assert data.expand_shard_urls(str(tiny_shards / "{000000..000001}.tar")) == tars
+    assert resolve_shards(str(tiny_shards), committed_only=True) == tars
+    assert resolve_shards(str(tiny_shards / "*.tar"), committed_only=True) == tars
+    assert resolve_shards(str(tiny_shards / "{000000..000001}.tar"), committed_only=True) == tars
     # a folder uses only finished shards (with a _stats.json marker)
     folder = tmp_path / "build"
     shutil.copytree(tiny_shards, folder, ignore=shutil.ignore_patterns("_photos"))
     (folder / "000001_stats.json").unlink()
     with caplog.at_level(logging.WARNING):
-        assert data.expand_shard_urls(str(folder)) == [str(folder / "000000.tar")]
+        assert resolve_shards(str(folder), committed_only=True) == [str(folder / "000000.tar")]
     assert "no _stats.json marker" in caplog.text
     with pytest.raises(FileNotFoundError, match="nope"):
-        data.expand_shard_urls(str(tmp_path / "nope/*.tar"))
+        resolve_shards(str(tmp_path / "nope/*.tar"), committed_only=True)
     # remote URLs through fsspec (the in-memory filesystem stands in for s3://)
     import fsspec
 
     fs = fsspec.filesystem("memory")
     for name in ("000000.tar", "000000_stats.json"):
         fs.pipe(f"/bucket/run/{name}", (tiny_shards / name).read_bytes())
-    urls = data.expand_shard_urls("memory://bucket/run/")
+    urls = resolve_shards("memory://bucket/run/", committed_only=True)
     assert len(urls) == 1 and urls[0].startswith("memory://") and urls[0].endswith("bucket/run/000000.tar")
     assert data.count_marked_samples(urls) == 3
     keys = _keys(data.make_dataloader(urls, batch_size=1, shuffle_buffer=0), 3)
@@ -131,7 +131,7 @@ def test_truncated_shard_is_skipped_with_a_warning_and_counted(tiny_shards, tmp_
     intact = {s.key for s in iter_samples(str(tiny_shards / "000001.tar"))}
     assert intact <= set(keys)
     # the pre-flight check warns about it (the loader copes) unless strict
-    urls = data.expand_shard_urls(str(tmp_path / "*.tar"))
+    urls = resolve_shards(str(tmp_path / "*.tar"), committed_only=True)
     assert any("truncated" in line for line in data.preflight_check(urls))
     with pytest.raises(ValueError, match="truncated"):
         data.preflight_check(urls, strict=True)
@@ -150,4 +150,4 @@ def test_preflight_rejects_malformed_samples(tiny_shards, tmp_path):
     with wds.TarWriter(str(tmp_path / "000001.tar")) as writer:
         writer.write(raw)
     with pytest.raises(ValueError, match="broken"):
-        data.preflight_check(data.expand_shard_urls(str(tmp_path / "*.tar")))
+        data.preflight_check(resolve_shards(str(tmp_path / "*.tar"), committed_only=True))

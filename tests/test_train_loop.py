@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from cnc.tiny import tiny_unet
 from cnc_model.training import Trainer, load_train_config
-from triplets.shards import atomic_write_bytes, iter_samples, write_shard
+from cnc.base.location import resolve
+from triplets.shardio import iter_samples, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,7 @@ def test_overfitting_four_samples_lowers_the_loss(tiny_shards, tmp_path):
     samples = list(iter_samples(str(tiny_shards / "{000000..000001}.tar")))[:4]
     (tmp_path / "data").mkdir()
     stats = write_shard(tmp_path / "data" / "000000.tar", samples)
-    atomic_write_bytes(tmp_path / "data" / "000000_stats.json", json.dumps(stats).encode())
+    resolve(tmp_path / "data" / "000000_stats.json").write_json(stats)
     cfg = load_train_config(REPO / "configs/train/local.yaml", tiny_overrides(
         tmp_path / "data", tmp_path / "out", "train.train_batch_size=4", "train.max_train_steps=100",
         "train.checkpointing_steps=1000", "optim.learning_rate=1e-3", "data.shuffle_buffer=0",

@@ -1,14 +1,17 @@
 """Run the stages on source items and assemble triplet samples (no Ray here).
 
 :class:`TripletBuilder` owns one instance of every stage (models loaded once) and turns a list
-of reader items into ``(samples, failures)``. It is the unit of work of the plain loop
-(``cnc build --engine local``), of the Ray shard workers and of the benchmarks.
+of reader items into ``(samples, failures)`` in three steps the shard worker overlaps:
+
+    decode(items) -> batch           CPU: read, decode, resize (the load stage)
+    run_models(batch, seconds) -> batch   the model stages: segment → inpaint → depth → embed
+    assemble(batch) -> (samples, failures)
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,10 @@ from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, Seg
 
 log = logging.getLogger(__name__)
 STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed")
+#: Config keys naming a single local checkpoint file (no hub ids).
+FILE_KEYS = ("segment.sam_checkpoint", "segment.u2net_checkpoint")
+#: Item columns handed to the stages.
+ITEM_COLUMNS = ("key", "source", "caption", "mask_path", "mask_kind")
 
 
 def resolve_models(cfg: BuildConfig) -> dict[str, str]:
@@ -34,7 +41,7 @@ def resolve_models(cfg: BuildConfig) -> dict[str, str]:
     resolved, missing = {}, []
     for key, mid in cfg.model_ids().items():
         try:
-            resolved[key] = resolve_pretrained(mid, key, is_file=key == "segment.sam_checkpoint")
+            resolved[key] = resolve_pretrained(mid, key, is_file=key in FILE_KEYS)
         except ModelUnavailableError as exc:
             missing.append(str(exc))
     if missing:
@@ -68,30 +75,49 @@ class TripletBuilder:
             seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=seg.sam_model_type,
                               saliency_model=resolved["segment.saliency_model"], prior_quantile=seg.prior_quantile,
                               **common)
+        elif seg.backend == "u2net":
+            seg_kwargs.update(u2net_checkpoint=resolved["segment.u2net_checkpoint"],
+                              u2net_threshold=seg.u2net_threshold, **common)
         ip = cfg.inpaint
-        self.stages = [
-            LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels),
+        self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels)
+        self.model_stages = [
             SegmentStage(**seg_kwargs),
             InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,
                          ip.guidance_scale, ip.strength, ip.dilation_px, ip.paste_back, base_seed=cfg.seed, **common),
-            DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, **common),
+            DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, preprocess=cfg.depth.preprocess,
+                       **common),
             EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common),
         ]
         self.models = {key: {"id": mid, "revision": _revision(resolved[key])} for key, mid in cfg.model_ids().items()}
 
+    @property
+    def stages(self) -> list:
+        """Every stage in order: load, then the model stages."""
+        return [self.load, *self.model_stages]
+
+    def decode(self, items: list[dict]) -> dict:
+        """Reader items → a decoded batch (``image``, ``dataset_mask``... see :mod:`triplets.stages.load`)."""
+        return self.load(ensure_status({k: [it.get(k) for it in items] for k in ITEM_COLUMNS}))
+
+    def run_models(self, batch: dict, seconds: collections.Counter | None = None) -> dict:
+        """The model stages on a decoded batch; adds each stage's wall time to ``seconds[stage.name]``."""
+        import time
+
+        for stage in self.model_stages:
+            t = time.perf_counter()
+            batch = stage(batch)
+            if seconds is not None:
+                seconds[stage.name] += time.perf_counter() - t
+        return batch
+
     def run_batch(self, items: list[dict]) -> dict:
         """Items → the final batch dict (all columns, see :mod:`triplets.batch`)."""
-        batch = ensure_status({k: [it.get(k) for it in items] for k in ("key", "source", "caption", "mask_path",
-                                                                         "mask_kind")})
-        for stage in self.stages:
-            batch = stage(batch)
-        return batch
+        return self.run_models(self.decode(items))
 
     def __call__(self, items: list[dict]) -> tuple[list[TripletSample], list[dict]]:
         samples, failures = [], []
         for start in range(0, len(items), self.cfg.batch_size):
-            chunk = items[start:start + self.cfg.batch_size]
-            s, f = self.assemble(self.run_batch(chunk))
+            s, f = self.assemble(self.run_batch(items[start:start + self.cfg.batch_size]))
             samples += s
             failures += f
         return samples, failures
@@ -124,10 +150,3 @@ class TripletBuilder:
                 fg_emb=batch["fg_emb"][i].astype(np.float32), bg_emb=batch["bg_emb"][i].astype(np.float32),
                 caption=batch["caption"][i] or "", meta=meta))
         return samples, failures
-
-
-def timed_build(builder: TripletBuilder, items: list[dict]) -> tuple[list[TripletSample], list[dict], float]:
-    """Run ``builder`` and return the wall time too."""
-    t0 = time.perf_counter()
-    s, f = builder(items)
-    return s, f, time.perf_counter() - t0

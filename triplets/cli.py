@@ -8,8 +8,19 @@ import typer
 
 
 def _default_out(paths: list[str]) -> Path:
-    first = Path(paths[0].removeprefix("file://"))
-    return first / "inspect" if first.is_dir() else first.parent / "inspect"
+    """``PATH/inspect`` for a writable local build folder, ``inspect/`` beside a local tar; for object-store
+    inputs (and read-only datasets) ``./inspect-<name>`` in the working directory."""
+    import os
+
+    from cnc.base.location import resolve
+
+    first = resolve(paths[0]) if not paths[0].startswith("pipe:") else None
+    if first is not None and first.is_local:
+        folder = first.local_path() if first.isdir() else first.local_path().parent
+        if os.access(folder, os.W_OK):
+            return folder / "inspect"
+    name = first.name.removesuffix(".tar") if first is not None else "pipe"
+    return Path(f"inspect-{name or 'shards'}")
 
 
 def inspect(
@@ -17,8 +28,9 @@ def inspect(
                                                 "('out/{000000..000009}.tar') or tar file(s)."),
     n: int = typer.Option(16, "--n", min=0, help="Samples to show (0: validate and summarise only)."),
     keys: str | None = typer.Option(None, "--keys", help="Comma-separated keys to show instead of a random pick."),
-    out: Path | None = typer.Option(None, "--out", help="Report folder.",
-                                    show_default="PATH/inspect for a folder, else inspect/ beside the first tar"),
+    out: Path | None = typer.Option(None, "--out", help="Local report folder.",
+                                    show_default="PATH/inspect for a local folder, inspect/ beside a local tar, "
+                                                 "./inspect-NAME for a URL or a read-only dataset"),
     html: bool = typer.Option(False, "--html", help="Also write a self-contained index.html."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample choice (same seed, same keys)."),
     per_page: int = typer.Option(8, "--per-page", min=1, help="Rows per contact-sheet PNG."),
@@ -28,6 +40,8 @@ def inspect(
     workers: int = typer.Option(1, "--workers", min=1, help="Processes reading shards in parallel."),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every sample (dtypes, shapes, "
                                 "statistics); --no-decode checks structure, markers and keys only."),
+    max_member_mb: float = typer.Option(256.0, "--max-member-mb", min=0.001, help="Size cap of one tar member "
+                                        "(larger members are a finding and are not read)."),
 ) -> None:
     """Validate shards, summarise them and render contact sheets of a few samples.
 
@@ -37,19 +51,17 @@ def inspect(
     from rich.console import Console
     from rich.progress import Progress
 
-    from triplets.inspect import inspect_shards, print_report, resolve_shards, write_report
+    from triplets.inspect import inspect_shards, print_report, write_report
+    from triplets.shardio import resolve_shards
 
-    try:
-        total = len(resolve_shards(paths))
-    except FileNotFoundError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+    total = len(resolve_shards(paths))  # a UserError (nothing matches, unknown scheme) exits 2 in one line
     wanted = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
     console = Console(stderr=True)
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("reading shards", total=min(total, max_shards or total))
         result = inspect_shards(paths, n=n, seed=seed, keys=wanted, decode=decode, max_shards=max_shards,
-                                workers=workers, progress=lambda _check: bar.advance(task))
+                                workers=workers, max_member_bytes=int(max_member_mb * 2**20),
+                                progress=lambda _check: bar.advance(task))
     print_report(result, Console())
     if result.samples or html:
         files = write_report(result, out or _default_out(paths), html=html, per_page=per_page, tile=tile)

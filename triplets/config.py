@@ -6,11 +6,16 @@ random tiny model built in code, see :mod:`cnc.tiny`).
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cnc.config import Seed
 
 TINY = "tiny"
+#: Devices a build runs on (``auto`` = CUDA when present).
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class _Strict(BaseModel):
@@ -20,11 +25,17 @@ class _Strict(BaseModel):
 class SegmentConfig(_Strict):
     """Salient-object mask M."""
 
-    backend: str = Field("sam", description="registry name: sam | dataset")
+    backend: str = Field("sam", description="registry name: sam | dataset | u2net")
     sam_checkpoint: str = Field("tiny", description="local path of a segment-anything .pth checkpoint, or 'tiny'")
     sam_model_type: str = Field("vit_h", description="segment-anything registry name: vit_h | vit_l | vit_b")
     saliency_model: str = Field("Intel/dpt-large", description="DPT used for the saliency prior (sam backend)")
     prior_quantile: float = Field(0.85, gt=0, lt=1, description="disparity quantile defining the near region")
+    u2net_checkpoint: str = Field(
+        "checkpoints/u2net.pth",
+        description="u2net backend: local path of the released u2net.pth (or u2netp.pth; widths are read from the "
+                    "file), or 'tiny'")
+    u2net_threshold: float = Field(0.5, gt=0, lt=1, description="u2net backend: threshold of the fused saliency map "
+                                                                "(reference 0.5)")
     min_area: float = Field(0.01, ge=0, le=1, description="masks covering less of the image fail ('empty mask')")
     max_area: float = Field(0.95, ge=0, le=1, description="masks covering more of the image fail ('near-full mask')")
 
@@ -47,6 +58,10 @@ class DepthConfig(_Strict):
 
     model: str = "Intel/dpt-large"
     mask_foreground_depth: bool = Field(False, description="multiply D_f by M (reference: no)")
+    preprocess: Literal["processor", "reference"] = Field(
+        "processor", description="model input: 'processor' = the DPT image processor (resize, mean/std); "
+                                 "'reference' = the RGB image in [0, 1] at build resolution, no processor (as the "
+                                 "reference fed MiDaS; matches the released weights)")
 
 
 class EmbedConfig(_Strict):
@@ -66,6 +81,20 @@ class RayConfig(_Strict):
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
     progress_interval_s: float = Field(5.0, gt=0)
+    worker_start_timeout_s: float = Field(
+        900.0, gt=0, description="give up when no worker has started (loaded its models) after this long")
+
+
+class StorageConfig(_Strict):
+    """Where and how outputs are written (operational: not part of the plan fingerprint)."""
+
+    scratch_dir: str | None = Field(
+        None, description="local folder where shards are staged before upload to an object store "
+                          "(default: the system temporary folder)")
+    verify: bool = Field(False, description="on resume, re-hash every committed shard against its marker "
+                                            "(default: marker + size; --verify)")
+    lease_seconds: float = Field(120.0, gt=0, description="object stores: a build lease not refreshed for this "
+                                                          "long is stale and may be taken over")
 
 
 class BuildConfig(_Strict):
@@ -81,16 +110,27 @@ class BuildConfig(_Strict):
     batch_size: int = Field(4, ge=1, description="samples per model batch")
     samples_per_shard: int = Field(1000, ge=1)
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
-    seed: int = Field(0, description="base seed; per-sample seeds derive from (seed, key)")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    seed: Seed = Field(0, description="base seed (0 .. 2**32-1); per-sample seeds derive from (seed, key)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU")
-    input_format: Literal["auto", "folder", "coco", "webdataset"] = "auto"
+    input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic"] = "auto"
+    allow_outside_input: bool = Field(
+        False, description="follow symlinks and COCO file_names that point outside the input root (refused per "
+                           "item by default)")
     segment: SegmentConfig = SegmentConfig()
     inpaint: InpaintConfig = InpaintConfig()
     depth: DepthConfig = DepthConfig()
     embed: EmbedConfig = EmbedConfig()
     ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "BuildConfig":
@@ -104,4 +144,6 @@ class BuildConfig(_Strict):
         if self.segment.backend == "sam":
             ids["segment.sam_checkpoint"] = self.segment.sam_checkpoint
             ids["segment.saliency_model"] = self.segment.saliency_model
+        if self.segment.backend == "u2net":
+            ids["segment.u2net_checkpoint"] = self.segment.u2net_checkpoint
         return ids

@@ -1,21 +1,7 @@
-"""Per-sample failures: a sample that cannot be processed carries a stage and a reason."""
+"""Per-sample failures and the user errors the data layer raises (defined in :mod:`cnc.base.errors`)."""
 
 from __future__ import annotations
 
+from cnc.base.errors import ModelUnavailableError, SampleError, UserError
 
-class SampleError(Exception):
-    """A failure that belongs to one sample, not to the run.
-
-    Args:
-        stage: the stage that failed (``decode``, ``segment``, ``inpaint``, ``depth``, ``embed``, ``encode``).
-        reason: a short, stable, human-readable reason (``"truncated image file"``, ``"empty mask"``...).
-    """
-
-    def __init__(self, stage: str, reason: str):
-        super().__init__(f"{stage}: {reason}")
-        self.stage = stage
-        self.reason = reason
-
-
-class ModelUnavailableError(RuntimeError):
-    """Weights of a configured model can be found neither locally nor on the hub."""
+__all__ = ["ModelUnavailableError", "SampleError", "UserError"]

@@ -9,6 +9,7 @@ and 16-bit images are converted to 8-bit RGB; EXIF orientation is applied first.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -136,6 +137,28 @@ def encode_png(array: np.ndarray) -> bytes:
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(W, H)`` from the image header only (nothing is decoded: safe before a size limit check).
+
+    PNG headers are parsed directly (no pixel limit applies here); other formats go through PIL's lazy open.
+
+    Raises:
+        ValueError: when the header cannot be read.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return int(w), int(h)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"decompression bomb: {exc}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"unreadable image header ({exc})") from None
 
 
 def decode_png(data: bytes) -> np.ndarray:

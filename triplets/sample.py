@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -156,9 +157,47 @@ def validate_sample(s: TripletSample) -> list[str]:
             problems.append(f"{name}: expected float32 (D,), got {emb.dtype} {emb.shape}")
     if s.fg_emb.shape != s.bg_emb.shape:
         problems.append(f"fg_emb/bg_emb dims differ: {s.fg_emb.shape} vs {s.bg_emb.shape}")
-    missing = [k for k in REQUIRED_META if k not in s.meta]
+    for name, emb in (("fg_emb.npy", s.fg_emb), ("bg_emb.npy", s.bg_emb)):
+        if emb.dtype.kind == "f" and not np.isfinite(emb).all():
+            problems.append(f"{name}: non-finite values (NaN/inf)")
+    problems += validate_meta(s.meta)
+    return problems
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _numbers(x, n: int) -> bool:
+    return isinstance(x, list) and len(x) == n and all(_finite(v) for v in x)
+
+
+def validate_meta(meta) -> list[str]:
+    """Problems of a sample's ``json`` metadata: not an object, missing keys, NaN or wrong-typed values.
+
+    Depth ranges must be ``[lo, hi]`` finite numbers with ``lo <= hi``; ``mask_area`` a finite number in [0, 1];
+    the other keys must have their type when not null (null = unknown, tolerated).
+    """
+    if not isinstance(meta, dict):
+        return [f"json: not a JSON object (got {type(meta).__name__})"]
+    problems = []
+    missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         problems.append(f"json: missing keys {missing}")
+    for k in ("fg_depth_range", "bg_depth_range"):
+        if k in meta and not (_numbers(meta[k], 2) and meta[k][0] <= meta[k][1]):
+            problems.append(f"json: {k} must be [min, max] finite numbers, got {str(meta[k])[:60]}")
+    checks = {
+        "mask_area": lambda v: _finite(v) and 0 <= v <= 1, "original_size": lambda v: _numbers(v, 2),
+        "crop_box": lambda v: _numbers(v, 5), "resolution": lambda v: isinstance(v, int) and not isinstance(v, bool)
+        and v > 0, "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "key": lambda v: isinstance(v, str), "source": lambda v: isinstance(v, str),
+        "version": lambda v: isinstance(v, str), "models": lambda v: isinstance(v, dict),
+        "timings": lambda v: isinstance(v, dict),
+    }
+    for k, ok in checks.items():
+        if meta.get(k) is not None and not ok(meta[k]):
+            problems.append(f"json: {k} has a wrong type or value: {str(meta[k])[:60]}")
     return problems
 
 
@@ -215,5 +254,12 @@ def decode_sample(raw: dict) -> TripletSample:
         fg_emb=np.load(io.BytesIO(d["fg_emb.npy"]), allow_pickle=False),
         bg_emb=np.load(io.BytesIO(d["bg_emb.npy"]), allow_pickle=False),
         caption=d["txt"].decode("utf-8") if isinstance(d["txt"], bytes) else str(d["txt"]),
-        meta=json.loads(d["json"]) if isinstance(d["json"], (bytes, str)) else dict(d["json"]),
+        meta=_meta(d["json"]),
     )
+
+
+def _meta(data) -> dict:
+    meta = json.loads(data) if isinstance(data, (bytes, str)) else data
+    if not isinstance(meta, dict):
+        raise ValueError(f"json is not a JSON object (got {type(meta).__name__})")
+    return dict(meta)

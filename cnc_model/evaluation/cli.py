@@ -77,6 +77,7 @@ def eval_command(
     """Generate from held-out triplets and report FID, IS, CLIPScore, SSIM, LPIPS, depth MAE and region scores."""
     import torch
 
+    from cnc.base.errors import UserError
     from cnc_model.cli import load_pipeline_or_fail, sampling_prompts
     from cnc_model.evaluation import models as metric_models
     from cnc_model.evaluation.run import EvalSettings, evaluate, load_samples
@@ -98,7 +99,7 @@ def eval_command(
         raise typer.Exit(code=2)
     try:
         samples = load_samples(shards, n)
-    except (ValueError, FileNotFoundError) as err:
+    except (UserError, ValueError, FileNotFoundError) as err:
         _fail(f"--shards: {str(err).splitlines()[0]}")
     pipes = {label: load_pipeline_or_fail(p) for label, p in zip(_labels(paths), paths)}
     # 2. generate and score

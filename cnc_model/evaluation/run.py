@@ -48,10 +48,12 @@ class EvalSettings:
 
 
 def load_samples(shards: Sequence[str] | str, n: int) -> list:
-    """The first ``n`` well-formed triplets of ``shards`` (paths, globs, brace patterns or build folders)."""
+    """The first ``n`` well-formed triplets of ``shards`` (paths, globs, brace patterns or build folders; in build
+    folders only committed shards, the trainer's rule)."""
     from cnc_model import data
+    from triplets.shardio import resolve_shards
 
-    urls = data.expand_shard_urls(shards)
+    urls = resolve_shards(shards, committed_only=True)
     samples = data.first_samples(urls, n)
     if not samples:
         raise ValueError(f"no readable sample in {len(urls)} shard(s) of {shards}")

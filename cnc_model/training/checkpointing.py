@@ -19,8 +19,9 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
-from triplets.shards import atomic_write_bytes
+from cnc.base.location import resolve
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -68,17 +69,115 @@ def resolve_resume(output_dir: str | Path, spec: str | None) -> Path | None:
     return p
 
 
-def rotate_checkpoints(output_dir: str | Path, total_limit: int | None, keep_room: int = 1) -> list[Path]:
-    """Delete the oldest checkpoints so that ``total_limit - keep_room`` remain (main process only)."""
-    if total_limit is None:
-        return []
-    ckpts = list_checkpoints(output_dir, complete_only=False)
-    excess = len(ckpts) - (total_limit - keep_room)
-    removed = ckpts[:max(0, excess)]
+def rotate_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:
+    """Keep the newest ``total_limit`` *complete* checkpoints; delete older complete and stale incomplete ones.
+
+    Call it only after the new checkpoint is complete (main process only), so that a failed save (disk full,
+    preemption) never leaves the run without a checkpoint to resume from. Incomplete folders (no
+    ``trainer_state.json``) never count towards the limit; those older than the newest complete checkpoint are
+    leftovers of failed saves and are removed, newer ones are left alone.
+    """
+    complete = list_checkpoints(output_dir)
+    removed = complete[:max(0, len(complete) - total_limit)] if total_limit is not None else []
+    newest = _step(complete[-1]) if complete else -1
+    stale = [p for p in list_checkpoints(output_dir, complete_only=False)
+             if not is_complete(p) and _step(p) < newest]
     for p in removed:
         logger.info("removing old checkpoint %s (checkpoints_total_limit=%d)", p.name, total_limit)
+    for p in stale:
+        logger.info("removing incomplete checkpoint %s (a save that did not finish)", p.name)
+    for p in removed + stale:
         shutil.rmtree(p, ignore_errors=True)
-    return removed
+    return removed + stale
+
+
+def is_complete(ckpt: Path) -> bool:
+    """A checkpoint is complete once its ``trainer_state.json`` (written last) exists."""
+    return (Path(ckpt) / TRAINER_STATE).is_file()
+
+
+def mark_incomplete(ckpt: Path) -> None:
+    """Drop ``trainer_state.json`` before (re)writing a checkpoint folder, so a half-overwritten one never looks
+    complete (main process only, before ``save_state``)."""
+    (Path(ckpt) / TRAINER_STATE).unlink(missing_ok=True)
+
+
+def _step(ckpt: Path) -> int:
+    return int(CHECKPOINT_RE.match(Path(ckpt).name).group(1))
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # header + declared sizes vs. the file size
+        f.keys()
+
+
+def _check_torch_zip(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:  # a cut file has no central directory at its end
+        bad = z.testzip() if path.stat().st_size < 64 * 2**20 else None
+    if bad is not None:
+        raise ValueError(f"member {bad} fails its CRC")
+
+
+def checkpoint_problems(ckpt: Path, num_processes: int = 1) -> list[str]:
+    """Why a complete-looking checkpoint cannot be loaded (empty list: it can): truncated or unreadable
+    safetensors, ``optimizer.bin``/``scheduler.bin``/``scaler.pt``, ``trainer_state.json`` or ``data_state``
+    files. Cheap: headers, zip directories and JSON only (never the unsafe pickle path)."""
+    ckpt, problems = Path(ckpt), []
+    checks = [(p, _check_safetensors) for p in sorted(ckpt.rglob("*.safetensors"))]
+    checks += [(ckpt / n, _check_torch_zip) for n in ("optimizer.bin", "scheduler.bin", "scaler.pt")
+               if (ckpt / n).exists() or n == "optimizer.bin"]
+    checks += [(p, read_json) for p in [ckpt / TRAINER_STATE, *sorted(ckpt.glob("data_state_rank_*.json"))]]
+    for path, check in checks:
+        try:
+            check(path)
+        except FileNotFoundError:
+            problems.append(f"{path.relative_to(ckpt)} is missing")
+        except Exception as exc:  # noqa: BLE001 - any reader failure means "damaged"
+            problems.append(f"{path.relative_to(ckpt)} is unreadable ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def rng_state_problem(ckpt: Path, process_index: int) -> str | None:
+    """Why ``random_states_<rank>.pkl`` cannot restore the RNGs (``None``: it can).
+
+    accelerate swallows this failure with an info line and resumes with fresh RNGs; the trainer warns loudly.
+    """
+    from accelerate.utils.other import load
+
+    path = Path(ckpt) / f"random_states_{process_index}.pkl"
+    try:
+        states = load(path)
+    except Exception as exc:  # noqa: BLE001
+        return f"{path.name} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    missing = [k for k in ("random_state", "numpy_random_seed", "torch_manual_seed") if k not in states]
+    return f"{path.name} lacks {missing}" if missing else None
+
+
+def resume_candidates(output_dir: str | Path, spec: str | None, num_processes: int = 1) -> Iterator[Path]:
+    """Checkpoints to try for ``spec``, best first, skipping damaged ones with a warning.
+
+    ``"latest"``: the complete checkpoints, newest first (a truncated newest one falls back to the previous);
+    a path: only that one.
+
+    Raises:
+        FileNotFoundError: an explicit checkpoint is missing, incomplete or damaged.
+    """
+    if not spec:
+        return
+    paths = list(reversed(list_checkpoints(output_dir))) if spec == "latest" else [resolve_resume(output_dir, spec)]
+    for path in paths:
+        problems = checkpoint_problems(path, num_processes)
+        if not problems:
+            yield path
+            continue
+        if spec != "latest":
+            raise FileNotFoundError(f"checkpoint {path} is damaged: {'; '.join(problems)}")
+        logger.warning("checkpoint %s is damaged (%s): falling back to the previous complete checkpoint",
+                       path, "; ".join(problems))
 
 
 def read_json(path: Path) -> dict:
@@ -87,7 +186,7 @@ def read_json(path: Path) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic (temp + fsync + rename) JSON write."""
-    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    resolve(path).write_bytes(json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def data_state_path(ckpt: Path, rank: int) -> Path:

@@ -89,13 +89,28 @@ def _fuser_folder(path: str, name: str, key: str) -> Path:
 
 
 def build_local_fuser(cfg: TrainConfig, unet):
-    """``model.local_fuser`` if set, else ``LocalFuser.from_unet(unet)`` (fresh depth extractor and zero convs)."""
+    """``model.local_fuser`` if set; else ``model.local_fuser_init``: ``from_unet`` -> ``LocalFuser.from_unet(unet)``
+    (fresh depth extractor and zero convs), a path -> the local adapter of a reference checkpoint (``uni.ckpt``)."""
     from cnc_model.models.local_fuser import LocalFuser
 
     if cfg.model.local_fuser:
         folder = _fuser_folder(cfg.model.local_fuser, "local_fuser", "model.local_fuser")
         logger.info("local fuser initialised from %s", folder)
         return LocalFuser.from_pretrained(folder, torch_dtype=torch.float32)
+    if cfg.model.local_fuser_init != "from_unet":
+        from cnc_model.convert import ConversionError, local_fuser_from_reference
+
+        path = Path(cfg.model.local_fuser_init).expanduser()
+        if not path.is_file():
+            raise ModelUnavailableError(f"local fuser init checkpoint '{path}' (config key model.local_fuser_init) "
+                                        "not found; give the path of uni.ckpt or use 'from_unet'")
+        try:
+            fuser = local_fuser_from_reference(path, unet, conditioning_channels=cfg.data.depth_channels,
+                                               seed=cfg.seed)
+        except ConversionError as err:
+            raise ModelUnavailableError(f"model.local_fuser_init: {err}") from None
+        logger.info("local fuser initialised from the reference checkpoint %s", path)
+        return fuser.to(torch.float32)
     torch.manual_seed(cfg.seed)
     return LocalFuser.from_unet(unet, conditioning_channels=cfg.data.depth_channels).to(torch.float32)
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cnc.config import load_config
+from cnc.config import Seed, load_config
 
 STAGES = ("local", "global", "joint")
 TINY = "tiny"
@@ -34,6 +34,10 @@ class ModelConfig(_Strict):
     local_fuser: str | None = Field(
         None, description="folder with a saved LocalFuser (config.json + safetensors) to start from; "
                           "default: LocalFuser.from_unet(unet)")
+    local_fuser_init: str = Field(
+        "from_unet", description="fresh local fuser when model.local_fuser is unset: 'from_unet' (copy of the SD "
+                                 "encoder, new FDN/extractor/zero convs) or the path of a reference checkpoint with "
+                                 "a local adapter, e.g. Uni-ControlNet's uni.ckpt (the reference's stage-1 init)")
     global_fuser: str | None = Field(None, description="folder with a saved GlobalFuser to start from; default: "
                                                        "random init")
     image_embed_dim: int | None = Field(None, ge=1, description="CLIP embedding width; default: from the data")
@@ -41,6 +45,13 @@ class ModelConfig(_Strict):
     soft_guidance_resize: Literal["reference", "nearest", "area"] = "reference"
     frozen_encoder_no_grad: bool = Field(
         True, description="frozen UNet encoder + middle block under no_grad (reference); false = full graph")
+
+    @model_validator(mode="after")
+    def _one_local_init(self) -> ModelConfig:
+        if self.local_fuser and self.local_fuser_init != "from_unet":
+            raise ValueError("set model.local_fuser (a saved fuser) or model.local_fuser_init (a reference "
+                             "checkpoint), not both")
+        return self
 
 
 class DataConfig(_Strict):
@@ -122,7 +133,7 @@ class ValidationConfig(_Strict):
     num_samples: int = Field(4, ge=0, description="0 = no validation")
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
-    seed: int = 0
+    seed: Seed = 0
     shards: list[str] = Field(default_factory=list, description="default: data.train_shards")
 
 
@@ -131,7 +142,7 @@ class TrainConfig(_Strict):
 
     stage: Literal["local", "global", "joint"]
     output_dir: str = Field(..., description="checkpoints, logs, validation images, final fusers")
-    seed: int = 0
+    seed: Seed = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

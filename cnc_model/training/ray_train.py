@@ -51,7 +51,7 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
         return str(p if p.is_absolute() else Path.cwd() / p)
 
     data = config_dict(cfg)
-    data["output_dir"] = str(Path(cfg.output_dir).expanduser().resolve())
+    data["output_dir"] = fix(cfg.output_dir)
     data["data"]["train_shards"] = [fix(u) for u in cfg.data.train_shards]
     data["validation"]["shards"] = [fix(u) for u in cfg.validation.shards]
     for key in ("pretrained_model_name_or_path", "local_fuser", "global_fuser"):
@@ -76,23 +76,29 @@ def run_ray_training(cfg: TrainConfig, num_workers: int, use_gpu: bool, address:
     Returns:
         the ``ray.train.Result``; every worker reports ``global_step``, ``interrupted`` and ``last_loss``.
     """
-    import ray
+    import tempfile
+
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from cnc.base.location import resolve
+    from pipelines.ray_session import ray_session
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     cfg = _absolute_paths(cfg)
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
     cpus = cpus_per_worker if cpus_per_worker is not None else float(cfg.data.num_workers + 1)
-    storage = Path(cfg.output_dir).expanduser().resolve() / "ray"
-    trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config={"config": config_dict(cfg), "log_level": log_level},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=f"cnc-train-{cfg.stage}", storage_path=str(storage)),
-    )
-    logger.info("Ray Train: %d worker(s), %s, outputs in %s", num_workers, "GPU" if use_gpu else "CPU",
-                cfg.output_dir)
-    return trainer.fit()
+    out = resolve(cfg.output_dir)
+    # Ray Train's own run records (the trainer writes checkpoints itself): beside a local output, else local temp
+    storage = out.local_path() / "ray" if out.is_local else Path(tempfile.gettempdir()) / "cnc-ray-train"
+    with ray_session(address, log_to_driver=True):
+        trainer = TorchTrainer(
+            _train_loop_per_worker,
+            train_loop_config={"config": config_dict(cfg), "log_level": log_level},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus}),
+            run_config=RunConfig(name=f"cnc-train-{cfg.stage}", storage_path=str(storage)),
+        )
+        logger.info("Ray Train: %d worker(s), %s, outputs in %s", num_workers, "GPU" if use_gpu else "CPU",
+                    cfg.output_dir)
+        return trainer.fit()

@@ -35,7 +35,9 @@ def build_tiny_shards(out_dir: str | Path, n_images: int = 6, n_shards: int = 2,
     from triplets.builder import TripletBuilder
     from triplets.config import BuildConfig
     from triplets.readers import read_items
-    from triplets.shards import atomic_write_bytes, write_shard
+    from cnc.base.location import resolve
+    from triplets.shardio import write_shard
+    from triplets.shardio.names import marker_name, tar_name
 
     out = Path(out_dir)
     photos = synthetic_photos(out / "_photos", n_images, seed)
@@ -48,8 +50,8 @@ def build_tiny_shards(out_dir: str | Path, n_images: int = 6, n_shards: int = 2,
         raise RuntimeError(f"tiny build failed: {failures}")
     tars = []
     for i, chunk in enumerate(np.array_split(np.arange(len(samples)), n_shards)):
-        tar = out / f"{i:06d}.tar"
+        tar = out / tar_name(i)
         stats = write_shard(tar, [samples[j] for j in chunk])
-        atomic_write_bytes(out / f"{i:06d}_stats.json", json.dumps(stats).encode())
+        resolve(out / marker_name(i)).write_json(stats)
         tars.append(tar)
     return tars

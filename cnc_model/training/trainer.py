@@ -15,6 +15,7 @@ frozen in ``mixed_precision`` dtype and never checkpointed.
 from __future__ import annotations
 
 import logging
+import pickle
 import signal
 import threading
 import time
@@ -131,11 +132,12 @@ class Trainer:
 
     def _setup_data(self) -> None:
         from cnc_model import data
+        from triplets.shardio import resolve_shards
 
         cfg, acc = self.cfg, self.accelerator
         if not cfg.data.train_shards:
             raise ValueError("data.train_shards is empty: set it to a build output folder, glob or shard URLs")
-        urls = data.expand_shard_urls(cfg.data.train_shards)
+        urls = resolve_shards(cfg.data.train_shards, committed_only=True)
         if cfg.data.preflight_shards:
             data.preflight_check(urls, max_shards=cfg.data.preflight_shards, strict=cfg.data.preflight_strict)
         first = data.first_samples(urls, 1)
@@ -145,7 +147,7 @@ class Trainer:
         self.resolution = cfg.data.resolution or int(first[0].image.shape[0])
         self.validation_samples = []
         if acc.is_main_process and cfg.validation.num_samples:
-            val_urls = data.expand_shard_urls(cfg.validation.shards) if cfg.validation.shards else urls
+            val_urls = resolve_shards(cfg.validation.shards, committed_only=True) if cfg.validation.shards else urls
             self.validation_samples = data.first_samples(val_urls, cfg.validation.num_samples)
         dropout = data.ConditionDropout.for_stage(
             cfg.stage, caption=cfg.data.drop_caption_prob,
@@ -434,7 +436,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         path = ckpt.checkpoint_dir(cfg.output_path, self.global_step)
         if acc.is_main_process:
-            ckpt.rotate_checkpoints(cfg.output_path, cfg.train.checkpoints_total_limit)
+            ckpt.mark_incomplete(path)  # trainer_state.json is written last, after everything else
         acc.wait_for_everyone()
         acc.save_state(str(path))
         ckpt.write_json(ckpt.data_state_path(path, acc.process_index), self.loader.state_dict())
@@ -445,25 +447,39 @@ class Trainer:
                 "train_batch_size": cfg.train.train_batch_size,
                 "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps})
             logger.info("saved %s", path)
+            ckpt.rotate_checkpoints(cfg.output_path, cfg.train.checkpoints_total_limit)  # only once it is complete
         acc.wait_for_everyone()
         return path
 
     def resume(self) -> int:
         """Load ``train.resume_from_checkpoint`` (``latest`` or a path); returns the step to continue from."""
         acc, cfg = self.accelerator, self.cfg
-        path = ckpt.resolve_resume(cfg.output_path, cfg.train.resume_from_checkpoint)
+        path = None
+        for candidate in ckpt.resume_candidates(cfg.output_path, cfg.train.resume_from_checkpoint, acc.num_processes):
+            state = ckpt.read_json(candidate / ckpt.TRAINER_STATE)
+            if state.get("stage") not in (None, cfg.stage):
+                raise ValueError(f"checkpoint {candidate} is from stage {state['stage']!r}, this run is {cfg.stage!r}")
+            try:
+                acc.load_state(str(candidate))
+                data_file = ckpt.data_state_path(candidate, acc.process_index)
+                data_state = ckpt.read_json(data_file) if data_file.is_file() else None
+            except (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as exc:
+                logger.warning("checkpoint %s does not load (%s: %s): falling back to the previous complete one",
+                               candidate, type(exc).__name__, exc)
+                continue
+            path = candidate
+            break
         if path is None:
             if cfg.train.resume_from_checkpoint:
-                logger.info("no checkpoint in %s: starting from scratch", cfg.output_path)
+                logger.info("no loadable checkpoint in %s: starting from scratch", cfg.output_path)
             return 0
-        state = ckpt.read_json(path / ckpt.TRAINER_STATE)
-        if state.get("stage") not in (None, cfg.stage):
-            raise ValueError(f"checkpoint {path} is from stage {state['stage']!r}, this run is {cfg.stage!r}")
-        acc.load_state(str(path))
+        rng_problem = ckpt.rng_state_problem(path, acc.process_index)
+        if rng_problem:
+            logger.error("RNG state NOT restored: %s; training continues with fresh random streams, so this resume "
+                         "is not bit-identical to an uninterrupted run", rng_problem)
         self.global_step = int(state["global_step"])
-        data_file = ckpt.data_state_path(path, acc.process_index)
-        if data_file.is_file():
-            self.loader.load_state_dict(ckpt.read_json(data_file))
+        if data_state is not None:
+            self.loader.load_state_dict(data_state)
         else:
             logger.warning("%s has no data position for rank %d: the data stream restarts", path,
                            acc.process_index)

@@ -9,11 +9,10 @@ unique keys, stats markers that agree), accumulates summary statistics and picks
     result = inspect_shards("out/build", n=16, seed=0)
     write_report(result, "out/build/inspect", html=True)
 
-Modules: ``reader`` (find shards, stream a tar), ``validate`` (checks and the pass), ``summary``
-(streaming statistics), ``render`` (contact sheets), ``report`` (tables, files, HTML).
+Modules: ``validate`` (checks and the pass), ``summary`` (streaming statistics), ``render`` (contact sheets),
+``report`` (tables, files, HTML). Finding shards and streaming tars is :mod:`triplets.shardio`'s job.
 """
 
-from triplets.inspect.reader import ShardReadError, TarStream, resolve_shards
 from triplets.inspect.render import SheetLayout, colorize, colormap_lut, contact_sheet, contact_sheets
 from triplets.inspect.report import ReportFiles, html_report, print_report, summary_rows, write_report
 from triplets.inspect.summary import DepthOrder, Histogram, RunningStats, Summary, Throughput, depth_margin
@@ -24,8 +23,8 @@ from triplets.inspect.validate import (
 
 __all__ = [
     "DepthOrder", "Histogram", "InspectResult", "Problem", "ReportFiles", "RunningStats", "ShardCheck",
-    "ShardReadError", "SheetLayout", "Summary", "TarStream", "Throughput", "ValidationResult", "colorize",
+    "SheetLayout", "Summary", "Throughput", "ValidationResult", "colorize",
     "colormap_lut", "contact_sheet", "contact_sheets", "depth_margin", "html_report", "inspect_shards",
-    "print_report", "resolve_shards", "scan_shard", "select_samples", "summarise", "summary_rows", "validate",
+    "print_report", "scan_shard", "select_samples", "summarise", "summary_rows", "validate",
     "write_report",
 ]

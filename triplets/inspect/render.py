@@ -129,29 +129,41 @@ class SheetLayout:
                 self.margin + self.header + row * self.row_height)
 
 
+def _longest_prefix(text: str, width: float, draw: ImageDraw.ImageDraw, font, suffix: str = "") -> int:
+    """Largest ``n`` with ``text[:n] + suffix`` fitting ``width`` (binary search: O(log len) measurements)."""
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(text[:mid] + suffix, font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _clip(text: str, width: float, draw: ImageDraw.ImageDraw, font) -> str:
     """``text`` cut (with "...") to fit ``width``."""
+    text = text[: int(width) + 1]  # every visible glyph is at least one pixel wide: the rest cannot show
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+    return text[:_longest_prefix(text, width, draw, font, "...")] + "..."
 
 
 def _fit(text: str, width: float, draw: ImageDraw.ImageDraw, font) -> tuple[str, str]:
-    """Split ``text`` into the longest word-prefix fitting ``width`` and the rest."""
-    words, line = text.split(), ""
-    for i, w in enumerate(words):
-        trial = f"{line} {w}".strip()
-        if draw.textlength(trial, font=font) > width:
-            if not line:  # one very long word: cut it
-                cut = len(w)
-                while cut > 1 and draw.textlength(w[:cut], font=font) > width:
-                    cut -= 1
-                return w[:cut], " ".join([w[cut:], *words[i + 1:]])
-            return line, " ".join(words[i:])
-        line = trial
-    return line, ""
+    """Split ``text`` into the longest word-prefix fitting ``width`` and the rest.
+
+    Linear in the text length: only a window of ``width + 1`` characters is measured (by binary search).
+    """
+    window = text[: int(width) + 1]
+    n = _longest_prefix(window, width, draw, font)
+    if n >= len(text):
+        return text.strip(), ""
+    if n < len(window) and not window[n].isspace():
+        space = window.rfind(" ", 0, n + 1)
+        if space > 0 and window[:space].strip():
+            n = space  # break at the last word boundary that fits
+    n = max(n, 1)  # one very long word: cut it
+    return text[:n].strip(), text[n:].lstrip()
 
 
 def _caption_lines(s: TripletSample, n: int, width: float, draw, font) -> list[tuple[str, tuple]]:
@@ -160,7 +172,8 @@ def _caption_lines(s: TripletSample, n: int, width: float, draw, font) -> list[t
     bad = margin is None or margin <= 0
     order = "empty mask" if margin is None else f"fg-bg depth in M {margin:+.2f} " + ("REVERSED" if bad else "ok")
     lines = [(_clip(f"{s.key}   mask {area:.1%}   {order}", width, draw, font), BAD_COLOR if bad else (40, 40, 40))]
-    rest = s.caption.strip() or "(empty caption)"
+    # at most n lines of at most width+1 glyphs can show: never process more of a (possibly huge) caption
+    rest = " ".join(s.caption[: n * (int(width) + 2)].split()) or "(empty caption)"
     for i in range(n - 1):
         line, rest = _fit(rest, width, draw, font)
         if rest and i == n - 2:

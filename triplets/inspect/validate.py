@@ -31,11 +31,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from triplets.inspect.reader import (
-    ShardReadError, TarStream, errors_path, read_json, resolve_shards, split_member, stats_marker_path,
-)
+from cnc.base.location import resolve
+from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards, split_member
+from triplets.shardio.names import MANIFEST_FILE, PLAN_FILE, errors_for_tar, is_marker, marker_for_tar, tar_for_marker
+from triplets.shardio.tario import MAX_MEMBER_BYTES
 from triplets.inspect.summary import Summary, failure_reason, marker_count
-from triplets.sample import FIELDS, KEY_PATTERN, REQUIRED_META, TripletSample, decode_sample, validate_sample
+from triplets.sample import FIELDS, KEY_PATTERN, TripletSample, decode_sample, validate_meta, validate_sample
 
 log = logging.getLogger(__name__)
 ERROR, WARNING = "error", "warning"
@@ -114,6 +115,7 @@ class ScanOptions:
         n / seed: keep the ``n`` samples with the smallest seeded key hash (order-independent sampling).
         keys: keep the samples with these keys instead.
         max_problems: findings kept per shard.
+        max_member_bytes: members larger than this are reported and not read.
     """
 
     decode: bool = True
@@ -121,6 +123,7 @@ class ScanOptions:
     seed: int = 0
     keys: frozenset[str] | None = None
     max_problems: int = 1000
+    max_member_bytes: int = MAX_MEMBER_BYTES
 
 
 @dataclass
@@ -147,7 +150,8 @@ class InspectResult:
 def key_hash(key: str, seed: int | None = None) -> int:
     """64-bit hash of a key (with ``seed``: the sampling priority)."""
     text = key if seed is None else f"{seed}\0{key}"
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    data = text.encode("utf-8", "surrogateescape")  # a non-UTF-8 member name must not crash the hash
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[str, str | None], None]) -> None:
@@ -165,12 +169,11 @@ def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[s
             report(f"key {key!r} is not dot-free [A-Za-z0-9_/-]", key)
         try:
             meta = json.loads(raw["json"])
-        except ValueError as exc:
+        except ValueError as exc:  # incl. UnicodeDecodeError
             report(f"json does not parse: {exc}", key)
             return
-        lacking = [k for k in REQUIRED_META if k not in meta]
-        if lacking:
-            report(f"json: missing keys {lacking}", key)
+        for msg in validate_meta(meta):
+            report(msg, key)
         return
     try:
         s = decode_sample(raw)
@@ -184,11 +187,30 @@ def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[s
     summary.add_sample(s)
 
 
-def _read_failures(tar: Path, marker: dict | None, report: Callable[..., None]) -> Counter:
+def read_json(url: str) -> dict | None:
+    """A JSON object at ``url``; ``None`` when missing. Raises ``ValueError`` when it is not an object."""
+    loc = resolve(url)
+    if not loc.isfile():
+        return None
+    data = json.loads(loc.read_bytes())
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0]
+
+
+def _read_failures(tar: str, marker: dict | None, report: Callable[..., None]) -> Counter:
     """Failure counts by ``"stage: reason"`` from ``errors/NNNNNN.jsonl``, else from the marker."""
-    path, counts = errors_path(tar), Counter()
-    if path.is_file():
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    path, counts = resolve(errors_for_tar(tar)), Counter()
+    if path.isfile():
+        for lineno, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -204,18 +226,19 @@ def _read_failures(tar: Path, marker: dict | None, report: Callable[..., None]) 
     return counts
 
 
-def _check_marker(tar: Path, check: ShardCheck, report: Callable[..., None]) -> None:
+def _check_marker(tar: str, check: ShardCheck, report: Callable[..., None]) -> None:
     marker = check.marker
     if marker is None:
-        if (tar.parent / "plan.json").exists() or (tar.parent / "manifest.json").exists():
-            report(f"no stats marker {stats_marker_path(tar).name}: the shard may come from an unfinished build",
+        folder = resolve(_parent(tar))
+        if folder.child(PLAN_FILE).exists() or folder.child(MANIFEST_FILE).exists():
+            report(f"no stats marker {_name(marker_for_tar(tar))}: the shard may come from an unfinished build",
                    None, WARNING)
         return
     if not check.complete:
         return  # the truncation is the finding; counts and hashes cannot agree
     n = marker_count(marker)
     if n is None:
-        report(f"stats marker {stats_marker_path(tar).name} has no sample count", None, WARNING)
+        report(f"stats marker {_name(marker_for_tar(tar))} has no sample count", None, WARNING)
     elif n != check.nsamples:
         report(f"stats marker says {n} samples, the tar holds {check.nsamples}")
     sha = marker.get("sha256")
@@ -226,9 +249,9 @@ def _check_marker(tar: Path, check: ShardCheck, report: Callable[..., None]) -> 
         report(f"stats marker says {size} bytes, the tar has {check.bytes}")
 
 
-def scan_shard(path: str | Path, opts: ScanOptions = ScanOptions()) -> ShardScan:
-    """Validate, summarise and sample one shard in one streaming pass (see the module docstring)."""
-    tar = Path(path)
+def scan_shard(path: str, opts: ScanOptions = ScanOptions()) -> ShardScan:
+    """Validate, summarise and sample one shard (a local path or URL) in one streaming pass."""
+    tar = str(path)
     problems: list[Problem] = []
 
     def report(message: str, key: str | None = None, severity: str = ERROR) -> None:
@@ -237,12 +260,12 @@ def scan_shard(path: str | Path, opts: ScanOptions = ScanOptions()) -> ShardScan
 
     check, summary = ShardCheck(str(tar)), Summary(shards=1)
     try:
-        check.marker = read_json(stats_marker_path(tar))
-    except ValueError as exc:
-        report(f"stats marker {stats_marker_path(tar).name} is not valid JSON: {exc}")
+        check.marker = read_json(marker_for_tar(tar))
+    except (ValueError, OSError) as exc:
+        report(f"stats marker {_name(marker_for_tar(tar))} is not valid JSON: {exc}")
     hashes: list[int] = []
     heap: list[tuple[int, int, dict]] = []  # max-heap on priority through negation
-    stream = TarStream(tar, on_problem=report)
+    stream = TarStream(tar, on_problem=report, max_member_bytes=opts.max_member_bytes)
     try:
         for i, raw in enumerate(stream.samples()):
             check.nsamples += 1
@@ -259,7 +282,7 @@ def scan_shard(path: str | Path, opts: ScanOptions = ScanOptions()) -> ShardScan
         report(exc.message)
     except OSError as exc:
         report(f"cannot read: {exc}")
-    summary.bytes = check.bytes or (tar.stat().st_size if tar.exists() else 0)
+    summary.bytes = check.bytes or (resolve(tar).size() or 0)
     _check_marker(tar, check, report)
     summary.add_failures(_read_failures(tar, check.marker, report))
     if check.marker:
@@ -281,9 +304,9 @@ def _duplicate_keys(scans: list[ShardScan]) -> dict[str, list[str]]:
             continue
         last = None
         try:
-            with tarfile.open(scan.check.path) as tf:
-                for name in tf.getnames():
-                    key, _ = split_member(name)
+            with open_stream(scan.check.path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
+                for member in tf:
+                    key, _ = split_member(member.name)
                     if key is not None and key != last and key_hash(key) in dup:
                         where.setdefault(key, []).append(scan.check.path)
                     last = key
@@ -292,30 +315,36 @@ def _duplicate_keys(scans: list[ShardScan]) -> dict[str, list[str]]:
     return {k: v for k, v in where.items() if len(v) > 1}
 
 
-def _folder_checks(inputs: Sequence[str | Path], shards: list[Path], report: Callable[..., None]) -> None:
+def _folder_checks(inputs: Sequence[str], shards: list[str], report: Callable[..., None]) -> None:
     """Build-folder level: markers whose tar is gone; fewer shards than planned."""
-    present = {p.resolve() for p in shards}
+    present = set(shards)
     for item in inputs:
-        folder = Path(str(item).removeprefix("file://"))
-        if not folder.is_dir():
+        if str(item).startswith("pipe:"):
             continue
-        for marker in sorted(folder.glob("*_stats.json")):
-            tar = marker.with_name(marker.name.removesuffix("_stats.json") + ".tar")
-            if tar.resolve() not in present:
-                report(str(folder), f"stats marker {marker.name} has no {tar.name}")
         try:
-            plan = read_json(folder / "plan.json")
-        except ValueError:
+            folder = resolve(str(item))
+            if not folder.isdir():
+                continue
+        except Exception:  # noqa: BLE001 - a glob or pattern, not a folder
+            continue
+        listing = folder.list()
+        for name in sorted(n for n in listing if is_marker(n)):
+            tar = folder.child(tar_for_marker(name))
+            if tar.url not in present:
+                report(folder.url, f"stats marker {name} has no {tar.name}")
+        try:
+            plan = read_json(folder.child(PLAN_FILE).url) if PLAN_FILE in listing else None
+        except (ValueError, OSError):
             plan = None
         planned = None
         if plan:
             planned = len(plan["shards"]) if isinstance(plan.get("shards"), list) else plan.get("num_shards")
-        have = sum(1 for p in shards if p.parent.resolve() == folder.resolve())
+        have = sum(1 for p in shards if _parent(p) == folder.url.rstrip("/"))
         if isinstance(planned, int) and have < planned:
-            report(str(folder), f"build incomplete: plan.json lists {planned} shards, {have} present", WARNING)
+            report(folder.url, f"build incomplete: plan.json lists {planned} shards, {have} present", WARNING)
 
 
-def _scan_all(shards: list[Path], opts: ScanOptions, workers: int,
+def _scan_all(shards: list[str], opts: ScanOptions, workers: int,
               progress: Callable[[ShardCheck], None] | None) -> Iterator[ShardScan]:
     if workers <= 1 or len(shards) <= 1:
         for path in shards:
@@ -334,7 +363,7 @@ def _scan_all(shards: list[Path], opts: ScanOptions, workers: int,
 
 def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, seed: int = 0,
                    keys: Iterable[str] | None = None, decode: bool = True, max_shards: int | None = None,
-                   workers: int = 1, max_problems: int = 1000,
+                   workers: int = 1, max_problems: int = 1000, max_member_bytes: int = MAX_MEMBER_BYTES,
                    progress: Callable[[ShardCheck], None] | None = None) -> InspectResult:
     """Validate and summarise shards and pick samples to show, in one streaming pass.
 
@@ -347,17 +376,19 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
         workers: processes reading shards in parallel (spawned: a script calling this with ``workers > 1``
             needs the ``if __name__ == "__main__":`` guard).
         max_problems: findings kept (all are counted).
+        max_member_bytes: size cap of one tar member (larger ones are a finding and are not read).
         progress: called with each shard's :class:`ShardCheck` as it finishes.
 
     Raises:
-        FileNotFoundError: when ``paths`` name no tar.
+        triplets.shardio.ShardSpecError: when ``paths`` name no tar (a :class:`~cnc.base.errors.UserError`).
     """
-    inputs = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    inputs = [str(paths)] if isinstance(paths, (str, Path)) else [str(p) for p in paths]
     shards = resolve_shards(inputs)
     if max_shards is not None:
         shards = shards[:max_shards]
     wanted = frozenset(keys) if keys is not None else None
-    opts = ScanOptions(decode=decode, n=n, seed=seed, keys=wanted, max_problems=max_problems)
+    opts = ScanOptions(decode=decode, n=n, seed=seed, keys=wanted, max_problems=max_problems,
+                       max_member_bytes=max_member_bytes)
     result, summary, scans, picked = ValidationResult(), Summary(), [], []
     for si, scan in enumerate(_scan_all(shards, opts, workers, progress)):
         result.shards.append(scan.check)
@@ -368,7 +399,7 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
         scan.picked = []
         scans.append(scan)
     for key, where in _duplicate_keys(scans).items():
-        names = ", ".join(Path(w).name for w in where)
+        names = ", ".join(_name(w) for w in where)
         result.add(Problem(where[0], f"duplicate key: {len(where)} samples in {names}", key), max_problems)
     if max_shards is None:
         _folder_checks(inputs, shards, lambda path, msg, sev=ERROR: result.add(Problem(path, msg, None, sev),
@@ -388,13 +419,13 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
 
 
 def validate(paths: str | Path | Sequence[str | Path], *, max_shards: int | None = None, decode: bool = True,
-             workers: int = 1, max_problems: int = 1000) -> ValidationResult:
+             workers: int = 1, max_problems: int = 1000, max_member_bytes: int = MAX_MEMBER_BYTES) -> ValidationResult:
     """Check shards (readable to the end, complete and well-typed samples, unique keys, matching markers).
 
     ``validate(urls, max_shards=4).ok`` is the trainer's pre-flight check; see :func:`inspect_shards`.
     """
     return inspect_shards(paths, n=0, decode=decode, max_shards=max_shards, workers=workers,
-                          max_problems=max_problems).validation
+                          max_problems=max_problems, max_member_bytes=max_member_bytes).validation
 
 
 def summarise(paths: str | Path | Sequence[str | Path], *, max_shards: int | None = None,

@@ -6,8 +6,9 @@ from triplets.stages.embed import CLIPImageEmbedder, EmbedStage
 from triplets.stages.inpaint import InpaintStage, sample_seed
 from triplets.stages.load import LoadStage
 from triplets.stages.segment import SEGMENTERS, SegmentStage, register_segmenter
+from triplets.stages.u2net import U2NetSegmenter  # registers segment.backend "u2net"
 
 __all__ = [
     "Stage", "LoadStage", "SegmentStage", "InpaintStage", "DepthStage", "EmbedStage", "DPTDepth",
-    "CLIPImageEmbedder", "SEGMENTERS", "register_segmenter", "sample_seed",
+    "CLIPImageEmbedder", "SEGMENTERS", "register_segmenter", "sample_seed", "U2NetSegmenter",
 ]

@@ -3,6 +3,14 @@
 Uses transformers ``DPTForDepthEstimation`` with its own ``DPTImageProcessor`` (the reference
 skipped the processor), predicts relative inverse depth (near = large), resizes it back to the
 image size (bicubic) and min-max normalises **each map** to uint16 (raw range kept).
+
+``preprocess`` selects the model input:
+
+* ``processor`` (default) -- the model's ``DPTImageProcessor`` (resize to its size, mean/std).
+* ``reference`` -- what the reference fed MiDaS (``data/get_primitives.py``): the RGB image at build resolution
+  (512) as ``(N, 3, H, W)`` float in [0, 1], no resize, no mean/std. Its normalisation (min-max over the batch,
+  with batch 1 = per map) is the per-map min-max done here anyway. Use it to build conditions that match the
+  released weights.
 """
 
 from __future__ import annotations
@@ -14,13 +22,22 @@ from triplets.sample import quantize_depth
 from triplets.stages.base import Stage, resolve_device, resolve_dtype
 
 
+PREPROCESS_MODES = ("processor", "reference")
+
+
 class DPTDepth:
     """Batched disparity estimator.
 
     Call with ``(N, H, W, 3)`` uint8 RGB → ``(N, H, W)`` float32 raw disparity (near = large).
+    ``preprocess``: ``processor`` or ``reference`` (module docstring); in ``reference`` mode H and W must be
+    multiples of the model's patch size (16 for DPT-Large; 512 is).
     """
 
-    def __init__(self, model: str = "Intel/dpt-large", device: str = "auto", dtype: str = "auto", seed: int = 0):
+    def __init__(self, model: str = "Intel/dpt-large", device: str = "auto", dtype: str = "auto", seed: int = 0,
+                 preprocess: str = "processor"):
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"unknown depth preprocess {preprocess!r}; valid: {', '.join(PREPROCESS_MODES)}")
+        self.preprocess = preprocess
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if model == TINY:
@@ -39,9 +56,12 @@ class DPTDepth:
         import torch
 
         n, h, w = images.shape[:3]
-        inputs = self.processor(images=list(images), return_tensors="pt")
+        if self.preprocess == "reference":
+            pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        else:
+            pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            pred = self.model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype)).predicted_depth
+            pred = self.model(pixel_values=pixels.to(self.device, self.dtype)).predicted_depth
             pred = torch.nn.functional.interpolate(pred[:, None].float(), size=(h, w), mode="bicubic",
                                                    align_corners=False)[:, 0]
         return pred.cpu().numpy().astype(np.float32)
@@ -57,8 +77,8 @@ class DepthStage(Stage):
     name = "depth"
 
     def __init__(self, model: str = "Intel/dpt-large", mask_foreground_depth: bool = False, device: str = "auto",
-                 dtype: str = "auto", seed: int = 0):
-        self.estimator = DPTDepth(model, device, dtype, seed)
+                 dtype: str = "auto", seed: int = 0, preprocess: str = "processor"):
+        self.estimator = DPTDepth(model, device, dtype, seed, preprocess=preprocess)
         self.mask_foreground_depth = mask_foreground_depth
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:

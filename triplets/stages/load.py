@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from triplets.errors import SampleError
-from triplets.image_io import decode_image, decode_png, resize_center_crop
+from triplets.image_io import decode_image, decode_png, image_size, resize_center_crop
 from triplets.readers import read_source_bytes
 from triplets.stages.base import Stage
 
@@ -20,9 +20,10 @@ COCOSTUFF_THING_MAX = 90
 
 
 def dataset_mask_from_labels(labels: np.ndarray, kind: str) -> np.ndarray:
-    """Binary {0,1} uint8 mask from a stored mask/label map.
+    """Binary {0,1} uint8 mask from a stored mask/label map at its stored bit depth (never cast first).
 
-    ``binary``: any value > 127 (8-bit) is foreground. ``cocostuff``: union of thing classes.
+    ``binary``: foreground above half range (> 127 for 8-bit, > 32767 for 16-bit). ``cocostuff``: union of thing
+    classes (labels 0..90).
     """
     if labels.ndim == 3:
         labels = labels[..., 0]
@@ -51,14 +52,23 @@ class LoadStage(Stage):
         has_mask = False
         if row.get("mask_path"):
             try:
-                labels = decode_png(read_source_bytes(row["mask_path"]))
+                encoded = read_source_bytes(row["mask_path"])
+                mw, mh = image_size(encoded)  # header only: the size checks come before a full decode
             except (OSError, ValueError) as exc:
                 raise SampleError("decode", f"dataset mask unreadable: {exc}") from None
-            if labels.shape[:2] != (h, w):
-                raise SampleError("decode", f"dataset mask size {labels.shape[1]}x{labels.shape[0]} != image {w}x{h}")
-            labels, _ = resize_center_crop(labels.astype(np.uint8) if labels.dtype != np.uint8 else labels,
-                                           self.resolution, nearest=True)
-            mask, has_mask = dataset_mask_from_labels(labels, row.get("mask_kind") or "binary"), True
+            if mw * mh > self.max_pixels:
+                raise SampleError("decode", f"dataset mask {mw}x{mh}={mw * mh} pixels is over the limit of "
+                                            f"{self.max_pixels} (max_pixels)")
+            if (mh, mw) != (h, w):
+                raise SampleError("decode", f"dataset mask size {mw}x{mh} != image {w}x{h}")
+            try:
+                labels = decode_png(encoded)
+            except ValueError as exc:
+                raise SampleError("decode", f"dataset mask unreadable: {exc}") from None
+            # threshold at the stored bit depth, then resize the {0,1} mask (a uint8 cast of 16-bit labels wraps)
+            binary = dataset_mask_from_labels(labels, row.get("mask_kind") or "binary")
+            mask, _ = resize_center_crop(binary, self.resolution, nearest=True)
+            has_mask = True
         return out, mask, has_mask, (w, h), box.as_list()
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:

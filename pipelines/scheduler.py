@@ -1,0 +1,223 @@
+"""The shard scheduler: a pool of :class:`~pipelines.worker.ShardWorker` actors, shard assignment and retries.
+
+:class:`ShardScheduler` owns everything about running shards on Ray and nothing about what a shard is:
+
+* **sizing** (:func:`plan_workers`): one worker per GPU share, or per CPU pair without GPUs; a request that no node
+  of the cluster can host fails at once (:class:`SchedulingError`) instead of waiting forever;
+* **start-up**: workers load their models; none ready after ``ray.worker_start_timeout_s`` is an error; every
+  worker checks it sees the driver's output (shared-storage probe) before any shard is assigned;
+* **assignment and retries**: idle workers take the next shard; a shard whose worker dies is retried
+  ``ray.max_shard_retries`` times; a worker that fails that many shards in a row leaves the pool;
+* **progress**: a ``num_cpus=0`` tracker actor collects per-batch counts, shown by :class:`BuildProgress`;
+* **teardown**: every actor is killed at the end, after an error and after SIGINT/SIGTERM
+  (:class:`~pipelines.ray_session.Interrupted`), so in-flight shards are abandoned uncommitted.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+
+from cnc.base.errors import UserError
+from pipelines.progress import BuildProgress
+from pipelines.ray_session import Interrupted
+from triplets.config import BuildConfig
+
+log = logging.getLogger(__name__)
+
+
+class SchedulingError(UserError):
+    """No worker can be placed or started on this cluster with the configured resources."""
+
+
+def plan_workers(cfg: BuildConfig, resources: dict, nshards: int) -> tuple[int, float, int]:
+    """``(workers, gpus per worker, torch threads)`` for the cluster ``resources``.
+
+    GPUs (unless ``device=cpu``): ``ray.num_workers`` or ``floor(GPUs / gpus_per_worker)``.
+    CPU only: ``ray.num_workers`` or one per 2 CPUs (the other CPU of each pair stays free for the
+    worker's decode/write threads and the driver), capped by ``CPUs / cpus_per_worker``.
+    Never more workers than shards to build.
+    """
+    rc = cfg.ray
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    use_gpu = gpus > 0 and not cfg.device.startswith("cpu")
+    if cfg.device.startswith("cuda") and gpus == 0:
+        raise SchedulingError(f"device={cfg.device} but the Ray cluster has no GPU")
+    if use_gpu:
+        n = rc.num_workers or max(1, math.floor(gpus / rc.gpus_per_worker + 1e-9))
+    else:
+        n = rc.num_workers or max(1, int(cpus // 2))
+        n = min(n, max(1, int(cpus // rc.cpus_per_worker)))
+    threads = rc.torch_threads or max(1, int(rc.cpus_per_worker))
+    return max(1, min(n, nshards)), (rc.gpus_per_worker if use_gpu else 0.0), threads
+
+
+def check_placeable(nodes: list[dict], cpus: float, gpus: float) -> None:
+    """Raise :class:`SchedulingError` unless some alive node has ``cpus`` CPUs and ``gpus`` GPUs in total."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", n.get("alive", True))]
+    if any(r.get("CPU", 0) + 1e-9 >= cpus and r.get("GPU", 0) + 1e-9 >= gpus for r in alive):
+        return
+    most_cpu = max((r.get("CPU", 0) for r in alive), default=0)
+    most_gpu = max((r.get("GPU", 0) for r in alive), default=0)
+    raise SchedulingError(
+        f"no Ray node can host a worker: it needs {cpus:g} CPU(s) (ray.cpus_per_worker) and {gpus:g} GPU(s) "
+        f"(ray.gpus_per_worker), the largest node has {most_cpu:g} CPU(s) and {most_gpu:g} GPU(s)")
+
+
+@dataclass
+class ScheduleResult:
+    """What a :meth:`ShardScheduler.run` produced."""
+
+    markers: dict[int, dict] = field(default_factory=dict)
+    lost: list[int] = field(default_factory=list)
+    interrupted: Interrupted | None = None
+
+
+class ProgressTracker:
+    """Tiny Ray actor (``num_cpus=0``) collecting per-shard progress from the workers.
+
+    Each shard keeps the counts of its latest attempt, so a retried shard is not counted twice.
+    """
+
+    def __init__(self) -> None:
+        self.shards: dict[int, tuple[int, int, int]] = {}
+
+    def update(self, shard: int, attempt: int, done: int, failed: int) -> None:
+        cur = self.shards.get(shard)
+        if cur is None or attempt >= cur[0]:
+            self.shards[shard] = (attempt, done, failed)
+
+    def totals(self) -> tuple[int, int]:
+        """``(items done, items failed)`` over all shards reported so far."""
+        return sum(v[1] for v in self.shards.values()), sum(v[2] for v in self.shards.values())
+
+
+class ShardScheduler:
+    """Runs shard specs on a pool of worker actors (see the module docstring).
+
+    Args:
+        cfg: the build config.
+        resolved: model resolution (:func:`triplets.builder.resolve_models`).
+        fingerprint: the plan fingerprint (recorded in markers).
+        output: the output URL or path.
+        probe: the shared-storage probe file of a local output (``None`` for object stores).
+        fault: test-only fault injection.
+    """
+
+    def __init__(self, cfg: BuildConfig, resolved: dict, fingerprint: str, output: str, probe: str | None,
+                 fault: dict | None = None):
+        self.cfg, self.resolved, self.fingerprint = cfg, resolved, fingerprint
+        self.output, self.probe, self.fault = output, probe, fault
+        self.actors: list = []
+        self.tracker = None
+
+    def _start(self, nshards: int) -> None:
+        import ray
+
+        from pipelines.worker import ShardWorker
+
+        rc = self.cfg.ray
+        nworkers, gpus, threads = plan_workers(self.cfg, ray.cluster_resources(), nshards)
+        check_placeable(ray.nodes(), rc.cpus_per_worker, gpus)
+        log.info("starting %d worker(s): %s GPU, %s CPU, %d torch thread(s) each", nworkers, gpus,
+                 rc.cpus_per_worker, threads)
+        tracker_name = f"cnc-build-progress-{uuid.uuid4().hex[:12]}"
+        self.tracker = ray.remote(num_cpus=0)(ProgressTracker).options(name=tracker_name).remote()
+        ray.get(self.tracker.totals.remote())  # registered before any worker looks it up by name
+        actor_cls = ray.remote(ShardWorker).options(num_cpus=rc.cpus_per_worker, num_gpus=gpus, max_restarts=-1,
+                                                   max_task_retries=0)
+        cfg_json = self.cfg.model_dump(mode="json")
+        self.actors = [actor_cls.remote(cfg_json, self.resolved, self.fingerprint, threads, tracker_name,
+                                        self.fault, self.output) for _ in range(nworkers)]
+        checks = {a.check_output.remote(self.probe): a for a in self.actors}
+        ready, _ = ray.wait(list(checks), num_returns=1, timeout=rc.worker_start_timeout_s)
+        if not ready:
+            raise SchedulingError(f"no worker started within ray.worker_start_timeout_s={rc.worker_start_timeout_s:g} "
+                                  f"s (resources busy, or the models fail to load: see the Ray logs)")
+        for ref in checks:  # every worker: raises OutputNotSharedError from a node without the output
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.as_instanceof_cause()
+                if isinstance(cause, UserError):
+                    raise UserError(str(cause).strip().splitlines()[-1]) from None
+                raise
+
+    def run(self, specs: dict[int, dict], todo: list[tuple[int, bool]], progress: bool | None) -> ScheduleResult:
+        """Build shards ``todo`` (``(shard, reuse_committed)``); returns committed markers and lost shards."""
+        import ray
+
+        rc = self.cfg.ray
+        result = ScheduleResult()
+        total = sum(len(specs[s]["items"]) for s, _ in todo)
+        bar = BuildProgress(total, progress, rc.progress_interval_s)
+        pending = collections.deque(todo)
+        inflight: dict = {}
+        try:
+            self._start(len(todo))
+            attempts: dict[int, int] = collections.Counter()
+            strikes: dict[int, int] = collections.Counter()  # consecutive failures per actor
+            idle = list(range(len(self.actors)))
+            while pending or inflight:
+                while idle and pending:
+                    a = idle.pop(0)
+                    shard, reuse = pending.popleft()
+                    ref = self.actors[a].build_shard.remote(specs[shard], self.output, attempts[shard], reuse)
+                    inflight[ref] = (a, shard, reuse)
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(rc.progress_interval_s, 10.0))
+                for ref in ready:
+                    a, shard, reuse = inflight.pop(ref)
+                    try:
+                        result.markers[shard] = ray.get(ref)
+                        strikes[a] = 0
+                    except ray.exceptions.RayError as exc:
+                        attempts[shard] += 1
+                        strikes[a] += 1
+                        self._on_failure(shard, attempts[shard], exc, pending, reuse, result)
+                    if strikes[a] <= rc.max_shard_retries:
+                        idle.append(a)
+                    else:
+                        log.error("worker %d failed %d shards in a row; removed from the pool", a, strikes[a])
+                if not idle and not inflight and pending:
+                    log.error("no worker left; %d shard(s) not built", len(pending))
+                    result.lost += [s for s, _ in pending]
+                    pending.clear()
+                n_done, n_failed = ray.get(self.tracker.totals.remote())
+                bar.update(n_done, n_failed, len(result.markers), len(todo))
+        except Interrupted as exc:
+            log.warning("%s: stopping; %d shard(s) in flight are abandoned uncommitted", exc, len(inflight))
+            result.interrupted = exc
+            result.lost += sorted({s for _, s, _ in inflight.values()} | {s for s, _ in pending})
+        finally:
+            bar.close()
+            self.close()
+        result.lost = sorted(set(result.lost))
+        return result
+
+    def _on_failure(self, shard: int, attempt: int, exc: Exception, pending: collections.deque, reuse: bool,
+                    result: ScheduleResult) -> None:
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+        if attempt <= self.cfg.ray.max_shard_retries:
+            log.warning("shard %06d failed on attempt %d (%s: %s); retrying", shard, attempt, type(exc).__name__,
+                        reason)
+            pending.appendleft((shard, reuse))
+        else:
+            log.error("shard %06d failed %d times (%s: %s); left uncommitted, a rerun retries it", shard, attempt,
+                      type(exc).__name__, reason)
+            result.lost.append(shard)
+
+    def close(self) -> None:
+        """Kill every actor of this scheduler (idempotent)."""
+        import ray
+
+        for actor in [*self.actors, self.tracker]:
+            if actor is not None:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+        self.actors, self.tracker = [], None

@@ -1,0 +1,47 @@
+"""The shard sink: one shard's streaming tar, committed through the output's protocol.
+
+A :class:`ShardSink` opens a local staging file (:meth:`triplets.shardio.BuildOutput.staging_path`), appends encoded
+samples with the reproducible ``TarWriter`` (so a streamed shard is byte-identical to
+:func:`triplets.shardio.encode_tar` of the same samples), and on :meth:`commit` closes the tar and hands it to
+:meth:`~triplets.shardio.BuildOutput.commit_shard` (tar → errors → marker). Leaving the ``with`` block without a
+commit deletes the staging file; nothing partial is ever published.
+"""
+
+from __future__ import annotations
+
+from triplets.shardio import BuildOutput, open_tar_writer
+
+
+class ShardSink:
+    """Context manager owning shard ``shard``'s staging tar.
+
+    Args:
+        output: the build output.
+        shard: shard id.
+    """
+
+    def __init__(self, output: BuildOutput, shard: int):
+        self.output, self.shard = output, shard
+        self.path = output.staging_path(shard)
+        self._file = open(self.path, "wb")
+        self._writer = open_tar_writer(self._file)
+        self.written = 0
+
+    def write(self, encoded: dict) -> None:
+        """Append one encoded sample (``{"__key__": key, suffix: bytes}``)."""
+        self._writer.write(encoded)
+        self.written += 1
+
+    def commit(self, failures: list[dict], stats: dict) -> dict:
+        """Close the tar and commit it with its failure rows and marker fields; return the marker."""
+        self._writer.close()  # ends the archive (a passed-in file stays open)
+        self._file.close()
+        return self.output.commit_shard(self.shard, self.path, failures, stats)
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)  # gone after a commit (renamed or uploaded), else the abandoned attempt
