@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed ## Create .venv and install the project (torch 2.14.1) into it.
 
-demo: install ## Build triplet shards from examples/ (MODELS=default: real weights; MODELS=tiny: tiny random models).
+demo: install ## Build triplet shards from examples/ (MODELS=default: download + real weights; MODELS=tiny: tiny random models).
 	@test -f configs/build/$(MODELS).yaml || { echo "unknown MODELS=$(MODELS): use default or tiny"; exit 2; }
+	@[ "$(MODELS)" = "tiny" ] || $(BIN)/cnc models download --config configs/build/$(MODELS).yaml \
+	  || { status=$$?; echo "Could not download the models (no network?). Run the whole path with tiny models: make demo MODELS=tiny"; exit $$status; }
 	@$(BIN)/cnc build --config configs/build/$(MODELS).yaml --input examples --output $(DEMO_OUT) \
 	  || { status=$$?; [ "$(MODELS)" = "tiny" ] || echo "No weights or no network? Run the whole path with tiny models: make demo MODELS=tiny"; exit $$status; }
 	$(BIN)/cnc inspect $(DEMO_OUT) --n 8 --out $(DEMO_OUT)/inspect --html

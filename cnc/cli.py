@@ -64,8 +64,9 @@ def _register_all() -> None:
     from pipelines.cli import register as register_pipelines
     from cnc_model.cli import register as register_model
     from jobs.cli import register as register_jobs
+    from cnc.models_cli import register as register_models
 
-    for register in (register_pipelines, register_triplets, register_model, register_jobs):
+    for register in (register_pipelines, register_triplets, register_model, register_jobs, register_models):
         register(app)
     _wrap_commands(app)
 

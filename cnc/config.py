@@ -2,6 +2,10 @@
 
 Configs are parsed and validated once at the entry point, then saved beside the outputs
 (:func:`save_config`). Unknown keys are errors, so typos never pass silently.
+
+The shipped configs are package data (``cnc/configs/{build,train}/*.yaml``; the checkout's top-level ``configs/``
+links there) and can be named instead of given as a path: ``default``, ``tiny``, ``build/tiny``, ``train/local``
+(:func:`resolve_config_path`; a bare name means the kind of the command, build or train).
 """
 
 from __future__ import annotations
@@ -61,17 +65,48 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+def packaged_configs_dir() -> Path:
+    """The folder of the shipped configs (inside the installed ``cnc`` package)."""
+    from importlib import resources
+
+    return Path(str(resources.files("cnc") / "configs"))
+
+
+def packaged_config_names() -> list[str]:
+    """``["build/default", "build/tiny", "train/global", ...]``."""
+    root = packaged_configs_dir()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob("*/*.yaml"))
+
+
+def resolve_config_path(name: str | Path, kind: str | None = None) -> Path:
+    """A config file path, or the shipped config ``name`` (``tiny``, ``build/tiny``, ``train/local``, with or
+    without ``.yaml``; a bare name is looked up under ``kind``).
+
+    Raises:
+        ConfigError: neither a file nor a shipped config (the message lists the shipped names).
+    """
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    stem = str(name).removesuffix(".yaml")
+    root = packaged_configs_dir()
+    candidates = [root / f"{stem}.yaml"] + ([root / kind / f"{stem}.yaml"] if kind and "/" not in stem else [])
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name} (not a file, and not a shipped config: "
+                      f"{', '.join(packaged_config_names())})")
+
+
 def load_config(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Read YAML ``path`` (optional), apply overrides, validate into ``model``.
+    """Read YAML ``path`` (optional; a file or a shipped config name), apply overrides, validate into ``model``.
 
     Raises:
         ConfigError: with the file, key and problem, on any invalid input.
     """
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config_path(path, getattr(model, "CONFIG_KIND", None))
         try:
             loaded = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
         except UnicodeDecodeError as exc:

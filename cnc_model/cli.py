@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from cnc.hub import TINY
 from cnc_model.evaluation.cli import register as register_eval
 from cnc_model.train_cli import register as register_train
 
@@ -30,6 +31,10 @@ def _looks_local(spec: str) -> bool:
 def _load_or_fail(spec: str, what: str, option: str, loader):
     """``loader(spec)``; any failure to find the model becomes one clear line naming it and the option."""
     hint = f"{what} '{spec}' not found; pass {option} with a local folder or Hugging Face id"
+    if spec == TINY:
+        from cnc.tiny_store import KIND_OF_KEY, materialize
+
+        spec = str(materialize(KIND_OF_KEY[option]))
     if _looks_local(spec) and not Path(spec).expanduser().exists():
         _fail(hint)
     try:
@@ -127,9 +132,17 @@ def sample(
         depth = _load_or_fail(depth_model, "depth model", "--depth-model", lambda s: DPTDepthEstimator(s, device))
         segmenter = None
         if sam_checkpoint is not None:
-            if sam_checkpoint != "tiny" and not Path(sam_checkpoint).is_file():
-                _fail(f"SAM checkpoint '{sam_checkpoint}' not found; pass --sam-checkpoint with a local .pth file")
-            segmenter = SamSaliencySegmenter(sam_checkpoint, depth_model, device=device)
+            from cnc.hub import resolve_pretrained
+            from cnc.tiny_store import TINY_SAM_TYPE
+            from triplets.errors import ModelUnavailableError
+
+            try:
+                sam_path = resolve_pretrained(sam_checkpoint, "--sam-checkpoint", is_file=True)
+                saliency = resolve_pretrained(depth_model, "--depth-model")
+            except ModelUnavailableError as err:
+                _fail(str(err))
+            segmenter = SamSaliencySegmenter(sam_path, saliency, device=device,
+                                             sam_model_type=TINY_SAM_TYPE if sam_checkpoint == TINY else "vit_h")
         pipe = load_pipeline_or_fail(checkpoint_dir)
         if pipe.global_fuser is not None and (pipe.image_encoder is None or pipe.feature_extractor is None):
             encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", _image_encoder)

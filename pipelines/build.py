@@ -99,10 +99,15 @@ def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: d
     """Rewrite ``manifest.json`` (atomically) from the committed markers; also a wids shard index."""
     shards = [markers[s] for s in sorted(markers)]
     models: dict = {}
+    seen: dict[str, list] = collections.defaultdict(list)  # every distinct identity per key
     for m in shards:
         for k, v in (m.get("models") or {}).items():
-            if models.setdefault(k, v) != v:
-                log.warning("shards were built with different %s: %s vs %s", k, models[k], v)
+            models.setdefault(k, v)
+            if v not in seen[k]:
+                seen[k].append(v)
+    mixed = {k: v for k, v in seen.items() if len(v) > 1}
+    for k, v in mixed.items():
+        log.warning("shards were built with different %s: %s", k, " vs ".join(str(x.get("identity")) for x in v))
     by_stage: collections.Counter = collections.Counter()
     by_reason: collections.Counter = collections.Counter()
     for m in shards:
@@ -120,6 +125,7 @@ def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: d
         "input_format": plan["input_format"],
         "versions": package_versions(),
         "models": models,
+        "model_changes": {"shards": mixed, "resumes": plan.get("model_changes", [])},
         "totals": {
             "items": plan["num_items"], "shards_planned": len(plan["shards"]), "shards_committed": len(shards),
             "shards_uncommitted": sorted({s["shard"] for s in plan["shards"]} - set(markers)),
@@ -137,7 +143,7 @@ def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: d
 # -- entry points ------------------------------------------------------------------------------
 def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None = None,
               retry_failed: bool = False, progress: bool | None = None, verify_checksums: bool | None = None,
-              fault_injection: dict | None = None) -> BuildResult:
+              fault_injection: dict | None = None, allow_model_change: bool = False) -> BuildResult:
     """Build (or resume) the triplet shards of ``input`` into ``output``.
 
     Args:
@@ -151,12 +157,14 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
         progress: live bar (``None`` = on a terminal only).
         verify_checksums: re-hash committed tars on start (default ``cfg.storage.verify``; sizes are always checked).
         fault_injection: test-only worker hooks (default: ``$CNC_TEST_FAULT_INJECTION``).
+        allow_model_change: resume even though a model's identity (hub commit / weight hash) changed; the plan
+            and the manifest record both identities.
 
     Raises:
         cnc.base.errors.UserError: a model cannot be found, the output holds a build of another input/config or is
             held by another build, the input cannot be read, no worker can be placed (before any work).
     """
-    from triplets.builder import resolve_models
+    from triplets.builder import model_identities, resolve_models
     from triplets.readers import detect_format, read_items
 
     t0 = time.perf_counter()
@@ -165,12 +173,14 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
     check_writable_output(out.loc)
     src = absolute_input(input)
     fmt = detect_format(src) if cfg.input_format == "auto" else cfg.input_format
-    plan = make_plan(read_items(src, fmt, allow_outside_input=cfg.allow_outside_input), cfg, src, fmt)  # 2. plan
+    models = model_identities(cfg, resolved)  # hub commits / weight hashes (cached per file)
+    plan = make_plan(read_items(src, fmt, allow_outside_input=cfg.allow_outside_input), cfg, src, fmt,
+                     models)  # 2. plan
     if fault_injection is None and os.environ.get(FAULT_ENV):
         fault_injection = json.loads(os.environ[FAULT_ENV])
     verify = cfg.storage.verify if verify_checksums is None else verify_checksums
     with out.lock(cfg.storage.lease_seconds):
-        plan = prepare_plan(out, plan)
+        plan = prepare_plan(out, plan, allow_model_change)
         save_config(cfg, out.file(CONFIG_FILE))
         sizes = {s["shard"]: len(s["items"]) for s in plan["shards"]}
         committed = out.recover(plan["fingerprint"], sizes, verify)  # 3. recover
@@ -246,7 +256,8 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, d
 
 def build_entry(config: str | None, input: str, output: str, overrides: list[str] | None = None, *,
                 address: str | None = None, retry_failed: bool = False, input_format: str | None = None,
-                progress: bool | None = None, verify: bool = False, summary: bool = True) -> int:
+                progress: bool | None = None, verify: bool = False, summary: bool = True,
+                allow_model_change: bool = False) -> int:
     """What ``cnc build`` runs: load the config, :func:`run_build`, print the summary; return the exit code.
 
     Exit codes: 0 ok; 1 failures above ``max_failure_fraction`` or shards left uncommitted; 2 a user error
@@ -260,7 +271,7 @@ def build_entry(config: str | None, input: str, output: str, overrides: list[str
         overrides.append(f"input_format={input_format}")
     cfg = load_config(BuildConfig, config, overrides)
     result = run_build(cfg, input, output, address=address, retry_failed=retry_failed, progress=progress,
-                       verify_checksums=verify or None)
+                       verify_checksums=verify or None, allow_model_change=allow_model_change)
     if summary:
         from pipelines.progress import print_summary
 

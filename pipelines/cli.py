@@ -29,11 +29,15 @@ def build(
     verify: bool = typer.Option(False, "--verify", help="On resume, re-hash every committed shard against its "
                                                         "marker (default: marker + size; downloads the whole build "
                                                         "on object stores)."),
+    allow_model_change: bool = typer.Option(
+        False, "--allow-model-change", help="Resume although a model's weights changed (other hub commit or weight "
+                                            "hash); the plan and manifest record both identities."),
 ) -> None:
     from pipelines.build import build_entry
 
     code = build_entry(config, input, output, overrides, address=address, retry_failed=retry_failed,
-                       input_format=input_format, progress=progress, verify=verify)
+                       input_format=input_format, progress=progress, verify=verify,
+                       allow_model_change=allow_model_change)
     raise typer.Exit(code)
 
 

@@ -1,8 +1,10 @@
 """``python -m pipelines.reaper DRIVER_PID SESSION_DIR``: kill a local Ray session's processes once its driver is gone.
 
 Started by :func:`pipelines.ray_session.start_reaper` in a new process session, so it outlives a ``kill -9`` of the
-driver. It polls the driver's pid; when the driver has exited it sends SIGKILL to every process whose command line
-names the session folder (every Ray process of that session does) and exits. It never touches other processes.
+driver. While the driver lives it keeps a record of the driver's process tree (every second: pid and start time of
+each descendant — Ray's raylet, GCS, dashboard and runtime-env agents, workers). When the driver has exited it sends
+SIGKILL to every recorded process that still runs with the same start time (so a reused pid is never hit), and to
+any process whose command line names the session folder, then exits. It never touches other processes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,35 @@ import os
 import signal
 import sys
 import time
+
+
+def _stat(pid: int) -> tuple[int, int, str] | None:
+    """``(parent pid, start time in clock ticks, state)`` of ``pid`` from ``/proc``, or ``None``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), int(fields[19]), fields[0]
+
+
+def descendants(root: int) -> dict[int, int]:
+    """pid → start time of every process below ``root``."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                children.setdefault(st[0], []).append(int(entry))
+                starts[int(entry)] = st[1]
+    out, todo = {}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out[child] = starts[child]
+                todo.append(child)
+    return out
 
 
 def session_pids(session_dir: str) -> list[int]:
@@ -32,25 +63,23 @@ def session_pids(session_dir: str) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    st = _stat(pid)
+    return st is not None and st[2] != "Z"  # a zombie has exited (its parent has not reaped it yet)
 
 
 def main(argv: list[str]) -> int:
     driver, session_dir = int(argv[0]), argv[1]
+    me = os.getpid()
+    seen: dict[int, int] = {}
     while _alive(driver):
-        time.sleep(0.5)
+        seen.update(descendants(driver))
+        seen.pop(me, None)
+        time.sleep(1.0)
     time.sleep(1.0)  # a clean ray.shutdown() needs a moment; whatever is left after it is orphaned
-    for pid in session_pids(session_dir):
+    targets = {pid for pid, start in seen.items() if (st := _stat(pid)) is not None and st[1] == start}
+    targets |= set(session_pids(session_dir))
+    targets.discard(me)
+    for pid in targets:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:

@@ -8,7 +8,7 @@ import torch
 
 from cnc.tiny import tiny_dpt
 from triplets.config import BuildConfig
-from triplets.stages.depth import DepthStage, DPTDepth
+from triplets.stages.depth import DepthStage
 
 
 def _rows(n=2, r=48, seed=0):
@@ -37,9 +37,15 @@ def _hand_reference(model, images: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
+def _tiny_dpt_path() -> str:
+    from cnc.hub import resolve_pretrained
+
+    return resolve_pretrained("tiny", "depth.model")
+
+
 def test_reference_mode_equals_hand_computed_reference():
     rows = _rows()
-    stage = DepthStage("tiny", device="cpu", dtype="float32", preprocess="reference")
+    stage = DepthStage(_tiny_dpt_path(), device="cpu", dtype="float32", preprocess="reference")
     cols, failures = stage.process(rows)
     assert failures == {}
     model, _ = tiny_dpt(0)
@@ -49,7 +55,7 @@ def test_reference_mode_equals_hand_computed_reference():
         got = cols[key].astype(np.float64) / 65535.0
         np.testing.assert_allclose(got, expected, atol=1.0 / 65535 + 1e-6)
     # and it is not the processor path
-    proc = DepthStage("tiny", device="cpu", dtype="float32").process(rows)[0]
+    proc = DepthStage(_tiny_dpt_path(), device="cpu", dtype="float32").process(rows)[0]
     assert np.abs(proc["bg_depth"].astype(float) - cols["bg_depth"].astype(float)).mean() > 100
 
 
@@ -59,4 +65,4 @@ def test_reference_mode_config_and_bad_mode():
     with pytest.raises(ValueError):
         BuildConfig(depth={"preprocess": "midas"})
     with pytest.raises(ValueError, match="unknown depth preprocess"):
-        DPTDepth("tiny", device="cpu", preprocess="midas")
+        DepthStage(_tiny_dpt_path(), device="cpu", preprocess="midas")

@@ -170,6 +170,11 @@ def test_depth_options_and_embed_source(photo_dir):
     assert np.allclose(b1["bg_emb"], b2["bg_emb"])
 
 
+def test_saliency_prior_and_depth_stage_share_one_dpt(builder):
+    segment, depth = builder.stages[1], builder.stages[3]
+    assert segment.segmenter.prior_depth is depth.estimator  # same model named twice: loaded once
+
+
 def test_stages_are_picklable_and_work_after_a_round_trip(builder, photo_dir):
     items = [it for it in read_items(str(photo_dir)) if it["key"] == "p2"]
     clone = pickle.loads(pickle.dumps(builder))

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import collections
 import logging
-from pathlib import Path
 
 import numpy as np
 
 import cnc
-from cnc.hub import resolve_pretrained
+from cnc.hub import TINY, resolve_pretrained
+from cnc.identity import model_identity
+from cnc.tiny_store import TINY_SAM_TYPE
 from triplets.batch import ensure_status
 from triplets.config import BuildConfig
 from triplets.errors import ModelUnavailableError
@@ -41,7 +42,7 @@ def resolve_models(cfg: BuildConfig) -> dict[str, str]:
     resolved, missing = {}, []
     for key, mid in cfg.model_ids().items():
         try:
-            resolved[key] = resolve_pretrained(mid, key, is_file=key in FILE_KEYS)
+            resolved[key] = resolve_pretrained(mid, key, is_file=key in FILE_KEYS, seed=cfg.seed)
         except ModelUnavailableError as exc:
             missing.append(str(exc))
     if missing:
@@ -49,10 +50,9 @@ def resolve_models(cfg: BuildConfig) -> dict[str, str]:
     return resolved
 
 
-def _revision(resolved: str) -> str | None:
-    """The commit hash when ``resolved`` is a hub cache snapshot folder."""
-    p = Path(resolved)
-    return p.name if p.parent.name == "snapshots" else None
+def model_identities(cfg: BuildConfig, resolved: dict[str, str]) -> dict[str, dict]:
+    """Config key → ``{"id", "revision", "identity"}`` (:func:`cnc.identity.model_identity`) of every model."""
+    return {key: model_identity(mid, resolved[key]) for key, mid in cfg.model_ids().items()}
 
 
 class TripletBuilder:
@@ -68,11 +68,12 @@ class TripletBuilder:
         self.cfg = cfg
         resolved = resolved or resolve_models(cfg)
         dev = device or cfg.device
-        common = dict(device=dev, dtype=cfg.dtype, seed=cfg.seed)
+        common = dict(device=dev, dtype=cfg.dtype)
         seg = cfg.segment
         seg_kwargs = dict(backend=seg.backend, min_area=seg.min_area, max_area=seg.max_area)
         if seg.backend == "sam":
-            seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=seg.sam_model_type,
+            sam_type = TINY_SAM_TYPE if seg.sam_checkpoint == TINY else seg.sam_model_type
+            seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=sam_type,
                               saliency_model=resolved["segment.saliency_model"], prior_quantile=seg.prior_quantile,
                               **common)
         elif seg.backend == "u2net":
@@ -88,7 +89,7 @@ class TripletBuilder:
                        **common),
             EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common),
         ]
-        self.models = {key: {"id": mid, "revision": _revision(resolved[key])} for key, mid in cfg.model_ids().items()}
+        self.models = model_identities(cfg, resolved)
 
     @property
     def stages(self) -> list:

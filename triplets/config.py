@@ -1,19 +1,18 @@
 """Typed configuration of a triplet build (``configs/build/*.yaml``).
 
 A model field takes a hub id, a local folder, or the special value ``tiny`` (a seeded
-random tiny model built in code, see :mod:`cnc.tiny`).
+random tiny model, written once as a real checkpoint by :mod:`cnc.tiny_store`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnc.config import Seed
 
-TINY = "tiny"
 #: Devices a build runs on (``auto`` = CUDA when present).
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -99,6 +98,8 @@ class StorageConfig(_Strict):
 
 class BuildConfig(_Strict):
     """Everything that defines a shard build. Saved as ``OUTPUT/config.yaml``."""
+
+    CONFIG_KIND: ClassVar[str] = "build"  # shipped configs named without a folder are looked up in build/
 
     resolution: int = Field(512, ge=16, description="side of the square crop of every field")
     min_side: int = Field(256, ge=1, description="images whose short side is smaller fail")

@@ -121,19 +121,29 @@ class Location:
         return self.url
 
     # -- queries -----------------------------------------------------------------------------------------
+    # Object-store clients cache listings (s3fs, gcsfs); other processes (workers, other drivers) write here, so
+    # every query drops the cache for this path first.
+    def _fresh(self) -> None:
+        if not self.is_local:
+            self.fs.invalidate_cache(self.path)
+
     def exists(self) -> bool:
+        self._fresh()
         return bool(self.fs.exists(self.path))
 
     def isdir(self) -> bool:
+        self._fresh()
         return bool(self.fs.isdir(self.path))
 
     def isfile(self) -> bool:
         if self.is_local:  # a FIFO or device named like a file is not one (reading it could block)
             return Path(self.path).is_file()
+        self._fresh()
         return bool(self.fs.isfile(self.path))
 
     def size(self) -> int | None:
         """Size in bytes, ``None`` when it does not exist."""
+        self._fresh()
         try:
             return int(self.fs.size(self.path))
         except (FileNotFoundError, OSError):
@@ -141,6 +151,7 @@ class Location:
 
     def list(self) -> dict[str, dict]:
         """Direct children: ``{name: {"type": "file"|"directory", "size": int}}`` (empty when missing)."""
+        self._fresh()
         try:
             entries = self.fs.ls(self.path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
@@ -154,6 +165,7 @@ class Location:
 
     def glob(self, pattern: str) -> list[Location]:
         """Sorted matches of ``pattern`` below this location (``*.tar``)."""
+        self._fresh()
         matches = self.fs.glob(self.path.rstrip("/") + "/" + pattern)
         return [Location(self._url_of(p), self.fs, p) for p in sorted(matches)]
 

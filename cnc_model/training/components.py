@@ -1,8 +1,8 @@
 """Models of a training run: the frozen SD parts and the stage's trainable fusers.
 
 ``model.pretrained_model_name_or_path`` is a diffusers SD 1.5 folder / hub id (checked up front with
-:func:`cnc.hub.resolve_pretrained`, one-line error naming the model and the config key) or ``tiny`` (seeded random
-tiny models from :mod:`cnc.tiny`, no network).
+:func:`cnc.hub.resolve_pretrained`, one-line error naming the model and the config key) or ``tiny`` (the seeded
+tiny SD folder written once by :mod:`cnc.tiny_store`, no network); either way it loads with ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -42,29 +42,23 @@ class Components:
                 if m is not None}
 
 
-def _training_scheduler(config: dict | None = None):
-    """DDPM with SD 1.5's schedule (1000 steps, scaled_linear 0.00085..0.012, epsilon)."""
-    from diffusers import DDPMScheduler
+def resolve_base(cfg: TrainConfig) -> str:
+    """Local folder (or uncached hub id) of the base model; ``tiny`` = the seeded tiny SD folder of ``cfg.seed``.
 
-    if config is not None:
-        return DDPMScheduler.from_config(config)
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon")
+    Raises:
+        ModelUnavailableError: one line naming the model and :data:`BASE_KEY`.
+    """
+    m = cfg.model
+    return resolve_pretrained(m.pretrained_model_name_or_path, BASE_KEY, seed=cfg.seed, revision=m.revision)
 
 
 def _load_base(cfg: TrainConfig) -> dict:
-    if cfg.is_tiny:
-        from cnc import tiny
-
-        return dict(vae=tiny.tiny_vae(cfg.seed), text_encoder=tiny.tiny_text_encoder(cfg.seed),
-                    tokenizer=tiny.tiny_tokenizer(), unet=tiny.tiny_unet(seed=cfg.seed),
-                    noise_scheduler=_training_scheduler())
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     m = cfg.model
-    path = resolve_pretrained(m.pretrained_model_name_or_path, BASE_KEY)
-    kw = dict(revision=m.revision)
+    path = resolve_base(cfg)
+    kw = dict(revision=m.revision) if path == m.pretrained_model_name_or_path else {}
     try:
         return dict(
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
@@ -78,7 +72,7 @@ def _load_base(cfg: TrainConfig) -> dict:
                                     f"loaded as a diffusers Stable Diffusion folder: {exc}".splitlines()[0]) from None
 
 
-def _fuser_folder(path: str, name: str, key: str) -> Path:
+def fuser_folder(path: str, name: str, key: str) -> Path:
     """A saved fuser folder, or a run's output folder holding ``name/``; clear error otherwise."""
     p = Path(path).expanduser()
     for candidate in (p, p / name):
@@ -94,9 +88,9 @@ def build_local_fuser(cfg: TrainConfig, unet):
     from cnc_model.models.local_fuser import LocalFuser
 
     if cfg.model.local_fuser:
-        folder = _fuser_folder(cfg.model.local_fuser, "local_fuser", "model.local_fuser")
+        folder = fuser_folder(cfg.model.local_fuser, "local_fuser", "model.local_fuser")
         logger.info("local fuser initialised from %s", folder)
-        return LocalFuser.from_pretrained(folder, torch_dtype=torch.float32)
+        return LocalFuser.from_pretrained(folder, dtype=torch.float32)
     if cfg.model.local_fuser_init != "from_unet":
         from cnc_model.convert import ConversionError, local_fuser_from_reference
 
@@ -112,7 +106,8 @@ def build_local_fuser(cfg: TrainConfig, unet):
         logger.info("local fuser initialised from the reference checkpoint %s", path)
         return fuser.to(torch.float32)
     torch.manual_seed(cfg.seed)
-    return LocalFuser.from_unet(unet, conditioning_channels=cfg.data.depth_channels).to(torch.float32)
+    fuser = LocalFuser.from_unet(unet, conditioning_channels=cfg.data.depth_channels)
+    return fuser if fuser.dtype == torch.float32 else fuser.to(torch.float32)
 
 
 def build_global_fuser(cfg: TrainConfig, image_embed_dim: int, cross_attention_dim: int):
@@ -120,9 +115,9 @@ def build_global_fuser(cfg: TrainConfig, image_embed_dim: int, cross_attention_d
     from cnc_model.models.global_fuser import GlobalFuser
 
     if cfg.model.global_fuser:
-        folder = _fuser_folder(cfg.model.global_fuser, "global_fuser", "model.global_fuser")
+        folder = fuser_folder(cfg.model.global_fuser, "global_fuser", "model.global_fuser")
         logger.info("global fuser initialised from %s", folder)
-        fuser = GlobalFuser.from_pretrained(folder, torch_dtype=torch.float32)
+        fuser = GlobalFuser.from_pretrained(folder, dtype=torch.float32)
     else:
         torch.manual_seed(cfg.seed + 1)
         fuser = GlobalFuser(image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim,

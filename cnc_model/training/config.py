@@ -8,14 +8,14 @@ trains both, initialised from the two earlier runs (``model.local_fuser`` / ``mo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnc.config import Seed, load_config
+from cnc.hub import TINY
 
 STAGES = ("local", "global", "joint")
-TINY = "tiny"
 
 
 class _Strict(BaseModel):
@@ -140,6 +140,8 @@ class ValidationConfig(_Strict):
 class TrainConfig(_Strict):
     """Everything that defines a training run. Saved as ``OUTPUT/train_config.yaml``."""
 
+    CONFIG_KIND: ClassVar[str] = "train"  # shipped configs named without a folder are looked up in train/
+
     stage: Literal["local", "global", "joint"]
     output_dir: str = Field(..., description="checkpoints, logs, validation images, final fusers")
     seed: Seed = 0
@@ -148,6 +150,14 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    provenance: dict | None = Field(
+        None, description="written by cnc train into OUTPUT/train_config.yaml: identities of the base model and the "
+                          "initial fusers, sha256 of the shard manifests; ignored when a config is read")
+
+    @field_validator("provenance", mode="before")
+    @classmethod
+    def _written_not_read(cls, value):
+        return None
 
     @property
     def trains_local(self) -> bool:

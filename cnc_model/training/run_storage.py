@@ -112,6 +112,7 @@ class RunStorage:
         if not self.remote or not self.local.is_dir():
             return
         remote_sizes = {}
+        self.loc.fs.invalidate_cache(self.loc.path)
         try:
             for path, info in self.loc.fs.find(self.loc.path, detail=True).items():
                 remote_sizes[path[len(self.loc.path.rstrip("/")) + 1:]] = info.get("size")

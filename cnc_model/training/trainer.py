@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cnc.base.errors import UserError
 from cnc.config import config_dict, save_config
-from cnc.hub import resolve_pretrained
 from cnc_model.training import checkpointing as ckpt
-from cnc_model.training.components import BASE_KEY, Components, load_components
+from cnc_model.training import provenance as prov
+from cnc_model.training.components import Components, load_components, resolve_base
 from cnc_model.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ class Trainer:
 
         cfg, out = self.cfg, self.cfg.output_path
         # 0. fail fast on a missing base model and on impossible settings
-        if self.components is None and not cfg.is_tiny:
-            resolve_pretrained(cfg.model.pretrained_model_name_or_path, BASE_KEY)
+        base = resolve_base(cfg) if self.components is None else None
+        self.provenance = prov.training_provenance(cfg, base)
         use_cpu = cfg.train.cpu or not torch.cuda.is_available()
         if use_cpu and cfg.train.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
@@ -96,7 +97,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "train_config.yaml")
+            save_config(cfg.model_copy(update={"provenance": self.provenance}), out / "train_config.yaml")
 
         # 2. data: pre-flight check, fixed validation samples, loader
         self._setup_data()
@@ -446,6 +447,7 @@ class Trainer:
                 "global_step": self.global_step, "stage": cfg.stage, "num_processes": acc.num_processes,
                 "train_batch_size": cfg.train.train_batch_size,
                 "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps})
+            prov.write_checkpoint_provenance(path, self.provenance)
             logger.info("saved %s", path)
             ckpt.rotate_checkpoints(cfg.output_path, cfg.train.checkpoints_total_limit)  # only once it is complete
         acc.wait_for_everyone()
@@ -458,7 +460,8 @@ class Trainer:
         for candidate in ckpt.resume_candidates(cfg.output_path, cfg.train.resume_from_checkpoint, acc.num_processes):
             state = ckpt.read_json(candidate / ckpt.TRAINER_STATE)
             if state.get("stage") not in (None, cfg.stage):
-                raise ValueError(f"checkpoint {candidate} is from stage {state['stage']!r}, this run is {cfg.stage!r}")
+                raise UserError(f"checkpoint {candidate} is from stage {state['stage']!r}, this run is {cfg.stage!r}")
+            prov.check_resume(candidate, self.provenance)  # a changed base model is refused, not resumed
             try:
                 acc.load_state(str(candidate))
                 data_file = ckpt.data_state_path(candidate, acc.process_index)

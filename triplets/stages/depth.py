@@ -15,9 +15,10 @@ image size (bicubic) and min-max normalises **each map** to uint16 (raw range ke
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
-from cnc.hub import TINY
 from triplets.sample import quantize_depth
 from triplets.stages.base import Stage, resolve_device, resolve_dtype
 
@@ -25,38 +26,37 @@ from triplets.stages.base import Stage, resolve_device, resolve_dtype
 PREPROCESS_MODES = ("processor", "reference")
 
 
+def check_preprocess(mode: str) -> str:
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"unknown depth preprocess {mode!r}; valid: {', '.join(PREPROCESS_MODES)}")
+    return mode
+
+
 class DPTDepth:
     """Batched disparity estimator.
 
     Call with ``(N, H, W, 3)`` uint8 RGB → ``(N, H, W)`` float32 raw disparity (near = large).
-    ``preprocess``: ``processor`` or ``reference`` (module docstring); in ``reference`` mode H and W must be
-    multiples of the model's patch size (16 for DPT-Large; 512 is).
+    ``preprocess`` (a call argument, so one shared instance serves every mode): ``processor`` or ``reference``
+    (module docstring); in ``reference`` mode H and W must be multiples of the model's patch size (16 for DPT-Large;
+    512 is).
     """
 
-    def __init__(self, model: str = "Intel/dpt-large", device: str = "auto", dtype: str = "auto", seed: int = 0,
-                 preprocess: str = "processor"):
-        if preprocess not in PREPROCESS_MODES:
-            raise ValueError(f"unknown depth preprocess {preprocess!r}; valid: {', '.join(PREPROCESS_MODES)}")
-        self.preprocess = preprocess
+    def __init__(self, model: str = "Intel/dpt-large", device: str = "auto", dtype: str = "auto"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        if model == TINY:
-            from cnc.tiny import tiny_dpt
+        from transformers import DPTForDepthEstimation, DPTImageProcessor
 
-            self.model, self.processor = tiny_dpt(seed)
-        else:
-            from transformers import DPTForDepthEstimation, DPTImageProcessor
-
-            self.processor = DPTImageProcessor.from_pretrained(model)
-            self.model = DPTForDepthEstimation.from_pretrained(model)
+        self.processor = DPTImageProcessor.from_pretrained(model)
+        self.model = DPTForDepthEstimation.from_pretrained(model)
         self.model.to(self.device, self.dtype).eval()
         self.model_id = model
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray, preprocess: str = "processor") -> np.ndarray:
         import torch
 
+        check_preprocess(preprocess)
         n, h, w = images.shape[:3]
-        if self.preprocess == "reference":
+        if preprocess == "reference":
             pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
         else:
             pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
@@ -65,6 +65,23 @@ class DPTDepth:
             pred = torch.nn.functional.interpolate(pred[:, None].float(), size=(h, w), mode="bicubic",
                                                    align_corners=False)[:, 0]
         return pred.cpu().numpy().astype(np.float32)
+
+
+_SHARED: "weakref.WeakValueDictionary[tuple, DPTDepth]" = weakref.WeakValueDictionary()
+
+
+def shared_dpt(model: str, device: str = "auto", dtype: str = "auto") -> DPTDepth:
+    """One :class:`DPTDepth` per (model, device, dtype) in this process while any stage holds it.
+
+    The ``sam`` saliency prior and the depth stage usually name the same DPT: they share its weights instead of
+    loading them twice (DPT-Large: ~1.4 GB fp32).
+    """
+    key = (model, resolve_device(device), dtype)
+    estimator = _SHARED.get(key)
+    if estimator is None:
+        estimator = DPTDepth(model, device, dtype)
+        _SHARED[key] = estimator
+    return estimator
 
 
 class DepthStage(Stage):
@@ -77,15 +94,16 @@ class DepthStage(Stage):
     name = "depth"
 
     def __init__(self, model: str = "Intel/dpt-large", mask_foreground_depth: bool = False, device: str = "auto",
-                 dtype: str = "auto", seed: int = 0, preprocess: str = "processor"):
-        self.estimator = DPTDepth(model, device, dtype, seed, preprocess=preprocess)
+                 dtype: str = "auto", preprocess: str = "processor"):
+        self.estimator = shared_dpt(model, device, dtype)
+        self.preprocess = check_preprocess(preprocess)
         self.mask_foreground_depth = mask_foreground_depth
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
         image, mask, bg = rows["image"], rows["mask"], rows["background"]
         n = len(image)
         fg = image * mask[..., None]
-        raw = self.estimator(np.concatenate([fg, bg], axis=0))
+        raw = self.estimator(np.concatenate([fg, bg], axis=0), self.preprocess)
         cols = {"fg_depth": np.zeros(mask.shape, np.uint16), "bg_depth": np.zeros(mask.shape, np.uint16),
                 "fg_depth_range": np.zeros((n, 2)), "bg_depth_range": np.zeros((n, 2))}
         for i in range(n):

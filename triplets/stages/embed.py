@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from cnc.hub import TINY
 from triplets.stages.base import Stage, resolve_device, resolve_dtype
 
 
 class CLIPImageEmbedder:
     """``(N, H, W, 3)`` uint8 RGB → ``(N, D)`` float32 ``image_embeds`` (D = 768 for ViT-L/14)."""
 
-    def __init__(self, model: str = "openai/clip-vit-large-patch14", device: str = "auto", dtype: str = "auto",
-                 seed: int = 0):
+    def __init__(self, model: str = "openai/clip-vit-large-patch14", device: str = "auto", dtype: str = "auto"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        if model == TINY:
-            from cnc.tiny import tiny_clip_vision
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-            self.model, self.processor = tiny_clip_vision(seed)
-        else:
-            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-            self.processor = CLIPImageProcessor.from_pretrained(model)
-            self.model = CLIPVisionModelWithProjection.from_pretrained(model)
+        self.processor = CLIPImageProcessor.from_pretrained(model)
+        self.model = CLIPVisionModelWithProjection.from_pretrained(model)
         self.model.to(self.device, self.dtype).eval()
         self.dim = int(self.model.config.projection_dim)
 
@@ -47,10 +40,10 @@ class EmbedStage(Stage):
     name = "embed"
 
     def __init__(self, model: str = "openai/clip-vit-large-patch14", fg_source: str = "image", device: str = "auto",
-                 dtype: str = "auto", seed: int = 0):
+                 dtype: str = "auto"):
         if fg_source not in ("image", "foreground"):
             raise ValueError(f"embed fg_source must be 'image' or 'foreground', got {fg_source!r}")
-        self.embedder = CLIPImageEmbedder(model, device, dtype, seed)
+        self.embedder = CLIPImageEmbedder(model, device, dtype)
         self.fg_source = fg_source
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:

@@ -15,7 +15,6 @@ import hashlib
 
 import numpy as np
 
-from cnc.hub import TINY
 from triplets.stages.base import Stage, resolve_device, resolve_dtype
 
 
@@ -43,19 +42,14 @@ class InpaintStage(Stage):
                  prompt: str = "empty scenery, ultra detailed, no people",
                  negative_prompt: str = "low resolution, worst quality, low quality", num_inference_steps: int = 25,
                  guidance_scale: float = 10.0, strength: float = 1.0, dilation_px: int = 50, paste_back: bool = True,
-                 base_seed: int = 0, device: str = "auto", dtype: str = "auto", seed: int = 0):
+                 base_seed: int = 0, device: str = "auto", dtype: str = "auto"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        if model == TINY:
-            from cnc.tiny import tiny_inpaint_pipeline
+        from diffusers import StableDiffusionInpaintPipeline
 
-            self.pipe = tiny_inpaint_pipeline(seed)
-        else:
-            from diffusers import StableDiffusionInpaintPipeline
-
-            self.pipe = StableDiffusionInpaintPipeline.from_pretrained(
-                model, torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
-        self.pipe.to(self.device, self.dtype)
+        self.pipe = StableDiffusionInpaintPipeline.from_pretrained(
+            model, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
+        self.pipe.to(self.device)  # already in self.dtype (a dtype cast here makes diffusers warn)
         self.pipe.set_progress_bar_config(disable=True)
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.guidance, self.strength = num_inference_steps, guidance_scale, strength

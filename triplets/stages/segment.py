@@ -22,7 +22,6 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from cnc.hub import TINY
 from triplets.stages.base import Stage, resolve_device
 
 
@@ -73,24 +72,20 @@ def prior_prompt(prior: np.ndarray, disparity: np.ndarray) -> tuple[np.ndarray, 
 class SamSegmenter:
     """SAM prompted by the DPT saliency prior (see module docstring)."""
 
-    def __init__(self, sam_checkpoint: str = TINY, sam_model_type: str = "vit_h", saliency_model: str = TINY,
+    def __init__(self, sam_checkpoint: str, sam_model_type: str = "vit_h", saliency_model: str = "Intel/dpt-large",
                  prior_quantile: float = 0.85, min_area: float = 0.01, max_area: float = 0.95,
-                 device: str = "auto", dtype: str = "auto", seed: int = 0, **_: object):
-        from segment_anything import SamPredictor, sam_model_registry
+                 device: str = "auto", dtype: str = "auto", **_: object):
+        from segment_anything import SamPredictor
 
-        from triplets.stages.depth import DPTDepth
+        from triplets.stages.depth import shared_dpt
 
         self.device = resolve_device(device)
-        if sam_checkpoint == TINY:
-            from cnc.tiny import tiny_sam
-
-            sam = tiny_sam(seed)
-        else:
-            if sam_model_type not in sam_model_registry:
-                raise ValueError(f"segment.sam_model_type {sam_model_type!r} unknown; valid: {list(sam_model_registry)}")
-            sam = _load_sam(sam_model_registry[sam_model_type], sam_checkpoint)
+        models = sam_architectures()
+        if sam_model_type not in models:
+            raise ValueError(f"segment.sam_model_type {sam_model_type!r} unknown; valid: {list(models)}")
+        sam = _load_sam(models[sam_model_type], sam_checkpoint)
         self.predictor = SamPredictor(sam.to(self.device).eval())
-        self.prior_depth = DPTDepth(saliency_model, device, dtype, seed)
+        self.prior_depth = shared_dpt(saliency_model, device, dtype)
         self.quantile, self.min_area, self.max_area = prior_quantile, min_area, max_area
 
     def __call__(self, rows: dict) -> tuple[np.ndarray, list[str]]:
@@ -114,6 +109,15 @@ class SamSegmenter:
                     break
             masks[i], _ = chosen, sources.append(source)
         return masks, sources
+
+
+def sam_architectures() -> dict[str, Callable]:
+    """``sam_model_type`` → builder: segment-anything's ``vit_h`` / ``vit_l`` / ``vit_b`` and the tiny test model."""
+    from segment_anything import sam_model_registry
+
+    from cnc.tiny_store import TINY_SAM_TYPE, tiny_sam_architecture
+
+    return {**sam_model_registry, TINY_SAM_TYPE: tiny_sam_architecture}
 
 
 def _load_sam(builder, checkpoint: str):
