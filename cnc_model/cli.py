@@ -1,4 +1,5 @@
-"""Sub-commands of ``cnc`` that belong to ``cnc_model``: ``sample`` and ``convert-reference``.
+"""Sub-commands of ``cnc`` that belong to ``cnc_model``: ``sample``, ``export``, ``convert-reference`` (+ ``train``,
+``eval`` from their own modules).
 
 Heavy imports (torch, diffusers, transformers) happen inside the commands so ``cnc --help`` stays fast.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 import typer
 
 from cnc.hub import TINY
+from cnc_model.evaluation.cli import register as register_eval
 from cnc_model.train_cli import register as register_train
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ def _sheet(tiles, height: int, width: int):
 
 def sample(
     checkpoint_dir: Path = typer.Argument(
-        ..., help="Folder written by CnCPipeline.save_pretrained / convert-reference."),
+        ..., help="A pipeline folder (save_pretrained / cnc export / convert-reference), a cnc train output folder "
+                  "or one of its checkpoint-N folders."),
     prompt: str = typer.Option(None, "--prompt", help="Text prompt (default with --shard-sample: its caption)."),
     fg: Path = typer.Option(None, "--fg", help="Foreground photo (the object)."),
     bg: Path = typer.Option(None, "--bg", help="Background photo (the scene)."),
@@ -77,7 +80,18 @@ def sample(
     width: int = typer.Option(512, "--width", help="Output width (multiple of 8)."),
     fg_scale: float = typer.Option(1.0, "--fg-scale", help="lambda of the foreground tokens (0-2)."),
     bg_scale: float = typer.Option(1.0, "--bg-scale", help="lambda of the background tokens (0-2)."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", help="Unconditional-branch text."),
+    negative_prompt: str = typer.Option(None, "--negative-prompt",
+                                        help="Unconditional-branch text (default: the reference demo's).",
+                                        show_default=False),
+    prompt_suffix: str = typer.Option(None, "--prompt-suffix", help="Appended to the prompt (default: the reference "
+                                      "demo's ', masterpiece, ultra detailed, high resolution').", show_default=False),
+    reference_prompts: bool = typer.Option(True, "--reference-prompts/--no-reference-prompts",
+                                           help="Default negative prompt and suffix of the reference demo; "
+                                                "--no-reference-prompts makes both empty."),
+    fg_depth_scale: float = typer.Option(1.0, "--fg-depth-scale", help="Foreground depth strength (0-2)."),
+    bg_depth_scale: float = typer.Option(1.0, "--bg-depth-scale", help="Background depth strength (0-2)."),
+    fg_ref: Path = typer.Option(None, "--fg-ref", help="Foreground exemplar image (default: the --fg photo)."),
+    bg_ref: Path = typer.Option(None, "--bg-ref", help="Background exemplar image (default: the --bg photo)."),
     num_images: int = typer.Option(1, "--num-images", help="Images to generate."),
     depth_model: str = typer.Option("Intel/dpt-large", "--depth-model",
                                     help="DPTForDepthEstimation hub id or local folder."),
@@ -89,23 +103,21 @@ def sample(
     import torch
     from PIL import Image
 
-    from cnc_model.pipeline_cnc import CnCPipeline
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if shard_sample is None and (fg is None or bg is None):
         _fail("give --fg and --bg photos, or --shard-sample TAR#KEY")
-    for path in (fg, bg) if shard_sample is None else ():
+    for path in [*((fg, bg) if shard_sample is None else ()), *(p for p in (fg_ref, bg_ref) if p is not None)]:
         if not path.is_file():
             _fail(f"image not found: {path}")
-    if not (checkpoint_dir / "model_index.json").is_file():
-        _fail(f"{checkpoint_dir} is not a CnC pipeline folder (no model_index.json)")
+    negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     common = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, fg_scale=fg_scale,
-                  bg_scale=bg_scale, negative_prompt=negative_prompt, generator=generator)
+                  bg_scale=bg_scale, negative_prompt=negative_prompt, prompt_suffix=prompt_suffix,
+                  fg_depth_scale=fg_depth_scale, bg_depth_scale=bg_depth_scale, generator=generator)
     if shard_sample is not None:
         triplet = _load_shard_sample(shard_sample)
-        pipe = CnCPipeline.from_pretrained(checkpoint_dir).to(device)
+        pipe = load_pipeline_or_fail(checkpoint_dir).to(device)
         images = pipe([prompt or triplet.caption] * num_images, fg_depth=triplet.fg_depth_float(),
                       bg_depth=triplet.bg_depth_float(), mask=triplet.mask.astype("float32"),
                       fg_reference=torch.from_numpy(triplet.fg_emb)[None],
@@ -131,16 +143,14 @@ def sample(
                 _fail(str(err))
             segmenter = SamSaliencySegmenter(sam_path, saliency, device=device,
                                              sam_model_type=TINY_SAM_TYPE if sam_checkpoint == TINY else "vit_h")
-        pipe = CnCPipeline.from_pretrained(checkpoint_dir)
-        if pipe.image_encoder is None or pipe.feature_extractor is None:
-            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-            encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", lambda s: (
-                CLIPVisionModelWithProjection.from_pretrained(s), CLIPImageProcessor.from_pretrained(s)))
+        pipe = load_pipeline_or_fail(checkpoint_dir)
+        if pipe.global_fuser is not None and (pipe.image_encoder is None or pipe.feature_extractor is None):
+            encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", _image_encoder)
             pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
         pipe.to(device)
+        refs = {k: None if p is None else Image.open(p) for k, p in (("fg_reference", fg_ref), ("bg_reference", bg_ref))}
         result = compose(pipe, Image.open(fg), Image.open(bg), [prompt] * num_images, depth, segmenter=segmenter,
-                         **common)
+                         **refs, **common)
         images = result.images
         tiles = [result.fg_image, result.bg_image, result.fg_depth, result.bg_depth, result.mask * 255, *images]
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +158,59 @@ def sample(
         image.save(out / f"sample_{i}.png")
     _sheet(tiles, height, width).save(out / "sheet.png")
     logger.info("wrote %d samples and sheet.png to %s", len(images), out)
+
+
+def _image_encoder(spec: str):
+    """``(CLIPVisionModelWithProjection, CLIPImageProcessor)`` from a folder / hub id, or the seeded tiny pair."""
+    if spec == "tiny":
+        from cnc.tiny import tiny_clip_vision
+
+        return tiny_clip_vision(0)
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection.from_pretrained(spec), CLIPImageProcessor.from_pretrained(spec)
+
+
+def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, reference: bool) -> tuple[str, str]:
+    """Resolve the negative prompt and prompt suffix: explicit values win, else the reference demo's (or "")."""
+    from cnc_model.pipeline_cnc import REFERENCE_NEGATIVE_PROMPT, REFERENCE_PROMPT_SUFFIX
+
+    if negative_prompt is None:
+        negative_prompt = REFERENCE_NEGATIVE_PROMPT if reference else ""
+    if prompt_suffix is None:
+        prompt_suffix = REFERENCE_PROMPT_SUFFIX if reference else ""
+    return negative_prompt, prompt_suffix
+
+
+def load_pipeline_or_fail(path: Path, option: str = "PIPELINE"):
+    """:func:`cnc_model.loading.load_pipeline`; an unloadable folder or a missing base model exits 2 in one line."""
+    from cnc_model.loading import NotAPipelineError, load_pipeline
+    from triplets.errors import ModelUnavailableError
+
+    if not Path(path).exists():
+        _fail(f"{option} {path} does not exist")
+    try:
+        return load_pipeline(path)
+    except (NotAPipelineError, ModelUnavailableError) as err:
+        _fail(str(err).splitlines()[0])
+
+
+def export(
+    source: Path = typer.Argument(..., help="A cnc train output folder, one of its checkpoint-N folders or a "
+                                            "pipeline folder."),
+    output: Path = typer.Option(..., "--output", "--out", "-o", help="Folder for the complete pipeline."),
+) -> None:
+    """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, model cards)."""
+    from cnc_model.loading import NotAPipelineError, export_pipeline
+    from triplets.errors import ModelUnavailableError
+
+    if not source.exists():
+        _fail(f"{source} does not exist")
+    try:
+        export_pipeline(source, output)
+    except (NotAPipelineError, ModelUnavailableError) as err:
+        _fail(str(err).splitlines()[0])
+    typer.echo(f"exported {source} -> {output}")
 
 
 def _load_shard_sample(spec: str):
@@ -194,5 +257,7 @@ def convert_reference(
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
     app.command("sample")(sample)
+    app.command("export")(export)
     app.command("convert-reference")(convert_reference)
     register_train(app)
+    register_eval(app)

@@ -49,6 +49,13 @@ def _rgb(image, height: int, width: int) -> np.ndarray:
     return np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.uint8)
 
 
+def _reference(ref, height: int, width: int):
+    """An exemplar image (PIL / uint8 array) -> RGB PIL at the output size; embeddings pass through."""
+    if isinstance(ref, Image.Image) or (isinstance(ref, np.ndarray) and ref.dtype == np.uint8 and ref.ndim == 3):
+        return Image.fromarray(_rgb(ref, height, width))
+    return ref
+
+
 def _mask_from_depth(depth: np.ndarray) -> np.ndarray:
     lo, hi = float(depth.min()), float(depth.max())
     if hi - lo <= 1e-6:
@@ -65,6 +72,8 @@ def compose(
     segmenter: Segmenter | None = None,
     height: int = 512,
     width: int = 512,
+    fg_reference: Any = None,
+    bg_reference: Any = None,
     **kwargs,
 ) -> ComposeResult:
     """Generate an image putting the object of ``fg_image`` into the scene of ``bg_image``.
@@ -72,8 +81,11 @@ def compose(
     Steps: both photos resized to ``height x width`` (bicubic); mask = ``segmenter(fg)`` or, without a segmenter,
     ``depth(fg)`` min-max normalised ``> 0.5`` (all-ones if the depth is constant); fg depth =
     ``depth(fg * mask)`` (object on black); bg depth = ``depth(bg)``; references = the two photos (needs the
-    pipeline's image encoder). ``kwargs`` go to ``pipe(...)`` (``num_inference_steps``, ``guidance_scale``,
-    ``generator``, ``fg_scale``, ``bg_scale``, ``negative_prompt``, ``output_type``...).
+    pipeline's image encoder) unless ``fg_reference`` / ``bg_reference`` (PIL images, uint8 arrays or precomputed CLIP
+    embeddings) give separate exemplars: depth from one photo, appearance from another. Reference images are resized
+    to the output size first, as in the reference demo. ``kwargs`` go to ``pipe(...)`` (``num_inference_steps``,
+    ``guidance_scale``, ``generator``, ``fg_scale``, ``bg_scale``, ``fg_depth_scale``, ``bg_depth_scale``,
+    ``negative_prompt``, ``prompt_suffix``, ``output_type``...).
     """
     fg = _rgb(fg_image, height, width)
     bg = _rgb(bg_image, height, width)
@@ -87,9 +99,10 @@ def compose(
         logger.warning("empty foreground mask: the fg tokens will be invisible everywhere")
     fg_depth = np.asarray(depth_estimator((fg * mask[..., None])[None]), dtype=np.float32)[0]
     bg_depth = np.asarray(depth_estimator(bg[None]), dtype=np.float32)[0]
+    refs = [Image.fromarray(photo) if ref is None else _reference(ref, height, width)
+            for ref, photo in ((fg_reference, fg), (bg_reference, bg))]
     out = pipe(prompt, fg_depth=fg_depth, bg_depth=bg_depth, mask=mask.astype(np.float32),
-               fg_reference=Image.fromarray(fg), bg_reference=Image.fromarray(bg), height=height, width=width,
-               **kwargs)
+               fg_reference=refs[0], bg_reference=refs[1], height=height, width=width, **kwargs)
     return ComposeResult(images=out.images, fg_image=fg, bg_image=bg, fg_depth=fg_depth, bg_depth=bg_depth,
                          mask=mask)
 

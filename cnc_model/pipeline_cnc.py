@@ -24,9 +24,22 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from cnc_model.attention import SoftGuidanceMask, has_soft_guidance, install_soft_guidance
+from cnc_model.denoiser import CnCDenoiser
 from cnc_model.inputs import depth_to_rgb, mask_from_depth, to_embedding, to_map_tensor
 
+# The component classes are imported here on purpose: ``model_index.json`` records them by their defining module
+# (``cnc_model.models.local_fuser``...), and diffusers (>= 0.42) resolves such names only from ``sys.modules``. Importing
+# them with the pipeline makes ``CnCPipeline.from_pretrained(dir)`` work in a fresh interpreter.
+from cnc_model.models.global_fuser import GlobalFuser  # noqa: F401
+from cnc_model.models.local_fuser import LocalFuser  # noqa: F401
+
 logger = logging.getLogger(__name__)
+
+#: The reference demo's negative prompt (method.md §8); ``cnc sample`` / ``cnc eval`` default to it.
+REFERENCE_NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
+                             "cropped, worst quality, low quality")
+#: The reference demo's positive prompt suffix (method.md §8), appended to every prompt by ``cnc sample`` / ``eval``.
+REFERENCE_PROMPT_SUFFIX = ", masterpiece, ultra detailed, high resolution"
 
 
 @dataclass
@@ -165,17 +178,14 @@ class CnCPipeline(DiffusionPipeline):
         return latents.to(device) * self.scheduler.init_noise_sigma
 
     # ------------------------------------------------------------------------------------------------ denoising
+    @property
+    def denoiser(self) -> CnCDenoiser:
+        """The shared training/sampling forward (:class:`~cnc_model.denoiser.CnCDenoiser`) of this pipeline."""
+        return CnCDenoiser(self.unet, self.local_fuser, self.global_fuser)
+
     def predict_noise(self, latents, t, context, fg_depth, bg_depth, soft_mask, local_scale: float) -> torch.Tensor:
         """One UNet + local fuser evaluation; all tensors already batched (CFG branches concatenated)."""
-        kwargs = None if soft_mask is None else {"soft_guidance_mask": soft_mask}
-        if self.local_fuser is None:
-            return self.unet(latents, t, encoder_hidden_states=context, cross_attention_kwargs=kwargs,
-                             return_dict=False)[0]
-        down, mid = self.local_fuser(latents, t, context.to(self.local_fuser.dtype), fg_depth, bg_depth,
-                                     conditioning_scale=local_scale, cross_attention_kwargs=kwargs, return_dict=False)
-        return self.unet(latents, t, encoder_hidden_states=context, cross_attention_kwargs=kwargs,
-                         down_block_additional_residuals=[d.to(self.unet.dtype) for d in down],
-                         mid_block_additional_residual=mid.to(self.unet.dtype), return_dict=False)[0]
+        return self.denoiser.predict_noise(latents, t, context, fg_depth, bg_depth, soft_mask, local_scale)
 
     @torch.no_grad()
     def __call__(
@@ -199,6 +209,9 @@ class CnCPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         eta: float = 0.0,
         local_scale: float = 1.0,
+        fg_depth_scale: float = 1.0,
+        bg_depth_scale: float = 1.0,
+        prompt_suffix: str = "",
     ) -> CnCPipelineOutput | tuple:
         """Generate images.
 
@@ -216,6 +229,10 @@ class CnCPipeline(DiffusionPipeline):
             height, width: output size, multiples of the VAE factor (8).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             local_scale: multiplies the local fuser residuals (1.0).
+            fg_depth_scale, bg_depth_scale: per-map depth strength (reference demo sliders 0-2): each depth map is
+                multiplied by its factor and clamped to [0, 1] (after the mask is derived).
+            prompt_suffix: appended to every prompt (not to the negative prompt); the reference demo uses
+                :data:`REFERENCE_PROMPT_SUFFIX`.
         """
         # 1. inputs
         self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale)
@@ -225,22 +242,27 @@ class CnCPipeline(DiffusionPipeline):
         batch = len(prompts)
         do_cfg = guidance_scale > 1.0
         fg_d, bg_d, mask_t = self.prepare_conditions(fg_depth, bg_depth, mask, batch, height, width, device)
+        fg_d, bg_d = (fg_d * fg_depth_scale).clamp(0, 1), (bg_d * bg_depth_scale).clamp(0, 1)
 
-        # 2. context = [text (77), lambda_fg * fg tokens (N), lambda_bg * bg tokens (N)]
-        if self.global_fuser is None:  # text-only context: no reference tokens, so no soft guidance either
-            tokens = torch.zeros(batch, 0, self.unet.config.cross_attention_dim, device=device, dtype=self.unet.dtype)
-            mask_t = None
+        # 2. context = [text (77), lambda_fg * fg tokens (N), lambda_bg * bg tokens (N)] (text only without a
+        #    global fuser: no reference tokens, so no soft guidance either -- the denoiser's rule)
+        denoiser = self.denoiser
+        if prompt_suffix:
+            prompts = [p + prompt_suffix for p in prompts]
+        fg_emb = bg_emb = None
+        if self.global_fuser is not None:
+            fg_emb = self.encode_reference(fg_reference, batch, device)
+            bg_emb = self.encode_reference(bg_reference, batch, device)
         else:
-            tokens = self.global_fuser(self.encode_reference(fg_reference, batch, device),
-                                       self.encode_reference(bg_reference, batch, device), fg_scale, bg_scale)
-            tokens = tokens.to(self.unet.dtype)
-        context = torch.cat([self.encode_prompt(prompts, device), tokens], dim=1)
+            mask_t = None
+        context = denoiser.build_context(self.encode_prompt(prompts, device), fg_emb, bg_emb, fg_scale, bg_scale)
         if do_cfg:  # batched CFG: [uncond, cond]; same tokens, depths and mask in both branches
             negative = negative_prompt if negative_prompt is not None else ""
             negative = [negative] * batch if isinstance(negative, str) else list(negative)
             if len(negative) != batch:
                 raise ValueError(f"{len(negative)} negative prompts for {batch} prompts")
-            context = torch.cat([torch.cat([self.encode_prompt(negative, device), tokens], dim=1), context])
+            uncond = denoiser.build_context(self.encode_prompt(negative, device), fg_emb, bg_emb, fg_scale, bg_scale)
+            context = torch.cat([uncond, context])
             fg_d, bg_d = torch.cat([fg_d, fg_d]), torch.cat([bg_d, bg_d])
         soft_mask = None if mask_t is None else SoftGuidanceMask(mask_t)  # tiled over CFG branches by the processor
 
@@ -252,7 +274,7 @@ class CnCPipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents, latents]) if do_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
-            noise = self.predict_noise(model_in, t, context, fg_d, bg_d, soft_mask, local_scale)
+            noise = denoiser.predict_noise(model_in, t, context, fg_d, bg_d, soft_mask, local_scale)
             if do_cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)

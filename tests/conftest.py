@@ -101,6 +101,16 @@ def tiny_shards(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_metrics_cache(tmp_path_factory) -> Path:
+    """A ``CNC_CACHE_DIR`` holding the seeded tiny metric networks of ``cnc eval --metrics-models tiny``."""
+    from cnc_model.evaluation.models import materialise_tiny
+
+    root = tmp_path_factory.mktemp("cnc-cache")
+    materialise_tiny(cache=root)
+    return root
+
+
 @dataclass
 class S3Server:
     """A real S3-compatible server (moto) on 127.0.0.1; ``env`` points clients (and subprocesses) at it."""

@@ -8,7 +8,7 @@ import pytest
 from cnc.config import ConfigError, apply_overrides, load_config
 from triplets.config import BuildConfig
 
-COMMANDS = ("build", "inspect", "train", "sample", "convert-reference", "submit", "jobs", "render-job")
+COMMANDS = ("build", "inspect", "train", "sample", "export", "eval", "convert-reference", "submit", "jobs", "render-job")
 
 
 def test_help_lists_every_command():

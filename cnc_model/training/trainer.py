@@ -251,10 +251,12 @@ class Trainer:
         return noise, torch.randint(0, num_t, (latents.shape[0],), device=latents.device).long()
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        """ε-prediction MSE of one batch (see the module docstring for the stage-specific context)."""
-        from cnc_model.attention import SoftGuidanceMask
+        """MSE of one batch against the scheduler's target (ε by default); the forward is :class:`CnCDenoiser`'s.
+
+        Soft guidance follows the denoiser's one rule: on whenever the stage trains a global fuser.
+        """
         from cnc_model.data import tokenize
-        from cnc_model.models.frozen_unet import run_frozen_unet
+        from cnc_model.denoiser import CnCDenoiser, training_target
 
         comps, dev, wdt = self.components, self.accelerator.device, self.weight_dtype
         with torch.no_grad():
@@ -267,24 +269,13 @@ class Trainer:
         noise, t = self.sample_noise(latents)
         noisy = sched.add_noise(latents, noise, t)
 
-        context, kwargs = text, None
-        if "global_fuser" in self.models:
-            tokens = self.models["global_fuser"](batch["fg_emb"].to(dev), batch["bg_emb"].to(dev))  # (B, 2N, D)
-            context = torch.cat([text, tokens.to(wdt)], dim=1)  # (B, 77 + 2N, D)
-        if self.cfg.stage != "local":
-            kwargs = {"soft_guidance_mask": SoftGuidanceMask(batch["mask"].to(dev))}
-        down = mid = None
-        if "local_fuser" in self.models:
-            down, mid = self.models["local_fuser"](
-                noisy, t, context, batch["fg_depth"].to(dev), batch["bg_depth"].to(dev),
-                cross_attention_kwargs=kwargs, return_dict=False)
-            down, mid = [d.to(wdt) for d in down], mid.to(wdt)
-        pred = run_frozen_unet(comps.unet, noisy.to(wdt), t, context, down, mid, cross_attention_kwargs=kwargs,
+        denoiser = CnCDenoiser(comps.unet, self.models.get("local_fuser"), self.models.get("global_fuser"),
                                frozen_encoder_no_grad=self.cfg.model.frozen_encoder_no_grad)
-        if sched.config.prediction_type == "v_prediction":
-            target = sched.get_velocity(latents, noise, t)
-        else:
-            target = noise
+        emb = {k: batch[k].to(dev) for k in ("fg_emb", "bg_emb")} if denoiser.global_fuser is not None else {}
+        context = denoiser.build_context(text, emb.get("fg_emb"), emb.get("bg_emb"))  # (B, 77 [+ 2N], D)
+        pred = denoiser.predict_noise(noisy, t, context, batch["fg_depth"].to(dev), batch["bg_depth"].to(dev),
+                                      mask=batch["mask"].to(dev))
+        target = training_target(sched, latents, noise, t)
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
     # ------------------------------------------------------------------------------------------------ loop

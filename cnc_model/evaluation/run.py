@@ -1,0 +1,175 @@
+"""``cnc eval``: generate from held-out triplets with one or two pipelines and score them (method.md §9).
+
+For each of the first ``n`` well-formed triplets of the shards and each seed, the pipeline generates one image from
+the triplet's own conditions (caption, fg/bg depth, fg/bg CLIP embeddings, mask M) at the triplet's resolution. The
+initial noise of sample ``i`` under seed ``s`` comes from its own generator (``s * 1_000_003 + i``), so the images
+do not depend on the batch size, and two pipelines compared with ``--compare`` see the same noise. Outputs in ``DIR``:
+
+- ``metrics.json``: ``n`` (images scored per model), ``seeds``, ``steps``, and the metric keys
+  (:data:`~cnc_model.evaluation.metrics.METRICS`) at the top level; with two models, ``models`` holds one such block
+  per model and the top-level keys are the first model's;
+- ``metrics.md``: a markdown table (one column per model, arrows = better direction);
+- ``grid.png``: rows = samples (up to 8), columns = image I, fg depth, bg depth, mask M, then each model's image;
+- ``images/<model>/<key>_s<seed>.png``: every generated image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cnc_model.evaluation.metrics import METRICS, MetricSuite
+from cnc_model.evaluation.models import MetricModels
+
+logger = logging.getLogger(__name__)
+GRID_ROWS = 8
+
+
+@dataclass
+class EvalSettings:
+    """Sampling settings of an evaluation (defaults = the project's protocol, method.md §9, at the shards' size)."""
+
+    n: int = 100
+    steps: int = 50
+    seeds: list[int] = field(default_factory=lambda: [0])
+    guidance_scale: float = 7.5
+    batch_size: int = 4
+    negative_prompt: str = ""
+    prompt_suffix: str = ""
+    device: str = "cpu"
+    progress: bool = True
+
+
+def load_samples(shards: Sequence[str] | str, n: int) -> list:
+    """The first ``n`` well-formed triplets of ``shards`` (paths, globs, brace patterns or build folders; in build
+    folders only committed shards, the trainer's rule)."""
+    from cnc_model import data
+    from triplets.shardio import resolve_shards
+
+    urls = resolve_shards(shards, committed_only=True)
+    samples = data.first_samples(urls, n)
+    if not samples:
+        raise ValueError(f"no readable sample in {len(urls)} shard(s) of {shards}")
+    if len(samples) < n:
+        logger.warning("only %d samples in the shards (asked for %d)", len(samples), n)
+    sizes = {s.image.shape[:2] for s in samples}
+    if len(sizes) != 1:
+        raise ValueError(f"the evaluation samples have several sizes {sorted(sizes)}; use shards of one resolution")
+    return samples
+
+
+@torch.no_grad()
+def generate(pipe, samples: Sequence, settings: EvalSettings, label: str = "") -> np.ndarray:
+    """Images ``(len(seeds) * N, H, W, 3)`` uint8, seed-major, generated from each triplet's own conditions."""
+    from tqdm.auto import tqdm
+
+    pipe.set_progress_bar_config(disable=True)
+    h, w = samples[0].image.shape[:2]
+    jobs = [(seed, i) for seed in settings.seeds for i in range(len(samples))]
+    out = np.zeros((len(jobs), h, w, 3), np.uint8)
+    bar = tqdm(total=len(jobs), desc=f"generate {label}".strip(), disable=not settings.progress)
+    for start in range(0, len(jobs), settings.batch_size):
+        batch = jobs[start:start + settings.batch_size]
+        items = [samples[i] for _, i in batch]
+        maps = {name: torch.from_numpy(np.stack([getattr(s, f"{name}_float")() for s in items]))[:, None]
+                for name in ("fg_depth", "bg_depth")}
+        images = pipe(
+            prompt=[s.caption for s in items], fg_depth=maps["fg_depth"], bg_depth=maps["bg_depth"],
+            mask=torch.from_numpy(np.stack([s.mask for s in items]).astype(np.float32))[:, None],
+            fg_reference=np.stack([s.fg_emb for s in items]), bg_reference=np.stack([s.bg_emb for s in items]),
+            num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, height=h, width=w,
+            negative_prompt=settings.negative_prompt, prompt_suffix=settings.prompt_suffix, output_type="np",
+            generator=[torch.Generator().manual_seed(seed * 1_000_003 + i) for seed, i in batch]).images
+        out[start:start + len(batch)] = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def _round(value: float) -> float | None:
+    return None if value != value else float(f"{value:.6g}")  # NaN -> null; 6 significant digits
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """``| metric | model A | model B |`` with ↑/↓ for the better direction."""
+    names = list(results)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, higher in METRICS.items():
+        cells = []
+        for name in names:
+            v = results[name].get(key)
+            cells.append("n/a" if v is None else f"{v:.4g}")
+        lines.append(f"| {key} {'↑' if higher else '↓'} | " + " | ".join(cells) + " |")
+    n = next(iter(results.values()))["n"]
+    return "\n".join(lines) + f"\n\nn = {n} generated images per model.\n"
+
+
+def _tile(arr: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(arr).convert("RGB").resize((size[1], size[0]))
+
+
+def make_grid(samples: Sequence, generated: dict[str, np.ndarray]):
+    """Rows = samples (first seed), columns = I | fg depth | bg depth | M | one image per model."""
+    rows = samples[:GRID_ROWS]
+    h, w = samples[0].image.shape[:2]
+    cols = 4 + len(generated)
+    grid = Image.new("RGB", (w * cols, h * len(rows)))
+    for r, s in enumerate(rows):
+        tiles = [s.image, s.fg_depth_float(), s.bg_depth_float(), s.mask * 255,
+                 *(images[r] for images in generated.values())]
+        for c, tile in enumerate(tiles):
+            grid.paste(_tile(tile, (h, w)), (c * w, r * h))
+    return grid
+
+
+def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSettings, metric_models: MetricModels,
+             output: str | Path) -> dict:
+    """Generate with every pipeline, score, write ``metrics.json``, ``metrics.md``, ``grid.png``; return the json.
+
+    Args:
+        pipelines: ``{label: CnCPipeline}`` (one or two).
+        samples: :class:`triplets.sample.TripletSample` list (one resolution).
+    """
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    generated = {}
+    for label, pipe in pipelines.items():
+        pipe.to(settings.device)
+        images = generate(pipe, samples, settings, label)
+        generated[label] = images
+        folder = out / "images" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, image in enumerate(images):
+            seed, i = settings.seeds[j // len(samples)], j % len(samples)
+            Image.fromarray(image).save(folder / f"{samples[i].key}_s{seed}.png")
+    suite = MetricSuite(metric_models, device=settings.device, batch_size=max(settings.batch_size, 8))
+    repeated = [s for _ in settings.seeds for s in samples]
+    results = {}
+    for label, images in generated.items():
+        logger.info("scoring %s (%d images)", label, len(images))
+        scores = {k: _round(v) for k, v in suite.evaluate(images, repeated).items()}
+        results[label] = {"n": len(images), **scores}
+    first = next(iter(results.values()))
+    report = {"n": first["n"], "samples": len(samples), "seeds": list(settings.seeds), "steps": settings.steps,
+              "guidance_scale": settings.guidance_scale, "negative_prompt": settings.negative_prompt,
+              "prompt_suffix": settings.prompt_suffix, "metric_models": "tiny" if metric_models.tiny else "real",
+              **{k: first[k] for k in METRICS}}
+    if len(results) > 1:
+        report["models"] = results
+    else:
+        report["model"] = next(iter(results))
+    (out / "metrics.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    (out / "metrics.md").write_text(markdown_table(results))
+    make_grid(samples, {k: v[: len(samples)] for k, v in generated.items()}).save(out / "grid.png")
+    logger.info("metrics written to %s", out / "metrics.json")
+    return report

@@ -1,0 +1,179 @@
+"""Load a :class:`~cnc_model.pipeline_cnc.CnCPipeline` from any output of ``cnc train``, and export it.
+
+Three kinds of folders are accepted alike (by ``cnc sample``, ``cnc eval`` and ``cnc export``):
+
+- a **pipeline folder** (``model_index.json``: written by ``CnCPipeline.save_pretrained``, ``cnc export`` or
+  ``cnc convert-reference --base-model``);
+- a **run folder** (``OUTPUT`` of ``cnc train``: ``train_config.yaml`` + the final ``local_fuser/`` / ``global_fuser/``);
+- a **checkpoint folder** (``OUTPUT/checkpoint-N``: ``trainer_state.json`` + the fusers at step N; the run's
+  ``train_config.yaml`` is read from the parent folder).
+
+For runs and checkpoints the frozen parts come from the run's ``model.pretrained_model_name_or_path`` (a diffusers SD
+1.5 folder / hub id, or ``tiny``: the same seeded tiny models the run trained with) and the sampler is DDIM with the
+reference settings (method.md §8). A checkpoint's fusers are its raw weights (with ``train.use_ema`` the EMA copies
+are in ``ema_<name>/``; the run's final fusers are the EMA weights). Only the fusers the stage trained are loaded: a ``local`` run samples with its local
+fuser and the 77 text tokens, a ``global`` run with its global fuser and no depth residuals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from triplets.errors import ModelUnavailableError
+
+logger = logging.getLogger(__name__)
+FUSERS = ("local_fuser", "global_fuser")
+MODEL_CARD = "README.md"
+
+
+class NotAPipelineError(ValueError):
+    """The folder is none of: pipeline folder, run folder, checkpoint folder (message: one line)."""
+
+
+@dataclass
+class Source:
+    """What a folder holds.
+
+    Attributes:
+        kind: ``pipeline``, ``run`` or ``checkpoint``.
+        path: the folder.
+        config: the run's train config (``None`` for a pipeline folder).
+        step: optimizer steps of the weights (``None`` when unknown).
+    """
+
+    kind: str
+    path: Path
+    config: object | None = None
+    step: int | None = None
+
+
+def describe(path: str | Path) -> Source:
+    """Classify ``path`` (see the module docstring).
+
+    Raises:
+        NotAPipelineError: when it is none of the three kinds, or a run has no final weights yet.
+    """
+    from cnc_model.training import checkpointing as ckpt
+    from cnc_model.training.config import load_train_config
+
+    p = Path(path).expanduser()
+    if (p / "model_index.json").is_file():
+        return Source("pipeline", p)
+    if (p / ckpt.TRAINER_STATE).is_file() and (p.parent / "train_config.yaml").is_file():
+        state = ckpt.read_json(p / ckpt.TRAINER_STATE)
+        return Source("checkpoint", p, load_train_config(p.parent / "train_config.yaml"), int(state["global_step"]))
+    if (p / "train_config.yaml").is_file():
+        cfg = load_train_config(p / "train_config.yaml")
+        if not any((p / name / "config.json").is_file() for name in FUSERS):
+            latest = ckpt.find_latest_checkpoint(p)
+            hint = f"; sample a checkpoint instead, e.g. {latest}" if latest else ""
+            raise NotAPipelineError(f"run folder {p} has no final fuser weights (training unfinished?){hint}")
+        latest = ckpt.find_latest_checkpoint(p)
+        step = int(ckpt.read_json(latest / ckpt.TRAINER_STATE)["global_step"]) if latest else None
+        return Source("run", p, cfg, step)
+    raise NotAPipelineError(f"{p} is not a CnC pipeline folder (model_index.json), a cnc train output folder "
+                            f"(train_config.yaml) or a checkpoint-N folder")
+
+
+def _sampling_scheduler(training_scheduler):
+    """DDIM with the reference's inference settings (leading spacing, steps_offset 1, no alpha_to_one, η from call)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(training_scheduler.config, clip_sample=False, set_alpha_to_one=False,
+                                     steps_offset=1, timestep_spacing="leading")
+
+
+def _load_fusers(source: Source) -> dict:
+    from cnc_model.models.global_fuser import GlobalFuser
+    from cnc_model.models.local_fuser import LocalFuser
+
+    cfg = source.config
+    wanted = {"local_fuser": cfg.trains_local, "global_fuser": cfg.trains_global}
+    fusers = {}
+    for name, cls in (("local_fuser", LocalFuser), ("global_fuser", GlobalFuser)):
+        if not wanted[name]:
+            fusers[name] = None
+            continue
+        folder = source.path / name
+        if not (folder / "config.json").is_file():
+            raise NotAPipelineError(f"{source.kind} folder {source.path} of stage {cfg.stage!r} has no {name}/")
+        fusers[name] = cls.from_pretrained(folder).eval()
+    return fusers
+
+
+def load_pipeline(path: str | Path, *, torch_dtype=None):
+    """A :class:`~cnc_model.pipeline_cnc.CnCPipeline` from a pipeline, run or checkpoint folder.
+
+    Raises:
+        NotAPipelineError: the folder is not loadable (one line).
+        ModelUnavailableError: the run's base model is missing (one line naming ``model.pretrained_model_name_or_path``).
+    """
+    from cnc_model.pipeline_cnc import CnCPipeline
+    from cnc_model.training.components import _load_base
+
+    source = describe(path)
+    if source.kind == "pipeline":
+        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        return CnCPipeline.from_pretrained(source.path, **kwargs)
+    base = _load_base(source.config)  # tiny: the run's seeded models; else from_pretrained (fail fast, one line)
+    scheduler = _sampling_scheduler(base.pop("noise_scheduler"))
+    pipe = CnCPipeline(scheduler=scheduler, **base, **_load_fusers(source))
+    if torch_dtype is not None:
+        pipe.to(dtype=torch_dtype)
+    logger.info("loaded %s folder %s (stage %s, step %s)", source.kind, source.path, source.config.stage, source.step)
+    return pipe
+
+
+def model_card(source: Source, fuser: str | None = None) -> str:
+    """A short markdown model card: what was trained, on which shards, how many steps, with which config."""
+    cfg = source.config
+    if cfg is None:
+        return f"# CnC pipeline\n\nExported from the pipeline folder `{source.path}`.\n"
+    from cnc.config import config_dict
+
+    what = fuser or " + ".join(n for n, on in (("local_fuser", cfg.trains_local), ("global_fuser", cfg.trains_global))
+                               if on)
+    shards = "\n".join(f"- `{s}`" for s in cfg.data.train_shards) or "- (none recorded)"
+    return (f"# CnC {what} (stage `{cfg.stage}`)\n\n"
+            f"Compose and Conquer (ICLR 2024) {what}, trained with `cnc train` (stage `{cfg.stage}`) on top of the "
+            f"frozen base model `{cfg.model.pretrained_model_name_or_path}`.\n\n"
+            f"- steps: {source.step if source.step is not None else 'unknown'} (of {cfg.train.max_train_steps} "
+            f"configured), batch {cfg.train.train_batch_size} per process x "
+            f"{cfg.train.gradient_accumulation_steps} accumulation\n"
+            f"- resolution: {cfg.data.resolution}, seed {cfg.seed}, source: {source.kind} `{source.path}`\n\n"
+            f"## Training shards\n\n{shards}\n\n"
+            f"## Load\n\n```python\nfrom cnc_model.pipeline_cnc import CnCPipeline\n"
+            f"pipe = CnCPipeline.from_pretrained(\"PATH\")\n```\n\n"
+            f"## Config\n\n```yaml\n{yaml.safe_dump(config_dict(cfg), sort_keys=False)}```\n")
+
+
+def export_pipeline(path: str | Path, output: str | Path) -> Path:
+    """Write a complete, self-contained pipeline folder (``model_index.json``, base parts, the stage's fusers).
+
+    Every exported fuser folder and the pipeline folder get a ``README.md`` model card; ``cnc_export.json`` records
+    the source, stage and step. Returns ``output``.
+    """
+    source = describe(path)
+    pipe = load_pipeline(path)
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / MODEL_CARD).write_text(model_card(source))
+    for name in FUSERS:
+        if getattr(pipe, name) is not None:
+            (out / name / MODEL_CARD).write_text(model_card(source, name))
+    meta = {"source": str(source.path), "kind": source.kind, "step": source.step,
+            "stage": None if source.config is None else source.config.stage,
+            "fusers": [n for n in FUSERS if getattr(pipe, n) is not None]}
+    (out / "cnc_export.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    logger.info("exported %s -> %s", source.path, out)
+    return out
+
+
+__all__ = ["NotAPipelineError", "ModelUnavailableError", "Source", "describe", "load_pipeline", "export_pipeline",
+           "model_card"]

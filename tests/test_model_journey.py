@@ -1,0 +1,96 @@
+"""The user journey through the CLI in fresh processes: shards -> train local, global, joint -> sample each output
+(run folders and a checkpoint) -> export -> from_pretrained in a fresh interpreter -> cnc eval (twice: deterministic).
+
+Everything is tiny (seeded random models, 64 px, 2 training steps, 2 sampling steps); the shards come from the
+session's ``tiny_shards`` fixture (a real tiny build).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_TRAIN = ["--set", "train.max_train_steps=2", "--set", "validation.num_samples=0", "--set",
+              "train.progress_bar=false", "--set", "train.report_to=none", "--set", "data.preflight_shards=0"]
+
+
+def _cnc(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "cnc.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+    if check:
+        assert proc.returncode == 0, f"cnc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def env(tiny_metrics_cache) -> dict:
+    return {**os.environ, "CNC_CACHE_DIR": str(tiny_metrics_cache), "HF_HUB_OFFLINE": "1"}
+
+
+def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
+    runs = tmp_path / "runs"
+    tar = sorted(tiny_shards.glob("*.tar"))[0]
+    from cnc_model.data import first_samples
+
+    key = first_samples([str(tar)], 1)[0].key
+    # 1. train the three stages (joint starts from the two earlier runs)
+    base = ["train", "--config", "configs/train/tiny.yaml", "--set", f"data.train_shards={tiny_shards}", *FAST_TRAIN]
+    _cnc(*base, "--set", f"output_dir={runs / 'local'}", env=env)
+    _cnc(*base, "--set", "stage=global", "--set", f"output_dir={runs / 'global'}", env=env)
+    _cnc(*base, "--set", "stage=joint", "--set", f"output_dir={runs / 'joint'}", "--set",
+         f"model.local_fuser={runs / 'local'}", "--set", f"model.global_fuser={runs / 'global'}", "--set",
+         "train.checkpointing_steps=1", env=env)
+    from cnc_model.loading import load_pipeline
+
+    for stage, fusers in (("local", (True, False)), ("global", (False, True)), ("joint", (True, True))):
+        pipe = load_pipeline(runs / stage)  # a stage samples with exactly the fusers it trained
+        assert (pipe.local_fuser is not None, pipe.global_fuser is not None) == fusers, stage
+
+    # 2. sample run folders and a checkpoint folder alike
+    for source in (runs / "local", runs / "global", runs / "joint" / "checkpoint-1"):
+        out = tmp_path / "samples" / source.name
+        _cnc("sample", str(source), "--shard-sample", f"{tar}#{key}", "--steps", "2", "--height", "64", "--width",
+             "64", "--out", str(out), env=env)
+        assert (out / "sample_0.png").is_file() and (out / "sheet.png").is_file()
+    from typer.testing import CliRunner
+
+    from cnc.cli import app
+
+    for bad in (tmp_path / "nowhere", runs / "joint" / "local_fuser", tiny_shards):
+        result = CliRunner().invoke(app, ["sample", str(bad), "--shard-sample", f"{tar}#{key}"])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+    # 3. export a checkpoint; a fresh interpreter loads it with exactly the stage's fusers
+    export = tmp_path / "exported"
+    _cnc("export", str(runs / "joint" / "checkpoint-1"), "--output", str(export), env=env)
+    card = (export / "local_fuser" / "README.md").read_text()
+    assert "stage `joint`" in card and str(tiny_shards) in card and "steps: 1" in card
+    code = ("from cnc_model.pipeline_cnc import CnCPipeline\n"
+            f"a = CnCPipeline.from_pretrained({str(export)!r})\n"
+            "print(type(a.local_fuser).__name__, type(a.global_fuser).__name__)\n")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.split() == ["LocalFuser", "GlobalFuser"]
+
+    # 4. evaluate the joint run against the exported checkpoint, twice: same metrics.json
+    reports = []
+    for name in ("eval-1", "eval-2"):
+        out = tmp_path / name
+        proc = _cnc("eval", str(runs / "joint"), "--compare", str(export), "--shards", str(tiny_shards),
+                    "--output", str(out), "--n", "3", "--steps", "1", "--batch-size", "3", "--metrics-models",
+                    "tiny", env=env)
+        assert "| fid ↓ |" in proc.stdout
+        reports.append((out / "metrics.json").read_text())
+        assert (out / "grid.png").is_file() and (out / "metrics.md").is_file()
+    assert reports[0] == reports[1]
+    report = json.loads(reports[0])
+    assert report["n"] == 3 and set(report["models"]) == {"joint", "exported"}
+    for key in ("fid", "inception_score", "clip_score", "ssim", "lpips", "depth_mae", "region_fg_margin"):
+        assert isinstance(report[key], float), key
+    assert report["models"]["joint"] != report["models"]["exported"]  # step 2 vs step 1 weights
