@@ -60,9 +60,9 @@ def _sheet(tiles, height: int, width: int):
 
 
 def sample(
-    checkpoint_dir: Path = typer.Argument(
+    checkpoint_dir: str = typer.Argument(
         ..., help="A pipeline folder (save_pretrained / cnc export / convert-reference), a cnc train output folder "
-                  "or one of its checkpoint-N folders."),
+                  "or one of its checkpoint-N folders; a local path or a URL (s3://...)."),
     prompt: str = typer.Option(None, "--prompt", help="Text prompt (default with --shard-sample: its caption)."),
     fg: Path = typer.Option(None, "--fg", help="Foreground photo (the object)."),
     bg: Path = typer.Option(None, "--bg", help="Background photo (the scene)."),
@@ -182,12 +182,13 @@ def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, ref
     return negative_prompt, prompt_suffix
 
 
-def load_pipeline_or_fail(path: Path, option: str = "PIPELINE"):
+def load_pipeline_or_fail(path: str, option: str = "PIPELINE"):
     """:func:`cnc_model.loading.load_pipeline`; an unloadable folder or a missing base model exits 2 in one line."""
+    from cnc.base.location import resolve
     from cnc_model.loading import NotAPipelineError, load_pipeline
     from triplets.errors import ModelUnavailableError
 
-    if not Path(path).exists():
+    if not resolve(path).exists():
         _fail(f"{option} {path} does not exist")
     try:
         return load_pipeline(path)
@@ -196,15 +197,17 @@ def load_pipeline_or_fail(path: Path, option: str = "PIPELINE"):
 
 
 def export(
-    source: Path = typer.Argument(..., help="A cnc train output folder, one of its checkpoint-N folders or a "
-                                            "pipeline folder."),
+    source: str = typer.Argument(..., help="A cnc train output folder, one of its checkpoint-N folders or a "
+                                           "pipeline folder; a local path or a URL (s3://...)."),
     output: Path = typer.Option(..., "--output", "--out", "-o", help="Folder for the complete pipeline."),
 ) -> None:
     """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, model cards)."""
     from cnc_model.loading import NotAPipelineError, export_pipeline
     from triplets.errors import ModelUnavailableError
 
-    if not source.exists():
+    from cnc.base.location import resolve
+
+    if not resolve(source).exists():
         _fail(f"{source} does not exist")
     try:
         export_pipeline(source, output)

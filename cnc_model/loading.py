@@ -8,6 +8,9 @@ Three kinds of folders are accepted alike (by ``cnc sample``, ``cnc eval`` and `
 - a **checkpoint folder** (``OUTPUT/checkpoint-N``: ``trainer_state.json`` + the fusers at step N; the run's
   ``train_config.yaml`` is read from the parent folder).
 
+Each may be a local path or an object-store URL (``s3://bucket/ckpt/local``): the files sampling needs (configs and
+fuser weights; never optimizer states) are downloaded once into a local cache folder first.
+
 For runs and checkpoints the frozen parts come from the run's ``model.pretrained_model_name_or_path`` (a diffusers SD
 1.5 folder / hub id, or ``tiny``: the same seeded tiny models the run trained with) and the sampler is DDIM with the
 reference settings (method.md §8). A checkpoint's fusers are its raw weights (with ``train.use_ema`` the EMA copies
@@ -17,13 +20,17 @@ fuser and the 77 text tokens, a ``global`` run with its global fuser and no dept
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from cnc.base.errors import UserError
+from cnc.base.location import Location, resolve
 from triplets.errors import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +38,7 @@ FUSERS = ("local_fuser", "global_fuser")
 MODEL_CARD = "README.md"
 
 
-class NotAPipelineError(ValueError):
+class NotAPipelineError(UserError, ValueError):
     """The folder is none of: pipeline folder, run folder, checkpoint folder (message: one line)."""
 
 
@@ -52,8 +59,57 @@ class Source:
     step: int | None = None
 
 
+#: Files of a checkpoint that sampling never needs (training state only).
+_TRAINING_STATE = ("optimizer", "scheduler", "scaler", "random_states", "data_state")
+
+
+def _download_tree(src: Location, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy every file below ``src`` into ``dest`` (files already there with the same size are kept)."""
+    base = src.path.rstrip("/")
+    for path, info in src.fs.find(base, detail=True).items():
+        rel = path[len(base) + 1:]
+        if not rel or rel.rsplit("/", 1)[-1].startswith(skip):
+            continue
+        target = dest / rel
+        if not (target.is_file() and target.stat().st_size == info.get("size")):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src.fs.get_file(path, str(target))
+
+
+def localize(path: str | Path) -> Path:
+    """A local folder holding what sampling needs from ``path`` (itself when local; a cached download of a URL)."""
+    from cnc_model.training import checkpointing as ckpt
+
+    loc = resolve(str(path))
+    if loc.is_local:
+        return loc.local_path()
+    root = Path(tempfile.gettempdir()) / "cnc-remote" / hashlib.sha256(loc.url.encode()).hexdigest()[:16]
+    names = loc.list()
+    if "model_index.json" in names:  # a pipeline folder: all of it
+        _download_tree(loc, root)
+        return root
+    if ckpt.TRAINER_STATE in names:  # a checkpoint: its fusers + the run's config beside it
+        run = root / "run"
+        loc.parent.child("train_config.yaml").download(run / "train_config.yaml")
+        _download_tree(loc, run / loc.name, skip=_TRAINING_STATE)
+        return run / loc.name
+    if "train_config.yaml" in names:  # a run folder: config, final fusers, the newest checkpoint's state
+        loc.child("train_config.yaml").download(root / "train_config.yaml")
+        for name in FUSERS:
+            if name in names:
+                _download_tree(loc.child(name), root / name)
+        from cnc_model.training.run_storage import RunStorage
+
+        done = RunStorage(loc.url).remote_checkpoints()
+        if done:
+            loc.child(done[-1], ckpt.TRAINER_STATE).download(root / done[-1] / ckpt.TRAINER_STATE)
+        return root
+    raise NotAPipelineError(f"{loc.url} is not a CnC pipeline folder (model_index.json), a cnc train output folder "
+                            f"(train_config.yaml) or a checkpoint-N folder")
+
+
 def describe(path: str | Path) -> Source:
-    """Classify ``path`` (see the module docstring).
+    """Classify ``path`` (see the module docstring); a URL is downloaded first (:func:`localize`).
 
     Raises:
         NotAPipelineError: when it is none of the three kinds, or a run has no final weights yet.
@@ -61,7 +117,7 @@ def describe(path: str | Path) -> Source:
     from cnc_model.training import checkpointing as ckpt
     from cnc_model.training.config import load_train_config
 
-    p = Path(path).expanduser()
+    p = localize(path)
     if (p / "model_index.json").is_file():
         return Source("pipeline", p)
     if (p / ckpt.TRAINER_STATE).is_file() and (p.parent / "train_config.yaml").is_file():

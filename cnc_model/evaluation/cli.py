@@ -40,16 +40,19 @@ def _parse_seeds(spec: str) -> list[int]:
     return sorted(set(seeds), key=seeds.index)
 
 
-def _labels(paths: list[Path]) -> list[str]:
-    names = [p.resolve().name or "pipeline" for p in paths]
+def _labels(paths: list[str]) -> list[str]:
+    from cnc.base.location import resolve
+
+    names = [resolve(p).name or "pipeline" for p in paths]
     if len(set(names)) < len(names):
         names = [f"{name}-{tag}" for name, tag in zip(names, "AB")]
     return names
 
 
 def eval_command(
-    pipeline: Path = typer.Argument(..., help="Pipeline folder, cnc train output folder or checkpoint-N folder."),
-    compare: Path = typer.Option(None, "--compare", help="A second pipeline/run/checkpoint, scored on the same "
+    pipeline: str = typer.Argument(..., help="Pipeline folder, cnc train output folder or checkpoint-N folder "
+                                             "(local or a URL)."),
+    compare: str = typer.Option(None, "--compare", help="A second pipeline/run/checkpoint, scored on the same "
                                                          "samples and seeds."),
     shards: list[str] = typer.Option(..., "--shards", help="Held-out shards: build folder, tar paths, globs, "
                                                            "{000..009} patterns (repeatable)."),
@@ -88,8 +91,10 @@ def eval_command(
     negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
     # 1. everything that can be missing is checked before any generation
     paths = [pipeline] + ([compare] if compare is not None else [])
+    from cnc.base.location import resolve
+
     for p in paths:
-        if not p.exists():
+        if not resolve(p).exists():
             _fail(f"PIPELINE {p} does not exist")
     mm = metric_models.resolve(metrics_models, clip_model, depth_model)
     problems = metric_models.check(mm)
