@@ -214,7 +214,9 @@ def test_worker_that_cannot_see_a_local_output_stops_the_build(photo_folder, tmp
     assert not list((tmp_path / "out").glob("*.tar"))
 
 
-def test_train_on_s3_writes_checkpoints_there_and_resumes_from_the_store(s3_server, tiny_shards, workdir, tmp_path):
+def test_train_sample_eval_on_s3(s3_server, tiny_shards, tiny_metrics_cache, workdir, tmp_path):
+    """train s3 → s3 (checkpoints on the store, resume from the store on a fresh machine), then sample and evaluate
+    the run straight from the bucket."""
     bucket = s3_server.bucket("cnc-train")
     fs = s3fs()
     for p in sorted(tiny_shards.glob("0*")):  # the marked shards of a finished build
@@ -235,4 +237,16 @@ def test_train_on_s3_writes_checkpoints_there_and_resumes_from_the_store(s3_serv
                            "--resume", "latest"], workdir, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "at step 2" in second.stderr and "checkpoint-3/trainer_state.json" in listing(run)
+    env = {**os.environ, "CNC_CACHE_DIR": str(tiny_metrics_cache), "HF_HUB_OFFLINE": "1"}
+    tar = f"{bucket}/shards/000000.tar"
+    key = next(iter(TarStream(tar).samples()))["__key__"]
+    sampled = cnc(["sample", run, "--shard-sample", f"{tar}#{key}", "--steps", "1", "--height", "64", "--width",
+                   "64", "--out", str(tmp_path / "samples")], workdir, env=env, timeout=600)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert (tmp_path / "samples" / "sample_0.png").is_file()
+    evaluated = cnc(["eval", f"{run}/checkpoint-3", "--shards", f"{bucket}/shards", "--output", str(tmp_path / "eval"),
+                     "--n", "2", "--steps", "1", "--batch-size", "2", "--metrics-models", "tiny"], workdir, env=env,
+                    timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 2
     assert not list(workdir.iterdir())
