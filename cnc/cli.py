@@ -28,13 +28,13 @@ def _root(
 
 
 def user_errors_exit_2(fn):
-    """Wrap a command: a :class:`~cnc.base.errors.UserError` becomes one log line per problem and exit status 2.
+    """Wrap a command: a :class:`~cnc.base.errors.UserError` becomes one ``error: ...`` line per problem on stderr
+    and exit status 2.
 
     This is the one place where user errors meet the command line (every command is wrapped by
     :func:`_register_all`), so no command prints a traceback for input the user controls.
     """
     import functools
-    import logging
 
     from cnc.base.errors import UserError
 
@@ -44,7 +44,7 @@ def user_errors_exit_2(fn):
             return fn(*args, **kwargs)
         except UserError as exc:
             for line in str(exc).splitlines() or [type(exc).__name__]:
-                logging.getLogger("cnc").error("%s", line)
+                typer.echo(f"error: {line}", err=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper

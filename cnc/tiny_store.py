@@ -6,6 +6,7 @@ real weights. Layout, under :func:`cache_root` (``$CNC_CACHE`` or ``~/.cache/cnc
 
     tiny/<key>/<kind>-seed<seed>/          save_pretrained folder (kinds: inpaint, sd, depth, embed)
     tiny/<key>/sam-seed<seed>/sam_tiny.pth SAM state dict (torch.save, loaded with weights_only=True)
+    tiny/<key>/u2net-seed<seed>/u2net_tiny.pth   U²-Net state dict (the tiny widths of triplets.stages.u2net)
 
 ``<key>`` hashes the source of :mod:`cnc.tiny` and the versions of torch, diffusers and transformers, so a change of
 the tiny architectures or of the libraries never reuses stale weights. Every entry is written into a temporary
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "CNC_CACHE"
 #: The file name of the tiny SAM checkpoint inside its folder.
 TINY_SAM_FILE = "sam_tiny.pth"
+TINY_U2NET_FILE = "u2net_tiny.pth"
+#: Kinds stored as one ``.pth`` file (the others are ``save_pretrained`` folders).
+FILE_KINDS = {"sam": TINY_SAM_FILE, "u2net": TINY_U2NET_FILE}
 #: ``sam_model_type`` of the tiny SAM architecture (see :func:`tiny_sam_architecture`).
 TINY_SAM_TYPE = "tiny"
 
@@ -88,17 +92,26 @@ def _save_sam(folder: Path, seed: int) -> None:
     torch.save(tiny_sam(seed).state_dict(), folder / TINY_SAM_FILE)
 
 
+def _save_u2net(folder: Path, seed: int) -> None:
+    import torch
+
+    from triplets.stages.u2net import U2NET_TINY, U2Net
+
+    torch.manual_seed(seed)
+    torch.save(U2Net(**U2NET_TINY).state_dict(), folder / TINY_U2NET_FILE)
+
+
 def _savers() -> dict[str, Callable[[Path, int], None]]:
     from cnc import tiny
 
     return {"inpaint": _save_inpaint, "sd": _save_sd, "depth": _save_pair(tiny.tiny_dpt),
-            "embed": _save_pair(tiny.tiny_clip_vision), "sam": _save_sam}
+            "embed": _save_pair(tiny.tiny_clip_vision), "sam": _save_sam, "u2net": _save_u2net}
 
 
 #: Tiny checkpoint kind of every config key (and ``cnc sample`` option) that takes a model.
 KIND_OF_KEY = {
     "inpaint.model": "inpaint", "depth.model": "depth", "segment.saliency_model": "depth", "embed.model": "embed",
-    "segment.sam_checkpoint": "sam", "model.pretrained_model_name_or_path": "sd",
+    "segment.sam_checkpoint": "sam", "segment.u2net_checkpoint": "u2net", "model.pretrained_model_name_or_path": "sd",
     "--depth-model": "depth", "--image-encoder": "embed", "--sam-checkpoint": "sam",
 }
 
@@ -107,7 +120,7 @@ def materialize(kind: str, seed: int = 0, root: Path | None = None) -> Path:
     """Path of the tiny ``kind`` checkpoint with ``seed`` (a folder; for ``sam`` the ``.pth`` file), made once.
 
     Args:
-        kind: ``inpaint`` | ``sd`` | ``depth`` | ``embed`` | ``sam``.
+        kind: ``inpaint`` | ``sd`` | ``depth`` | ``embed`` | ``sam`` | ``u2net``.
         seed: torch seed of the random initialisation (the same seed always gives the same weights).
         root: cache folder (default :func:`cache_root`).
     """
@@ -129,7 +142,7 @@ def materialize(kind: str, seed: int = 0, root: Path | None = None) -> Path:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return final / TINY_SAM_FILE if kind == "sam" else final
+    return final / FILE_KINDS[kind] if kind in FILE_KINDS else final
 
 
 def tiny_sam_architecture(checkpoint: str | None = None):

@@ -257,7 +257,7 @@ def test_missing_model_fails_fast_with_one_line(photo_folder, tmp_path):
     assert time.monotonic() - t0 < 60
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr
-    assert lines and all(" ERROR " in line for line in lines), proc.stderr  # one line per missing model
+    assert lines and all(line.startswith("error: ") for line in lines), proc.stderr  # one line per missing model
     assert "inpaint.model" in lines[0] and "stable-diffusion-v1-5/stable-diffusion-inpainting" in lines[0]
     assert any("segment.sam_checkpoint" in line for line in lines)
     assert not (tmp_path / "out").exists()

@@ -99,7 +99,10 @@ def test_scorer_on_tiny_models_identity_and_flat_fill():
     from triplets.stages.depth import DPTDepth
     from triplets.stages.embed import CLIPImageEmbedder
 
-    scorer = QualityScorer(DPTDepth("tiny", "cpu", "float32"), CLIPImageEmbedder("tiny", "cpu", "float32"),
+    from cnc.hub import resolve_pretrained
+
+    dpt, clip = resolve_pretrained("tiny", "depth.model"), resolve_pretrained("tiny", "embed.model")
+    scorer = QualityScorer(DPTDepth(dpt, "cpu", "float32"), CLIPImageEmbedder(clip, "cpu", "float32"),
                            dilation_px=50)
     image, mask, _, _ = _scene()
     flat = image.copy()

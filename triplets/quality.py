@@ -461,12 +461,12 @@ def scorer_from_config(cfg, device: str | None = None) -> QualityScorer:
     resolved, missing = {}, []
     for key, mid in scorer_models(cfg).items():
         try:
-            resolved[key] = resolve_pretrained(mid, key, is_file=key == "segment.u2net_checkpoint")
+            resolved[key] = resolve_pretrained(mid, key, is_file=key == "segment.u2net_checkpoint", seed=cfg.seed)
         except ModelUnavailableError as exc:
             missing.append(str(exc))
     if missing:
         raise ModelUnavailableError("\n".join(missing))
-    common = dict(device=device or cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    common = dict(device=device or cfg.device, dtype=cfg.dtype)
     if "segment.saliency_model" in resolved:
         saliency: SaliencyMap = DPTDepth(resolved["segment.saliency_model"], **common)
     elif "segment.u2net_checkpoint" in resolved:
@@ -474,6 +474,6 @@ def scorer_from_config(cfg, device: str | None = None) -> QualityScorer:
 
         saliency = U2NetSaliency(U2NetSegmenter(resolved["segment.u2net_checkpoint"], **common))
     else:
-        saliency = DPTDepth(resolved["depth.model"], preprocess=cfg.depth.preprocess, **common)
+        saliency = DPTDepth(resolved["depth.model"], **common)
     return QualityScorer(saliency, CLIPImageEmbedder(resolved["embed.model"], **common), cfg.inpaint.dilation_px,
                          cfg.quality.change_threshold, cfg.segment.prior_quantile)

@@ -185,13 +185,12 @@ def config_from_state_dict(state: dict) -> dict:
 
 def load_u2net(checkpoint: str | Path, config_key: str = "segment.u2net_checkpoint") -> U2Net:
     """Build a U²-Net from a ``.pth`` state dict (``torch.load(weights_only=True)``; a ``module.`` prefix from
-    DataParallel is stripped), or a seeded random tiny one for ``checkpoint == 'tiny'``. Returned in eval mode.
+    DataParallel is stripped; the widths are read from the weights). Returned in eval mode. (The config value
+    ``tiny`` resolves to a seeded tiny checkpoint file in the cnc cache before this is called.)
 
     Raises:
         ValueError: the file is not a U²-Net state dict (message names the file and ``config_key``).
     """
-    if str(checkpoint) == TINY:
-        return U2Net(**U2NET_TINY).eval()
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
