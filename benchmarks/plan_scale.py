@@ -61,8 +61,8 @@ def child(input: str, output: str) -> None:
 
     from cnc.config import load_config
     from pipelines.build import run_plan_only
-    from triplets.config import BuildConfig
     from triplets.builder import resolve_models
+    from triplets.config import BuildConfig
 
     cfg = load_config(BuildConfig, str(TINY), ["device=cpu"])
     resolve_models(cfg)  # imports and tiny checkpoints in place before the base measurement

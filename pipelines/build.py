@@ -225,7 +225,26 @@ def _plan(cfg: BuildConfig, input: str, output: str) -> tuple[dict, BuildOutput,
     src = absolute_input(input)
     fmt = detect_format(src) if cfg.input_format == "auto" else cfg.input_format
     models = model_identities(cfg, resolved)  # hub commits / weight hashes (cached per file)
-    return resolved, out, plan_input(cfg, src, fmt, models)
+    return resolved, out, plan_input(cfg, src, fmt, models, version=_plan_version(out))
+
+
+def _plan_version(out: BuildOutput) -> int | None:
+    """The version of the plan already in ``out``, from its last bytes (sorted keys: ``version`` comes last; a
+    version-1 plan may be huge)."""
+    import re
+
+    path = out.file(PLAN_FILE)
+    size = path.size()
+    if not size:
+        return None
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, size - 256))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    m = re.search(r'"version":\s*(\d+)\s*}\s*$', tail)
+    return int(m.group(1)) if m else None
 
 
 def run_plan_only(cfg: BuildConfig, input: str, output: str, *, allow_model_change: bool = False) -> dict:

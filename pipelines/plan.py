@@ -4,14 +4,17 @@
 The shard of an item never changes, so after any sequence of crashes and reruns an item can only ever be committed
 in its own shard. Two forms:
 
-* **version 1, item lists** (folder, COCO, WebDataset, Pick-a-Pic inputs; :func:`make_plan`): every shard spec lists
+* **version 1, item lists** (folder, COCO, Pick-a-Pic inputs; :func:`make_plan`): every shard spec lists
   its items (``{"shard", "name", "items": [...]}``); the input is identified by its absolute path and the sha256 of
   the sorted items :func:`triplets.readers.read_items` returns. Size grows with the item count: fine to ~1M images.
-* **version 2, row ranges** (table inputs; :func:`make_table_plan`): ``inputs`` lists each table file once
+* **version 2, row ranges** (table and WebDataset inputs; :func:`make_table_plan`): ``inputs`` lists each table
+  file or tar once
   (``{"url", "size", "etag"|"mtime", ["sha256"], "rows"}``) and a shard spec is
   ``{"shard", "name", "nitems", "ranges": [{"file": INDEX, "url", "start", "stop"}]}`` (rows ``[start, stop)`` of
-  input file ``INDEX``; a shard may span the end of one file and the start of the next). Size and planning time are
-  O(input files + shards); workers enumerate their rows lazily (:func:`items_of`).
+  input file ``INDEX``, or samples ``[start, stop)`` of a tar in member order; a shard may span the end of one file
+  and the start of the next). Size is O(input files + shards); tables are planned from metadata (parquet footers),
+  tars from their headers (read in parallel, items not kept). Workers enumerate their rows lazily (:func:`items_of`).
+  An output holding a version-1 plan of a WebDataset input (earlier builds) keeps a version-1 plan and resumes.
 
 Both are resumable; a rerun on a changed input (items, or any table file's size/etag/mtime/hash) is refused.
 
@@ -26,6 +29,7 @@ keeps its fingerprint, records the change under ``model_changes`` and the new id
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -96,12 +100,14 @@ def make_plan(items: list[dict], cfg: BuildConfig, input_path: str, input_format
     }
 
 
-def make_table_plan(files: list[dict], cfg: BuildConfig, input_path: str, models: dict | None = None) -> dict:
+def make_table_plan(files: list[dict], cfg: BuildConfig, input_path: str, models: dict | None = None,
+                    input_format: str = "table") -> dict:
     """Split the rows of table ``files`` (in order) into shards of ``cfg.samples_per_shard`` row ranges.
 
     Args:
         files: ``[{"url", "size", "etag"|"mtime", ["sha256"], "rows"}]`` in input order
-            (:class:`triplets.readers_table.TableInput`).
+            (:class:`triplets.readers_table.TableInput`); for ``input_format="webdataset"`` the tars, "rows" being
+            their samples (image members) in member order.
 
     Returns:
         the version-2 plan (module docstring); O(files + shards) in time and size, a pure function of its arguments.
@@ -124,11 +130,11 @@ def make_table_plan(files: list[dict], cfg: BuildConfig, input_path: str, models
     inputs = [dict(f) for f in files]
     return {
         "version": TABLE_PLAN_VERSION,
-        "fingerprint": fingerprint(cfg, models, "table"),
-        "config": content_config(cfg, "table"),
+        "fingerprint": fingerprint(cfg, models, input_format),
+        "config": content_config(cfg, input_format),
         "models": models or {},
         "input": input_path,
-        "input_format": "table",
+        "input_format": input_format,
         "num_items": sum(f["rows"] for f in files),
         "samples_per_shard": n,
         "inputs": inputs,
@@ -137,12 +143,40 @@ def make_table_plan(files: list[dict], cfg: BuildConfig, input_path: str, models
     }
 
 
-def plan_input(cfg: BuildConfig, src: str, fmt: str, models: dict | None = None) -> dict:
-    """The plan of input ``src`` read as ``fmt``: row ranges for tables (metadata only), item lists otherwise.
+def _tar_file(tar: str, content_hash: bool) -> dict:
+    from triplets.readers import tar_items
+    from triplets.readers_table import file_identity
+
+    return {**file_identity(resolve(tar), content_hash), "rows": len(tar_items(tar))}
+
+
+def plan_input(cfg: BuildConfig, src: str, fmt: str, models: dict | None = None, version: int | None = None) -> dict:
+    """The plan of input ``src`` read as ``fmt``: row ranges for tables (metadata only) and WebDataset tars (member
+    ranges; the tars' headers are read, 16 tars at a time, items are not kept), item lists otherwise.
+
+    Args:
+        version: ``1`` plans WebDataset tars as item lists (what builds of earlier versions wrote: they resume).
 
     Raises:
         triplets.readers.InputError: the input cannot be read as ``fmt``.
     """
+    if fmt == "webdataset" and version != PLAN_VERSION:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triplets.readers import InputError, check_input_shape, expand_shards
+
+        check_input_shape(src, fmt)
+        tars = expand_shards(src)
+        if not tars:
+            raise InputError(f"no .tar files in {src!r}")
+        try:
+            with ThreadPoolExecutor(min(16, len(tars))) as pool:
+                files = list(pool.map(lambda t: _tar_file(t, cfg.input_hash), tars))
+        except OSError as exc:
+            raise InputError(f"cannot read input {src!r}: {exc.strerror or exc}") from None
+        if not sum(f["rows"] for f in files):
+            raise InputError(f"input {src!r} (webdataset) holds no usable images")
+        return make_table_plan(files, cfg, src, models, "webdataset")
     if fmt == "table":
         from triplets.readers import check_input_shape
         from triplets.readers_table import TableColumns, TableInput
@@ -185,12 +219,29 @@ def items_of(spec: dict, cfg: BuildConfig) -> list[dict]:
 
     t = cfg.table
     columns = TableColumns(t.image_column, t.caption_column, t.key_column, t.mask_column)
-    items = [it for r in spec["ranges"] for it in read_rows(r["url"], r["start"], r["stop"], columns)]
+    items = []
+    for r in spec["ranges"]:
+        if r["url"].endswith(".tar"):
+            part = _cached_tar_items(r["url"])[r["start"]:r["stop"]]
+            if len(part) != r["stop"] - r["start"]:
+                raise OSError(f"{r['url']}: samples {r['start']}..{r['stop']} planned, {len(part)} found "
+                              f"(the tar changed?)")
+            items += part
+        else:
+            items += read_rows(r["url"], r["start"], r["stop"], columns)
     if len({it["key"] for it in items}) != len(items):
         seen: set[str] = set()
         dup = next(it["key"] for it in items if it["key"] in seen or seen.add(it["key"]))
         raise OSError(f"shard {spec['shard']}: sample key {dup!r} repeats (table.key_column must be unique)")
     return items
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tar_items(tar: str) -> list[dict]:
+    """Items of one tar, kept for the next shard of the same tar (a worker's tar index)."""
+    from triplets.readers import tar_items
+
+    return tar_items(tar)
 
 
 def _input_changes(old: list[dict], new: list[dict]) -> list[str]:
@@ -203,7 +254,8 @@ def _input_changes(old: list[dict], new: list[dict]) -> list[str]:
     for u, f in new_by.items():
         o = old_by.get(u)
         if o is not None and (not same_file(o, f) or o.get("rows") != f.get("rows")):
-            what = [k for k in ("size", "rows", "etag", "mtime", "sha256") if o.get(k) != f.get(k) and k in o and k in f]
+            what = [k for k in ("size", "rows", "etag", "mtime", "sha256")
+                    if k in o and k in f and o.get(k) != f.get(k)]
             out.append(f"{u} changed ({', '.join(what) or 'identity'})")
     return out
 

@@ -167,3 +167,42 @@ def test_plan_only_on_a_million_rows(tmp_path):
     pq.write_table(pa.table({"url": ["x.jpg"], "caption": ["x"]}), src / "part-00004.parquet")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "part-00004.parquet added" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_webdataset_tars_are_planned_by_member_range(tmp_path):
+    import io
+    import tarfile
+
+    from test_readers import _jpeg
+
+    from triplets.readers import read_items
+
+    def tar(path: Path, n: int) -> None:
+        with tarfile.open(path, "w") as tf:
+            for i in range(n):
+                for ext, data in (("jpg", _jpeg(i)), ("txt", f"cap {path.stem} {i}".encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    tar(src / "00000.tar", 4)
+    tar(src / "00001.tar", 3)
+    plan = plan_input(_cfg(), str(src), "webdataset")
+    assert (plan["version"], plan["num_items"], [f["rows"] for f in plan["inputs"]]) == (2, 7, [4, 3])
+    assert [[(r["file"], r["start"], r["stop"]) for r in s["ranges"]] for s in plan["shards"]] == [
+        [(0, 0, 3)], [(0, 3, 4), (1, 0, 2)], [(1, 2, 3)]]
+    items = [it for s in plan["shards"] for it in items_of(s, _cfg())]
+    assert items == read_items(str(src))  # the same items the version-1 reader lists, in the same order
+    # an output holding a version-1 plan of the same tars resumes with a version-1 plan
+    out = BuildOutput(str(tmp_path / "old"))
+    prepare_plan(out, plan_input(_cfg(), str(src), "webdataset", version=1))
+    from pipelines.build import _plan_version
+
+    assert _plan_version(out) == 1 and "items" in plan_input(_cfg(), str(src), "webdataset", version=1)["shards"][0]
+    tar(src / "00001.tar", 2)  # a changed tar is refused
+    out2 = BuildOutput(str(tmp_path / "new"))
+    prepare_plan(out2, plan)
+    with pytest.raises(PlanMismatchError, match="00001.tar changed"):
+        prepare_plan(out2, plan_input(_cfg(), str(src), "webdataset"))

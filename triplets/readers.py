@@ -598,40 +598,49 @@ def _open_plain_tar(tar: str) -> tarfile.TarFile:
 
 
 def _read_webdataset(path: str, warn: _Warnings, allow_outside_input: bool = False) -> list[dict]:
+    return [it for tar in expand_shards(path) for it in tar_items(tar, warn)]
+
+
+def tar_items(tar: str, warn: _Warnings | None = None) -> list[dict]:
+    """The items of one WebDataset tar in member order (one per image member; caption from the ``txt`` member).
+
+    Raises:
+        InputError: the tar is compressed or not a tar.
+    """
+    warn = warn or _Warnings()
     items = []
-    for tar in expand_shards(path):
-        members: dict[str, dict[str, tarfile.TarInfo]] = {}
-        size = resolve(tar).size() or 0
-        with _open_plain_tar(tar) as tf:
-            try:
-                for m in tf:
-                    if not m.isfile() or "." not in Path(m.name).name:
-                        continue
-                    if not _is_utf8(m.name):
-                        warn("member name not UTF-8", "%s: member %s has a name that is not valid UTF-8; skipped",
-                             tar, _printable(m.name))
-                        continue
-                    base, name = m.name.rsplit("/", 1) if "/" in m.name else ("", m.name)
-                    key, ext = name.split(".", 1)
-                    members.setdefault(f"{base}/{key}" if base else key, {})[ext.lower()] = m
-            except (tarfile.TarError, EOFError) as exc:
-                log.warning("%s is truncated or corrupt after %d members (%s); the members before are used",
-                            tar, sum(map(len, members.values())), exc)
-            for key, exts in members.items():
-                img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in exts), None)
-                if img_ext is None:
+    members: dict[str, dict[str, tarfile.TarInfo]] = {}
+    size = resolve(tar).size() or 0
+    with _open_plain_tar(tar) as tf:
+        try:
+            for m in tf:
+                if not m.isfile() or "." not in Path(m.name).name:
                     continue
-                caption = ""
-                txt = exts.get("txt")
-                if txt is not None and txt.offset_data + txt.size <= size:
-                    data = tf.extractfile(txt).read()
-                    try:
-                        caption = data.decode("utf-8").strip()
-                    except UnicodeDecodeError as exc:
-                        warn("caption member not UTF-8", "%s#%s: not UTF-8 (byte %d); the image gets no caption",
-                             tar, txt.name, exc.start)
-                source_id = f"{posixpath.splitext(tar.rsplit('/', 1)[-1])[0]}/{key}"
-                items.append(_item(make_key(source_id), f"{tar}#{exts[img_ext].name}", caption))
+                if not _is_utf8(m.name):
+                    warn("member name not UTF-8", "%s: member %s has a name that is not valid UTF-8; skipped",
+                         tar, _printable(m.name))
+                    continue
+                base, name = m.name.rsplit("/", 1) if "/" in m.name else ("", m.name)
+                key, ext = name.split(".", 1)
+                members.setdefault(f"{base}/{key}" if base else key, {})[ext.lower()] = m
+        except (tarfile.TarError, EOFError) as exc:
+            log.warning("%s is truncated or corrupt after %d members (%s); the members before are used",
+                        tar, sum(map(len, members.values())), exc)
+        for key, exts in members.items():
+            img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in exts), None)
+            if img_ext is None:
+                continue
+            caption = ""
+            txt = exts.get("txt")
+            if txt is not None and txt.offset_data + txt.size <= size:
+                data = tf.extractfile(txt).read()
+                try:
+                    caption = data.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    warn("caption member not UTF-8", "%s#%s: not UTF-8 (byte %d); the image gets no caption",
+                         tar, txt.name, exc.start)
+            source_id = f"{posixpath.splitext(tar.rsplit('/', 1)[-1])[0]}/{key}"
+            items.append(_item(make_key(source_id), f"{tar}#{exts[img_ext].name}", caption))
     return items
 
 
