@@ -216,9 +216,13 @@ def _stream_rows(loc: Location, start: int, stop: int, cols: list[str]) -> dict[
     if _kind(loc.name) == "csv":
         import pyarrow.csv as pcsv
 
+        import pyarrow as pa
+
         pos = 0
+        # every column as text: keys such as 000000012 keep their zeros
+        convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in cols}, strings_can_be_null=True)
         with loc.open("rb") as f:
-            for batch in pcsv.open_csv(f):
+            for batch in pcsv.open_csv(f, convert_options=convert):
                 n = batch.num_rows
                 if pos + n > start:
                     part = batch.slice(max(0, start - pos), min(stop, pos + n) - max(start, pos)).to_pydict()
