@@ -129,7 +129,7 @@ def test_changed_input_file_is_refused(tmp_path):
 
 @pytest.mark.ray
 def test_table_build_with_a_killed_worker_is_exactly_once(ray_local, photo_table, tmp_path):
-    from test_build_ray import _assert_exactly_once
+    from test_build_ray import _assert_exactly_once, _committed_keys
 
     root, photos = photo_table
     fault = {"kill_shard": 1, "kill_after_batches": 1}  # shard 1 = 2 batches; its worker dies after the first
@@ -141,6 +141,14 @@ def test_table_build_with_a_killed_worker_is_exactly_once(ray_local, photo_table
     assert manifest["input_format"] == "table" and manifest["totals"]["shards_committed"] == 4
     again = run_build(_cfg(), str(root), tmp_path / "out", progress=False)  # resume: markers only, no work
     assert (again.shards_built, again.shards_skipped) == (0, 4)
+    # WebDataset input planned by tar: one shard over both tars, every sample once (a sample or a failure)
+    (tmp_path / "wds").mkdir()
+    tar(tmp_path / "wds" / "00000.tar", 2)
+    tar(tmp_path / "wds" / "00001.tar", 1)
+    result = run_build(_cfg(), str(tmp_path / "wds"), tmp_path / "wout", progress=False)
+    keys, errs = _committed_keys(tmp_path / "wout")
+    assert result.shards_committed == 1 and sorted(keys + errs) == ["00000/000000000", "00000/000000001",
+                                                                     "00001/000000000"]
 
 
 def test_plan_only_on_a_million_rows(tmp_path):
@@ -169,21 +177,26 @@ def test_plan_only_on_a_million_rows(tmp_path):
     assert proc.returncode == 2 and "part-00004.parquet added" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_webdataset_tars_are_planned_by_member_range(tmp_path):
+def tar(path: Path, n: int) -> None:
+    """An img2dataset-style tar of ``n`` photos (``000000000.jpg`` + ``.txt``...)."""
     import io
     import tarfile
 
-    from test_readers import _jpeg
+    from conftest import synthetic_photo
+    from PIL import Image
 
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(synthetic_photo(i, 88, 104)).save(buf, "JPEG")
+            for ext, data in (("jpg", buf.getvalue()), ("txt", f"cap {path.stem} {i}".encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tars_are_planned_by_member_range(tmp_path):
     from triplets.readers import read_items
-
-    def tar(path: Path, n: int) -> None:
-        with tarfile.open(path, "w") as tf:
-            for i in range(n):
-                for ext, data in (("jpg", _jpeg(i)), ("txt", f"cap {path.stem} {i}".encode())):
-                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
 
     src = tmp_path / "wds"
     src.mkdir()
