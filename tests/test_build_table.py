@@ -219,3 +219,21 @@ def test_webdataset_tars_are_planned_by_member_range(tmp_path):
     prepare_plan(out2, plan)
     with pytest.raises(PlanMismatchError, match="00001.tar changed"):
         prepare_plan(out2, plan_input(_cfg(), str(src), "webdataset"))
+
+
+def test_table_on_object_storage_url(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for i in range(2):
+        pq.write_table(pa.table(_rows([f"m{i}{j}" for j in range(3)], "img/")), tmp_path / f"{i}.parquet")
+        fs.pipe(f"/tables/part-{i}.parquet", (tmp_path / f"{i}.parquet").read_bytes())
+    assert detect_format("memory://tables/") == "table" and detect_format("memory://tables/*.parquet") == "table"
+    plan = plan_input(_cfg(), "memory://tables/*.parquet", "table")
+    norm = lambda url: url.replace(":///", "://")  # noqa: E731 - fsspec's memory URLs carry a root slash
+    assert plan["num_items"] == 6 and [norm(f["url"]) for f in plan["inputs"]] == [
+        "memory://tables/part-0.parquet", "memory://tables/part-1.parquet"]
+    items = items_of(plan["shards"][1], _cfg())
+    assert [(it["key"], norm(it["source"])) for it in items] == [(f"m1{j}", f"memory://tables/img/m1{j}.jpg")
+                                                                 for j in range(3)]
+    fs.rm("/tables", recursive=True)
