@@ -149,7 +149,8 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
 
     Args:
         cfg: the validated build config (``cfg.input_format`` selects the reader).
-        input: folder, COCO captions json, tar or brace pattern (see :mod:`triplets.readers`); local or a URL.
+        input: folder, COCO captions json, tar or brace pattern, table file/folder/glob (see :mod:`triplets.readers`);
+            local or a URL.
         output: the build folder: a local path or an fsspec URL (created; reruns resume it).
         address: ``auto`` or ``HOST:PORT`` = join that cluster; ``None`` = the current Ray connection,
             else ``$RAY_ADDRESS`` when set (``ray job submit``), else a private local Ray on 127.0.0.1.

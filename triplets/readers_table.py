@@ -214,9 +214,8 @@ def _parquet_rows(loc: Location, start: int, stop: int, cols: list[str]) -> dict
 def _stream_rows(loc: Location, start: int, stop: int, cols: list[str]) -> dict[str, list]:
     out: dict[str, list] = {c: [] for c in cols}
     if _kind(loc.name) == "csv":
-        import pyarrow.csv as pcsv
-
         import pyarrow as pa
+        import pyarrow.csv as pcsv
 
         pos = 0
         # every column as text: keys such as 000000012 keep their zeros
