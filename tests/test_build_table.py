@@ -237,19 +237,26 @@ def test_webdataset_tars_are_planned_by_member_range(tmp_path):
         prepare_plan(out2, plan_input(_cfg(), str(src), "webdataset"))
 
 
-def test_table_on_object_storage_url(tmp_path):
+def test_table_on_object_storage(s3_server, tmp_path):
+    """Tables in an S3 bucket (moto on 127.0.0.1): planned from footers and etags; a rewritten object is refused."""
     import fsspec
 
-    fs = fsspec.filesystem("memory")
+    bucket = s3_server.bucket("tables")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
     for i in range(2):
         pq.write_table(pa.table(_rows([f"m{i}{j}" for j in range(3)], "img/")), tmp_path / f"{i}.parquet")
-        fs.pipe(f"/tables/part-{i}.parquet", (tmp_path / f"{i}.parquet").read_bytes())
-    assert detect_format("memory://tables/") == "table" and detect_format("memory://tables/*.parquet") == "table"
-    plan = plan_input(_cfg(), "memory://tables/*.parquet", "table")
-    norm = lambda url: url.replace(":///", "://")  # noqa: E731 - fsspec's memory URLs carry a root slash
-    assert plan["num_items"] == 6 and [norm(f["url"]) for f in plan["inputs"]] == [
-        "memory://tables/part-0.parquet", "memory://tables/part-1.parquet"]
+        fs.put_file(str(tmp_path / f"{i}.parquet"), f"tables/t/part-{i}.parquet")
+    src = f"{bucket}/t/*.parquet"
+    assert detect_format(f"{bucket}/t") == "table" and detect_format(src) == "table"
+    plan = plan_input(_cfg(), src, "table")
+    assert plan["num_items"] == 6 and [f["url"] for f in plan["inputs"]] == [
+        f"{bucket}/t/part-0.parquet", f"{bucket}/t/part-1.parquet"]
+    assert all(f.get("etag") for f in plan["inputs"])
     items = items_of(plan["shards"][1], _cfg())
-    assert [(it["key"], norm(it["source"])) for it in items] == [(f"m1{j}", f"memory://tables/img/m1{j}.jpg")
-                                                                 for j in range(3)]
-    fs.rm("/tables", recursive=True)
+    assert [(it["key"], it["source"]) for it in items] == [(f"m1{j}", f"{bucket}/t/img/m1{j}.jpg") for j in range(3)]
+    out = BuildOutput(str(tmp_path / "out"))
+    prepare_plan(out, plan)
+    pq.write_table(pa.table(_rows(["m10", "m11", "m1x"], "img/")), tmp_path / "1.parquet")
+    fs.put_file(str(tmp_path / "1.parquet"), "tables/t/part-1.parquet")
+    with pytest.raises(PlanMismatchError, match="part-1.parquet changed"):
+        prepare_plan(out, plan_input(_cfg(), src, "table"))
