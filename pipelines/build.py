@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 from cnc.base.location import check_writable_output
 from cnc.config import config_dict, save_config
-from pipelines.plan import absolute_input, make_plan, prepare_plan
+from pipelines.plan import absolute_input, plan_input, plan_summary, prepare_plan, shard_size
 from pipelines.ray_session import Interrupted, interrupt_on_sigterm, ray_session
 from pipelines.scheduler import ShardScheduler
 from triplets.config import BuildConfig
 from triplets.shardio import BuildOutput
-from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE
+from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, PLAN_FILE
 
 log = logging.getLogger(__name__)
 #: Test-only fault injection (JSON, see :class:`pipelines.worker.FaultInjection`).
@@ -149,7 +149,8 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
 
     Args:
         cfg: the validated build config (``cfg.input_format`` selects the reader).
-        input: folder, COCO captions json, tar or brace pattern (see :mod:`triplets.readers`); local or a URL.
+        input: folder, COCO captions json, tar or brace pattern, table file/folder/glob (see :mod:`triplets.readers`);
+            local or a URL.
         output: the build folder: a local path or an fsspec URL (created; reruns resume it).
         address: ``auto`` or ``HOST:PORT`` = join that cluster; ``None`` = the current Ray connection,
             else ``$RAY_ADDRESS`` when set (``ray job submit``), else a private local Ray on 127.0.0.1.
@@ -165,25 +166,15 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
         cnc.base.errors.UserError: a model cannot be found, the output holds a build of another input/config or is
             held by another build, the input cannot be read, no worker can be placed (before any work).
     """
-    from triplets.builder import model_identities, resolve_models
-    from triplets.readers import detect_format, read_items
-
     t0 = time.perf_counter()
-    resolved = resolve_models(cfg)  # 1. fail fast, before reading anything or starting Ray
-    out = BuildOutput(output, cfg.storage.scratch_dir)
-    check_writable_output(out.loc)
-    src = absolute_input(input)
-    fmt = detect_format(src) if cfg.input_format == "auto" else cfg.input_format
-    models = model_identities(cfg, resolved)  # hub commits / weight hashes (cached per file)
-    plan = make_plan(read_items(src, fmt, allow_outside_input=cfg.allow_outside_input), cfg, src, fmt,
-                     models)  # 2. plan
+    resolved, out, plan = _plan(cfg, input, output)  # 1. fail fast + 2. plan
     if fault_injection is None and os.environ.get(FAULT_ENV):
         fault_injection = json.loads(os.environ[FAULT_ENV])
     verify = cfg.storage.verify if verify_checksums is None else verify_checksums
     with out.lock(cfg.storage.lease_seconds):
         plan = prepare_plan(out, plan, allow_model_change)
         save_config(cfg, out.file(CONFIG_FILE))
-        sizes = {s["shard"]: len(s["items"]) for s in plan["shards"]}
+        sizes = {s["shard"]: shard_size(s) for s in plan["shards"]}
         committed = out.recover(plan["fingerprint"], sizes, verify)  # 3. recover
         todo = [(s, False) for s in sorted(sizes) if s not in committed]
         if retry_failed:
@@ -221,9 +212,64 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
     return result
 
 
+def _plan(cfg: BuildConfig, input: str, output: str) -> tuple[dict, BuildOutput, dict]:
+    """Steps 1 and 2: resolve the models (fail fast, nothing loaded) and the output, then plan the input.
+
+    Returns ``(resolved models, output, plan)``.
+    """
+    from triplets.builder import model_identities, resolve_models
+    from triplets.readers import detect_format
+
+    resolved = resolve_models(cfg)  # before reading anything or starting Ray
+    out = BuildOutput(output, cfg.storage.scratch_dir)
+    check_writable_output(out.loc)
+    src = absolute_input(input)
+    fmt = detect_format(src) if cfg.input_format == "auto" else cfg.input_format
+    models = model_identities(cfg, resolved)  # hub commits / weight hashes (cached per file)
+    return resolved, out, plan_input(cfg, src, fmt, models, version=_plan_version(out))
+
+
+def _plan_version(out: BuildOutput) -> int | None:
+    """The version of the plan already in ``out``, from its last bytes (sorted keys: ``version`` comes last; a
+    version-1 plan may be huge)."""
+    import re
+
+    path = out.file(PLAN_FILE)
+    size = path.size()
+    if not size:
+        return None
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, size - 256))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    m = re.search(r'"version":\s*(\d+)\s*}\s*$', tail)
+    return int(m.group(1)) if m else None
+
+
+def run_plan_only(cfg: BuildConfig, input: str, output: str, *, allow_model_change: bool = False) -> dict:
+    """Plan ``input`` and write (or check) ``OUTPUT/plan.json`` without loading a model or starting Ray.
+
+    Returns:
+        :func:`pipelines.plan.plan_summary` of the plan plus ``plan`` (its URL), ``plan_bytes`` and ``seconds``.
+
+    Raises:
+        cnc.base.errors.UserError: as :func:`run_build` (missing model, unreadable input, another build there).
+    """
+    t0 = time.perf_counter()
+    _, out, plan = _plan(cfg, input, output)
+    with out.lock(cfg.storage.lease_seconds):
+        plan = prepare_plan(out, plan, allow_model_change)
+        save_config(cfg, out.file(CONFIG_FILE))
+    path = out.file(PLAN_FILE)
+    return {**plan_summary(plan), "plan": path.url, "plan_bytes": path.size(),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, dict], built: dict[int, dict],
             skipped: int, seconds: float) -> BuildResult:
-    sizes = {s["shard"]: len(s["items"]) for s in plan["shards"]}
+    sizes = {s["shard"]: shard_size(s) for s in plan["shards"]}
     uncommitted = sorted(set(sizes) - set(markers))
     by_stage: collections.Counter = collections.Counter()
     by_reason: collections.Counter = collections.Counter()
@@ -262,7 +308,7 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, d
 def build_entry(config: str | None, input: str, output: str, overrides: list[str] | None = None, *,
                 address: str | None = None, retry_failed: bool = False, input_format: str | None = None,
                 progress: bool | None = None, verify: bool = False, summary: bool = True,
-                allow_model_change: bool = False) -> int:
+                allow_model_change: bool = False, plan_only: bool = False) -> int:
     """What ``cnc build`` runs: load the config, :func:`run_build`, print the summary; return the exit code.
 
     Exit codes: 0 ok; 1 failures above ``max_failure_fraction`` or shards left uncommitted; 2 a user error
@@ -275,6 +321,11 @@ def build_entry(config: str | None, input: str, output: str, overrides: list[str
     if input_format:
         overrides.append(f"input_format={input_format}")
     cfg = load_config(BuildConfig, config, overrides)
+    if plan_only:
+        info = run_plan_only(cfg, input, output, allow_model_change=allow_model_change)
+        if summary:
+            print(json.dumps(info, indent=1))  # noqa: T201 - the command's output (stdout, machine-readable)
+        return 0
     result = run_build(cfg, input, output, address=address, retry_failed=retry_failed, progress=progress,
                        verify_checksums=verify or None, allow_model_change=allow_model_change)
     if summary:
@@ -284,4 +335,4 @@ def build_entry(config: str | None, input: str, output: str, overrides: list[str
     return result.exit_code
 
 
-__all__ = ["BuildResult", "build_entry", "run_build", "write_manifest"]
+__all__ = ["BuildResult", "build_entry", "run_build", "run_plan_only", "write_manifest"]

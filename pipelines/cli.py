@@ -14,7 +14,8 @@ rebuilt. Exit code 0 = done; 1 = failures above max_failure_fraction or shards l
 
 def build(
     config: str | None = typer.Option(None, "--config", "-c", help="Build config YAML (configs/build/*.yaml)."),
-    input: str = typer.Option(..., "--input", "-i", help="Image folder, COCO captions .json, .tar or brace pattern; "
+    input: str = typer.Option(..., "--input", "-i", help="Image folder, COCO captions .json, .tar or brace pattern, "
+                                                         "or .parquet/.csv/.jsonl table(s) (file, folder or glob); "
                                                          "a local path or a URL (s3://, gs://, ...)."),
     output: str = typer.Option(..., "--output", "-o", help="Output folder or URL (shards, errors/, manifest.json)."),
     overrides: list[str] = typer.Option([], "--set", help="Config override key=value (dotted keys), repeatable."),
@@ -23,7 +24,8 @@ def build(
              "Ray on 127.0.0.1."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also recompute the failed samples of "
                                                                     "committed shards."),
-    input_format: str | None = typer.Option(None, "--input-format", help="auto | folder | coco | webdataset | pickapic."),
+    input_format: str | None = typer.Option(None, "--input-format",
+                                            help="auto | folder | coco | webdataset | pickapic | table."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Live progress bar "
                                                                                    "(default: on a terminal)."),
     verify: bool = typer.Option(False, "--verify", help="On resume, re-hash every committed shard against its "
@@ -32,12 +34,15 @@ def build(
     allow_model_change: bool = typer.Option(
         False, "--allow-model-change", help="Resume although a model's weights changed (other hub commit or weight "
                                             "hash); the plan and manifest record both identities."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="Write (or check) OUTPUT/plan.json and print its "
+                                                              "summary as JSON (items, shards, input files); loads no "
+                                                              "model and starts no Ray."),
 ) -> None:
     from pipelines.build import build_entry
 
     code = build_entry(config, input, output, overrides, address=address, retry_failed=retry_failed,
                        input_format=input_format, progress=progress, verify=verify,
-                       allow_model_change=allow_model_change)
+                       allow_model_change=allow_model_change, plan_only=plan_only)
     raise typer.Exit(code)
 
 

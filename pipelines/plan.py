@@ -1,9 +1,22 @@
 """The work plan (standard S1): fixed shard specs, written before any model runs.
 
-``plan.json`` maps shard ids to their source items and is a pure function of the input
-(its absolute path and the sorted items :func:`triplets.readers.read_items` returns) and of
-the build config. The shard of an item never changes, so after any sequence of crashes and
-reruns an item can only ever be committed in its own shard.
+``plan.json`` maps shard ids to their source items and is a pure function of the input and of the build config.
+The shard of an item never changes, so after any sequence of crashes and reruns an item can only ever be committed
+in its own shard. Two forms:
+
+* **version 1, item lists** (folder, COCO, Pick-a-Pic inputs; :func:`make_plan`): every shard spec lists
+  its items (``{"shard", "name", "items": [...]}``); the input is identified by its absolute path and the sha256 of
+  the sorted items :func:`triplets.readers.read_items` returns. Size grows with the item count: fine to ~1M images.
+* **version 2, row ranges** (table and WebDataset inputs; :func:`make_table_plan`): ``inputs`` lists each table
+  file or tar once
+  (``{"url", "size", "etag"|"mtime", ["sha256"], "rows"}``) and a shard spec is
+  ``{"shard", "name", "nitems", "ranges": [{"file": INDEX, "url", "start", "stop"}]}`` (rows ``[start, stop)`` of
+  input file ``INDEX``, or samples ``[start, stop)`` of a tar in member order; a shard may span the end of one file
+  and the start of the next). Size is O(input files + shards); tables are planned from metadata (parquet footers),
+  tars from their headers (read in parallel, items not kept). Workers enumerate their rows lazily (:func:`items_of`).
+  An output holding a version-1 plan of a WebDataset input (earlier builds) keeps a version-1 plan and resumes.
+
+Both are resumable; a rerun on a changed input (items, or any table file's size/etag/mtime/hash) is refused.
 
 The *fingerprint* is the hash of every config key that changes what the shards contain and of the
 content identity of every model (:mod:`cnc.identity`: hub commit or weight-file hash). Purely
@@ -16,6 +29,7 @@ keeps its fingerprint, records the change under ``model_changes`` and the new id
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,25 +45,31 @@ from triplets.shardio.names import LOCK_FILE, PLAN_FILE, PROBE_PREFIX
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
+#: Version of row-range plans (table inputs).
+TABLE_PLAN_VERSION = 2
 #: Top-level config keys that do not change shard contents (left out of the fingerprint).
 #: ``batch_size`` stays in: batched convolutions round differently, so it changes tar bytes. ``allow_outside_input``
 #: only changes which items are read, which the plan's ``items_sha256`` already compares.
 OPERATIONAL_KEYS: tuple[str, ...] = ("ray", "device", "max_failure_fraction", "input_format", "storage",
-                                     "allow_outside_input")
+                                     "allow_outside_input", "input_hash")
 
 
 class PlanMismatchError(UserError, ValueError):
     """The output folder holds a build of another input or config."""
 
 
-def content_config(cfg: BuildConfig) -> dict:
-    """The config keys that define shard contents (everything except :data:`OPERATIONAL_KEYS`)."""
-    return {k: v for k, v in config_dict(cfg).items() if k not in OPERATIONAL_KEYS}
+def content_config(cfg: BuildConfig, input_format: str | None = None) -> dict:
+    """The config keys that define shard contents (everything except :data:`OPERATIONAL_KEYS`).
+
+    ``table`` (column names) only counts for table inputs, so plans of other inputs keep their fingerprint.
+    """
+    skip = OPERATIONAL_KEYS if input_format == "table" else (*OPERATIONAL_KEYS, "table")
+    return {k: v for k, v in config_dict(cfg).items() if k not in skip}
 
 
-def fingerprint(cfg: BuildConfig, models: dict | None = None) -> str:
+def fingerprint(cfg: BuildConfig, models: dict | None = None, input_format: str | None = None) -> str:
     """16-hex sha256 of :func:`content_config` and of the model identities (``{key: {"identity": ...}}``)."""
-    content = content_config(cfg)
+    content = content_config(cfg, input_format)
     if models:
         content["model_identities"] = {k: (v or {}).get("identity") for k, v in models.items()}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
@@ -68,8 +88,8 @@ def make_plan(items: list[dict], cfg: BuildConfig, input_path: str, input_format
     shards = [{"shard": i // n, "name": f"{i // n:06d}", "items": items[i:i + n]} for i in range(0, len(items), n)]
     return {
         "version": PLAN_VERSION,
-        "fingerprint": fingerprint(cfg, models),
-        "config": content_config(cfg),
+        "fingerprint": fingerprint(cfg, models, input_format),
+        "config": content_config(cfg, input_format),
         "models": models or {},
         "input": input_path,
         "input_format": input_format,
@@ -78,6 +98,166 @@ def make_plan(items: list[dict], cfg: BuildConfig, input_path: str, input_format
         "items_sha256": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest(),
         "shards": shards,
     }
+
+
+def make_table_plan(files: list[dict], cfg: BuildConfig, input_path: str, models: dict | None = None,
+                    input_format: str = "table") -> dict:
+    """Split the rows of table ``files`` (in order) into shards of ``cfg.samples_per_shard`` row ranges.
+
+    Args:
+        files: ``[{"url", "size", "etag"|"mtime", ["sha256"], "rows"}]`` in input order
+            (:class:`triplets.readers_table.TableInput`); for ``input_format="webdataset"`` the tars, "rows" being
+            their samples (image members) in member order.
+
+    Returns:
+        the version-2 plan (module docstring); O(files + shards) in time and size, a pure function of its arguments.
+    """
+    n = cfg.samples_per_shard
+    shards: list[dict] = []
+    cur: list[dict] = []
+    filled = 0
+    for index, f in enumerate(files):
+        pos = 0
+        while pos < f["rows"]:
+            take = min(n - filled, f["rows"] - pos)
+            cur.append({"file": index, "url": f["url"], "start": pos, "stop": pos + take})
+            pos, filled = pos + take, filled + take
+            if filled == n:
+                shards.append({"shard": len(shards), "name": f"{len(shards):06d}", "nitems": n, "ranges": cur})
+                cur, filled = [], 0
+    if cur:
+        shards.append({"shard": len(shards), "name": f"{len(shards):06d}", "nitems": filled, "ranges": cur})
+    inputs = [dict(f) for f in files]
+    return {
+        "version": TABLE_PLAN_VERSION,
+        "fingerprint": fingerprint(cfg, models, input_format),
+        "config": content_config(cfg, input_format),
+        "models": models or {},
+        "input": input_path,
+        "input_format": input_format,
+        "num_items": sum(f["rows"] for f in files),
+        "samples_per_shard": n,
+        "inputs": inputs,
+        "inputs_sha256": hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(),
+        "shards": shards,
+    }
+
+
+def _tar_file(tar: str, content_hash: bool) -> dict:
+    from triplets.readers import tar_items
+    from triplets.readers_table import file_identity
+
+    return {**file_identity(resolve(tar), content_hash), "rows": len(tar_items(tar))}
+
+
+def plan_input(cfg: BuildConfig, src: str, fmt: str, models: dict | None = None, version: int | None = None) -> dict:
+    """The plan of input ``src`` read as ``fmt``: row ranges for tables (metadata only) and WebDataset tars (member
+    ranges; the tars' headers are read, 16 tars at a time, items are not kept), item lists otherwise.
+
+    Args:
+        version: ``1`` plans WebDataset tars as item lists (what builds of earlier versions wrote: they resume).
+
+    Raises:
+        triplets.readers.InputError: the input cannot be read as ``fmt``.
+    """
+    if fmt == "webdataset" and version != PLAN_VERSION:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triplets.readers import InputError, check_input_shape, expand_shards
+
+        check_input_shape(src, fmt)
+        tars = expand_shards(src)
+        if not tars:
+            raise InputError(f"no .tar files in {src!r}")
+        try:
+            with ThreadPoolExecutor(min(16, len(tars))) as pool:
+                files = list(pool.map(lambda t: _tar_file(t, cfg.input_hash), tars))
+        except OSError as exc:
+            raise InputError(f"cannot read input {src!r}: {exc.strerror or exc}") from None
+        if not sum(f["rows"] for f in files):
+            raise InputError(f"input {src!r} (webdataset) holds no usable images")
+        return make_table_plan(files, cfg, src, models, "webdataset")
+    if fmt == "table":
+        from triplets.readers import check_input_shape
+        from triplets.readers_table import TableColumns, TableInput
+
+        check_input_shape(src, fmt)
+        t = cfg.table
+        table = TableInput(src, TableColumns(t.image_column, t.caption_column, t.key_column, t.mask_column),
+                           content_hash=cfg.input_hash)
+        return make_table_plan([{**f.identity, "rows": f.rows} for f in table.files], cfg, src, models)
+    from triplets.readers import read_items
+
+    return make_plan(read_items(src, fmt, allow_outside_input=cfg.allow_outside_input), cfg, src, fmt, models)
+
+
+def plan_summary(plan: dict) -> dict:
+    """``{"items", "shards", "input_files", "version", "input", "input_format", "fingerprint"}`` of a plan."""
+    files = len(plan["inputs"]) if "inputs" in plan else len({it["source"].split("#", 1)[0]
+                                                              for s in plan["shards"] for it in s["items"]})
+    return {"items": plan["num_items"], "shards": len(plan["shards"]), "input_files": files,
+            "version": plan["version"], "input": plan["input"], "input_format": plan["input_format"],
+            "fingerprint": plan["fingerprint"]}
+
+
+def shard_size(spec: dict) -> int:
+    """Planned items of a shard spec (either plan form)."""
+    return int(spec["nitems"]) if "nitems" in spec else len(spec["items"])
+
+
+def items_of(spec: dict, cfg: BuildConfig) -> list[dict]:
+    """The reader items of one shard spec, in plan order: its ``items`` (version 1) or its rows, read now (version 2).
+
+    Memory: one shard's items (``samples_per_shard``), never the whole input.
+
+    Raises:
+        OSError: a table file cannot be read or no longer has the planned rows (the shard attempt fails).
+    """
+    if "items" in spec:
+        return spec["items"]
+    from triplets.readers_table import TableColumns, read_rows
+
+    t = cfg.table
+    columns = TableColumns(t.image_column, t.caption_column, t.key_column, t.mask_column)
+    items = []
+    for r in spec["ranges"]:
+        if r["url"].endswith(".tar"):
+            part = _cached_tar_items(r["url"])[r["start"]:r["stop"]]
+            if len(part) != r["stop"] - r["start"]:
+                raise OSError(f"{r['url']}: samples {r['start']}..{r['stop']} planned, {len(part)} found "
+                              f"(the tar changed?)")
+            items += part
+        else:
+            items += read_rows(r["url"], r["start"], r["stop"], columns)
+    if len({it["key"] for it in items}) != len(items):
+        seen: set[str] = set()
+        dup = next(it["key"] for it in items if it["key"] in seen or seen.add(it["key"]))
+        raise OSError(f"shard {spec['shard']}: sample key {dup!r} repeats (table.key_column must be unique)")
+    return items
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tar_items(tar: str) -> list[dict]:
+    """Items of one tar, kept for the next shard of the same tar (a worker's tar index)."""
+    from triplets.readers import tar_items
+
+    return tar_items(tar)
+
+
+def _input_changes(old: list[dict], new: list[dict]) -> list[str]:
+    from triplets.readers_table import same_file
+
+    out = []
+    old_by, new_by = {f["url"]: f for f in old}, {f["url"]: f for f in new}
+    out += [f"{u} removed" for u in old_by if u not in new_by]
+    out += [f"{u} added" for u in new_by if u not in old_by]
+    for u, f in new_by.items():
+        o = old_by.get(u)
+        if o is not None and (not same_file(o, f) or o.get("rows") != f.get("rows")):
+            what = [k for k in ("size", "rows", "etag", "mtime", "sha256")
+                    if k in o and k in f and o.get(k) != f.get(k)]
+            out.append(f"{u} changed ({', '.join(what) or 'identity'})")
+    return out
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -113,6 +293,12 @@ def check_compatible(old: dict, new: dict, output: str, allow_model_change: bool
     if old.get("input") != new["input"]:
         raise PlanMismatchError(f"{where} another input ({old.get('input')!r}, now {new['input']!r}); "
                                 f"use a new --output folder")
+    if new["version"] == TABLE_PLAN_VERSION:
+        moved = _input_changes(old.get("inputs") or [], new["inputs"])
+        if moved or old.get("shards") != new["shards"]:
+            raise PlanMismatchError(f"{where} input {new['input']!r} as it was: {'; '.join(moved[:3]) or 'rows moved'}"
+                                    f"{'; ...' if len(moved) > 3 else ''}; use a new --output folder")
+        return changes
     if old.get("items_sha256") != new["items_sha256"] or old.get("shards") != new["shards"]:
         raise PlanMismatchError(f"{where} input {new['input']!r} as it was: it had {old.get('num_items')} items, "
                                 f"now {new['num_items']} (files added, removed or changed); use a new --output folder")

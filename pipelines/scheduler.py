@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from cnc.base.errors import UserError
+from pipelines.plan import shard_size
 from pipelines.progress import BuildProgress
 from pipelines.ray_session import Interrupted
 from triplets.config import BuildConfig
@@ -152,7 +153,7 @@ class ShardScheduler:
 
         rc = self.cfg.ray
         result = ScheduleResult()
-        total = sum(len(specs[s]["items"]) for s, _ in todo)
+        total = sum(shard_size(specs[s]) for s, _ in todo)
         bar = BuildProgress(total, progress, rc.progress_interval_s)
         pending = collections.deque(todo)
         inflight: dict = {}

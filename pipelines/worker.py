@@ -135,13 +135,15 @@ class ShardWorker:
     # -- one shard -----------------------------------------------------------------------
     def build_shard(self, spec: dict, output: str | None = None, attempt: int = 0,
                     reuse_committed: bool = False) -> dict:
-        """Build and commit shard ``spec`` (``{"shard", "name", "items"}``); return its marker.
+        """Build and commit shard ``spec`` (a plan's shard spec: items or row ranges); return its marker.
 
         ``output`` (path or URL) defaults to the worker's. With ``reuse_committed`` the samples of the committed tar
         are copied byte for byte and only its missing items (the failures) are computed again (``--retry-failed``).
         """
         out = BuildOutput(output, self.cfg.storage.scratch_dir) if output is not None else self.output
-        shard, items = int(spec["shard"]), spec["items"]
+        from pipelines.plan import items_of
+
+        shard, items = int(spec["shard"]), items_of(spec, self.cfg)  # this shard's items only, read now
         start_wall, t0, cpu0 = datetime.now(timezone.utc), time.perf_counter(), time.process_time()
         old_tar = out.tar(shard)
         reused_keys = set(tar_keys(old_tar.url)) if reuse_committed and old_tar.exists() else set()

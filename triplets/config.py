@@ -105,6 +105,17 @@ class StorageConfig(_Strict):
                                                           "long is stale and may be taken over")
 
 
+class TableConfig(_Strict):
+    """Column names of a table input (``input_format: table``; img2dataset's conventions by default)."""
+
+    image_column: str = Field("url", description="column naming each image: a path (relative to the table's "
+                                                 "folder) or a URL")
+    caption_column: str = Field("caption", description="caption column (null = empty caption)")
+    key_column: str = Field("key", description="sample key column; when a file lacks it the key is "
+                                               "<file stem>/<row, 9 digits>")
+    mask_column: str | None = Field(None, description="optional column naming a binary dataset mask (path or URL)")
+
+
 class BuildConfig(_Strict):
     """Everything that defines a shard build. Saved as ``OUTPUT/config.yaml``."""
 
@@ -124,10 +135,14 @@ class BuildConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU")
-    input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic"] = "auto"
+    input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic", "table"] = "auto"
+    input_hash: bool = Field(
+        False, description="table inputs: fingerprint every input file by a sha256 of its content (reads every "
+                           "byte once) instead of size + etag/mtime")
     allow_outside_input: bool = Field(
         False, description="follow symlinks and COCO file_names that point outside the input root (refused per "
                            "item by default)")
+    table: TableConfig = TableConfig()
     segment: SegmentConfig = SegmentConfig()
     inpaint: InpaintConfig = InpaintConfig()
     depth: DepthConfig = DepthConfig()

@@ -22,6 +22,9 @@ Supported inputs (detected from the path, or forced with ``input_format``):
   next to the images provides ``cocostuff`` dataset masks when present.
 * ``webdataset`` — a ``.tar`` file, a brace pattern (``data/{000..009}.tar``) or a folder of
   tars with ``jpg``/``png``/``webp`` + ``txt`` members (img2dataset output).
+* ``table`` — parquet/CSV/JSONL file(s) with an image path/URL column and a caption column (a file, a folder of
+  them or a glob; :mod:`triplets.readers_table`). Planned by row ranges, never listed item by item: the input for
+  more than ~1M images. A parquet file with Pick-a-Pic v1's columns is detected as ``pickapic`` instead.
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ from triplets.sample import make_key
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-FORMATS = ("folder", "coco", "webdataset", "pickapic")
+FORMATS = ("folder", "coco", "webdataset", "pickapic", "table")
+#: File names of table inputs (:mod:`triplets.readers_table`).
+TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl")
+#: Columns that make a parquet file a Pick-a-Pic v1 file rather than a generic table.
+_PICKAPIC_COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1")
 
 
 class InputError(UserError, ValueError):
@@ -98,22 +105,51 @@ def _compression(path: str | Path) -> str | None:
     return next((name for magic, name in _COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
 
 
-def detect_format(path: str) -> str:
-    """``folder`` | ``coco`` | ``webdataset`` from the shape of ``path``.
+def _parquet_kind(path: str) -> str:
+    """``table`` unless the parquet file has Pick-a-Pic v1's columns (or is unreadable: the Pick-a-Pic reader then
+    reports why)."""
+    try:
+        import pyarrow.parquet as pq
 
-    What exists on disk is checked first, so a folder named ``photos.tar`` or ``a{1}`` is a folder.
+        with resolve(path).open("rb") as f:
+            names = set(pq.ParquetFile(f).schema_arrow.names)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader, with its reason
+        return "pickapic"
+    return "pickapic" if all(c in names for c in _PICKAPIC_COLUMNS) else "table"
+
+
+def _tables_kind(names: list[str]) -> str | None:
+    """``table`` / ``pickapic`` for a listing holding table files (the first parquet decides), else ``None``."""
+    tables = sorted(n for n in names if n.lower().endswith(TABLE_SUFFIXES))
+    if not tables:
+        return None
+    parquet = next((n for n in tables if n.lower().endswith(".parquet")), None)
+    return _parquet_kind(parquet) if parquet else "table"
+
+
+def detect_format(path: str) -> str:
+    """``folder`` | ``coco`` | ``webdataset`` | ``table`` | ``pickapic`` from the shape of ``path``.
+
+    What exists on disk is checked first, so a folder named ``photos.tar`` or ``a{1}`` is a folder. A folder without
+    images or tars but with ``.parquet``/``.csv``/``.jsonl`` files, such a file, or a glob of them is a table (or
+    Pick-a-Pic, when the first parquet file has its columns).
     """
     if is_url(path):
         return _detect_remote(path)
     p = Path(path)
     if p.is_dir():
-        has_images = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.rglob("*") if f.is_file())
+        files = [f for f in p.rglob("*") if f.is_file()]
+        has_images = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files)
         if not has_images and any(t.is_file() for t in p.glob("*.tar")):
             return "webdataset"
+        if not has_images:
+            return _tables_kind([str(f) for f in files]) or "folder"
         return "folder"
     if p.is_file():
         if p.suffix.lower() == ".parquet":
-            return "pickapic"  # Pick-a-Pic v1 (triplets.readers_pickapic)
+            return _parquet_kind(path)  # Pick-a-Pic v1 (triplets.readers_pickapic) or a generic table
+        if p.suffix.lower() in (".csv", ".jsonl"):
+            return "table"
         if p.suffix.lower() == ".json":
             return "coco"
         if p.suffix.lower() == ".tar":
@@ -121,19 +157,31 @@ def detect_format(path: str) -> str:
         raise InputError(f"input {path!r} is a file but neither a COCO .json nor a .tar")
     if "{" in path and "}" in path:
         return "webdataset"
-    raise InputError(f"input {path!r} does not exist or is not a folder, a COCO .json or a .tar/brace pattern")
+    if any(c in path for c in "*?[") and path.lower().endswith(TABLE_SUFFIXES):
+        matches = sorted(str(m) for m in Path(path).parent.glob(Path(path).name)) if "/" in path else []
+        return _tables_kind(matches) or "table"
+    raise InputError(f"input {path!r} does not exist or is not a folder, a COCO .json, a .tar/brace pattern or "
+                     f"a table (.parquet/.csv/.jsonl)")
 
 
 def _detect_remote(url: str) -> str:
     loc = resolve(url)
+    if any(c in loc.path for c in "*?[") and url.lower().endswith(TABLE_SUFFIXES):
+        return _tables_kind([loc.fs.unstrip_protocol(p) for p in loc.fs.glob(loc.path)]) or "table"
     if loc.isdir():
-        names = [p.rsplit("/", 1)[-1] for p in loc.fs.find(loc.path)]
-        if not any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names) and any(n.endswith(".tar") for n in names):
+        found = loc.fs.find(loc.path)
+        names = [p.rsplit("/", 1)[-1] for p in found]
+        has_images = any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names)
+        if not has_images and any(n.endswith(".tar") for n in names):
             return "webdataset"
+        if not has_images:
+            return _tables_kind([loc.fs.unstrip_protocol(p) for p in found]) or "folder"
         return "folder"
     if loc.isfile():
         if loc.name.lower().endswith(".parquet"):
-            return "pickapic"
+            return _parquet_kind(url)
+        if loc.name.lower().endswith((".csv", ".jsonl")):
+            return "table"
         if loc.name.lower().endswith(".json"):
             return "coco"
         if loc.name.lower().endswith(".tar"):
@@ -151,6 +199,10 @@ def check_input_shape(path: str, fmt: str) -> None:
         raise InputError(f"input_format=folder needs a folder, {path!r} is not one")
     if fmt == "coco" and not (p.is_file() and p.suffix.lower() == ".json"):
         raise InputError(f"input_format=coco needs a COCO captions .json file, {path!r} is not one")
+    if fmt == "table" and not (p.is_dir() or (p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
+                               or any(c in path for c in "*?[")):
+        raise InputError(f"input_format=table needs a .parquet/.csv/.jsonl file, a folder or a glob of them, "
+                         f"{path!r} is none of these")
     if fmt == "webdataset" and not (p.is_dir() or (p.is_file() and p.suffix.lower() == ".tar")
                                     or ("{" in path and not p.exists())):
         raise InputError(f"input_format=webdataset needs a .tar, a brace pattern or a folder of tars, "
@@ -176,7 +228,7 @@ def read_items(path: str, input_format: str = "auto", *, allow_outside_input: bo
     check_input_shape(path, fmt)
     warn = _Warnings()
     reader = {"folder": _read_folder, "coco": _read_coco, "webdataset": _read_webdataset,
-              "pickapic": _read_pickapic}[fmt]
+              "pickapic": _read_pickapic, "table": _read_table}[fmt]
     try:
         items = reader(path, warn, allow_outside_input)
     except OSError as exc:
@@ -215,6 +267,15 @@ def _read_pickapic(path: str, warn: _Warnings, allow_outside_input: bool = False
     from triplets.readers_pickapic import read_pickapic  # Pick-a-Pic v1 parquet: its own module
 
     return read_pickapic(path)
+
+
+def _read_table(path: str, warn: _Warnings, allow_outside_input: bool = False) -> list[dict]:
+    """Every row of a table input as items (small tables only: builds plan tables by row range, see
+    :func:`pipelines.plan.make_table_plan`)."""
+    from triplets.readers_table import TableColumns, TableInput, read_rows
+
+    table = TableInput(path, TableColumns())
+    return [it for f in table.files for it in read_rows(f.identity["url"], 0, f.rows, TableColumns())]
 
 
 def _item(key: str, source: str, caption: str, mask: str | None = None, mask_kind: str | None = None) -> dict:
@@ -537,40 +598,49 @@ def _open_plain_tar(tar: str) -> tarfile.TarFile:
 
 
 def _read_webdataset(path: str, warn: _Warnings, allow_outside_input: bool = False) -> list[dict]:
+    return [it for tar in expand_shards(path) for it in tar_items(tar, warn)]
+
+
+def tar_items(tar: str, warn: _Warnings | None = None) -> list[dict]:
+    """The items of one WebDataset tar in member order (one per image member; caption from the ``txt`` member).
+
+    Raises:
+        InputError: the tar is compressed or not a tar.
+    """
+    warn = warn or _Warnings()
     items = []
-    for tar in expand_shards(path):
-        members: dict[str, dict[str, tarfile.TarInfo]] = {}
-        size = resolve(tar).size() or 0
-        with _open_plain_tar(tar) as tf:
-            try:
-                for m in tf:
-                    if not m.isfile() or "." not in Path(m.name).name:
-                        continue
-                    if not _is_utf8(m.name):
-                        warn("member name not UTF-8", "%s: member %s has a name that is not valid UTF-8; skipped",
-                             tar, _printable(m.name))
-                        continue
-                    base, name = m.name.rsplit("/", 1) if "/" in m.name else ("", m.name)
-                    key, ext = name.split(".", 1)
-                    members.setdefault(f"{base}/{key}" if base else key, {})[ext.lower()] = m
-            except (tarfile.TarError, EOFError) as exc:
-                log.warning("%s is truncated or corrupt after %d members (%s); the members before are used",
-                            tar, sum(map(len, members.values())), exc)
-            for key, exts in members.items():
-                img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in exts), None)
-                if img_ext is None:
+    members: dict[str, dict[str, tarfile.TarInfo]] = {}
+    size = resolve(tar).size() or 0
+    with _open_plain_tar(tar) as tf:
+        try:
+            for m in tf:
+                if not m.isfile() or "." not in Path(m.name).name:
                     continue
-                caption = ""
-                txt = exts.get("txt")
-                if txt is not None and txt.offset_data + txt.size <= size:
-                    data = tf.extractfile(txt).read()
-                    try:
-                        caption = data.decode("utf-8").strip()
-                    except UnicodeDecodeError as exc:
-                        warn("caption member not UTF-8", "%s#%s: not UTF-8 (byte %d); the image gets no caption",
-                             tar, txt.name, exc.start)
-                source_id = f"{posixpath.splitext(tar.rsplit('/', 1)[-1])[0]}/{key}"
-                items.append(_item(make_key(source_id), f"{tar}#{exts[img_ext].name}", caption))
+                if not _is_utf8(m.name):
+                    warn("member name not UTF-8", "%s: member %s has a name that is not valid UTF-8; skipped",
+                         tar, _printable(m.name))
+                    continue
+                base, name = m.name.rsplit("/", 1) if "/" in m.name else ("", m.name)
+                key, ext = name.split(".", 1)
+                members.setdefault(f"{base}/{key}" if base else key, {})[ext.lower()] = m
+        except (tarfile.TarError, EOFError) as exc:
+            log.warning("%s is truncated or corrupt after %d members (%s); the members before are used",
+                        tar, sum(map(len, members.values())), exc)
+        for key, exts in members.items():
+            img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in exts), None)
+            if img_ext is None:
+                continue
+            caption = ""
+            txt = exts.get("txt")
+            if txt is not None and txt.offset_data + txt.size <= size:
+                data = tf.extractfile(txt).read()
+                try:
+                    caption = data.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    warn("caption member not UTF-8", "%s#%s: not UTF-8 (byte %d); the image gets no caption",
+                         tar, txt.name, exc.start)
+            source_id = f"{posixpath.splitext(tar.rsplit('/', 1)[-1])[0]}/{key}"
+            items.append(_item(make_key(source_id), f"{tar}#{exts[img_ext].name}", caption))
     return items
 
 
@@ -593,6 +663,8 @@ def read_source_bytes(source: str) -> bytes:
     Raises:
         OSError: unreadable, or a tar member that is missing or cut short (truncated tar).
     """
+    if not source:
+        raise OSError("the input names no image for this item")
     if "#" in source and source.split("#", 1)[0].endswith(".parquet"):
         from triplets.readers_pickapic import read_parquet_cell
 
