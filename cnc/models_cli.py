@@ -187,14 +187,9 @@ def download(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Fetch every model a config names (hub ids and the SAM checkpoint; sha256 checked, partial downloads resume)."""
-    from cnc.config import ConfigError
     from cnc.downloads import DownloadError
 
-    try:
-        refs = _refs(configs)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    refs = _refs(configs)  # a bad config is a UserError: exit 2, one line (cnc.cli)
     failed = 0
     for ref in refs:
         try:
@@ -216,14 +211,9 @@ def list_models(
                                       "(repeatable; default: build/default and train/local)."),
 ) -> None:
     """Show each model of the config(s): present or missing, where, and its size (no network)."""
-    from cnc.config import ConfigError
     from cnc.downloads import known_file
 
-    try:
-        refs = _refs(configs)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    refs = _refs(configs)  # a bad config is a UserError: exit 2, one line (cnc.cli)
     typer.echo(f"{'key':40s} {'model':52s} {'state':8s} {'size':>9s}  where")
     for ref in refs:
         state, path = locate(ref)
@@ -238,13 +228,9 @@ def list_models(
 def show(name: str = typer.Argument(..., help="Shipped config (default, tiny, build/tiny, train/local...) or a "
                                                 "file.")) -> None:
     """Print a config, e.g. `cnc config show train/local > my.yaml` to start a custom copy."""
-    from cnc.config import ConfigError, resolve_config_path
+    from cnc.config import resolve_config_path
 
-    try:
-        path = resolve_config_path(name, "build")
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    path = resolve_config_path(name, "build")  # an unknown name is a UserError: exit 2, one line (cnc.cli)
     typer.echo(path.read_text(), nl=False)
 
 

@@ -282,14 +282,15 @@ def _item(key: str, source: str, caption: str, mask: str | None = None, mask_kin
     return {"key": key, "source": source, "caption": caption, "mask_path": mask, "mask_kind": mask_kind}
 
 
-def _text_lines(path: Path, warn: _Warnings) -> list[tuple[int, str]]:
-    """``(line number, text)`` of a UTF-8 text file; lines that are not UTF-8 are skipped with a warning."""
+def _text_lines(data: bytes, where: str | Path, warn: _Warnings) -> list[tuple[int, str]]:
+    """``(line number, text)`` of UTF-8 text read from ``where``; lines that are not UTF-8 are skipped with a
+    warning."""
     out = []
-    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+    for n, raw in enumerate(data.splitlines(), 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            warn("caption line not UTF-8", "%s:%d: not UTF-8 (byte %d); line skipped", path, n, exc.start)
+            warn("caption line not UTF-8", "%s:%d: not UTF-8 (byte %d); line skipped", where, n, exc.start)
             continue
         if line.strip():
             out.append((n, line))
@@ -308,7 +309,7 @@ def _folder_captions(root: Path, warn: _Warnings) -> dict[str, str]:
 
     jl = root / "captions.jsonl"
     if jl.is_file():
-        for n, line in _text_lines(jl, warn):
+        for n, line in _text_lines(jl.read_bytes(), jl, warn):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -324,7 +325,7 @@ def _folder_captions(root: Path, warn: _Warnings) -> dict[str, str]:
                 put(key, caption, f"{jl.name}:{n}")
     txt = root / "captions.txt"
     if txt.is_file():
-        for n, line in _text_lines(txt, warn):
+        for n, line in _text_lines(txt.read_bytes(), txt, warn):
             if ":" not in line:
                 warn("bad caption line", "%s:%d: no 'uid:caption' separator; skipped", txt, n)
                 continue
@@ -382,19 +383,6 @@ def _read_folder(path: str, warn: _Warnings, allow_outside_input: bool = False) 
     return items
 
 
-def _remote_text(loc: Location, warn: _Warnings) -> list[tuple[int, str]]:
-    out = []
-    for n, raw in enumerate(loc.read_bytes().splitlines(), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            warn("caption line not UTF-8", "%s:%d: not UTF-8 (byte %d); line skipped", loc.url, n, exc.start)
-            continue
-        if line.strip():
-            out.append((n, line))
-    return out
-
-
 def _read_remote_folder(root: Location, warn: _Warnings) -> list[dict]:
     """A folder of images on object storage: one recursive listing; captions files read, images never."""
     base = root.path.rstrip("/")
@@ -403,7 +391,7 @@ def _read_remote_folder(root: Location, warn: _Warnings) -> list[dict]:
     for name in ("captions.jsonl", "captions.txt"):
         if name not in files:
             continue
-        for n, line in _remote_text(root.child(name), warn):
+        for n, line in _text_lines(root.child(name).read_bytes(), root.child(name).url, warn):
             if name.endswith(".txt"):
                 if ":" not in line:
                     warn("bad caption line", "%s:%d: no 'uid:caption' separator; skipped", name, n)
