@@ -41,6 +41,7 @@ def user_errors_exit_2(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _refuse_urls_in_local_paths(kwargs)
             return fn(*args, **kwargs)
         except UserError as exc:
             for line in str(exc).splitlines() or [type(exc).__name__]:
@@ -48,6 +49,20 @@ def user_errors_exit_2(fn):
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
+
+
+def _refuse_urls_in_local_paths(kwargs: dict) -> None:
+    """Options typed as local paths never silently turn a URL into a local folder (``s3://b/x`` → ``./s3:/b/x``)."""
+    from pathlib import PurePath
+
+    from cnc.base.errors import LocationError
+    from cnc.base.location import looks_like_url
+
+    for name, value in kwargs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, PurePath) and looks_like_url(str(v)):
+                raise LocationError(f"{name.replace('_', '-')} takes a local path, and {str(v)!r} is a URL "
+                                    f"(for a local folder whose name has a colon, write ./{v})")
 
 
 def _wrap_commands(typer_app: typer.Typer) -> None:

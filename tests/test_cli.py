@@ -37,3 +37,17 @@ def test_default_and_tiny_configs_differ_only_in_models_and_speed_settings():
     assert diff <= {"resolution", "min_side", "segment", "inpaint", "depth", "embed"}
     assert tiny["inpaint"] | {"model": None} == default["inpaint"] | {"model": None}
     assert all(tiny[s]["model"] == "tiny" for s in ("inpaint", "depth", "embed"))
+
+
+def test_a_url_given_to_a_local_path_option_is_refused_not_made_a_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cnc.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path), "--n", "1", "--out", "s3://bucket/report"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: out takes a local path, and 's3:/bucket/report' is a URL (for a local folder whose name has a colon, "
+        "write ./s3:/bucket/report)"]
+    assert not list(tmp_path.iterdir())

@@ -318,6 +318,11 @@ def is_url(spec: str) -> bool:
     return bool(_URL.match(spec))
 
 
+def looks_like_url(spec: str) -> bool:
+    """``True`` for ``proto:...`` strings — URLs, and what ``pathlib`` makes of them (``s3://b`` → ``s3:/b``)."""
+    return bool(_SCHEME_LIKE.match(spec))
+
+
 def resolve(spec: str | os.PathLike | Location) -> Location:
     """The :class:`Location` of a local path or fsspec URL.
 
