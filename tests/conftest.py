@@ -78,6 +78,21 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def reference_build(ray_local, photo_folder, tmp_path_factory):
+    """One clean build of the 11-item photo folder (8 good, 3 bad) in 4 shards on 2 workers, shared by the tests
+    that compare against a local build: ``(folder, BuildResult, source folder, {"good", "bad"} keys)``."""
+    from cnc.config import load_config
+    from pipelines.build import run_build
+    from triplets.config import BuildConfig
+
+    src, photos = photo_folder
+    out = tmp_path_factory.mktemp("ref") / "build"
+    cfg = load_config(BuildConfig, TINY_CONFIG, FAST_BUILD + ["max_failure_fraction=0.5"])
+    result = run_build(cfg, str(src), out, progress=False)
+    return out, result, src, photos
+
+
+@pytest.fixture(scope="session")
 def photo_folder(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
     """8 good synthetic photos + a zero-byte, a text and a truncated .jpg (11 items)."""
     root = tmp_path_factory.mktemp("photos")

@@ -61,12 +61,8 @@ def _assert_exactly_once(out: Path, photos: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, photo_folder, tmp_path_factory):
-    """One clean build of the 11-item folder (8 good, 3 bad) in 4 shards on 2 workers."""
-    src, photos = photo_folder
-    out = tmp_path_factory.mktemp("ref") / "build"
-    result = run_build(_cfg(), str(src), out, progress=False)
-    return out, result, src, photos
+def reference(reference_build):
+    return reference_build
 
 
 def test_local_ray_listens_on_loopback_only(ray_local):

@@ -84,12 +84,9 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_reference(photo_folder, tmp_path_factory, workdir):
-    src, photos = photo_folder
-    out = tmp_path_factory.mktemp("local") / "build"
-    proc = cnc(build_args(src, out), workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def local_reference(reference_build):
+    """The local build of the same photos with the same config (``conftest.reference_build``)."""
+    return reference_build[0]
 
 
 def test_s3_build_is_exactly_once_under_sigkill_and_byte_identical(s3_server, photo_folder, local_reference,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
 
+log = logging.getLogger(__name__)
 
-def _default_out(paths: list[str]) -> Path:
-    """``PATH/inspect`` for a writable local build folder, ``inspect/`` beside a local tar; for object-store
-    inputs (and read-only datasets) ``./inspect-<name>`` in the working directory."""
+
+def _default_out(paths: list[str]) -> Path | None:
+    """``PATH/inspect`` for a writable local build folder, ``inspect/`` beside a local tar; ``None`` (write nothing
+    unless ``--out`` is given) for object-store inputs and read-only datasets."""
     import os
 
     from cnc.base.location import resolve
@@ -19,8 +22,7 @@ def _default_out(paths: list[str]) -> Path:
         folder = first.local_path() if first.isdir() else first.local_path().parent
         if os.access(folder, os.W_OK):
             return folder / "inspect"
-    name = first.name.removesuffix(".tar") if first is not None else "pipe"
-    return Path(f"inspect-{name or 'shards'}")
+    return None
 
 
 def inspect(
@@ -29,8 +31,8 @@ def inspect(
     n: int = typer.Option(16, "--n", min=0, help="Samples to show (0: validate and summarise only)."),
     keys: str | None = typer.Option(None, "--keys", help="Comma-separated keys to show instead of a random pick."),
     out: Path | None = typer.Option(None, "--out", help="Local report folder.",
-                                    show_default="PATH/inspect for a local folder, inspect/ beside a local tar, "
-                                                 "./inspect-NAME for a URL or a read-only dataset"),
+                                    show_default="PATH/inspect for a local folder, inspect/ beside a local tar; "
+                                                 "nothing for a URL or a read-only dataset"),
     html: bool = typer.Option(False, "--html", help="Also write a self-contained index.html."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample choice (same seed, same keys)."),
     per_page: int = typer.Option(8, "--per-page", min=1, help="Rows per contact-sheet PNG."),
@@ -65,8 +67,11 @@ def inspect(
                                 workers=workers, max_member_bytes=int(max_member_mb * 2**20),
                                 progress=lambda _check: bar.advance(task), worst=worst)
     print_report(result, Console())
-    if result.samples or result.worst or html:
-        files = write_report(result, out or _default_out(paths), html=html, per_page=per_page, tile=tile)
+    report_dir = out or _default_out(paths)
+    if (result.samples or result.worst or html) and report_dir is None:
+        log.warning("contact sheets not written: the input is not a writable local folder; pass --out DIR")
+    elif result.samples or result.worst or html:
+        files = write_report(result, report_dir, html=html, per_page=per_page, tile=tile)
         for path in files.sheets + files.worst + [files.html]:
             if path is not None:
                 typer.echo(f"wrote {path}")
