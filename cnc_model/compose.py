@@ -111,7 +111,7 @@ class DPTDepthEstimator:
     """transformers ``DPTForDepthEstimation`` (e.g. ``Intel/dpt-large``, or ``tiny``) as a :data:`DepthEstimator`.
 
     Wraps the shard builder's :class:`triplets.stages.depth.DPTDepth` (the model's own image processor, prediction
-    resized bicubically to the input size) and min-max normalises each map to [0, 1] (method.md §2.5), so sampling
+    resized bicubically to the input size) and min-max normalises each map to [0, 1], so sampling
     sees depth made exactly as in training.
     """
 

@@ -80,7 +80,7 @@ def count_marked_samples(urls: Sequence[str]) -> int | None:
 # ------------------------------------------------------------------------------------------------- sample decoding
 @dataclass(frozen=True)
 class ConditionDropout:
-    """Per-sample, independent dropout probabilities (reference: 0.1 each; method.md §7).
+    """Per-sample, independent dropout probabilities (reference: 0.1 each).
 
     Attributes:
         caption: caption -> "" (encoded by CLIP like any text, not a zero tensor).

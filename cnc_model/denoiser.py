@@ -1,13 +1,13 @@
 """One CnC denoiser for training and sampling: context building and noise prediction, written once.
 
 Both :class:`~cnc_model.training.trainer.Trainer` and :class:`~cnc_model.pipeline_cnc.CnCPipeline` call
-:class:`CnCDenoiser`, so the rules below hold on both paths (method.md §4-6):
+:class:`CnCDenoiser`, so the rules below hold on both paths:
 
 - **context** = ``[text (77), λ_fg · fg tokens (N), λ_bg · bg tokens (N)]`` when a global fuser is present, else the
   77 text tokens only (stage ``local``);
 - **soft guidance is on exactly when a global fuser is present and a mask is given** (stage ``global`` and
   ``joint`` in training; a pipeline with a global fuser and a mask in sampling);
-- **noise prediction** = frozen UNet (encoder + middle optionally under ``no_grad``, method.md §6) + the local fuser's
+- **noise prediction** = frozen UNet (encoder + middle optionally under ``no_grad``, as the reference) + the local fuser's
   12 + 1 residuals (none without a local fuser), the same soft-guidance mask in the UNet and in the local fuser.
 
 The fusers may be accelerate/DDP-wrapped modules (the trainer passes its prepared ones); the denoiser only calls them.

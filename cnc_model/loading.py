@@ -13,7 +13,7 @@ fuser weights; never optimizer states) are downloaded once into a local cache fo
 
 For runs and checkpoints the frozen parts come from the run's ``model.pretrained_model_name_or_path`` (a diffusers SD
 1.5 folder / hub id, or ``tiny``: the same seeded tiny models the run trained with) and the sampler is DDIM with the
-reference settings (method.md §8). A checkpoint's fusers are its raw weights (with ``train.use_ema`` the EMA copies
+reference settings. A checkpoint's fusers are its raw weights (with ``train.use_ema`` the EMA copies
 are in ``ema_<name>/``; the run's final fusers are the EMA weights). Only the fusers the stage trained are loaded: a ``local`` run samples with its local
 fuser and the 77 text tokens, a ``global`` run with its global fuser and no depth residuals.
 """

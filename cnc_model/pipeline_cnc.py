@@ -35,10 +35,10 @@ from cnc_model.models.local_fuser import LocalFuser  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-#: The reference demo's negative prompt (method.md §8); ``cnc sample`` / ``cnc eval`` default to it.
+#: The reference demo's negative prompt; ``cnc sample`` / ``cnc eval`` default to it.
 REFERENCE_NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
                              "cropped, worst quality, low quality")
-#: The reference demo's positive prompt suffix (method.md §8), appended to every prompt by ``cnc sample`` / ``eval``.
+#: The reference demo's positive prompt suffix, appended to every prompt by ``cnc sample`` / ``eval``.
 REFERENCE_PROMPT_SUFFIX = ", masterpiece, ultra detailed, high resolution"
 
 

@@ -1,6 +1,6 @@
 """Cluster job submission: Ray Jobs API, Slurm and KubeRay templates.
 
-One run, three launchers (standard S16): every launcher runs the same command,
+One run, three launchers: every launcher runs the same command,
 ``python -m cnc.cli build|train --config <resolved config> ...``, on a Ray cluster.
 
 | module | role |

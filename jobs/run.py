@@ -2,7 +2,7 @@
 
 A :class:`RunSpec` is built once from ``--config``/``--set``/``--input``/``--output`` and handed to the three
 launchers (Ray Jobs API, Slurm, KubeRay). They differ only in how they start Ray and deliver the config file; the
-command is always ``python -m cnc.cli build|train --config <resolved> ...`` (standard S16).
+command is always ``python -m cnc.cli build|train --config <resolved> ...``.
 
 The run identity :attr:`RunSpec.run_id` is ``cnc-<kind>-<sha12>`` where ``sha12`` hashes the kind, the output
 location and the resolved config hash: the same run submitted twice has the same id, so launchers can find and

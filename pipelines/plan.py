@@ -1,4 +1,4 @@
-"""The work plan (standard S1): fixed shard specs, written before any model runs.
+"""The work plan: fixed shard specs, written before any model runs.
 
 ``plan.json`` maps shard ids to their source items and is a pure function of the input and of the build config.
 The shard of an item never changes, so after any sequence of crashes and reruns an item can only ever be committed

@@ -1,4 +1,4 @@
-"""Live progress (standard S14) and the final summary table of a build.
+"""Live progress and the final summary table of a build.
 
 On a terminal one rich progress bar shows samples done / planned, samples/s, failures and ETA;
 elsewhere (Ray job logs, CI) the same numbers go to the log every ``interval`` seconds.

@@ -41,7 +41,7 @@ def reference_sd(fusers):
 
 
 def test_hand_checked_reference_key_names(fusers, reference_sd):
-    """Names from trainer.md §2 / the reference's LocalFuser, written out by hand (not from the inverse map)."""
+    """Names from the reference's LocalFuser, written out by hand (not from the inverse map)."""
     lf, gf = fusers
     sd = lf.state_dict()
     pairs = {

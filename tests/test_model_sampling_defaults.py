@@ -1,4 +1,4 @@
-"""Reference sampling defaults (method.md §8): prompt suffix, negative prompt, depth strength, separate exemplars."""
+"""Reference sampling defaults: prompt suffix, negative prompt, depth strength, separate exemplars."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's metrics (method.md §9) on generated images and the triplets that conditioned them.
+"""The paper's metrics on generated images and the triplets that conditioned them.
 
 All library metrics come from torchmetrics (FID / Inception Score through torch-fidelity's Inception, LPIPS with
 AlexNet, SSIM, CLIPScore); the networks come from :mod:`cnc_model.evaluation.models`. Computed here by hand are only

@@ -1,4 +1,4 @@
-"""``cnc eval``: generate from held-out triplets with one or two pipelines and score them (method.md §9).
+"""``cnc eval``: generate from held-out triplets with one or two pipelines and score them.
 
 For each of the first ``n`` well-formed triplets of the shards and each seed, the pipeline generates one image from
 the triplet's own conditions (caption, fg/bg depth, fg/bg CLIP embeddings, mask M) at the triplet's resolution. The
@@ -34,7 +34,7 @@ GRID_ROWS = 8
 
 @dataclass
 class EvalSettings:
-    """Sampling settings of an evaluation (defaults = the project's protocol, method.md §9, at the shards' size)."""
+    """Sampling settings of an evaluation (defaults = the project's protocol, at the shards' size)."""
 
     n: int = 100
     steps: int = 50

@@ -1,4 +1,4 @@
-"""Frozen-UNet runner with the reference's gradient flow (method.md §6).
+"""Frozen-UNet runner with the reference's gradient flow.
 
 The reference runs the frozen UNet's timestep embedding, encoder and middle block under ``torch.no_grad()`` and the
 decoder with autograd (weights frozen, gradients pass to the context tokens and the local fuser residuals, which are

@@ -1,6 +1,6 @@
 """Typed configuration of ``cnc train`` (``configs/train/*.yaml``), validated once and saved beside the outputs.
 
-Stages (method.md §7): ``local`` trains the local fuser with the 77-token text context (no global tokens, no mask);
+Stages: ``local`` trains the local fuser with the 77-token text context (no global tokens, no mask);
 ``global`` trains the global fuser with soft guidance (85 tokens + mask in every UNet cross-attention); ``joint``
 trains both, initialised from the two earlier runs (``model.local_fuser`` / ``model.global_fuser``).
 """

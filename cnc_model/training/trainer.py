@@ -6,7 +6,7 @@ Run::
     accelerate launch --num_processes 8 -m cnc_model.training --config configs/train/global.yaml ...
     torchrun --nproc_per_node 8 -m cnc_model.training --config configs/train/joint.yaml ...
 
-Per optimizer step (method.md §6-7, trainer.md §6): VAE latents -> noise, t ~ U[0, 1000), ``add_noise`` -> CLIP text
+Per optimizer step (as the reference implementation): VAE latents -> noise, t ~ U[0, 1000), ``add_noise`` -> CLIP text
 states -> [global tokens] -> [local fuser residuals] -> frozen UNet (encoder/middle under no_grad) -> ε-MSE in fp32.
 Only the stage's fusers are prepared by accelerate (DDP-wrapped, fp32, autocast); VAE, text encoder and UNet are
 frozen in ``mixed_precision`` dtype and never checkpointed.

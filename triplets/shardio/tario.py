@@ -1,7 +1,7 @@
 """Tar bytes in and out: the one reproducible writer and the one streaming reader.
 
 Writing: :func:`open_tar_writer` is webdataset's ``TarWriter`` with fixed mtime, uid/gid, user/group names and mode,
-so the same samples in the same order always give the same bytes (standard S11).
+so the same samples in the same order always give the same bytes.
 
 Reading: :class:`TarStream` reads a tar once, front to back (``tarfile`` streaming mode: memory holds one sample),
 from a local path, any fsspec URL or a ``pipe:`` command; it groups members into WebDataset samples
