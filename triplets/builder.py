@@ -98,6 +98,8 @@ class TripletBuilder:
             scorer = QualityScorer(saliency_of(segment, depth), embed.embedder, ip.dilation_px,
                                    cfg.quality.change_threshold, seg.prior_quantile)
             self.model_stages.append(QualityStage(scorer))
+        for stage in self.model_stages:
+            stage.batch_size = cfg.stage_batch_size(stage.name)
         self.models = model_identities(cfg, resolved)
 
     def __reduce__(self):
