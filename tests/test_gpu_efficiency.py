@@ -148,3 +148,14 @@ def test_inpaint_equals_per_image_path_and_ignores_neighbours(inpaint_stage):
     assert np.mean(got != ref) < 0.01
     alone = inpaint_stage.process({"image": images[1:], "mask": masks[1:], "key": keys[1:]})[0]["background"]
     assert np.abs(got[1].astype(int) - alone[0].astype(int)).max() <= 1
+
+
+def test_sam_device_resize_within_tolerance():
+    """The tensor resize used off the CPU (antialiased bilinear) vs the predictor's PIL resize: same masks within
+    the stated tolerance."""
+    images = _images(3)
+    boxes, points = _prompts(3)
+    ref_masks, ref_scores = BatchedSam(tiny_sam(), "cpu", torch.float32)(images, boxes, points)
+    masks, scores = BatchedSam(tiny_sam(), "cpu", torch.float32, device_resize=True)(images, boxes, points)
+    assert min(_iou(masks[i, j], ref_masks[i, j]) for i in range(3) for j in range(3)) >= MASK_IOU_MIN
+    assert np.abs(scores - ref_scores).max() <= SCORE_ATOL

@@ -4,7 +4,9 @@
 each) by the same computation for a whole batch:
 
 * every image is resized with SAM's own ``ResizeLongestSide`` and normalised/padded with ``Sam.preprocess`` (exactly
-  what the predictor does), the stacked batch goes through the image encoder once;
+  what the predictor does), the stacked batch goes through the image encoder once; off the CPU the resize to 1024 is
+  SAM's tensor variant (``apply_image_torch``: antialiased bilinear on the device, within the tolerance that
+  ``tests/test_gpu_efficiency.py`` states) instead of a PIL resize per image on the model thread;
 * prompts (one box + one positive point per image) go through the prompt encoder and mask decoder image by image
   (the decoder is built for one image with many prompts; it costs < 1 % of the encoder) and the masks stay on the
   device until one transfer at the end;
@@ -66,9 +68,11 @@ class BatchedSam:
         device: torch device string.
         dtype: ``torch.float32`` (no autocast), ``torch.float16`` or ``torch.bfloat16`` (autocast).
         sdpa: route the image encoder's attention through SDPA.
+        device_resize: resize on the device with ``apply_image_torch`` (default: when ``device`` is not the CPU; on
+            the CPU the predictor's PIL resize is kept, so CPU outputs equal ``SamPredictor``'s).
     """
 
-    def __init__(self, sam, device: str, dtype, sdpa: bool = True):
+    def __init__(self, sam, device: str, dtype, sdpa: bool = True, device_resize: bool | None = None):
         import torch
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -76,6 +80,7 @@ class BatchedSam:
         self.device, self.dtype = device, dtype
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.autocast = dtype != torch.float32
+        self.device_resize = torch.device(device).type != "cpu" if device_resize is None else device_resize
         if sdpa:
             use_sdpa_attention(self.sam)
 
@@ -99,10 +104,14 @@ class BatchedSam:
         sam, tf = self.sam, self.transform
         original = tuple(images.shape[1:3])
         with torch.inference_mode():
-            resized = [torch.as_tensor(tf.apply_image(img), device=self.device).permute(2, 0, 1).contiguous()
-                       for img in images]
-            input_size = tuple(resized[0].shape[-2:])
-            pixels = torch.cat([sam.preprocess(r[None]) for r in resized])  # (N, 3, 1024, 1024) float32, normalised
+            if self.device_resize:
+                batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
+                resized = tf.apply_image_torch(batch.float())  # (N, 3, h, 1024) float in [0, 255]
+            else:
+                resized = torch.stack([torch.as_tensor(tf.apply_image(img), device=self.device).permute(2, 0, 1)
+                                       for img in images])  # (N, 3, h, 1024) uint8
+            input_size = tuple(resized.shape[-2:])
+            pixels = sam.preprocess(resized)  # (N, 3, 1024, 1024) float32, normalised and padded
             coords = torch.as_tensor(tf.apply_coords(points.astype(np.float32)[:, None, :], original),
                                      dtype=torch.float, device=self.device)  # (N, 1, 2)
             box_t = torch.as_tensor(tf.apply_boxes(boxes.astype(np.float32), original), dtype=torch.float,
