@@ -159,3 +159,52 @@ def test_sam_device_resize_within_tolerance():
     masks, scores = BatchedSam(tiny_sam(), "cpu", torch.float32, device_resize=True)(images, boxes, points)
     assert min(_iou(masks[i, j], ref_masks[i, j]) for i in range(3) for j in range(3)) >= MASK_IOU_MIN
     assert np.abs(scores - ref_scores).max() <= SCORE_ATOL
+
+
+def test_parallel_encodes_keep_tar_bytes(tmp_path):
+    """The worker's writer encodes on ``ray.encode_threads`` threads; the tar is byte-identical to one thread's."""
+    from cnc.config import load_config
+    from cnc.tiny import synthetic_photo as photo
+    from PIL import Image
+
+    from pipelines.worker import ShardWorker
+    from triplets.builder import resolve_models
+    from triplets.config import BuildConfig
+    from triplets.readers import read_items
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(photo(i, 80, 96)).save(src / f"p{i}.jpg", quality=92)
+    cfg = load_config(BuildConfig, "configs/build/tiny.yaml", [
+        f"resolution={R}", "min_side=32", "inpaint.num_inference_steps=1", "batch_size=2", "inpaint.batch_size=1",
+        "quality.enabled=false", "ray.encode_threads=1"])
+    worker = ShardWorker(cfg.model_dump(mode="json"), resolve_models(cfg), "test")
+    assert [s.batch_size for s in worker.builder.model_stages] == [2, 1, 2, 2]
+    spec = {"shard": 0, "name": "000000", "items": read_items(str(src))}
+    one = worker.build_shard(spec, output=str(tmp_path / "one"))
+    worker.cfg.ray.encode_threads = 4
+    four = worker.build_shard(spec, output=str(tmp_path / "four"))
+    assert one["nsamples"] == four["nsamples"] == 5
+    assert (tmp_path / "one" / "000000.tar").read_bytes() == (tmp_path / "four" / "000000.tar").read_bytes()
+
+
+def test_gpu_suite_tiny_path(tmp_path):
+    """``benchmarks/gpu_suite.py --tiny`` runs the reference and the project setting on the same work."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "suite.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--tiny", "--images", "3", "--resolution",
+                           str(R), "--steps", "1", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    ref, project = result["runs"]
+    assert ref["run"].startswith("reference") and project["run"].startswith("project")
+    assert ref["stage_rows"] == project["stage_rows"]  # the same work in every run
+    assert ref["stage_rows"]["segment"]["attempted"] == 3 and ref["triplets"] == project["triplets"]
+    assert project["ratio_to_reference"] > 0 and 0 < project["mfu"] < 1
+    assert set(project["cpu_ms_per_item"]) >= {"segment", "inpaint", "depth", "embed"}
+    assert "| reference: fp32, batch 1, stage-major |" in proc.stdout
