@@ -328,6 +328,38 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def writer_bench(resolution: int = 512, samples: int = 16, threads: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:
+    """Encode ms per sample (two JPEGs, a mask PNG, two uint16 depth PNGs) of the worker's writer with ``threads``
+    encode threads (wall time of :meth:`ShardWorker._write`'s parallel encode over ``samples`` synthetic samples)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cnc.tiny import synthetic_photo
+    from triplets.sample import TripletSample, encode_sample
+
+    rng = np.random.default_rng(0)
+    meta = {"source": "x", "original_size": [resolution, resolution], "crop_box": [0, 0, 1, 1, 1],
+            "resolution": resolution, "seed": 0, "models": {}, "mask_area": 0.25, "fg_depth_range": [0, 1],
+            "bg_depth_range": [0, 1], "timings": {}, "version": "bench"}
+    batch = []
+    for i in range(samples):
+        img = synthetic_photo(i, resolution, resolution)
+        depth = (np.linspace(0, 65535, resolution * resolution).reshape(resolution, resolution)
+                 + rng.normal(0, 300, (resolution, resolution))).clip(0, 65535).astype(np.uint16)
+        mask = np.zeros((resolution, resolution), np.uint8)
+        mask[resolution // 4:3 * resolution // 4, resolution // 4:3 * resolution // 4] = 1
+        batch.append(TripletSample(key=f"k{i}", image=img, mask=mask, background=img[::-1].copy(), fg_depth=depth,
+                                   bg_depth=depth.T.copy(), fg_emb=np.zeros(768, np.float32),
+                                   bg_emb=np.zeros(768, np.float32), caption="", meta={**meta, "key": f"k{i}"}))
+    out = {}
+    for n in threads:
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(encode_sample, batch[:n]))  # warm-up
+            t = time.perf_counter()
+            list(pool.map(encode_sample, batch))
+            out[n] = 1000 * (time.perf_counter() - t) / samples
+    return out
+
+
 def table(result: dict) -> str:
     """Markdown table of a suite result."""
     stages = [s for s in STAGES if any(s in r["cpu_ms_per_item"] for r in result["runs"])]
@@ -354,9 +386,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "cnc-bench-models"),
                    help="where the random real-size models are written once (~9 GB, reused)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of every run (0: torch's default)")
+    p.add_argument("--writer", action="store_true", help="only the writer: encode ms/sample at --resolution with "
+                                                          "1, 2 and 4 encode threads")
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.writer:
+        ms = writer_bench(args.resolution)
+        print(f"writer encode ms/sample at {args.resolution} px ({os.cpu_count()} CPUs): "
+              + ", ".join(f"{n} thread(s) {v:.1f}" for n, v in ms.items()))
+        return {"writer_encode_ms_per_sample": ms}
     result = run(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, default=float))
