@@ -90,6 +90,17 @@ class QualityConfig(_Strict):
                                                                 "when a channel differs by more than this (of 255)")
 
 
+class LatentsConfig(_Strict):
+    """Optional ``latent.npy``: the VAE latent distribution of I for the trainer (``triplets.stages.latents``)."""
+
+    enabled: bool = Field(False, description="store latent.npy (mean and log-variance, float16) in every sample; the "
+                                             "trainer's data.use_latents samples from it instead of encoding")
+    resolution: int | None = Field(None, ge=8, description="side the VAE encodes I at (the trainer's "
+                                                           "data.resolution); default: resolution")
+    batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
+                                                           "top-level batch_size)")
+
+
 class RayConfig(_Strict):
     """Ray execution (pipelines)."""
 
@@ -146,6 +157,7 @@ class BuildConfig(_Strict):
     depth: DepthConfig = DepthConfig()
     embed: EmbedConfig = EmbedConfig()
     quality: QualityConfig = QualityConfig()
+    latents: LatentsConfig = LatentsConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -163,7 +175,7 @@ class BuildConfig(_Strict):
         return self
 
     def stage_batch_size(self, stage: str) -> int:
-        """Rows per model call of ``stage`` (segment | inpaint | depth | embed | quality)."""
+        """Rows per model call of ``stage`` (segment | inpaint | depth | embed | quality | latents)."""
         return getattr(self, stage).batch_size or self.batch_size
 
     def model_ids(self) -> dict[str, str]:

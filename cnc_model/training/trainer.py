@@ -250,6 +250,26 @@ class Trainer:
         num_t = self.components.noise_scheduler.config.num_train_timesteps
         return noise, torch.randint(0, num_t, (latents.shape[0],), device=latents.device).long()
 
+    def image_latents(self, batch: dict) -> torch.Tensor:
+        """Unscaled VAE latents ``(B, 4, R/8, R/8)`` float32 of the batch's images: drawn from the shards' stored
+        distribution with ``data.use_latents`` (:func:`cnc_model.data.sample_latents`), else encoded now."""
+        from cnc_model.data import TrainingDataError, sample_latents
+
+        comps, dev = self.components, self.accelerator.device
+        if self.cfg.data.use_latents:
+            dist = batch.get("latent_dist")
+            factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+            want = tuple(s // factor for s in batch["pixel_values"].shape[-2:])
+            if dist is None:
+                raise TrainingDataError("data.use_latents: the shards have no latent.npy (build them with "
+                                        "latents.enabled: true, latents.resolution = data.resolution)")
+            if tuple(dist.shape[-2:]) != want:
+                raise TrainingDataError(f"data.use_latents: latent.npy is {tuple(dist.shape[-2:])}, the training "
+                                        f"resolution needs {want} (build with latents.resolution = data.resolution)")
+            return sample_latents(dist.to(dev))
+        pixels = batch["pixel_values"].to(dev, dtype=self.weight_dtype)
+        return torch.cat([comps.vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(8)]).float()
+
     def compute_loss(self, batch: dict) -> torch.Tensor:
         """ε-prediction MSE of one batch (see the module docstring for the stage-specific context)."""
         from cnc_model.attention import SoftGuidanceMask
@@ -258,9 +278,7 @@ class Trainer:
 
         comps, dev, wdt = self.components, self.accelerator.device, self.weight_dtype
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(dev, dtype=wdt)
-            latents = torch.cat([comps.vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(8)])
-            latents = latents.float() * comps.vae.config.scaling_factor
+            latents = self.image_latents(batch) * comps.vae.config.scaling_factor
             ids = batch["input_ids"] if "input_ids" in batch else tokenize(comps.tokenizer, batch["captions"])
             text = comps.text_encoder(ids.to(dev))[0].to(wdt)  # (B, 77, D)
         sched = comps.noise_scheduler
