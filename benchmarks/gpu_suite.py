@@ -210,9 +210,9 @@ def run_reference(cfg, resolved: dict, items: list[dict], out: Path) -> dict:
 
 
 def _worker(cfg, resolved: dict, out: Path, clock: StageClock):
-    from pipelines.worker import ShardWorker
-
     import torch
+
+    from pipelines.worker import ShardWorker
 
     worker = ShardWorker(cfg.model_dump(mode="json"), resolved, "gpu-suite", torch_threads=torch.get_num_threads(),
                          output=str(out))
@@ -274,8 +274,8 @@ def configs(args: argparse.Namespace, models: dict[str, str]):
 
 def run(args: argparse.Namespace) -> dict:
     import torch
-
     from build_throughput import synthetic_photos, write_real_size_models
+
     from triplets.builder import TripletBuilder, resolve_models
     from triplets.readers import read_items
 
@@ -322,7 +322,8 @@ def run(args: argparse.Namespace) -> dict:
             "tiny": args.tiny, "images": args.images, "resolution": args.resolution, "steps": args.steps,
             "flop_per_triplet": flop, "matmul_peak_flops": peak, "matmul_peak_dtype": peak_dtype,
             "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "runs": runs, "seconds": round(time.perf_counter() - t_start, 1),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "runs": runs,
+            "seconds": round(time.perf_counter() - t_start, 1),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.out).write_text(json.dumps(result, indent=1, default=float))
     print(f"device: {result['device']}; {args.images} images at {args.resolution} px, {args.steps} steps; matmul peak "
           f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({result['matmul_peak_dtype']}); "
-          f"{result['flop_per_triplet'] / 1e9:.4g} GFLOP/triplet; torch threads {result['torch_threads']}; TF32 {result['tf32']}")
+          f"{result['flop_per_triplet'] / 1e9:.4g} GFLOP/triplet; torch threads {result['torch_threads']}; "
+          f"TF32 {result['tf32']}")
     print(table(result))
     return result
 

@@ -163,10 +163,10 @@ def test_sam_device_resize_within_tolerance():
 
 def test_parallel_encodes_keep_tar_bytes(tmp_path):
     """The worker's writer encodes on ``ray.encode_threads`` threads; the tar is byte-identical to one thread's."""
-    from cnc.config import load_config
-    from cnc.tiny import synthetic_photo as photo
     from PIL import Image
 
+    from cnc.config import load_config
+    from cnc.tiny import synthetic_photo as photo
     from pipelines.worker import ShardWorker
     from triplets.builder import resolve_models
     from triplets.config import BuildConfig

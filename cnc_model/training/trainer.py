@@ -321,26 +321,25 @@ class Trainer:
         keys_file = self._keys_file()
         data_iter = iter(self.loader)
         window = {"loss": 0.0, "steps": 0, "t0": time.perf_counter()}
-        step_loss = 0.0
+        step_loss, pending = 0.0, []  # step losses stay on the device until the next log step (one sync per log)
         stop = False
         with self._signal_guard():
             while self.global_step < max_steps and not stop:
                 batch = next(data_iter)  # loader workers ignore SIGINT: Ctrl-C reaches only this loop
                 if keys_file is not None:
                     keys_file.write("".join(k + "\n" for k in batch["keys"]))
-                step_loss += self._micro_step(batch) / accum
+                step_loss = step_loss + self._micro_step(batch) / accum  # a device tensor: no host sync here
                 if not acc.sync_gradients:
                     continue
                 self.global_step += 1
                 for name, ema in self.ema.items():
                     ema.step(acc.unwrap_model(self.models[name]).parameters())
-                result.losses.append(step_loss)
-                window["loss"] += step_loss
+                pending.append(step_loss)
                 window["steps"] += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", step=self.global_step)
                 step_loss = 0.0
                 if self.global_step % cfg.train.log_every == 0 or self.global_step == max_steps:
+                    self._flush_losses(pending, result, window, progress)
                     self._log(window, per_step)
                 if self.step_callback is not None:
                     self.step_callback(self, self.global_step)
@@ -351,6 +350,7 @@ class Trainer:
                     result.checkpoints.append(str(self.save_checkpoint()))
                 if cfg.validation.steps and self.global_step % cfg.validation.steps == 0:
                     self._maybe_validate(result)
+        self._flush_losses(pending, result, window, progress)
         progress.close()
         if keys_file is not None:
             keys_file.close()
@@ -362,8 +362,9 @@ class Trainer:
             logger.info("data.filter dropped %d samples: %s", sum(result.filtered.values()), result.filtered)
         return result
 
-    def _micro_step(self, batch: dict) -> float:
-        """Forward + backward of one batch; the optimizer steps when accumulation is complete. Returns the loss."""
+    def _micro_step(self, batch: dict) -> torch.Tensor:
+        """Forward + backward of one batch; the optimizer steps when accumulation is complete. Returns the detached
+        loss on the device (no host sync)."""
         acc, cfg = self.accelerator, self.cfg
         with acc.accumulate(*self.models.values()):
             loss = self.compute_loss(batch)
@@ -373,7 +374,17 @@ class Trainer:
             self.optimizer.step()  # accelerate skips it (and the scheduler) until accumulation is complete
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=cfg.train.set_grads_to_none)
-        return loss.detach().item()
+        return loss.detach()
+
+    def _flush_losses(self, pending: list, result: TrainResult, window: dict, progress) -> None:
+        """Move the step losses kept on the device to ``result.losses`` and the log window (one host sync)."""
+        if not pending:
+            return
+        values = [float(v) for v in torch.stack([torch.as_tensor(p, dtype=torch.float32) for p in pending]).tolist()]
+        pending.clear()
+        result.losses.extend(values)
+        window["loss"] += sum(values)
+        progress.set_postfix(loss=f"{values[-1]:.4f}", step=self.global_step)
 
     def _finish(self, result: TrainResult) -> None:
         acc, cfg = self.accelerator, self.cfg

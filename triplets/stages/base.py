@@ -2,7 +2,8 @@
 
 A stage is a picklable callable class: the model is loaded once in ``__init__``; ``__call__``
 maps a batch (see :mod:`triplets.batch`) to the same batch with new columns. Only healthy
-rows are processed, in model calls of at most :attr:`Stage.batch_size` rows (per-stage batch sizes). If a whole-batch call raises (a bad sample, an OOM), the stage retries
+rows are processed, in model calls of at most :attr:`Stage.batch_size` rows (per-stage batch
+sizes). If a whole-batch call raises (a bad sample, an OOM), the stage retries
 row by row so that one bad sample never takes its neighbours down; the row that still fails
 gets a per-sample reason.
 """
