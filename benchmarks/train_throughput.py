@@ -47,7 +47,6 @@ def real_components(seed: int = 0) -> dict:
     from cnc.tiny import tiny_tokenizer
     from cnc_model.models.global_fuser import GlobalFuser
     from cnc_model.models.local_fuser import LocalFuser
-    from cnc_model.training.components import _training_scheduler
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(  # stable-diffusion-v1-5 unet/config.json
@@ -67,10 +66,16 @@ def real_components(seed: int = 0) -> dict:
                 global_fuser=GlobalFuser(768, 768, 4))
 
 
+def _training_scheduler():
+    """SD 1.x training noise schedule (its scheduler/scheduler_config.json, as DDPM)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
 def tiny_components(seed: int = 0) -> dict:
     from cnc import tiny
     from cnc_model.testing.tiny import tiny_global_fuser, tiny_local_fuser
-    from cnc_model.training.components import _training_scheduler
 
     unet = tiny.tiny_unet(seed=seed)
     return dict(vae=tiny.tiny_vae(seed), text_encoder=tiny.tiny_text_encoder(seed), tokenizer=tiny.tiny_tokenizer(),
