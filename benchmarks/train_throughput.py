@@ -10,6 +10,8 @@ batches (random images, depths, masks, embeddings; data loading excluded). Setti
 
 * ``project``: frozen VAE / text encoder / UNet in bf16 (fp16 on GPUs without bf16), fuser weights fp32 under
   autocast, SDPA (fused kernels), gradient checkpointing;
+* ``project-latents``: ``project`` with ``data.use_latents`` (latents drawn from stored VAE moments, as from shards
+  built with ``latents.enabled``; no VAE encode per step);
 * ``project-fp32``: the same in fp32 (what CPUs run fastest);
 * ``reference``: fp32 everywhere and attention through the unfused "math" kernel (materialised Q·K logits, as the
   reference's einsum + softmax), gradient checkpointing on (``use_checkpoint: True``).
@@ -33,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = ("project", "project-fp32", "reference")
+SETTINGS = ("project", "project-latents", "project-fp32", "reference")
 
 
 def real_components(seed: int = 0) -> dict:
@@ -45,7 +47,6 @@ def real_components(seed: int = 0) -> dict:
     from cnc.tiny import tiny_tokenizer
     from cnc_model.models.global_fuser import GlobalFuser
     from cnc_model.models.local_fuser import LocalFuser
-    from cnc_model.training.components import _training_scheduler
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(  # stable-diffusion-v1-5 unet/config.json
@@ -65,10 +66,16 @@ def real_components(seed: int = 0) -> dict:
                 global_fuser=GlobalFuser(768, 768, 4))
 
 
+def _training_scheduler():
+    """SD 1.x training noise schedule (its scheduler/scheduler_config.json, as DDPM)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
 def tiny_components(seed: int = 0) -> dict:
     from cnc import tiny
     from cnc_model.testing.tiny import tiny_global_fuser, tiny_local_fuser
-    from cnc_model.training.components import _training_scheduler
 
     unet = tiny.tiny_unet(seed=seed)
     return dict(vae=tiny.tiny_vae(seed), text_encoder=tiny.tiny_text_encoder(seed), tokenizer=tiny.tiny_tokenizer(),
@@ -102,7 +109,7 @@ def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, st
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    mixed = setting == "project"
+    mixed = setting in ("project", "project-latents")
     wdt = torch.float32
     if mixed:
         wdt = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
@@ -124,7 +131,7 @@ def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, st
         comps.local_fuser.enable_gradient_checkpointing()
     build_s = time.perf_counter() - t0
 
-    cfg = TrainConfig(stage=stage, output_dir="/tmp/unused")
+    cfg = TrainConfig(stage=stage, output_dir="/tmp/unused", data={"use_latents": setting == "project-latents"})
     trainer = Trainer(cfg, comps)  # only compute_loss is used: give it what it reads
     trainer.accelerator = SimpleNamespace(device=device)
     trainer.weight_dtype, trainer.models = wdt, trainables
@@ -132,6 +139,10 @@ def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, st
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
     embed_dim = comps.global_fuser.config.image_embed_dim if comps.global_fuser is not None else 32
     data = synthetic_batch(batch, resolution, embed_dim if size == "tiny" else 768, comps.tokenizer)
+    if setting == "project-latents":  # what shards built with latents.enabled hold: (B, 2, C, R/8, R/8) float16
+        factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+        data["latent_dist"] = torch.randn(batch, 2, comps.vae.config.latent_channels, resolution // factor,
+                                          resolution // factor).half()
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

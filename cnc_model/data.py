@@ -25,6 +25,8 @@ Batch (``R`` = resolution, ``E`` = CLIP embedding width, ``C`` = ``depth_channel
     mask          (B, 1, R, R) float32 in {0, 1}      soft-guidance mask M (never dropped)
     fg_emb        (B, E) float32                       CLIP image_embeds (zeros when dropped)
     bg_emb        (B, E) float32
+    latent_dist   (B, 2, 4, h, w) float16              only from shards built with latents.enabled: VAE mean and
+                                                       log-variance of I (see sample_latents)
     captions      list[str]                            "" when dropped
     input_ids     (B, 77) int64                        only when a tokenizer is given
     keys          list[str]                            sample keys
@@ -131,7 +133,17 @@ def sample_to_tensors(s: TripletSample, resolution: int | None = None, depth_cha
         "bg_emb": torch.from_numpy(np.asarray(s.bg_emb, np.float32)),
         "caption": s.caption,
         "key": s.key,
+        **({} if s.latent is None else {"latent_dist": torch.from_numpy(np.ascontiguousarray(s.latent))}),
     }
+
+
+def sample_latents(latent_dist: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A draw from stored VAE latent distributions: ``(B, 2, C, h, w)`` (mean, log-variance; any float dtype) →
+    ``(B, C, h, w)`` float32 ``mean + exp(logvar / 2) · ε`` — what ``vae.encode(x).latent_dist.sample()`` draws
+    (diffusers clamps the log-variance to [-30, 20] too). Not yet scaled by the VAE's ``scaling_factor``."""
+    mean, logvar = latent_dist[:, 0].float(), latent_dist[:, 1].float().clamp(-30.0, 20.0)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps
 
 
 def apply_condition_dropout(item: dict[str, Any], dropout: ConditionDropout, rng: np.random.Generator) -> dict:
@@ -148,6 +160,8 @@ def apply_condition_dropout(item: dict[str, Any], dropout: ConditionDropout, rng
 def collate(items: list[dict[str, Any]], tokenizer=None) -> dict[str, Any]:
     """Stack samples into a batch; tokenises the captions (padded/truncated to the tokenizer's length) if asked."""
     batch: dict[str, Any] = {name: torch.stack([it[name] for it in items]) for name in TENSOR_FIELDS}
+    if all("latent_dist" in it for it in items):  # shards built with latents.enabled
+        batch["latent_dist"] = torch.stack([it["latent_dist"] for it in items])
     batch["captions"] = [it["caption"] for it in items]
     batch["keys"] = [it["key"] for it in items]
     if tokenizer is not None:

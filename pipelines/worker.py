@@ -6,7 +6,8 @@ three-step pipeline so CPU work never stalls the models::
 
     prefetch thread   builder.decode(batch i+1)        read, decode, resize
     caller thread     builder.run_models(batch i)      segment → inpaint → depth → embed → quality (the GPU stages)
-    writer thread     encode + append batch i-1 to the shard's :class:`~pipelines.sink.ShardSink`
+    writer thread     encode (``ray.encode_threads`` threads) + append batch i-1, in plan order, to the shard's
+                      :class:`~pipelines.sink.ShardSink`
 
 The sink stages the tar locally and commits it through :class:`triplets.shardio.BuildOutput` (tar → errors →
 marker), on local disk or an object store alike.
@@ -183,7 +184,8 @@ class ShardWorker:
         stage_seconds: collections.Counter = collections.Counter()
         failures: list[dict] = []
         order, pending_write = iter(items), None
-        with ThreadPoolExecutor(1, "cnc-decode") as decoder, ThreadPoolExecutor(1, "cnc-write") as writer:
+        with ThreadPoolExecutor(1, "cnc-decode") as decoder, ThreadPoolExecutor(1, "cnc-write") as writer, \
+                ThreadPoolExecutor(self.cfg.ray.encode_threads, "cnc-encode") as encoder:
             next_decoded = decoder.submit(self._decode, batches[0]) if batches else None
             for b, chunk in enumerate(batches):
                 batch, decode_s = next_decoded.result()
@@ -194,7 +196,7 @@ class ShardWorker:
                 if pending_write is not None:
                     self._collect(pending_write, failures, stage_seconds)
                 pending_write = writer.submit(self._write, sink, order, reused_iter, [it["key"] for it in chunk],
-                                              samples)
+                                              samples, encoder)
                 self._report(shard, attempt, len(reused_keys) + sum(len(c) for c in batches[:b + 1]), len(failures))
                 self.fault.after_batch(shard, attempt, b + 1)
             if pending_write is not None:
@@ -220,15 +222,18 @@ class ShardWorker:
             yield {k: v for k, v in raw.items() if not k.startswith("_") or k == "__key__"}
 
     def _write(self, sink: ShardSink, order: Iterator[dict], reused: Iterator[dict], keys: list[str],
-               samples: list) -> tuple:
+               samples: list, encoder: ThreadPoolExecutor | None = None) -> tuple:
         """Append, in plan order, the reused samples before each of ``keys`` and the new ``samples``.
 
-        Runs in the writer thread; returns ``(encode_failures, encode_s, write_s)``.
+        Runs in the writer thread; the samples are encoded (JPEG/PNG, the costly part) in parallel on ``encoder``'s
+        threads (``ray.encode_threads``) and appended in plan order, so the tar bytes do not depend on the thread
+        count. Returns ``(encode_failures, encode_s, write_s)`` (``encode_s``: wall seconds of the encode phase).
         """
-        from triplets.sample import encode_sample
-
-        by_key = {s.key: s for s in samples}
-        fails, enc_s, wr_s = [], 0.0, 0.0
+        fails, wr_s = [], 0.0
+        t = time.perf_counter()
+        results = list(encoder.map(self._encode, samples) if encoder is not None else map(self._encode, samples))
+        enc_s = time.perf_counter() - t
+        by_key = {s.key: (s, r) for s, r in zip(samples, results)}
 
         def _flush_reused(until: str | None) -> None:
             for item in order:
@@ -245,18 +250,13 @@ class ShardWorker:
             t = time.perf_counter()
             _flush_reused(key)
             wr_s += time.perf_counter() - t
-            sample = by_key.get(key)
-            if sample is None:
+            if key not in by_key:
                 continue  # failed in a model stage: already in the failures
-            t = time.perf_counter()
-            try:
-                encoded = encode_sample(sample, self.cfg.jpeg_quality)
-            except Exception as exc:  # noqa: BLE001 - a malformed sample is quarantined, not fatal
+            sample, encoded = by_key[key]
+            if isinstance(encoded, Exception):  # a malformed sample is quarantined, not fatal
                 fails.append({"key": key, "source": sample.meta.get("source"), "stage": "encode",
-                              "reason": str(exc)[:300]})
+                              "reason": str(encoded)[:300]})
                 continue
-            finally:
-                enc_s += time.perf_counter() - t
             t = time.perf_counter()
             sink.write(encoded)
             wr_s += time.perf_counter() - t
@@ -265,6 +265,15 @@ class ShardWorker:
             _flush_reused(None)
             wr_s += time.perf_counter() - t
         return fails, enc_s, wr_s
+
+    def _encode(self, sample) -> dict | Exception:
+        """One sample's WebDataset dict, or the exception that made it unencodable (thread-safe, deterministic)."""
+        from triplets.sample import encode_sample
+
+        try:
+            return encode_sample(sample, self.cfg.jpeg_quality)
+        except Exception as exc:  # noqa: BLE001 - reported per sample by _write
+            return exc
 
     def _report(self, shard: int, attempt: int, done: int, failed: int) -> None:
         if self.progress is not None:

@@ -25,9 +25,10 @@ from triplets.errors import ModelUnavailableError
 from triplets.quality import QualityScorer, QualityStage, saliency_of
 from triplets.sample import TripletSample
 from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, SegmentStage
+from triplets.stages.latents import LatentStage
 
 log = logging.getLogger(__name__)
-STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed", "quality")
+STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed", "quality", "latents")
 #: Config keys naming a single local checkpoint file (no hub ids).
 FILE_KEYS = ("segment.sam_checkpoint", "segment.u2net_checkpoint")
 #: Item columns handed to the stages.
@@ -98,6 +99,11 @@ class TripletBuilder:
             scorer = QualityScorer(saliency_of(segment, depth), embed.embedder, ip.dilation_px,
                                    cfg.quality.change_threshold, seg.prior_quantile)
             self.model_stages.append(QualityStage(scorer))
+        if cfg.latents.enabled:  # the inpainting pipeline's VAE, not a second copy
+            inpaint = self.model_stages[1]
+            self.model_stages.append(LatentStage(inpaint.pipe.vae, cfg.latents.resolution or cfg.resolution))
+        for stage in self.model_stages:
+            stage.batch_size = cfg.stage_batch_size(stage.name)
         self.models = model_identities(cfg, resolved)
 
     def __reduce__(self):
@@ -161,9 +167,13 @@ class TripletBuilder:
             }
             if self.cfg.quality.enabled:
                 meta["quality"] = batch["quality"][i]
+            if self.cfg.latents.enabled:
+                meta["latents"] = {"resolution": self.cfg.latents.resolution or self.cfg.resolution,
+                                   "vae": "inpaint.model"}
             samples.append(TripletSample(
                 key=key, image=batch["image"][i], mask=batch["mask"][i].astype(np.uint8),
                 background=batch["background"][i], fg_depth=batch["fg_depth"][i], bg_depth=batch["bg_depth"][i],
                 fg_emb=batch["fg_emb"][i].astype(np.float32), bg_emb=batch["bg_emb"][i].astype(np.float32),
-                caption=batch["caption"][i] or "", meta=meta))
+                caption=batch["caption"][i] or "", meta=meta,
+                latent=batch["latent"][i] if self.cfg.latents.enabled else None))
         return samples, failures

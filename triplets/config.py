@@ -36,6 +36,8 @@ class SegmentConfig(_Strict):
     u2net_threshold: float = Field(0.5, gt=0, lt=1, description="u2net backend: threshold of the fused saliency map "
                                                                 "(reference 0.5)")
     min_area: float = Field(0.01, ge=0, le=1, description="masks covering less of the image fail ('empty mask')")
+    batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
+                                                           "top-level batch_size)")
     max_area: float = Field(0.95, ge=0, le=1, description="masks covering more of the image fail ('near-full mask')")
 
 
@@ -49,6 +51,8 @@ class InpaintConfig(_Strict):
     guidance_scale: float = 10.0
     strength: float = Field(1.0, gt=0, le=1)
     dilation_px: int = Field(50, ge=0, description="square dilation of M at 512 px; scaled with the resolution")
+    batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
+                                                           "top-level batch_size)")
     paste_back: bool = Field(True, description="keep I's pixels outside the dilated mask")
 
 
@@ -57,6 +61,8 @@ class DepthConfig(_Strict):
 
     model: str = "Intel/dpt-large"
     mask_foreground_depth: bool = Field(False, description="multiply D_f by M (reference: no)")
+    batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
+                                                           "top-level batch_size)")
     preprocess: Literal["processor", "reference"] = Field(
         "processor", description="model input: 'processor' = the DPT image processor (resize, mean/std); "
                                  "'reference' = the RGB image in [0, 1] at build resolution, no processor (as the "
@@ -67,6 +73,8 @@ class EmbedConfig(_Strict):
     """CLIP image embeddings."""
 
     model: str = "openai/clip-vit-large-patch14"
+    batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
+                                                           "top-level batch_size)")
     fg_source: Literal["image", "foreground"] = Field(
         "image", description="e_f from the full image I (reference) or from I_f")
 
@@ -76,8 +84,21 @@ class QualityConfig(_Strict):
 
     enabled: bool = Field(True, description="compute removal / depth-order / mask-shape scores during the build "
                                             "(reuses the loaded saliency and CLIP models)")
+    batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
+                                                           "top-level batch_size)")
     change_threshold: int = Field(24, ge=0, le=254, description="removal.changed: a pixel of M counts as changed "
                                                                 "when a channel differs by more than this (of 255)")
+
+
+class LatentsConfig(_Strict):
+    """Optional ``latent.npy``: the VAE latent distribution of I for the trainer (``triplets.stages.latents``)."""
+
+    enabled: bool = Field(False, description="store latent.npy (mean and log-variance, float16) in every sample; the "
+                                             "trainer's data.use_latents samples from it instead of encoding")
+    resolution: int | None = Field(None, ge=8, description="side the VAE encodes I at (the trainer's "
+                                                           "data.resolution); default: resolution")
+    batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
+                                                           "top-level batch_size)")
 
 
 class RayConfig(_Strict):
@@ -87,6 +108,8 @@ class RayConfig(_Strict):
     gpus_per_worker: float = Field(1.0, gt=0, description="GPU share of one worker (fractional allowed)")
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
+    encode_threads: int = Field(4, ge=1, description="threads of a worker's writer encoding JPEG/PNG in parallel "
+                                                     "(tar bytes do not depend on it)")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
     progress_interval_s: float = Field(5.0, gt=0)
     worker_start_timeout_s: float = Field(
@@ -128,7 +151,8 @@ class BuildConfig(_Strict):
     sample_timings: bool = Field(
         False, description="store per-stage seconds in each sample's json; off by default because it makes tars "
                            "differ between identical runs (per-stage times always go to the shard stats marker)")
-    batch_size: int = Field(4, ge=1, description="samples per model batch")
+    batch_size: int = Field(4, ge=1, description="samples per batch (decode → models → write); the default rows per "
+                                                 "model call of every stage without its own <stage>.batch_size")
     samples_per_shard: int = Field(1000, ge=1)
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
     seed: Seed = Field(0, description="base seed (0 .. 2**32-1); per-sample seeds derive from (seed, key)")
@@ -148,6 +172,7 @@ class BuildConfig(_Strict):
     depth: DepthConfig = DepthConfig()
     embed: EmbedConfig = EmbedConfig()
     quality: QualityConfig = QualityConfig()
+    latents: LatentsConfig = LatentsConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -163,6 +188,10 @@ class BuildConfig(_Strict):
         if self.segment.min_area >= self.segment.max_area:
             raise ValueError("segment.min_area must be below segment.max_area")
         return self
+
+    def stage_batch_size(self, stage: str) -> int:
+        """Rows per model call of ``stage`` (segment | inpaint | depth | embed | quality | latents)."""
+        return getattr(self, stage).batch_size or self.batch_size
 
     def model_ids(self) -> dict[str, str]:
         """Config key → model id of every model this build loads."""

@@ -40,6 +40,8 @@ from triplets.image_io import decode_png, decode_rgb, encode_jpeg, encode_png
 FIELDS: tuple[str, ...] = (
     "jpg", "mask.png", "bg.jpg", "fg_depth.png", "bg_depth.png", "fg_emb.npy", "bg_emb.npy", "txt", "json",
 )
+#: Optional member: the VAE latent distribution of I (``latents.enabled``; see :class:`TripletSample`).
+LATENT_FIELD = "latent.npy"
 #: Metadata keys every sample's ``json`` holds.
 REQUIRED_META: tuple[str, ...] = (
     "key", "source", "original_size", "crop_box", "resolution", "seed", "models", "mask_area",
@@ -111,6 +113,9 @@ class TripletSample:
         fg_emb / bg_emb: ``(D,)`` float32 CLIP ``image_embeds``.
         caption: the text.
         meta: the ``json`` metadata (see :data:`REQUIRED_META`).
+        latent: optional ``latent.npy`` (build option ``latents.enabled``): ``(2, 4, r, r)`` float16, the VAE latent
+            distribution of I at ``r = latents.resolution / 8``, row 0 the mean, row 1 the log-variance (unscaled:
+            the trainer multiplies a sample by the VAE's ``scaling_factor``).
     """
 
     key: str
@@ -123,6 +128,7 @@ class TripletSample:
     bg_emb: np.ndarray
     caption: str
     meta: dict = field(default_factory=dict)
+    latent: np.ndarray | None = None
 
     @property
     def foreground(self) -> np.ndarray:
@@ -160,6 +166,12 @@ def validate_sample(s: TripletSample) -> list[str]:
     for name, emb in (("fg_emb.npy", s.fg_emb), ("bg_emb.npy", s.bg_emb)):
         if emb.dtype.kind == "f" and not np.isfinite(emb).all():
             problems.append(f"{name}: non-finite values (NaN/inf)")
+    if s.latent is not None:
+        lat = np.asarray(s.latent)
+        if lat.dtype != np.float16 or lat.ndim != 4 or lat.shape[0] != 2:
+            problems.append(f"latent.npy: want (2, C, h, w) float16, got {lat.dtype} {lat.shape}")
+        elif not np.isfinite(lat).all():
+            problems.append("latent.npy: non-finite values (NaN/inf)")
     problems += validate_meta(s.meta)
     return problems
 
@@ -227,6 +239,7 @@ def encode_sample(s: TripletSample, jpeg_quality: int = 95) -> dict:
         "bg_emb.npy": _npy_bytes(s.bg_emb.astype(np.float32)),
         "txt": s.caption.encode("utf-8"),
         "json": json.dumps(s.meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+        **({} if s.latent is None else {LATENT_FIELD: _npy_bytes(s.latent)}),
     }
 
 
@@ -255,7 +268,15 @@ def decode_sample(raw: dict) -> TripletSample:
         bg_emb=np.load(io.BytesIO(d["bg_emb.npy"]), allow_pickle=False),
         caption=d["txt"].decode("utf-8") if isinstance(d["txt"], bytes) else str(d["txt"]),
         meta=_meta(d["json"]),
+        latent=_latent(d[LATENT_FIELD]) if LATENT_FIELD in d else None,
     )
+
+
+def _latent(data: bytes) -> np.ndarray:
+    latent = np.load(io.BytesIO(data), allow_pickle=False)
+    if latent.dtype != np.float16 or latent.ndim != 4 or latent.shape[0] != 2:
+        raise ValueError(f"latent.npy must be (2, C, h, w) float16, got {latent.dtype} {latent.shape}")
+    return latent
 
 
 def _meta(data) -> dict:

@@ -71,6 +71,9 @@ class DataConfig(_Strict):
                                           "(0.1 for local/joint, 0 for global)")
     drop_embedding_prob: float | None = Field(None, ge=0, le=1, description="each CLIP embedding; null = stage "
                                               "default (0.1 for global/joint, 0 for local)")
+    use_latents: bool = Field(False, description="sample the image latents from the shards' latent.npy (build "
+                                                 "option latents.enabled, at data.resolution) instead of encoding "
+                                                 "every image with the VAE at every step; same distribution")
     preflight_shards: int = Field(2, ge=0, description="shards validated before training (0 = skip)")
     preflight_strict: bool = Field(False, description="also fail on shard-level problems (truncated tar...)")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="thresholds on the samples' quality "

@@ -250,6 +250,26 @@ class Trainer:
         num_t = self.components.noise_scheduler.config.num_train_timesteps
         return noise, torch.randint(0, num_t, (latents.shape[0],), device=latents.device).long()
 
+    def image_latents(self, batch: dict) -> torch.Tensor:
+        """Unscaled VAE latents ``(B, 4, R/8, R/8)`` float32 of the batch's images: drawn from the shards' stored
+        distribution with ``data.use_latents`` (:func:`cnc_model.data.sample_latents`), else encoded now."""
+        from cnc_model.data import TrainingDataError, sample_latents
+
+        comps, dev = self.components, self.accelerator.device
+        if self.cfg.data.use_latents:
+            dist = batch.get("latent_dist")
+            factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+            want = tuple(s // factor for s in batch["pixel_values"].shape[-2:])
+            if dist is None:
+                raise TrainingDataError("data.use_latents: the shards have no latent.npy (build them with "
+                                        "latents.enabled: true, latents.resolution = data.resolution)")
+            if tuple(dist.shape[-2:]) != want:
+                raise TrainingDataError(f"data.use_latents: latent.npy is {tuple(dist.shape[-2:])}, the training "
+                                        f"resolution needs {want} (build with latents.resolution = data.resolution)")
+            return sample_latents(dist.to(dev))
+        pixels = batch["pixel_values"].to(dev, dtype=self.weight_dtype)
+        return torch.cat([comps.vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(8)]).float()
+
     def compute_loss(self, batch: dict) -> torch.Tensor:
         """MSE of one batch against the scheduler's target (ε by default); the forward is :class:`CnCDenoiser`'s.
 
@@ -260,9 +280,7 @@ class Trainer:
 
         comps, dev, wdt = self.components, self.accelerator.device, self.weight_dtype
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(dev, dtype=wdt)
-            latents = torch.cat([comps.vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(8)])
-            latents = latents.float() * comps.vae.config.scaling_factor
+            latents = self.image_latents(batch) * comps.vae.config.scaling_factor
             ids = batch["input_ids"] if "input_ids" in batch else tokenize(comps.tokenizer, batch["captions"])
             text = comps.text_encoder(ids.to(dev))[0].to(wdt)  # (B, 77, D)
         sched = comps.noise_scheduler
@@ -294,26 +312,25 @@ class Trainer:
         keys_file = self._keys_file()
         data_iter = iter(self.loader)
         window = {"loss": 0.0, "steps": 0, "t0": time.perf_counter()}
-        step_loss = 0.0
+        step_loss, pending = 0.0, []  # step losses stay on the device until the next log step (one sync per log)
         stop = False
         with self._signal_guard():
             while self.global_step < max_steps and not stop:
                 batch = next(data_iter)  # loader workers ignore SIGINT: Ctrl-C reaches only this loop
                 if keys_file is not None:
                     keys_file.write("".join(k + "\n" for k in batch["keys"]))
-                step_loss += self._micro_step(batch) / accum
+                step_loss = step_loss + self._micro_step(batch) / accum  # a device tensor: no host sync here
                 if not acc.sync_gradients:
                     continue
                 self.global_step += 1
                 for name, ema in self.ema.items():
                     ema.step(acc.unwrap_model(self.models[name]).parameters())
-                result.losses.append(step_loss)
-                window["loss"] += step_loss
+                pending.append(step_loss)
                 window["steps"] += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", step=self.global_step)
                 step_loss = 0.0
                 if self.global_step % cfg.train.log_every == 0 or self.global_step == max_steps:
+                    self._flush_losses(pending, result, window, progress)
                     self._log(window, per_step)
                 if self.step_callback is not None:
                     self.step_callback(self, self.global_step)
@@ -324,6 +341,7 @@ class Trainer:
                     result.checkpoints.append(str(self.save_checkpoint()))
                 if cfg.validation.steps and self.global_step % cfg.validation.steps == 0:
                     self._maybe_validate(result)
+        self._flush_losses(pending, result, window, progress)
         progress.close()
         if keys_file is not None:
             keys_file.close()
@@ -335,8 +353,9 @@ class Trainer:
             logger.info("data.filter dropped %d samples: %s", sum(result.filtered.values()), result.filtered)
         return result
 
-    def _micro_step(self, batch: dict) -> float:
-        """Forward + backward of one batch; the optimizer steps when accumulation is complete. Returns the loss."""
+    def _micro_step(self, batch: dict) -> torch.Tensor:
+        """Forward + backward of one batch; the optimizer steps when accumulation is complete. Returns the detached
+        loss on the device (no host sync)."""
         acc, cfg = self.accelerator, self.cfg
         with acc.accumulate(*self.models.values()):
             loss = self.compute_loss(batch)
@@ -346,7 +365,17 @@ class Trainer:
             self.optimizer.step()  # accelerate skips it (and the scheduler) until accumulation is complete
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=cfg.train.set_grads_to_none)
-        return loss.detach().item()
+        return loss.detach()
+
+    def _flush_losses(self, pending: list, result: TrainResult, window: dict, progress) -> None:
+        """Move the step losses kept on the device to ``result.losses`` and the log window (one host sync)."""
+        if not pending:
+            return
+        values = [float(v) for v in torch.stack([torch.as_tensor(p, dtype=torch.float32) for p in pending]).tolist()]
+        pending.clear()
+        result.losses.extend(values)
+        window["loss"] += sum(values)
+        progress.set_postfix(loss=f"{values[-1]:.4f}", step=self.global_step)
 
     def _finish(self, result: TrainResult) -> None:
         acc, cfg = self.accelerator, self.cfg

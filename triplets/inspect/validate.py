@@ -37,7 +37,7 @@ from triplets.shardio.names import MANIFEST_FILE, PLAN_FILE, errors_for_tar, is_
 from triplets.shardio.tario import MAX_MEMBER_BYTES
 from triplets.inspect.summary import Summary, failure_reason, marker_count
 from triplets.quality import SCORES, score_value
-from triplets.sample import FIELDS, KEY_PATTERN, TripletSample, decode_sample, validate_meta, validate_sample
+from triplets.sample import FIELDS, KEY_PATTERN, LATENT_FIELD, TripletSample, decode_sample, validate_meta, validate_sample
 
 log = logging.getLogger(__name__)
 ERROR, WARNING = "error", "warning"
@@ -177,7 +177,7 @@ def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[s
     if missing:
         report(f"missing fields {missing}", key)
         return
-    extra = sorted(set(raw) - set(FIELDS) - {"__key__"})
+    extra = sorted(set(raw) - set(FIELDS) - {"__key__", LATENT_FIELD})
     if extra:
         report(f"unexpected fields {extra}", key, WARNING)
     if not decode:

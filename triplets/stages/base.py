@@ -2,7 +2,8 @@
 
 A stage is a picklable callable class: the model is loaded once in ``__init__``; ``__call__``
 maps a batch (see :mod:`triplets.batch`) to the same batch with new columns. Only healthy
-rows are processed. If a whole-batch call raises (a bad sample, an OOM), the stage retries
+rows are processed, in model calls of at most :attr:`Stage.batch_size` rows (per-stage batch
+sizes). If a whole-batch call raises (a bad sample, an OOM), the stage retries
 row by row so that one bad sample never takes its neighbours down; the row that still fails
 gets a per-sample reason.
 """
@@ -53,6 +54,8 @@ class Stage:
     """
 
     name = "stage"
+    #: Rows per model call (``None``: the whole batch). Set by the builder from ``<stage>.batch_size``.
+    batch_size: int | None = None
 
     def __new__(cls, *args, **kwargs):
         obj = super().__new__(cls)
@@ -73,24 +76,29 @@ class Stage:
         batch = ensure_status(dict(batch))
         idx = healthy(batch)
         start = time.perf_counter()
-        if len(idx):
-            try:
-                self._apply(batch, idx)
-            except Exception as exc:  # noqa: BLE001 - isolate the culprit row by row
-                if len(idx) == 1:
-                    self._fail_row(batch, idx[0], exc)
-                else:
-                    log.debug("%s: batch of %d failed (%s); retrying row by row", self.name, len(idx), exc)
-                    for i in idx:
-                        try:
-                            self._apply(batch, np.array([i]))
-                        except Exception as row_exc:  # noqa: BLE001
-                            self._fail_row(batch, i, row_exc)
+        step = self.batch_size or max(1, len(idx))
+        for lo in range(0, len(idx), step):
+            self._apply_isolated(batch, idx[lo:lo + step])
         for col, arr in self.empty(batch).items():
             batch.setdefault(col, arr)
         per_sample = (time.perf_counter() - start) / max(1, len(idx))
         put(batch, f"time_{self.name}", np.arange(len(batch["key"])), np.full(len(batch["key"]), per_sample))
         return batch
+
+    def _apply_isolated(self, batch: dict, idx: np.ndarray) -> None:
+        """:meth:`_apply` on rows ``idx``; when the call raises, row by row so only the culprit fails."""
+        try:
+            self._apply(batch, idx)
+        except Exception as exc:  # noqa: BLE001 - isolate the culprit row by row
+            if len(idx) == 1:
+                self._fail_row(batch, idx[0], exc)
+                return
+            log.debug("%s: batch of %d failed (%s); retrying row by row", self.name, len(idx), exc)
+            for i in idx:
+                try:
+                    self._apply(batch, np.array([i]))
+                except Exception as row_exc:  # noqa: BLE001
+                    self._fail_row(batch, i, row_exc)
 
     def _apply(self, batch: dict, idx: np.ndarray) -> None:
         columns, failures = self.process(take(batch, idx))

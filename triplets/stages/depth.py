@@ -1,7 +1,8 @@
 """``depth``: MiDaS (DPT) disparity of I_f = I⊙M and of I_b.
 
 Uses transformers ``DPTForDepthEstimation`` with its own ``DPTImageProcessor`` (the reference
-skipped the processor), predicts relative inverse depth (near = large), resizes it back to the
+skipped the processor; its torchvision resize/normalisation runs on the model's device, on the uint8 batch moved there
+once), predicts relative inverse depth (near = large), resizes it back to the
 image size (bicubic) and min-max normalises **each map** to uint16 (raw range kept).
 
 ``preprocess`` selects the model input:
@@ -56,11 +57,12 @@ class DPTDepth:
 
         check_preprocess(preprocess)
         n, h, w = images.shape[:3]
-        if preprocess == "reference":
-            pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        else:
-            pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
+            batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)  # uint8
+            if preprocess == "reference":
+                pixels = batch.float() / 255.0
+            else:  # the processor's resize and mean/std as tensor ops on the model's device
+                pixels = self.processor(images=list(batch), return_tensors="pt", device=self.device)["pixel_values"]
             pred = self.model(pixel_values=pixels.to(self.device, self.dtype)).predicted_depth
             pred = torch.nn.functional.interpolate(pred[:, None].float(), size=(h, w), mode="bicubic",
                                                    align_corners=False)[:, 0]

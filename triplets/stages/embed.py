@@ -1,8 +1,8 @@
 """``embed``: CLIP image embeddings (``CLIPVisionModelWithProjection.image_embeds``, not L2-normalised).
 
 e_f comes from the full image I by default (reference behaviour; ``fg_source="foreground"``
-uses I_f = I⊙M), e_b from I_b. The HF processor runs on CPU arrays (the reference fed uint8
-CUDA tensors).
+uses I_f = I⊙M), e_b from I_b. The HF processor (torchvision backend) resizes and
+normalises the uint8 batch on the model's device (the reference fed uint8 CUDA tensors).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ class CLIPImageEmbedder:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        inputs = self.processor(images=list(images), return_tensors="pt")
         with torch.inference_mode():
+            batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)  # uint8
+            inputs = self.processor(images=list(batch), return_tensors="pt", device=self.device)
             out = self.model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype)).image_embeds
         return out.float().cpu().numpy().astype(np.float32)
 

@@ -5,7 +5,8 @@ U²-Net or BiRefNet). Every backend maps ``(rows) → masks``; the stage then ch
 masks covering less than ``min_area`` of the image fail with ``empty mask``, more than
 ``max_area`` with ``near-full mask`` (a per-sample reason, not a crash).
 
-``sam`` — segment-anything ``SamPredictor`` prompted from a saliency prior. The prior is the
+``sam`` — segment-anything SAM (batched, :mod:`triplets.stages.sam_batch`; fp16/bf16 autocast on GPU per ``dtype``,
+fp32 on CPU) prompted from a saliency prior. The prior is the
 DPT disparity of the image (near = large): pixels above the ``prior_quantile`` of the map form
 the "near" region; its largest connected component is the most prominent near object. SAM
 gets that component's bounding box plus one positive point (the component pixel of highest
@@ -22,7 +23,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from triplets.stages.base import Stage, resolve_device
+from triplets.stages.base import Stage, resolve_device, resolve_dtype
 
 
 class Segmenter(Protocol):
@@ -75,39 +76,34 @@ class SamSegmenter:
     def __init__(self, sam_checkpoint: str, sam_model_type: str = "vit_h", saliency_model: str = "Intel/dpt-large",
                  prior_quantile: float = 0.85, min_area: float = 0.01, max_area: float = 0.95,
                  device: str = "auto", dtype: str = "auto", **_: object):
-        from segment_anything import SamPredictor
-
         from triplets.stages.depth import shared_dpt
+        from triplets.stages.sam_batch import BatchedSam
 
         self.device = resolve_device(device)
         models = sam_architectures()
         if sam_model_type not in models:
             raise ValueError(f"segment.sam_model_type {sam_model_type!r} unknown; valid: {list(models)}")
         sam = _load_sam(models[sam_model_type], sam_checkpoint)
-        self.predictor = SamPredictor(sam.to(self.device).eval())
+        self.sam = BatchedSam(sam, self.device, resolve_dtype(dtype, self.device))
         self.prior_depth = shared_dpt(saliency_model, device, dtype)
         self.quantile, self.min_area, self.max_area = prior_quantile, min_area, max_area
 
     def __call__(self, rows: dict) -> tuple[np.ndarray, list[str]]:
-        import torch
-
         images = rows["image"]
         disparity = self.prior_depth(images)
+        priors = [saliency_prior(d, self.quantile) for d in disparity]
+        prompts = [prior_prompt(p, d) for p, d in zip(priors, disparity)]
+        cands, scores = self.sam(images, np.stack([b for b, _ in prompts]), np.concatenate([p for _, p in prompts]))
         masks, sources = np.zeros(images.shape[:3], np.uint8), []
-        for i, img in enumerate(images):
-            prior = saliency_prior(disparity[i], self.quantile)
-            box, point = prior_prompt(prior, disparity[i])
-            with torch.inference_mode():
-                self.predictor.set_image(img)
-                cands, scores, _ = self.predictor.predict(point_coords=point, point_labels=np.array([1]), box=box,
-                                                          multimask_output=True)
+        for i, prior in enumerate(priors):
             chosen, source = prior, "prior"
-            for j in np.argsort(-scores):
-                area = float(cands[j].mean())
+            for j in np.argsort(-scores[i], kind="stable"):
+                area = float(cands[i, j].mean())
                 if self.min_area <= area <= self.max_area:
-                    chosen, source = cands[j].astype(np.uint8), "sam"
+                    chosen, source = cands[i, j].astype(np.uint8), "sam"
                     break
-            masks[i], _ = chosen, sources.append(source)
+            masks[i] = chosen
+            sources.append(source)
         return masks, sources
 
 
