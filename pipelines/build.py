@@ -96,7 +96,10 @@ def package_versions() -> dict[str, str]:
 
 
 def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, dict]) -> dict:
-    """Rewrite ``manifest.json`` (atomically) from the committed markers; also a wids shard index."""
+    """Rewrite ``manifest.json`` (atomically) from the committed markers, and the dataset card.
+
+    The manifest is also a wids shard index; its shard URLs are relative to the build folder
+    (``wids.ShardListDataset(f"{folder}/_cnc/manifest.json", base=folder)``)."""
     shards = [markers[s] for s in sorted(markers)]
     models: dict = {}
     seen: dict[str, list] = collections.defaultdict(list)  # every distinct identity per key
@@ -137,6 +140,9 @@ def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: d
         },
     }
     output.file(MANIFEST_FILE).write_json(manifest)
+    from triplets.card import write_card
+
+    write_card(output, manifest)  # _cnc/README.md + .huggingface.yaml (datasets.load_dataset(folder))
     return manifest
 
 

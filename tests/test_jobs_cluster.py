@@ -131,7 +131,7 @@ def _images(folder: Path, n: int = 3) -> Path:
 
 def _snapshot(out: Path) -> dict[str, tuple[str, int]]:
     """Shard tars and their markers: name -> (sha256, mtime_ns)."""
-    files = sorted(out.glob("*.tar")) + sorted(out.glob("*_stats.json"))
+    files = sorted(out.glob("*.tar")) + sorted(out.glob("_cnc/*_stats.json"))
     return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in files}
 
 

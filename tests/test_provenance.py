@@ -60,10 +60,10 @@ def test_swapped_weights_refuse_a_resume_unless_allowed(ray_local, tmp_path):
     out = tmp_path / "out"
     sets = [*FAST_BUILD, f"depth.model={depth}", "max_failure_fraction=1.0"]
     assert build_entry(str(TINY_CONFIG), str(photos), str(out), sets, summary=False) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
     old = manifest["models"]["depth.model"]["identity"]
     assert old == local_identity(depth) and manifest["models"]["inpaint.model"]["identity"].startswith("sha256:")
-    marker = json.loads(next(out.glob("*_stats.json")).read_text())
+    marker = json.loads(next(out.glob("_cnc/*_stats.json")).read_text())
     assert marker["models"]["depth.model"]["identity"] == old
 
     shutil.copy(materialize("depth", 1) / "model.safetensors", depth / "model.safetensors")  # new weights, same path
@@ -80,9 +80,9 @@ def test_swapped_weights_refuse_a_resume_unless_allowed(ray_local, tmp_path):
     assert "Traceback" not in proc.stderr
 
     assert build_entry(str(TINY_CONFIG), str(photos), str(out), sets, summary=False, allow_model_change=True) == 0
-    plan = json.loads((out / "plan.json").read_text())
+    plan = json.loads((out / "_cnc" / "plan.json").read_text())
     assert plan["models"]["depth.model"]["identity"] == new
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
     change = manifest["model_changes"]["resumes"][-1]
     assert change["before"]["depth.model"]["identity"] == old and change["after"]["depth.model"]["identity"] == new
     # the new identity is now the plan's: the same weights resume without the option
