@@ -193,7 +193,7 @@ def test_inspect_on_s3(s3_server, photo_folder, workdir, tmp_path):
     out = f"{s3_server.bucket('cnc-builds')}/inspected"
     assert cnc(build_args(src, out), workdir).returncode == 0
     report = tmp_path / "report"
-    proc = cnc(["inspect", out, "--n", "2", "--out", str(report)], workdir, timeout=120)
+    proc = cnc(["inspect", out, "--n", "2", "--output", str(report)], workdir, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert list(report.glob("*.png"))
     fs = s3fs()  # a damaged shard is found on s3 too
