@@ -62,6 +62,23 @@ def route_third_party() -> None:
             logger.addFilter(_Demote(r))
 
 
+def quiet_library_progress(force: bool = False) -> None:
+    """Off a terminal (Ray workers, job logs): no tqdm bars from diffusers / transformers / huggingface_hub model
+    loading — their carriage returns turn a job log into one long line (imports the libraries: call it where they are
+    used anyway)."""
+    import os
+
+    if sys.stderr.isatty() and not force:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("diffusers", "transformers"):
+        try:
+            __import__(f"{name}.utils.logging")
+            sys.modules[f"{name}.utils.logging"].disable_progress_bar()
+        except Exception:  # noqa: BLE001 - an optional library or an API that moved: bars stay, nothing breaks
+            pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Configure the root logger once; later calls only change the level."""
     root = logging.getLogger()

@@ -90,9 +90,8 @@ def sample(
     import torch
     from PIL import Image
 
-    from cnc_model.pipeline_cnc import CnCPipeline
-
     from cnc.options import deprecated_alias
+    from cnc_model.pipeline_cnc import CnCPipeline
 
     out = deprecated_alias(output, out, "--out", "--output", default=Path("samples"))
     if device == "auto":

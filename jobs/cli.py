@@ -62,9 +62,7 @@ def _spec(kind: Kind, config: Path, overrides: list[str], input_: str | None, ou
 
 
 def _client(address: str | None):
-    from jobs.submit import make_client, resolve_address
-
-    from jobs.submit import RayAuthError
+    from jobs.submit import RayAuthError, make_client, resolve_address
 
     try:
         return make_client(address)

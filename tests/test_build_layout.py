@@ -248,7 +248,8 @@ def test_recovery_deletes_only_files_the_build_wrote(tmp_path):
     for p in theirs:
         p.write_text("keep me")
     ours = [tmp_path / "000003.tar", tmp_path / "_cnc" / "errors" / "000003.jsonl",
-            tmp_path / location.temp_name("000002.tar"), tmp_path / "_cnc" / "errors" / location.temp_name("000002.jsonl"),
+            tmp_path / location.temp_name("000002.tar"),
+            tmp_path / "_cnc" / "errors" / location.temp_name("000002.jsonl"),
             tmp_path / "_cnc" / "000003_stats.json", tmp_path / "_cnc" / location.temp_name("manifest.json")]
     for p in ours:
         p.write_text("partial")

@@ -100,7 +100,8 @@ def test_build_outputs_are_readable_by_every_reader(reference):
     assert all(validate_sample(s) == [] for s in decoded)
     assert {s.caption for s in decoded} == {f"a photo called {k}: test" for k in photos["good"]}
 
-    rows = [json.loads(line) for f in sorted((out / "_cnc" / "errors").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    rows = [json.loads(line) for f in sorted((out / "_cnc" / "errors").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
     reasons = {r["key"]: (r["stage"], r["reason"]) for r in rows}
     assert set(reasons) == set(photos["bad"]) and all(set(r) >= {"key", "source", "stage", "reason"} for r in rows)
     assert reasons["img_001_empty"][0] == "decode" and reasons["img_001_empty"][1].startswith("empty file")
@@ -171,7 +172,8 @@ def test_retry_failed_recomputes_only_failures(reference, tmp_path):
     result = run_build(_cfg(), str(src), out, retry_failed=True, progress=False)
     assert result.shards_built == 3 and result.failures == 3  # shards 0, 2, 3 had failures; they fail again
     after = _stats(out)
-    assert after["000001.tar"] == before["000001.tar"] and after["_cnc/000001_stats.json"] == before["_cnc/000001_stats.json"]
+    assert after["000001.tar"] == before["000001.tar"]
+    assert after["_cnc/000001_stats.json"] == before["_cnc/000001_stats.json"]
     assert after["000000.tar"] != before["000000.tar"]  # rewritten through the commit protocol...
     assert _shas(out) == _shas(ref)  # ...with the same bytes
     for shard in (0, 2, 3):

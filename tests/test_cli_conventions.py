@@ -68,6 +68,7 @@ def test_inspect_json_and_card(tiny_shards, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)  # stdout holds exactly one JSON document
     assert doc["ok"] and doc["samples"] == 6 and doc["shards"] == 2 and doc["shown"] == []
+    assert doc["problem_count"] == 0, doc["problems"]  # markers found under _cnc/
     assert (folder / "_cnc" / "README.md").is_file() and str(folder / "_cnc" / "README.md") in doc["files"]
     assert "Shards" in r.stderr  # the human tables went to stderr
     old = _cnc("inspect", str(folder), "--n", "1", "--out", str(tmp_path / "rep"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from triplets.sample import decode_sample
 from triplets.shardio import iter_raw_samples
 

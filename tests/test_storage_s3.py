@@ -131,7 +131,8 @@ def test_s3_build_is_exactly_once_under_sigkill_and_byte_identical(s3_server, ph
             for line in d.decode().splitlines()]
     assert sorted(errs) == sorted(photos["bad"])
     assert not [n for n in resumed if n.endswith(".tmp")] and ".lock" not in resumed
-    assert {"_cnc/plan.json", "_cnc/config.yaml", "_cnc/manifest.json", "_cnc/README.md", ".huggingface.yaml"} <= set(resumed)
+    assert {"_cnc/plan.json", "_cnc/config.yaml", "_cnc/manifest.json", "_cnc/README.md",
+            ".huggingface.yaml"} <= set(resumed)
     # 3. a clean s3 build: byte-identical tars; the same samples as the local build
     proc = cnc(build_args(src, clean), workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -31,20 +31,21 @@ def synthetic_photos(folder: str | Path, n: int, seed: int = 0) -> Path:
 def build_tiny_shards(out_dir: str | Path, n_images: int = 6, n_shards: int = 2, resolution: int = 64,
                       seed: int = 0) -> list[Path]:
     """Build ``n_images`` triplets with the tiny build config and split them over ``n_shards`` marked tars."""
+    from cnc.base.location import resolve
     from cnc.config import config_dict, load_config
     from triplets.builder import TripletBuilder
+    from triplets.card import write_card
     from triplets.config import BuildConfig
     from triplets.readers import read_items
-    from cnc.base.location import resolve
     from triplets.shardio import write_shard
-    from triplets.card import write_card
     from triplets.shardio.names import CURRENT, MANIFEST_FILE, tar_name
 
     out = Path(out_dir)
     photos = synthetic_photos(out / "_photos", n_images, seed)
     cfg = load_config(BuildConfig, None, [  # = configs/build/tiny.yaml at a small size
         "segment.sam_checkpoint=tiny", "segment.saliency_model=tiny", "inpaint.model=tiny", "depth.model=tiny",
-        "embed.model=tiny", "batch_size=4", f"resolution={resolution}", f"min_side={min(32, resolution)}", "inpaint.num_inference_steps=2",
+        "embed.model=tiny", "batch_size=4", f"resolution={resolution}", f"min_side={min(32, resolution)}",
+        "inpaint.num_inference_steps=2",
         "segment.min_area=0.0", "segment.max_area=1.0", f"seed={seed}"])
     samples, failures = TripletBuilder(cfg)(read_items(str(photos)))
     if failures or len(samples) != n_images:
