@@ -95,6 +95,11 @@ def test_build_outputs_are_readable_by_every_reader(reference):
 
     ray_rows = ray.data.read_webdataset(tars).take_all()
     assert sorted(r["__key__"] for r in ray_rows) == sorted(photos["good"])
+    folder_rows = ray.data.read_webdataset(str(out)).take_all()  # the folder itself: only shards at the top
+    assert sorted(r["__key__"] for r in folder_rows) == sorted(photos["good"])
+    card = (out / "_cnc" / "README.md").read_text()  # the dataset card, written with the manifest
+    assert "samples: 8 in 4 shard(s)" in card and "failed: 3" in card and "`inpaint.model` | tiny" in card
+    assert "*.tar" in (out / ".huggingface.yaml").read_text()
 
     decoded = [s for t in tars for s in iter_samples(t)]
     assert all(validate_sample(s) == [] for s in decoded)
