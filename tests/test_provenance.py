@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,7 +106,8 @@ def test_training_resume_with_a_changed_base_model_is_refused(tiny_shards, tmp_p
     assert result.exit_code == 0, result.output
     prov = yaml.safe_load((out / "train_config.yaml").read_text())["provenance"]
     old = prov["models"][BASE_KEY]["identity"]
-    assert old == local_identity(base) and prov["shard_manifests"] == {str(tiny_shards): None}
+    manifest_sha = hashlib.sha256((tiny_shards / "_cnc" / "manifest.json").read_bytes()).hexdigest()
+    assert old == local_identity(base) and prov["shard_manifests"] == {str(tiny_shards): manifest_sha}
     assert json.loads((out / "checkpoint-1" / "provenance.json").read_text())["models"][BASE_KEY]["identity"] == old
 
     unet = "unet/diffusion_pytorch_model.safetensors"
