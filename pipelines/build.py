@@ -252,8 +252,9 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, d
              100 * result.failure_fraction, 100 * cfg.max_failure_fraction, result.shards_committed,
              result.shards_total, seconds)
     if result.failure_fraction > cfg.max_failure_fraction:
-        log.error("failures %d/%d = %.2f%% exceed max_failure_fraction %.2f%% (see %s/errors/)", result.failures,
-                  result.items_total, 100 * result.failure_fraction, 100 * cfg.max_failure_fraction, out.url)
+        log.error("failures %d/%d = %.2f%% exceed max_failure_fraction %.2f%% (see %s/)", result.failures,
+                  result.items_total, 100 * result.failure_fraction, 100 * cfg.max_failure_fraction,
+                  out.loc.child(out.layout.errors_dir).url)
     if uncommitted:
         log.error("%d shard(s) not committed: %s; rerun the same command to retry them", len(uncommitted),
                   ", ".join(f"{s:06d}" for s in uncommitted[:10]))
