@@ -120,7 +120,7 @@ def ray_build(config: Path, src: Path, out: Path, overrides: list[str], workers:
     e2e = time.perf_counter() - t0
     if code != 0:
         raise SystemExit(f"cnc build failed with exit code {code}")
-    markers = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
+    markers = [json.loads(p.read_text()) for p in out.glob("_cnc/*_stats.json")]
     per_worker: dict = collections.defaultdict(lambda: [0, 0.0])
     for m in markers:  # shards run one after the other inside a worker: busy time = sum of shard seconds
         per_worker[m["worker"]["pid"]][0] += m["nitems"]

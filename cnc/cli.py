@@ -15,14 +15,28 @@ app = typer.Typer(
     name="cnc",
     help="Build Compose-and-Conquer triplet shards, inspect them, train and sample CnC, submit cluster jobs.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # cnc --install-completion / --show-completion
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("cnc")
+        except metadata.PackageNotFoundError:  # run from a source tree without installing
+            version = "unknown"
+        typer.echo(f"cnc {version}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     setup_logging("DEBUG" if verbose else "INFO")
 

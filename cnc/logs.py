@@ -18,6 +18,67 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
+#: Third-party messages that are not the user's business at WARNING: (logger, substring, level). Filters sit on the
+#: emitting logger itself (a logger-level filter sees every record it creates, whatever handler prints it), so no
+#: library is imported here.
+DEMOTED: tuple[tuple[str, str, int], ...] = (
+    # the private Ray of a build/test listens on 127.0.0.1 only; remote clusters are never started by cnc
+    ("ray._private.authentication.authentication_token_setup", "Token authentication is disabled", logging.DEBUG),
+    ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled", logging.DEBUG),
+    # library-internal deprecations (diffusers passes torch_dtype to transformers)
+    ("transformers.modeling_utils", "`torch_dtype` is deprecated", logging.DEBUG),
+    ("transformers.configuration_utils", "`torch_dtype` is deprecated", logging.DEBUG),
+    ("diffusers.pipelines.pipeline_utils", "torch_dtype", logging.DEBUG),
+    ("diffusers.models.modeling_utils", "torch_dtype", logging.DEBUG),
+    ("py.warnings", "torch_dtype", logging.DEBUG),
+)
+
+
+class _Demote(logging.Filter):
+    """Re-level matching records; drop them when the new level is below what the root logger shows."""
+
+    def __init__(self, rules: list[tuple[str, int]]):
+        super().__init__()
+        self.rules = rules
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        for text, level in self.rules:
+            if text in msg and record.levelno > level:
+                record.levelno, record.levelname = level, logging.getLevelName(level)
+                return level >= logging.getLogger().getEffectiveLevel()
+        return True
+
+
+def route_third_party() -> None:
+    """Send Python warnings to the log (``py.warnings``) and demote the :data:`DEMOTED` messages."""
+    logging.captureWarnings(True)
+    rules: dict[str, list[tuple[str, int]]] = {}
+    for name, text, level in DEMOTED:
+        rules.setdefault(name, []).append((text, level))
+    for name, r in rules.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Demote) for f in logger.filters):
+            logger.addFilter(_Demote(r))
+
+
+def quiet_library_progress(force: bool = False) -> None:
+    """Off a terminal (Ray workers, job logs): no tqdm bars from diffusers / transformers / huggingface_hub model
+    loading — their carriage returns turn a job log into one long line (imports the libraries: call it where they are
+    used anyway)."""
+    import os
+
+    if sys.stderr.isatty() and not force:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("diffusers", "transformers"):
+        try:
+            __import__(f"{name}.utils.logging")
+            sys.modules[f"{name}.utils.logging"].disable_progress_bar()
+        except Exception:  # noqa: BLE001 - an optional library or an API that moved: bars stay, nothing breaks
+            pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Configure the root logger once; later calls only change the level."""
     root = logging.getLogger()
@@ -36,4 +97,5 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("urllib3", "filelock", "PIL", "matplotlib", "fsspec", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    route_third_party()
     root._cnc_configured = True  # type: ignore[attr-defined]

@@ -72,7 +72,8 @@ def sample(
     sam_checkpoint: str = typer.Option(
         None, "--sam-checkpoint", help="SAM .pth (or 'tiny'): mask from the builder's SAM + saliency-prior backend; "
                                        "default: mask from the foreground depth."),
-    out: Path = typer.Option(Path("samples"), "--out", help="Output folder."),
+    output: Path = typer.Option(Path("samples"), "--output", "-o", help="Output folder."),
+    out: Path = typer.Option(None, "--out", hidden=True, help="Deprecated alias of --output."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
@@ -103,6 +104,9 @@ def sample(
     import torch
     from PIL import Image
 
+    from cnc.options import deprecated_alias
+
+    out = deprecated_alias(output, out, "--out", "--output", default=Path("samples"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if shard_sample is None and (fg is None or bg is None):

@@ -50,7 +50,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from cnc.base.errors import UserError
 from triplets.sample import TripletSample, decode_sample, validate_sample
 from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards
-from triplets.shardio.names import marker_for_tar
+from triplets.shardio.names import marker_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,15 @@ def count_marked_samples(urls: Sequence[str]) -> int | None:
 
     total = 0
     for url in urls:
-        try:
-            with open_stream(marker_for_tar(url)) as f:
-                marker = json.loads(f.read())
-            total += int(marker.get("nsamples", marker.get("count")))
-        except Exception:  # noqa: BLE001 - any missing/odd marker means "unknown"
+        for candidate in marker_candidates(url):  # _cnc/ first, then beside the tar (legacy layout)
+            try:
+                with open_stream(candidate) as f:
+                    marker = json.loads(f.read())
+                total += int(marker.get("nsamples", marker.get("count")))
+                break
+            except Exception:  # noqa: BLE001 - any missing/odd marker means "unknown"
+                continue
+        else:
             return None
     return total
 

@@ -2,7 +2,7 @@
 
     cnc train --config configs/train/local.yaml --set data.train_shards=out/build --set output_dir=out/local
     cnc train --config configs/train/local.yaml --set ... --resume latest
-    cnc train --config configs/train/global.yaml --set ... --ray-workers 8           # Ray Train, one GPU each
+    cnc train --config configs/train/global.yaml --set ... --workers 8               # Ray Train, one GPU each
     accelerate launch --num_processes 8 $(which cnc) train --config ...              # or: -m cnc_model.training
     torchrun --nproc_per_node 8 -m cnc_model.training --config ...
 
@@ -25,18 +25,27 @@ def train_command(
                                                           "(repeatable; values parsed as YAML)."),
     resume: str = typer.Option(None, "--resume", help="'latest' or a checkpoint-N folder "
                                                       "(= --set train.resume_from_checkpoint=...)."),
-    ray_workers: int = typer.Option(0, "--ray-workers", help="Run under Ray Train with N workers (0 = no Ray)."),
-    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: local/auto)."),
+    output: str = typer.Option(None, "--output", "-o", help="Output folder or URL (= --set output_dir=...)."),
+    workers: int = typer.Option(0, "--workers", help="Run under Ray Train with N workers (0 = no Ray)."),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (default: local/auto)."),
+    ray_workers: int = typer.Option(None, "--ray-workers", hidden=True, help="Deprecated alias of --workers."),
+    ray_address: str = typer.Option(None, "--ray-address", hidden=True, help="Deprecated alias of --address."),
     gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Ray workers take one GPU each."),
 ) -> None:
     """Train the local fuser, the global fuser, or both (stage from the config)."""
     from cnc.base.location import check_writable_output
-    from cnc_model.training.config import load_train_config
+    from cnc.options import deprecated_alias
+    from cnc_model.training.config import check_tracker, load_train_config
 
+    ray_workers = deprecated_alias(workers, ray_workers, "--ray-workers", "--workers", default=0)
+    ray_address = deprecated_alias(address, ray_address, "--ray-address", "--address")
     if resume:
         overrides = [*overrides, f"train.resume_from_checkpoint={resume}"]
+    if output:
+        overrides = [*overrides, f"output_dir={output}"]
     cfg = load_train_config(config, overrides)  # user errors (UserError) exit 2 with one line, in cnc.cli
     check_writable_output(cfg.output_dir)
+    check_tracker(cfg.train.report_to)
     if ray_workers > 0:
         from cnc_model.training.ray_train import run_ray_training
 

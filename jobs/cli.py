@@ -62,12 +62,15 @@ def _spec(kind: Kind, config: Path, overrides: list[str], input_: str | None, ou
 
 
 def _client(address: str | None):
-    from jobs.submit import make_client, resolve_address
+    from jobs.submit import RayAuthError, make_client, resolve_address
 
     try:
         return make_client(address)
-    except Exception as err:  # noqa: BLE001 - connection refused, auth required (RAY_AUTH_MODE=token), bad URL
-        _fail(f"cannot use the Ray Jobs API at {resolve_address(address)}: {err}")
+    except RayAuthError:
+        raise  # one line, exit 2 (cnc.cli)
+    except Exception as err:  # noqa: BLE001 - connection refused, bad URL
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        _fail(f"cannot use the Ray Jobs API at {resolve_address(address)}: {first}")
 
 
 def _write(text: str) -> None:
@@ -87,11 +90,11 @@ def _follow(client, submission_id: str):
 
 
 # Shared options (typer needs them per command; these keep help texts identical).
-_CONFIG = typer.Option(..., "--config", help="Config YAML (configs/build/*.yaml, configs/train/*.yaml).")
+_CONFIG = typer.Option(..., "--config", "-c", help="Config YAML (configs/build/*.yaml, configs/train/*.yaml).")
 _SET = typer.Option([], "--set", help="Config override key.sub=value (repeatable).")
-_INPUT = typer.Option(None, "--input", help="Input as the cluster sees it (absolute path or URI); train: sets "
+_INPUT = typer.Option(None, "--input", "-i", help="Input as the cluster sees it (absolute path or URI); train: sets "
                                             "data.train_shards.")
-_OUTPUT = typer.Option(None, "--output", help="Output as the cluster sees it (absolute path or URI); train: sets "
+_OUTPUT = typer.Option(None, "--output", "-o", help="Output as the cluster sees it (absolute path or URI); train: sets "
                                               "output_dir.")
 _ENTRYPOINT = typer.Option(None, "--entrypoint", help="Replace the command; placeholders {python} {config} {input} "
                                                       "{output} {address} {workers}.")
@@ -249,7 +252,8 @@ def render_job(
     python: str = typer.Option("python", "--python", help="Python on the nodes / in the image."),
     retry_failed: bool = _RETRY,
     entrypoint: str = _ENTRYPOINT,
-    out_file: Path = typer.Option(None, "--output-file", "-o", help="Write here instead of stdout."),
+    out_file: Path = typer.Option(None, "--output-file", help="Write the script/manifest here instead of stdout "
+                                  "(-o is --output, the job's output location, as in every command)."),
     # Slurm
     partition: str = typer.Option(None, "--partition", help="Slurm partition."),
     account: str = typer.Option(None, "--account", help="Slurm account."),
@@ -275,6 +279,9 @@ def render_job(
     from jobs.render_k8s import K8sOptions, render_k8s
     from jobs.render_slurm import SlurmOptions, render_slurm
 
+    if output and output.endswith((".sbatch", ".sh", ".yaml", ".yml")) and out_file is None:
+        _fail(f"--output/-o is the job's output location, not the file to write ({output!r}): use "
+              f"--output-file {output}")
     gpus = gpus_per_node if gpus_per_node is not None else (1 if target is Target.k8s else 0)
     n_workers = 0 if kind is Kind.build else (workers if workers is not None else nodes * (gpus or 1))
     extra = ["--retry-failed"] if retry_failed else []

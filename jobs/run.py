@@ -162,9 +162,9 @@ class RunSpec:
             # newest checkpoint in output_dir, or from scratch when there is none, so resubmitting resumes.
             args += ["--resume", "latest"]
             if self.workers > 0:
-                args += ["--ray-workers", str(self.workers)]
+                args += ["--workers", str(self.workers)]
                 if address is not None:
-                    args += ["--ray-address", address]
+                    args += ["--address", address]
                 if not self.gpu:
                     args += ["--no-gpu"]
         args += list(self.extra_args)

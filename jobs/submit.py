@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cnc.base.errors import UserError
 from cnc.config import ConfigError
 from jobs.run import RunSpec
 
@@ -162,11 +163,77 @@ def staged_working_dir(request: JobRequest) -> Iterator[Path]:
         yield root
 
 
+class RayAuthError(UserError):
+    """The cluster requires Ray token authentication and no token was found where Ray keeps it."""
+
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+TOKEN_HELP = ("put the cluster's token in ~/.ray/auth_token (or set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file "
+              "holding it)")
+
+
+def ray_token_source(environ: dict[str, str] | None = None, home: Path | None = None) -> str | None:
+    """Where Ray would read the user's token from: ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token`` (the first that is set / exists and is not empty), else ``None``. The token is not read."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return "$RAY_AUTH_TOKEN"
+    for path in (env.get("RAY_AUTH_TOKEN_PATH"), str((home or Path.home()) / ".ray" / "auth_token")):
+        if path and Path(path).is_file() and Path(path).stat().st_size > 0:
+            return path
+    return None
+
+
+def is_auth_error(err: BaseException) -> bool:
+    """Whether a Jobs API failure says the cluster wants a token (HTTP 401/403 or Ray's AuthenticationError)."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return "authenticationerror" in text or "unauthorized" in text or " 401" in text or "status 401" in text or (
+        "token" in text and ("auth" in text or "403" in text))
+
+
+def _enable_token_auth() -> None:
+    """Switch this process's Ray client to token mode (what exporting ``RAY_AUTH_MODE=token`` does)."""
+    os.environ[AUTH_MODE_ENV] = "token"
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray caches its config at import; refresh it as Ray itself does
+    except Exception:  # noqa: BLE001 - older/newer Ray: the environment variable is read when the client is built
+        pass
+
+
 def make_client(address: str | None):
-    """A ``JobSubmissionClient`` for ``address`` (see :func:`resolve_address`)."""
+    """A ``JobSubmissionClient`` for ``address`` (see :func:`resolve_address`).
+
+    When the cluster requires Ray token authentication and ``RAY_AUTH_MODE`` is not ``token`` here, the user's
+    token is used from where Ray keeps it (:func:`ray_token_source`); without one, :class:`RayAuthError` says in
+    one line what to set. The token never leaves this process except in the request's ``Authorization`` header.
+    """
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(resolve_address(address))
+    url = resolve_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except Exception as err:
+        if not is_auth_error(err):
+            raise
+        source = ray_token_source()
+        if source is None:
+            raise RayAuthError(f"the Ray cluster at {url} requires token authentication and no token was found: "
+                               f"{TOKEN_HELP}") from None
+        if os.environ.get(AUTH_MODE_ENV, "").lower() == "token":
+            raise RayAuthError(f"the Ray cluster at {url} refused the token from {source}: check that it is the "
+                               f"cluster's token ({TOKEN_HELP})") from None
+    logger.info("the Ray cluster at %s requires token authentication: using the token from %s (%s=token)", url, source,
+                AUTH_MODE_ENV)
+    _enable_token_auth()
+    try:
+        return JobSubmissionClient(url)
+    except Exception as err:
+        if is_auth_error(err):
+            raise RayAuthError(f"the Ray cluster at {url} refused the token from {source}: check that it is the "
+                               f"cluster's token ({TOKEN_HELP})") from None
+        raise
 
 
 def latest_attempt(client, run_id: str) -> tuple[int, object | None]:

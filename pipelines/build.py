@@ -97,7 +97,10 @@ def package_versions() -> dict[str, str]:
 
 
 def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, dict]) -> dict:
-    """Rewrite ``manifest.json`` (atomically) from the committed markers; also a wids shard index."""
+    """Rewrite ``manifest.json`` (atomically) from the committed markers, and the dataset card.
+
+    The manifest is also a wids shard index; its shard URLs are relative to the build folder
+    (``wids.ShardListDataset(f"{folder}/_cnc/manifest.json", base=folder)``)."""
     shards = [markers[s] for s in sorted(markers)]
     models: dict = {}
     seen: dict[str, list] = collections.defaultdict(list)  # every distinct identity per key
@@ -138,6 +141,9 @@ def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: d
         },
     }
     output.file(MANIFEST_FILE).write_json(manifest)
+    from triplets.card import write_card
+
+    write_card(output, manifest)  # _cnc/README.md + .huggingface.yaml (datasets.load_dataset(folder))
     return manifest
 
 
@@ -297,8 +303,9 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, d
              100 * result.failure_fraction, 100 * cfg.max_failure_fraction, result.shards_committed,
              result.shards_total, seconds)
     if result.failure_fraction > cfg.max_failure_fraction:
-        log.error("failures %d/%d = %.2f%% exceed max_failure_fraction %.2f%% (see %s/errors/)", result.failures,
-                  result.items_total, 100 * result.failure_fraction, 100 * cfg.max_failure_fraction, out.url)
+        log.error("failures %d/%d = %.2f%% exceed max_failure_fraction %.2f%% (see %s/)", result.failures,
+                  result.items_total, 100 * result.failure_fraction, 100 * cfg.max_failure_fraction,
+                  out.loc.child(out.layout.errors_dir).url)
     if uncommitted:
         log.error("%d shard(s) not committed: %s; rerun the same command to retry them", len(uncommitted),
                   ", ".join(f"{s:06d}" for s in uncommitted[:10]))

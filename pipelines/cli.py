@@ -17,7 +17,8 @@ def build(
     input: str = typer.Option(..., "--input", "-i", help="Image folder, COCO captions .json, .tar or brace pattern, "
                                                          "or .parquet/.csv/.jsonl table(s) (file, folder or glob); "
                                                          "a local path or a URL (s3://, gs://, ...)."),
-    output: str = typer.Option(..., "--output", "-o", help="Output folder or URL (shards, errors/, manifest.json)."),
+    output: str = typer.Option(..., "--output", "-o", help="Output folder or URL (shards at the top; plan, markers, "
+                                                           "errors/, manifest and dataset card under _cnc/)."),
     overrides: list[str] = typer.Option([], "--set", help="Config override key=value (dotted keys), repeatable."),
     address: str | None = typer.Option(
         None, "--address", help="Join a Ray cluster ('auto' or HOST:PORT); default: $RAY_ADDRESS if set, else a private local "

@@ -89,7 +89,10 @@ class ShardWorker:
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
+        from cnc.logs import quiet_library_progress
         from triplets.builder import TripletBuilder
+
+        quiet_library_progress()  # worker logs are not terminals: no "Loading weights" bars in the driver's output
 
         t0 = time.perf_counter()
         self.cfg = BuildConfig.model_validate(cfg)

@@ -84,8 +84,8 @@ def test_streamed_tar_is_byte_identical_to_encode_tar(tmp_path):
 def test_commit_then_recover_keeps_committed_shard(tmp_path):
     marker = _write_shard(tmp_path, 0, ["a", "b"], [{"key": "c", "source": "s", "stage": "decode", "reason": "x"}])
     assert marker["sha256"] == file_sha256(tmp_path / "000000.tar")
-    assert marker["url"] == "000000.tar" and marker["errors"] == "errors/000000.jsonl"
-    rows = [json.loads(line) for line in (tmp_path / "errors" / "000000.jsonl").read_text().splitlines()]
+    assert marker["url"] == "000000.tar" and marker["errors"] == "_cnc/errors/000000.jsonl"
+    rows = [json.loads(line) for line in (tmp_path / "_cnc" / "errors" / "000000.jsonl").read_text().splitlines()]
     assert rows == [{"key": "c", "source": "s", "stage": "decode", "reason": "x"}]
     committed = _recover(tmp_path, FP, {0: 3})
     assert list(committed) == [0]
@@ -120,7 +120,7 @@ def test_recover_random_crash_states(tmp_path):
                         f.seek(700)
                         f.write(b"X")
                 elif state == "missing-errors":
-                    (out / "errors" / f"{shard:06d}.jsonl").unlink()
+                    (out / "_cnc" / "errors" / f"{shard:06d}.jsonl").unlink()
                 else:
                     expected[shard] = keys
             else:
@@ -131,7 +131,7 @@ def test_recover_random_crash_states(tmp_path):
             if shard in committed:
                 assert [s.key for s in iter_samples(str(tar))] == expected[shard]
             else:
-                assert not tar.exists() and not (out / f"{shard:06d}_stats.json").exists()
+                assert not tar.exists() and not (out / "_cnc" / f"{shard:06d}_stats.json").exists()
         assert set(committed) == set(expected)
         assert not list(out.rglob("*.tmp"))
 
@@ -159,9 +159,9 @@ def test_plan_is_pure_and_split_by_samples_per_shard(tmp_path):
     assert [s["name"] for s in p1["shards"]] == ["000000", "000001", "000002"]
     assert json.dumps(p1, sort_keys=True) == json.dumps(make_plan(_items(5), _cfg(), "/in", "folder"), sort_keys=True)
     prepare_plan(BuildOutput(str(tmp_path)), p1)
-    before = (tmp_path / "plan.json").read_bytes()
+    before = (tmp_path / "_cnc" / "plan.json").read_bytes()
     prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(5), _cfg(ray={"num_workers": 7}, device="cpu"), "/in", "folder"))
-    assert (tmp_path / "plan.json").read_bytes() == before  # operational keys do not matter
+    assert (tmp_path / "_cnc" / "plan.json").read_bytes() == before  # operational keys do not matter
 
 
 @pytest.mark.parametrize("change, message", [
@@ -241,14 +241,39 @@ def test_resume_checks_size_by_default_and_hashes_on_verify(tmp_path):
 def test_recovery_deletes_only_files_the_build_wrote(tmp_path):
     """Regression (issue 11.6): names that merely start with six digits are the user's, not ours."""
     _write_shard(tmp_path, 0, ["a"])
-    theirs = [tmp_path / "123456_notes.txt", tmp_path / "errors" / "424242_mine.txt", tmp_path / "000001.tar.bak",
-              tmp_path / "000000.tar.tmp", tmp_path / "999999.jsonl"]
+    theirs = [tmp_path / "123456_notes.txt", tmp_path / "_cnc" / "errors" / "424242_mine.txt",
+              tmp_path / "000001.tar.bak", tmp_path / "000000.tar.tmp", tmp_path / "999999.jsonl",
+              tmp_path / "_cnc" / "000009.tar", tmp_path / "errors" / "000003.jsonl"]
+    (tmp_path / "errors").mkdir()
     for p in theirs:
         p.write_text("keep me")
-    ours = [tmp_path / "000003.tar", tmp_path / "errors" / "000003.jsonl",
-            tmp_path / location.temp_name("000002.tar"), tmp_path / "errors" / location.temp_name("000002.jsonl")]
+    ours = [tmp_path / "000003.tar", tmp_path / "_cnc" / "errors" / "000003.jsonl",
+            tmp_path / location.temp_name("000002.tar"),
+            tmp_path / "_cnc" / "errors" / location.temp_name("000002.jsonl"),
+            tmp_path / "_cnc" / "000003_stats.json", tmp_path / "_cnc" / location.temp_name("manifest.json")]
     for p in ours:
         p.write_text("partial")
     assert list(_recover(tmp_path, FP, {0: 1, 2: 1, 3: 1})) == [0]
     assert all(p.read_text() == "keep me" for p in theirs)
     assert not any(p.exists() for p in ours)
+
+
+def test_legacy_layout_folder_stays_readable_and_resumable(tmp_path):
+    """A folder built before sidecars moved to ``_cnc/`` (plan, markers and errors/ beside the tars) keeps its layout:
+    recovery keeps its committed shards, new shards are committed the old way, readers find its markers."""
+    from triplets.shardio import resolve_shards
+    from triplets.shardio.names import LEGACY
+
+    _write_shard(tmp_path, 0, ["a"])
+    for name in ("000000_stats.json", "errors"):  # turn the folder into the legacy layout
+        os.rename(tmp_path / "_cnc" / name, tmp_path / name)
+    (tmp_path / "_cnc").rmdir()
+    (tmp_path / "plan.json").write_text("{}")
+    assert BuildOutput(str(tmp_path)).layout == LEGACY
+    assert list(_recover(tmp_path, FP, {0: 1, 1: 1})) == [0]
+    _write_shard(tmp_path, 1, ["b"])
+    assert (tmp_path / "000001_stats.json").is_file() and (tmp_path / "errors" / "000001.jsonl").is_file()
+    assert not (tmp_path / "_cnc").exists()
+    assert list(_recover(tmp_path, FP, {0: 1, 1: 1})) == [0, 1]
+    assert resolve_shards(str(tmp_path), committed_only=True) == [str(tmp_path / f"00000{i}.tar") for i in (0, 1)]
+    assert BuildOutput(str(tmp_path)).file("plan.json").url == str(tmp_path / "plan.json")

@@ -46,7 +46,7 @@ def _stats(out: Path) -> dict[str, tuple[int, int]]:
 def _committed_keys(out: Path) -> tuple[list[str], list[str]]:
     """(sample keys over all tars, error keys over all error files) — duplicates kept."""
     keys = [s.key for tar in sorted(out.glob("*.tar")) for s in iter_samples(str(tar))]
-    errs = [json.loads(line)["key"] for f in sorted((out / "errors").glob("*.jsonl"))
+    errs = [json.loads(line)["key"] for f in sorted((out / "_cnc" / "errors").glob("*.jsonl"))
             for line in f.read_text().splitlines()]
     return keys, errs
 
@@ -56,7 +56,7 @@ def _assert_exactly_once(out: Path, photos: dict) -> None:
     assert sorted(keys) == sorted(photos["good"]), "every good item exactly once"
     assert sorted(errs) == sorted(photos["bad"]), "every bad item quarantined exactly once"
     for tar in out.glob("*.tar"):
-        assert (out / f"{tar.stem}_stats.json").is_file(), f"{tar.name} has no marker"
+        assert (out / "_cnc" / f"{tar.stem}_stats.json").is_file(), f"{tar.name} has no marker"
     assert not list(out.rglob("*.tmp"))
 
 
@@ -91,20 +91,26 @@ def test_build_outputs_are_readable_by_every_reader(reference):
 
     ray_rows = ray.data.read_webdataset(tars).take_all()
     assert sorted(r["__key__"] for r in ray_rows) == sorted(photos["good"])
+    folder_rows = ray.data.read_webdataset(str(out)).take_all()  # the folder itself: only shards at the top
+    assert sorted(r["__key__"] for r in folder_rows) == sorted(photos["good"])
+    card = (out / "_cnc" / "README.md").read_text()  # the dataset card, written with the manifest
+    assert "samples: 8 in 4 shard(s)" in card and "failed: 3" in card and "`inpaint.model` | tiny" in card
+    assert "*.tar" in (out / ".huggingface.yaml").read_text()
 
     decoded = [s for t in tars for s in iter_samples(t)]
     assert all(validate_sample(s) == [] for s in decoded)
     assert all(set(s.meta["quality"]) == {"version", "removal", "depth", "mask"} for s in decoded)
     assert {s.caption for s in decoded} == {f"a photo called {k}: test" for k in photos["good"]}
 
-    rows = [json.loads(line) for f in sorted((out / "errors").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    rows = [json.loads(line) for f in sorted((out / "_cnc" / "errors").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
     reasons = {r["key"]: (r["stage"], r["reason"]) for r in rows}
     assert set(reasons) == set(photos["bad"]) and all(set(r) >= {"key", "source", "stage", "reason"} for r in rows)
     assert reasons["img_001_empty"][0] == "decode" and reasons["img_001_empty"][1].startswith("empty file")
     assert reasons["img_004_text"][1].startswith("not an image")
     assert "truncated" in reasons["img_007_truncated"][1] or "corrupt" in reasons["img_007_truncated"][1]
 
-    markers = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
+    markers = [json.loads(p.read_text()) for p in sorted(out.glob("_cnc/*_stats.json"))]
     assert sum(m["nsamples"] for m in markers) == 8 and sum(m["nfailed"] for m in markers) == 3
     for m in markers:
         assert m["sha256"] == file_sha256(out / m["url"]) and m["bytes"] == (out / m["url"]).stat().st_size
@@ -112,15 +118,15 @@ def test_build_outputs_are_readable_by_every_reader(reference):
         assert {"pid", "host", "node_id", "device"} <= set(m["worker"])
     assert markers[0]["failures_by_stage"] == {"decode": 1} and markers[1]["nfailed"] == 0
 
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
     assert manifest["__kind__"] == "wids-shard-index-v1" and manifest["name"] == "build"
     assert [s["url"] for s in manifest["shardlist"]] == [Path(t).name for t in tars]
     assert sum(s["nsamples"] for s in manifest["shardlist"]) == 8
     assert {"torch", "diffusers", "transformers", "ray", "webdataset", "cnc"} <= set(manifest["versions"])
     assert manifest["models"]["inpaint.model"]["id"] == "tiny"
     assert manifest["totals"]["failures"] == 3 and manifest["totals"]["shards_uncommitted"] == []
-    assert load_config(BuildConfig, out / "config.yaml") == _cfg()
-    plan = json.loads((out / "plan.json").read_text())
+    assert load_config(BuildConfig, out / "_cnc" / "config.yaml") == _cfg()
+    plan = json.loads((out / "_cnc" / "plan.json").read_text())
     assert [len(s["items"]) for s in plan["shards"]] == [3, 3, 3, 2]
 
 
@@ -135,7 +141,7 @@ def test_worker_killed_mid_shard_is_retried_without_loss(reference, tmp_path):
     fault = {"kill_shard": 1, "kill_after_batches": 1}  # shard 1 = 2 batches; die after the first
     result = run_build(_cfg(), str(src), tmp_path / "faulty", progress=False, fault_injection=fault)
     assert result.exit_code == 0 and result.shards_lost == []
-    marker = json.loads((tmp_path / "faulty" / "000001_stats.json").read_text())
+    marker = json.loads((tmp_path / "faulty" / "_cnc" / "000001_stats.json").read_text())
     assert marker["attempt"] >= 1  # retried (a restarting actor may cost one more attempt under load)
     _assert_exactly_once(tmp_path / "faulty", photos)
     assert _shas(tmp_path / "faulty") == _shas(out)
@@ -168,11 +174,12 @@ def test_retry_failed_recomputes_only_failures(reference, tmp_path):
     result = run_build(_cfg(), str(src), out, retry_failed=True, progress=False)
     assert result.shards_built == 3 and result.failures == 3  # shards 0, 2, 3 had failures; they fail again
     after = _stats(out)
-    assert after["000001.tar"] == before["000001.tar"] and after["000001_stats.json"] == before["000001_stats.json"]
+    assert after["000001.tar"] == before["000001.tar"]
+    assert after["_cnc/000001_stats.json"] == before["_cnc/000001_stats.json"]
     assert after["000000.tar"] != before["000000.tar"]  # rewritten through the commit protocol...
     assert _shas(out) == _shas(ref)  # ...with the same bytes
     for shard in (0, 2, 3):
-        m = json.loads((out / f"{shard:06d}_stats.json").read_text())
+        m = json.loads((out / "_cnc" / f"{shard:06d}_stats.json").read_text())
         assert m["nreused"] == m["nsamples"] and m["nfailed"] == 1
     _assert_exactly_once(out, photos)
 
@@ -190,7 +197,7 @@ def test_exit_code_follows_max_failure_fraction_and_retry_fixes(ray_local, tiny_
     assert (result.samples, result.failures, result.exit_code, result.shards_built) == (4, 0, 0, 1)
     keys = [s.key for s in iter_samples(str(out / "000000.tar"))]
     assert keys == ["img_000", "img_001", bad]  # plan order, reused samples copied around the new one
-    assert (out / "errors" / "000000.jsonl").read_text() == ""
+    assert (out / "_cnc" / "errors" / "000000.jsonl").read_text() == ""
 
 
 def _descendants(pid: int) -> list:
@@ -214,7 +221,7 @@ def test_driver_sigkill_then_rerun_is_exactly_once(reference, tmp_path):
     children = []
     try:
         deadline = time.monotonic() + 120
-        while not list(out.glob("*_stats.json")):
+        while not list(out.glob("_cnc/*_stats.json")):
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no shard committed in 120 s"
             children = _descendants(proc.pid) or children
@@ -222,7 +229,7 @@ def test_driver_sigkill_then_rerun_is_exactly_once(reference, tmp_path):
         proc.send_signal(signal.SIGKILL)  # the driver only; its Ray dies with it
         proc.wait(30)
         # what a reader sees right after the crash: no temp file under a shard name, every .tar complete
-        assert len(list(out.glob("*_stats.json"))) < 4, "the build finished before the kill"
+        assert len(list(out.glob("_cnc/*_stats.json"))) < 4, "the build finished before the kill"
         for tar in out.glob("*.tar"):
             assert tar_keys(str(tar)) and list(iter_samples(str(tar)))
     finally:

@@ -83,7 +83,7 @@ def run_cli(*args):
 
 
 def test_valid_build_summary_and_exit_zero(build, tmp_path):
-    res, out = run_cli(build, "--out", tmp_path / "rep", "--n", "4")
+    res, out = run_cli(build, "--output", tmp_path / "rep", "--n", "4")
     assert res.exit_code == 0, out
     assert "ERROR" not in out and "samples" in out and "Failures by reason" in out
     s = summarise(build)
@@ -207,7 +207,7 @@ def test_seeded_choice_and_keys(build):
     assert pick(1) != pick(2) or pick(1) != pick(3)
     res = inspect_shards(build, keys=["b/002", "a/001", "nope"])
     assert [s.key for s in res.samples] == ["a/001", "b/002"] and res.missing_keys == ["nope"]
-    r, out = run_cli(build, "--keys", "a/001,nope", "--out", build / "rep")
+    r, out = run_cli(build, "--keys", "a/001,nope", "--output", build / "rep")
     assert r.exit_code == 2
 
 
@@ -237,7 +237,7 @@ def test_colorize_is_viridis_like():
 
 
 def test_html_report_is_self_contained(build, tmp_path):
-    res, out = run_cli(build, "--n", "3", "--seed", "1", "--html", "--out", tmp_path / "rep", "--per-page", "2")
+    res, out = run_cli(build, "--n", "3", "--seed", "1", "--html", "--output", tmp_path / "rep", "--per-page", "2")
     assert res.exit_code == 0, out
     rep = tmp_path / "rep"
     assert sorted(p.name for p in rep.glob("contact_sheet_*.png")) == ["contact_sheet_000.png", "contact_sheet_001.png"]

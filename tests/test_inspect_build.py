@@ -40,7 +40,7 @@ def build(tmp_path_factory):
 
 def test_inspect_tiny_build(build, tmp_path, monkeypatch):
     rep = tmp_path / "rep"
-    res = CliRunner().invoke(app, ["inspect", str(build), "--n", "16", "--html", "--out", str(rep)])
+    res = CliRunner().invoke(app, ["inspect", str(build), "--n", "16", "--html", "--output", str(rep)])
     assert res.exit_code == 0, res.output
     assert "fg nearer than bg in M" in res.output and "decode: not an image" in res.output
     data = json.loads((rep / "summary.json").read_text())

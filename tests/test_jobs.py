@@ -134,7 +134,7 @@ def test_train_entrypoint_uses_ray_train_workers():
     assert spec.config["data"]["train_shards"] == ["/shared/shards/{000000..000009}.tar"]
     req = build_request(spec, python="python")
     assert req.entrypoint == ("python -u -m cnc.cli train --config .cnc_job/config.yaml --resume latest "
-                              "--ray-workers 4 --ray-address auto")
+                              "--workers 4 --address auto")
     assert req.entrypoint_num_gpus is None  # Ray Train's workers request the GPUs
     assert build_request(RunSpec(kind="train", config={}, workers=0)).entrypoint_num_gpus == 1
     with pytest.raises(ConfigError, match="absolute"):
@@ -180,7 +180,7 @@ def test_sbatch_renders_and_passes_bash_n(tmp_path, kind):
     out = tmp_path / "job.sbatch"
     args = ["render-job", "slurm", kind, "--nodes", "3", "--gpus-per-node", "8", "--cpus-per-node", "64",
             "--partition", "gpu", "--time", "12:00:00", "--setup", "source /opt/venv/bin/activate",
-            "--sbatch-arg", "--constraint=a100", "-o", str(out)]
+            "--sbatch-arg", "--constraint=a100", "--output-file", str(out)]
     if kind == "build":
         args += ["--config", TINY, "--input", "/shared/in", "--output", "/shared/out", "--retry-failed"]
     else:
@@ -200,8 +200,8 @@ def test_sbatch_renders_and_passes_bash_n(tmp_path, kind):
                 '--address "$RAY_ADDRESS" --retry-failed') in text
         assert "resolution: 128" in text  # resolved config embedded
     else:
-        assert ('"$PYTHON" -u -m cnc.cli train --config "$CNC_CONFIG" --resume latest --ray-workers 24 '
-                '--ray-address "$RAY_ADDRESS"') in text
+        assert ('"$PYTHON" -u -m cnc.cli train --config "$CNC_CONFIG" --resume latest --workers 24 '
+                '--address "$RAY_ADDRESS"') in text
         assert "output_dir: /shared/ckpt" in text
 
 
@@ -250,7 +250,7 @@ def test_rayjob_has_required_fields(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, [
         "render-job", "k8s", "build", "--config", TINY, "--input", "/data/in", "--output", "/data/out",
         "--image", "registry.example/cnc:1", "--nodes", "2", "--gpus-per-node", "4", "--pvc", "shared",
-        "--secret", "hf-token", "--backoff-limit", "3", "--active-deadline", "7200", "-o", str(out)])
+        "--secret", "hf-token", "--backoff-limit", "3", "--active-deadline", "7200", "--output-file", str(out)])
     assert res.exit_code == 0, res.output
     text = out.read_text()
     assert SECRET not in text
@@ -286,7 +286,7 @@ def test_rayjob_checks_inputs():
         render_k8s(spec, K8sOptions(image="img", env={"AWS_SECRET_ACCESS_KEY": "x"}))
     train = make_spec("train", TRAIN_TINY, output="s3://b/ckpt", input="s3://b/shards", workers=8)
     _, job = _docs(render_k8s(train, K8sOptions(image="img", nodes=1, gpus_per_node=8)))
-    assert "--ray-workers 8" in job["spec"]["entrypoint"] and "entrypointNumGpus" not in job["spec"]
+    assert "--workers 8" in job["spec"]["entrypoint"] and "entrypointNumGpus" not in job["spec"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

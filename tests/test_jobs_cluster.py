@@ -131,7 +131,7 @@ def _images(folder: Path, n: int = 3) -> Path:
 
 def _snapshot(out: Path) -> dict[str, tuple[str, int]]:
     """Shard tars and their markers: name -> (sha256, mtime_ns)."""
-    files = sorted(out.glob("*.tar")) + sorted(out.glob("*_stats.json"))
+    files = sorted(out.glob("*.tar")) + sorted(out.glob("_cnc/*_stats.json"))
     return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in files}
 
 
@@ -207,3 +207,20 @@ def test_train_job_runs_ray_train_and_resubmission_resumes(cluster, tiny_shards,
     assert "(attempt 2)" in again.stdout
     assert "checkpoint-4" in again.stdout + again.stderr  # resumed from the last checkpoint, no new steps
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_token_auth_is_detected_or_explained_in_one_line(cluster, tmp_path):
+    """Issue 13.4: without RAY_AUTH_MODE=token, cnc uses the user's token where Ray keeps it, or says what to set."""
+    env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(cluster.env["RAY_AUTH_TOKEN"])
+    cmd = [sys.executable, "-m", "cnc.cli", "jobs", "list", "--address", cluster.address]
+    ok = subprocess.run(cmd, env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "requires token authentication: using the token from" in ok.stderr
+    empty = tmp_path / "nohome"
+    empty.mkdir()
+    bad = subprocess.run(cmd, env={**env, "HOME": str(empty)}, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    lines = [ln for ln in bad.stderr.splitlines() if "ERROR" in ln]
+    assert len(lines) == 1 and "requires token authentication" in lines[0] and "~/.ray/auth_token" in lines[0]

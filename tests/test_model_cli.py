@@ -33,7 +33,7 @@ def test_cnc_sample_end_to_end(assets, tmp_path):
     from cnc.cli import app
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, _args(assets, "--out", str(out), "--depth-model", str(assets / "dpt"),
+    result = CliRunner().invoke(app, _args(assets, "--output", str(out), "--depth-model", str(assets / "dpt"),
                                            "--num-images", "2", "--fg-scale", "0.5"))
     assert result.exit_code == 0, result.output
     samples = sorted(out.glob("sample_*.png"))
@@ -46,7 +46,7 @@ def test_cnc_sample_missing_depth_model_fails_fast(assets, tmp_path):
     from cnc.cli import app
 
     missing = tmp_path / "no-such-dpt"
-    result = CliRunner().invoke(app, _args(assets, "--out", str(tmp_path / "o"), "--depth-model", str(missing)))
+    result = CliRunner().invoke(app, _args(assets, "--output", str(tmp_path / "o"), "--depth-model", str(missing)))
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and str(missing) in lines[0] and "--depth-model" in lines[0]
@@ -57,7 +57,7 @@ def test_cnc_sample_with_the_builders_sam_segmenter(assets, tmp_path):
     from cnc.cli import app
 
     out = tmp_path / "sam"
-    result = CliRunner().invoke(app, _args(assets, "--out", str(out), "--depth-model", "tiny",
+    result = CliRunner().invoke(app, _args(assets, "--output", str(out), "--depth-model", "tiny",
                                            "--sam-checkpoint", "tiny"))
     assert result.exit_code == 0, result.output
     mask_tile = np.asarray(Image.open(out / "sheet.png").convert("L"))[:, 4 * 96:5 * 96]
@@ -83,7 +83,7 @@ def test_cnc_sample_from_a_built_shard_sample(assets, tmp_path):
     write_shard(tmp_path / "000000.tar", samples)
     out = tmp_path / "from-shard"
     args = ["sample", str(assets / "ckpt"), "--shard-sample", f"{tmp_path / '000000.tar'}#obj", "--steps", "2",
-            "--height", "64", "--width", "64", "--out", str(out)]
+            "--height", "64", "--width", "64", "--output", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert Image.open(out / "sample_0.png").size == (64, 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -60,10 +61,10 @@ def test_swapped_weights_refuse_a_resume_unless_allowed(ray_local, tmp_path):
     out = tmp_path / "out"
     sets = [*FAST_BUILD, f"depth.model={depth}", "max_failure_fraction=1.0"]
     assert build_entry(str(TINY_CONFIG), str(photos), str(out), sets, summary=False) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
     old = manifest["models"]["depth.model"]["identity"]
     assert old == local_identity(depth) and manifest["models"]["inpaint.model"]["identity"].startswith("sha256:")
-    marker = json.loads(next(out.glob("*_stats.json")).read_text())
+    marker = json.loads(next(out.glob("_cnc/*_stats.json")).read_text())
     assert marker["models"]["depth.model"]["identity"] == old
 
     shutil.copy(materialize("depth", 1) / "model.safetensors", depth / "model.safetensors")  # new weights, same path
@@ -80,9 +81,9 @@ def test_swapped_weights_refuse_a_resume_unless_allowed(ray_local, tmp_path):
     assert "Traceback" not in proc.stderr
 
     assert build_entry(str(TINY_CONFIG), str(photos), str(out), sets, summary=False, allow_model_change=True) == 0
-    plan = json.loads((out / "plan.json").read_text())
+    plan = json.loads((out / "_cnc" / "plan.json").read_text())
     assert plan["models"]["depth.model"]["identity"] == new
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
     change = manifest["model_changes"]["resumes"][-1]
     assert change["before"]["depth.model"]["identity"] == old and change["after"]["depth.model"]["identity"] == new
     # the new identity is now the plan's: the same weights resume without the option
@@ -105,7 +106,8 @@ def test_training_resume_with_a_changed_base_model_is_refused(tiny_shards, tmp_p
     assert result.exit_code == 0, result.output
     prov = yaml.safe_load((out / "train_config.yaml").read_text())["provenance"]
     old = prov["models"][BASE_KEY]["identity"]
-    assert old == local_identity(base) and prov["shard_manifests"] == {str(tiny_shards): None}
+    manifest_sha = hashlib.sha256((tiny_shards / "_cnc" / "manifest.json").read_bytes()).hexdigest()
+    assert old == local_identity(base) and prov["shard_manifests"] == {str(tiny_shards): manifest_sha}
     assert json.loads((out / "checkpoint-1" / "provenance.json").read_text())["models"][BASE_KEY]["identity"] == old
 
     unet = "unet/diffusion_pytorch_model.safetensors"

@@ -124,11 +124,12 @@ def test_s3_build_is_exactly_once_under_sigkill_and_byte_identical(s3_server, ph
     resumed = listing(killed)
     keys = [k for k in samples_of(resumed)]
     assert sorted(keys) == sorted(photos["good"])
-    errs = [json.loads(line)["key"] for n, d in resumed.items() if n.startswith("errors/")
+    errs = [json.loads(line)["key"] for n, d in resumed.items() if n.startswith("_cnc/errors/")
             for line in d.decode().splitlines()]
     assert sorted(errs) == sorted(photos["bad"])
     assert not [n for n in resumed if n.endswith(".tmp")] and ".lock" not in resumed
-    assert {"plan.json", "config.yaml", "manifest.json"} <= set(resumed)
+    assert {"_cnc/plan.json", "_cnc/config.yaml", "_cnc/manifest.json", "_cnc/README.md",
+            ".huggingface.yaml"} <= set(resumed)
     # 3. a clean s3 build: byte-identical tars; the same samples as the local build
     proc = cnc(build_args(src, clean), workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -139,7 +140,7 @@ def test_s3_build_is_exactly_once_under_sigkill_and_byte_identical(s3_server, ph
     assert samples_of(clean_objects) == samples_of(local)  # same keys and payloads; only the source differs
     first = json.loads(next(iter(TarStream(f"{clean}/000000.tar").samples()))["json"])
     assert first["source"].startswith(f"{src}/")
-    manifest = json.loads(clean_objects["manifest.json"])
+    manifest = json.loads(clean_objects["_cnc/manifest.json"])
     assert [s["url"] for s in manifest["shardlist"]] == sorted(sha)
     assert not list(workdir.iterdir()), "nothing may be written into the working directory"
     # 4. decoded samples equal the local build's field by field (uint16 depth included)
@@ -190,7 +191,7 @@ def test_inspect_on_s3(s3_server, photo_folder, workdir, tmp_path):
     out = f"{s3_server.bucket('cnc-builds')}/inspected"
     assert cnc(build_args(src, out), workdir).returncode == 0
     report = tmp_path / "report"
-    proc = cnc(["inspect", out, "--n", "2", "--out", str(report)], workdir, timeout=120)
+    proc = cnc(["inspect", out, "--n", "2", "--output", str(report)], workdir, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert list(report.glob("*.png"))
     fs = s3fs()  # a damaged shard is found on s3 too

@@ -49,7 +49,7 @@ def test_shard_specs_folder_glob_braces_and_remote(tiny_shards, tmp_path, caplog
     # a folder uses only finished shards (with a _stats.json marker)
     folder = tmp_path / "build"
     shutil.copytree(tiny_shards, folder, ignore=shutil.ignore_patterns("_photos"))
-    (folder / "000001_stats.json").unlink()
+    (folder / "_cnc" / "000001_stats.json").unlink()
     with caplog.at_level(logging.WARNING):
         assert resolve_shards(str(folder), committed_only=True) == [str(folder / "000000.tar")]
     assert "no _stats.json marker" in caplog.text
@@ -59,7 +59,7 @@ def test_shard_specs_folder_glob_braces_and_remote(tiny_shards, tmp_path, caplog
     import fsspec
 
     fs = fsspec.filesystem("memory")
-    for name in ("000000.tar", "000000_stats.json"):
+    for name in ("000000.tar", "_cnc/000000_stats.json"):
         fs.pipe(f"/bucket/run/{name}", (tiny_shards / name).read_bytes())
     urls = resolve_shards("memory://bucket/run/", committed_only=True)
     assert len(urls) == 1 and urls[0].startswith("memory://") and urls[0].endswith("bucket/run/000000.tar")

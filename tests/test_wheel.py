@@ -73,7 +73,7 @@ def test_the_installed_wheel_builds_and_trains_outside_the_checkout(installed, t
     for s in fast:
         cmd += ["--set", s]
     _run(cmd, work, env, timeout=400)
-    assert json.loads((work / "shards" / "manifest.json").read_text())["totals"]["shards_committed"] == 1
+    assert json.loads((work / "shards" / "_cnc" / "manifest.json").read_text())["totals"]["shards_committed"] == 1
 
     train = [cnc, "train", "--config", "train/tiny"]
     for s in ("data.train_shards=shards", "output_dir=run", "train.max_train_steps=1", "train.checkpointing_steps=1",

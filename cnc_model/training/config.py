@@ -121,8 +121,11 @@ class TrainLoopConfig(_Strict):
     checkpoints_total_limit: int | None = Field(3, ge=1, description="keep the newest N checkpoints")
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint-N folder")
     log_every: int = Field(10, ge=1, description="steps between scalar logs")
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    progress_bar: bool = True
+    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = Field(
+        "tensorboard", description="accelerate tracker; wandb/mlflow need their extra (pip install 'cnc[wandb]')")
+    progress_bar: bool = Field(True, description="progress: a bar on a terminal, log lines in job logs")
+    progress_interval_s: float = Field(30.0, gt=0, description="off a terminal: a progress log line at least this "
+                                       "often (and every log_every steps)")
     record_keys: bool = Field(False, description="write every consumed sample key to OUTPUT/keys/rank-R.txt")
     cpu: bool = Field(False, description="force CPU even when a GPU is present")
     scratch_dir: str | None = Field(
@@ -132,6 +135,27 @@ class TrainLoopConfig(_Strict):
     @classmethod
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
+
+#: ``train.report_to`` → the module its tracker imports and the extra that installs it.
+TRACKER_PACKAGES: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install 'cnc[wandb]'"),
+    "mlflow": ("mlflow", "pip install 'cnc[mlflow]'"),
+}
+
+
+def check_tracker(report_to: str) -> None:
+    """Fail in one line when the tracker ``train.report_to`` names is not installed (checked where training runs,
+    not where a job is submitted)."""
+    import importlib.util
+
+    from cnc.base.errors import UserError
+
+    if report_to in TRACKER_PACKAGES:
+        module, how = TRACKER_PACKAGES[report_to]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"train.report_to={report_to} needs the {module!r} package, which is not installed: "
+                            f"{how}, or set train.report_to=none")
 
 
 class ValidationConfig(_Strict):

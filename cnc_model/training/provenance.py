@@ -38,7 +38,10 @@ def _manifest_hashes(shards: list[str]) -> dict[str, str | None]:
         if entry.startswith("pipe:") or any(c in entry for c in "*?[{"):
             continue
         try:
-            manifest = resolve(entry).child("manifest.json")
+            from triplets.shardio import BuildOutput
+            from triplets.shardio.names import MANIFEST_FILE
+
+            manifest = BuildOutput(resolve(entry)).file(MANIFEST_FILE)  # _cnc/manifest.json, or the legacy place
             if manifest.isfile():
                 out[entry] = hashlib.sha256(manifest.read_bytes()).hexdigest()
         except (UserError, OSError):

@@ -7,7 +7,7 @@ be on storage every node can reach for multi-node runs, as for torchrun).
 
 Usage::
 
-    cnc train --config configs/train/global.yaml --set ... --ray-workers 8 [--ray-address auto]
+    cnc train --config configs/train/global.yaml --set ... --workers 8 [--address auto]
 
     from cnc_model.training.ray_train import run_ray_training
     run_ray_training(cfg, num_workers=8, use_gpu=True, address="auto")

@@ -1,7 +1,8 @@
 """Tiny but real training shards for tests and the CPU demo: synthetic photos -> tiny ``TripletBuilder`` -> tars.
 
-``build_tiny_shards(folder)`` writes ``000000.tar``, ``000001.tar`` ... with ``_stats.json`` markers, like a finished
-``cnc build`` output, in ~20 s on 2 CPU cores (tiny random models, 64 px).
+``build_tiny_shards(folder)`` writes ``000000.tar``, ``000001.tar`` ... with ``_cnc/NNNNNN_stats.json`` markers, a
+``_cnc/manifest.json`` (wids index) and the dataset card, like a finished ``cnc build`` output, in ~20 s on 2 CPU cores
+(tiny random models, 64 px).
 """
 
 from __future__ import annotations
@@ -30,27 +31,39 @@ def synthetic_photos(folder: str | Path, n: int, seed: int = 0) -> Path:
 def build_tiny_shards(out_dir: str | Path, n_images: int = 6, n_shards: int = 2, resolution: int = 64,
                       seed: int = 0) -> list[Path]:
     """Build ``n_images`` triplets with the tiny build config and split them over ``n_shards`` marked tars."""
-    from cnc.config import load_config
+    from cnc.base.location import resolve
+    from cnc.config import config_dict, load_config
     from triplets.builder import TripletBuilder
+    from triplets.card import write_card
     from triplets.config import BuildConfig
     from triplets.readers import read_items
-    from cnc.base.location import resolve
     from triplets.shardio import write_shard
-    from triplets.shardio.names import marker_name, tar_name
+    from triplets.shardio.names import CURRENT, MANIFEST_FILE, tar_name
 
     out = Path(out_dir)
     photos = synthetic_photos(out / "_photos", n_images, seed)
     cfg = load_config(BuildConfig, None, [  # = configs/build/tiny.yaml at a small size
         "segment.sam_checkpoint=tiny", "segment.saliency_model=tiny", "inpaint.model=tiny", "depth.model=tiny",
-        "embed.model=tiny", "batch_size=4", f"resolution={resolution}", f"min_side={min(32, resolution)}", "inpaint.num_inference_steps=2",
+        "embed.model=tiny", "batch_size=4", f"resolution={resolution}", f"min_side={min(32, resolution)}",
+        "inpaint.num_inference_steps=2",
         "segment.min_area=0.0", "segment.max_area=1.0", f"seed={seed}"])
     samples, failures = TripletBuilder(cfg)(read_items(str(photos)))
     if failures or len(samples) != n_images:
         raise RuntimeError(f"tiny build failed: {failures}")
-    tars = []
+    tars, markers = [], []
     for i, chunk in enumerate(np.array_split(np.arange(len(samples)), n_shards)):
         tar = out / tar_name(i)
         stats = write_shard(tar, [samples[j] for j in chunk])
-        resolve(out / marker_name(i)).write_json(stats)
+        resolve(out / CURRENT.marker(i)).write_json(stats)
         tars.append(tar)
+        markers.append(dict(stats, url=tar.name))
+    manifest = {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.name, "input": str(photos),
+        "input_format": "folder", "models": samples[0].meta.get("models", {}), "config": config_dict(cfg),
+        "shardlist": [{"url": m["url"], "nsamples": m["nsamples"], "filesize": m["bytes"]} for m in markers],
+        "totals": {"items": n_images, "samples": len(samples), "shards_planned": n_shards,
+                   "shards_committed": n_shards, "failures": 0, "bytes": sum(m["bytes"] for m in markers)},
+    }
+    resolve(out / CURRENT.sidecar(MANIFEST_FILE)).write_json(manifest)
+    write_card(str(out), manifest)
     return tars

@@ -85,6 +85,9 @@ class Trainer:
             raise ValueError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
         # 1. accelerator and seeds (the same seed on every rank: identical init; data differ by rank)
         _reset_accelerator_state()
+        from cnc_model.training.config import check_tracker
+
+        check_tracker(cfg.train.report_to)  # one line naming the missing package, before anything starts
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             mixed_precision=cfg.train.mixed_precision, cpu=use_cpu,
@@ -97,14 +100,14 @@ class Trainer:
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        # 2. data: pre-flight check, fixed validation samples, loader (before anything is created: a wrong shard
+        # path must not leave an empty output_dir behind)
+        self._setup_data()
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg.model_copy(update={"provenance": self.provenance}), out / "train_config.yaml")
             self.storage.sync()
         self._check_shared_output()
-
-        # 2. data: pre-flight check, fixed validation samples, loader
-        self._setup_data()
 
         # 3. models
         comps = self.components or load_components(cfg, self.image_embed_dim)
@@ -308,7 +311,7 @@ class Trainer:
         logger.info("stage %s: %d -> %d steps, %d images per step (%d x %d accumulation x %d processes), lr %.2e",
                     cfg.stage, self.global_step, max_steps, per_step, cfg.train.train_batch_size, accum,
                     acc.num_processes, self.optimizer.param_groups[0]["lr"])
-        progress = self._progress_bar()
+        progress = self._progress_bar(per_step)
         keys_file = self._keys_file()
         data_iter = iter(self.loader)
         window = {"loss": 0.0, "steps": 0, "t0": time.perf_counter()}
@@ -327,7 +330,7 @@ class Trainer:
                     ema.step(acc.unwrap_model(self.models[name]).parameters())
                 pending.append(step_loss)
                 window["steps"] += 1
-                progress.update(1)
+                progress.update(1, lr=self.lr_scheduler.get_last_lr()[0])  # the loss arrives at the next flush
                 step_loss = 0.0
                 if self.global_step % cfg.train.log_every == 0 or self.global_step == max_steps:
                     self._flush_losses(pending, result, window, progress)
@@ -375,7 +378,7 @@ class Trainer:
         pending.clear()
         result.losses.extend(values)
         window["loss"] += sum(values)
-        progress.set_postfix(loss=f"{values[-1]:.4f}", step=self.global_step)
+        progress.set_fields(loss=values[-1])
 
     def _finish(self, result: TrainResult) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -417,11 +420,15 @@ class Trainer:
         logger.debug("step %d %s", self.global_step, logs)
         window.update(loss=0.0, steps=0, t0=time.perf_counter())
 
-    def _progress_bar(self):
-        from tqdm.auto import tqdm
+    def _progress_bar(self, per_step: int):
+        """A tqdm bar on a terminal; in job logs one line (step, loss, lr, samples/s, ETA) every
+        ``train.progress_interval_s`` seconds or ``train.log_every`` steps (:class:`cnc.progress.StepProgress`)."""
+        from cnc.progress import StepProgress
 
-        return tqdm(total=self.cfg.train.max_train_steps, initial=self.global_step, desc=f"train {self.cfg.stage}",
-                    disable=not (self.accelerator.is_local_main_process and self.cfg.train.progress_bar))
+        t = self.cfg.train
+        return StepProgress(t.max_train_steps, initial=self.global_step, desc=f"train {self.cfg.stage}",
+                            enabled=self.accelerator.is_local_main_process and t.progress_bar,
+                            interval_s=t.progress_interval_s, every_steps=t.log_every, samples_per_step=per_step)
 
     def _keys_file(self):
         if not self.cfg.train.record_keys:

@@ -272,6 +272,17 @@ def html_report(result: InspectResult, *, tile: int | None = None, cmap: str = "
     return "\n".join(parts)
 
 
+def summary_dict(result: InspectResult) -> dict:
+    """The machine-readable summary (``summary.json``, ``cnc inspect --json``)."""
+    v = result.validation
+    return {"ok": v.ok, "shards": len(v.shards), "samples": v.nsamples, "problem_count": v.problem_count,
+            "error_count": v.error_count, "problems": [str(p) for p in v.problems],
+            "summary": result.summary.to_dict(), "shown": [s.key for s in result.samples],
+            "worst": {name: [{"key": s.key, "value": value} for value, s in items]
+                      for name, items in result.worst.items()},
+            "missing_keys": list(result.missing_keys)}
+
+
 def write_report(result: InspectResult, out_dir: str | Path, *, html: bool = False, per_page: int = 8,
                  tile: int | None = None, cmap: str = "viridis") -> ReportFiles:
     """Write contact sheets, ``summary.json``, ``problems.txt`` and optionally ``index.html`` (see module docstring)."""
@@ -291,11 +302,7 @@ def write_report(result: InspectResult, out_dir: str | Path, *, html: bool = Fal
         sheet.save(path, optimize=True)
         files.worst.append(path)
     v = result.validation
-    data = {"ok": v.ok, "shards": len(v.shards), "samples": v.nsamples, "problem_count": v.problem_count,
-            "error_count": v.error_count, "problems": [str(p) for p in v.problems],
-            "summary": result.summary.to_dict(), "shown": [s.key for s in result.samples],
-            "worst": {name: [{"key": s.key, "value": value} for value, s in items]
-                      for name, items in result.worst.items()}}
+    data = summary_dict(result)
     files.summary_json = out / "summary.json"
     files.summary_json.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     if v.problems:

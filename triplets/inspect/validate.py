@@ -33,7 +33,18 @@ import numpy as np
 
 from cnc.base.location import resolve
 from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards, split_member
-from triplets.shardio.names import MANIFEST_FILE, PLAN_FILE, errors_for_tar, is_marker, marker_for_tar, tar_for_marker
+from triplets.shardio.names import (
+    LEGACY,
+    MANIFEST_FILE,
+    PLAN_FILE,
+    SIDECAR_DIR,
+    errors_for_tar,
+    is_marker,
+    layout_of,
+    marker_candidates,
+    marker_for_tar,
+    tar_for_marker,
+)
 from triplets.shardio.tario import MAX_MEMBER_BYTES
 from triplets.inspect.summary import Summary, failure_reason, marker_count
 from triplets.quality import SCORES, score_value
@@ -225,6 +236,8 @@ def _parent(url: str) -> str:
 def _read_failures(tar: str, marker: dict | None, report: Callable[..., None]) -> Counter:
     """Failure counts by ``"stage: reason"`` from ``errors/NNNNNN.jsonl``, else from the marker."""
     path, counts = resolve(errors_for_tar(tar)), Counter()
+    if not path.isfile():
+        path = resolve(errors_for_tar(tar, LEGACY))  # a folder of the legacy layout
     if path.isfile():
         for lineno, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
             if not line.strip():
@@ -246,7 +259,7 @@ def _check_marker(tar: str, check: ShardCheck, report: Callable[..., None]) -> N
     marker = check.marker
     if marker is None:
         folder = resolve(_parent(tar))
-        if folder.child(PLAN_FILE).exists() or folder.child(MANIFEST_FILE).exists():
+        if any(folder.child(d, f).exists() for d in (SIDECAR_DIR, "") for f in (PLAN_FILE, MANIFEST_FILE)):
             report(f"no stats marker {_name(marker_for_tar(tar))}: the shard may come from an unfinished build",
                    None, WARNING)
         return
@@ -275,10 +288,14 @@ def scan_shard(path: str, opts: ScanOptions = ScanOptions()) -> ShardScan:
             problems.append(Problem(str(tar), message, key, severity))
 
     check, summary = ShardCheck(str(tar)), Summary(shards=1)
-    try:
-        check.marker = read_json(marker_for_tar(tar))
-    except (ValueError, OSError) as exc:
-        report(f"stats marker {_name(marker_for_tar(tar))} is not valid JSON: {exc}")
+    for candidate in marker_candidates(tar):  # _cnc/ first, then beside the tar (legacy layout)
+        try:
+            check.marker = read_json(candidate)
+        except (ValueError, OSError) as exc:
+            report(f"stats marker {_name(candidate)} is not valid JSON: {exc}")
+            break
+        if check.marker is not None:
+            break
     hashes: list[int] = []
     heap: list[tuple[int, int, dict]] = []  # max-heap on priority through negation
     worst: dict[str, list[tuple[float, int, dict]]] = {name: [] for name in ranked_scores()} if opts.worst else {}
@@ -361,13 +378,15 @@ def _folder_checks(inputs: Sequence[str], shards: list[str], report: Callable[..
                 continue
         except Exception:  # noqa: BLE001 - a glob or pattern, not a folder
             continue
-        listing = folder.list()
+        top = folder.list()
+        meta = folder.child(layout_of(top).meta) if layout_of(top).meta else folder
+        listing = meta.list() if meta is not folder else top
         for name in sorted(n for n in listing if is_marker(n)):
             tar = folder.child(tar_for_marker(name))
             if tar.url not in present:
                 report(folder.url, f"stats marker {name} has no {tar.name}")
         try:
-            plan = read_json(folder.child(PLAN_FILE).url) if PLAN_FILE in listing else None
+            plan = read_json(meta.child(PLAN_FILE).url) if PLAN_FILE in listing else None
         except (ValueError, OSError):
             plan = None
         planned = None

@@ -1,10 +1,11 @@
 """A build's output location and its exactly-once commit protocol — on local disk and on object stores.
 
-One shard ``N`` lives in three files, made visible in this order::
+One shard ``N`` lives in three files, made visible in this order (names: :mod:`triplets.shardio.names`; folders
+of the legacy layout keep ``errors/`` and the marker beside the tars)::
 
-    OUT/NNNNNN.tar            the samples: staged whole, then published atomically
-    OUT/errors/NNNNNN.jsonl   one row per failed sample (empty when none failed)
-    OUT/NNNNNN_stats.json     the marker, written LAST: the commit point
+    OUT/NNNNNN.tar                 the samples: staged whole, then published atomically
+    OUT/_cnc/errors/NNNNNN.jsonl   one row per failed sample (empty when none failed)
+    OUT/_cnc/NNNNNN_stats.json     the marker, written LAST: the commit point
 
 *Publishing* is what the storage makes atomic: on local disk a temporary name (never ending in ``.tar``) renamed
 after fsync; on object stores a completed single or multipart upload under the final name (no rename exists there).
@@ -80,6 +81,20 @@ class BuildOutput:
     def __init__(self, url: str | Location, scratch_dir: str | None = None):
         self.loc = resolve(url)
         self.scratch_dir = scratch_dir
+        self._layout: names.Layout | None = None
+
+    @property
+    def layout(self) -> names.Layout:
+        """:data:`~triplets.shardio.names.CURRENT`, or :data:`~triplets.shardio.names.LEGACY` for a folder built
+        before sidecars moved to ``_cnc/`` (decided from one listing, then fixed for this object)."""
+        if self._layout is None:
+            self._layout = names.layout_of(self.loc.list())
+        return self._layout
+
+    @property
+    def meta(self) -> Location:
+        """The folder of the sidecars (``OUT/_cnc``; ``OUT`` itself in the legacy layout)."""
+        return self.loc.child(self.layout.meta) if self.layout.meta else self.loc
 
     # -- names ----------------------------------------------------------------------------------------------
     @property
@@ -94,12 +109,16 @@ class BuildOutput:
         return self.loc.child(names.tar_name(shard))
 
     def marker(self, shard: int) -> Location:
-        return self.loc.child(names.marker_name(shard))
+        return self.loc.child(self.layout.marker(shard))
 
     def errors(self, shard: int) -> Location:
-        return self.loc.child(names.errors_name(shard))
+        return self.loc.child(self.layout.errors(shard))
 
     def file(self, name: str) -> Location:
+        """A sidecar (``names.PLAN_FILE``, ``MANIFEST_FILE``, ``CONFIG_FILE``, ``CARD_FILE``) where this folder's
+        layout keeps it; any other name relative to the folder."""
+        if name in (names.PLAN_FILE, names.MANIFEST_FILE, names.CONFIG_FILE, names.CARD_FILE):
+            return self.loc.child(self.layout.sidecar(name))
         return self.loc.child(name)
 
     # -- staging and commit ---------------------------------------------------------------------------------
@@ -121,7 +140,7 @@ class BuildOutput:
         """
         final = self.tar(shard)
         stats = dict(stats, url=final.name, bytes=staged.stat().st_size, sha256=file_sha256(staged),
-                     errors=names.errors_name(shard))
+                     errors=self.layout.errors(shard))
         final.upload(staged, move=True)  # 1. the tar
         self.errors(shard).write_text(  # 2. its failures
             "".join(json.dumps(f, sort_keys=True, ensure_ascii=False) + "\n" for f in failures))
@@ -138,7 +157,7 @@ class BuildOutput:
 
     def markers(self) -> dict[int, dict]:
         """Markers present (not verified; for reports after :meth:`recover`)."""
-        shards = sorted(s for n in self.loc.list() if names.is_marker(n) and (s := names.shard_of(n)) is not None)
+        shards = sorted(s for n in self.meta.list() if names.is_marker(n) and (s := names.shard_of(n)) is not None)
         with ThreadPoolExecutor(8) as pool:
             found = dict(zip(shards, pool.map(self.read_marker, shards)))
         return {s: m for s, m in found.items() if m is not None}
@@ -154,8 +173,10 @@ class BuildOutput:
             verify: also re-hash every committed tar (downloads every shard on object stores).
             threads: parallel marker reads / hashes.
         """
-        top, errs = self.loc.list(), self.loc.child(names.ERRORS_DIR).list()
-        markers = sorted(names.shard_of(n) for n in top if names.is_marker(n))
+        lay = self.layout
+        top, errs = self.loc.list(), self.loc.child(lay.errors_dir).list()
+        meta = self.meta.list() if lay.meta else top
+        markers = sorted(names.shard_of(n) for n in meta if names.is_marker(n))
 
         def check(shard: int) -> tuple[int, dict | None, str | None]:
             marker = self.read_marker(shard)
@@ -171,18 +192,19 @@ class BuildOutput:
                 else:
                     log.warning("shard %s is not committed (%s); it will be rebuilt", names.shard_name(shard), problem)
                     self.marker(shard).rm()  # the marker goes first
-                    removed.append(names.marker_name(shard))
-        for folder, entries in (("", top), (names.ERRORS_DIR, errs)):
+                    removed.append(self.layout.marker(shard))
+        for folder, entries, kinds in self._owned_folders(top, meta, errs):
             for name in sorted(entries):
-                owned = names.owned_shard_file(name, folder)
-                if owned is None and not (folder == "" and names.owned_temp_file(name)):
+                owned = names.owned_shard_file(name, kinds)
+                if owned is None and not (folder == lay.meta and names.owned_temp_file(name)):
                     continue
                 if owned is not None and owned[0] in committed and not owned[1]:
                     continue
-                if not folder and name in removed:
+                rel = f"{folder}/{name}" if folder else name
+                if rel in removed:
                     continue
                 self.loc.child(folder, name).rm()
-                removed.append(f"{folder}/{name}" if folder else name)
+                removed.append(rel)
         if removed:
             log.info("recovery removed %d uncommitted file(s) in %s", len(removed), self.url)
         return committed
@@ -201,7 +223,7 @@ class BuildOutput:
         tar = top.get(names.tar_name(shard))
         if tar is None:
             return "tar missing"
-        if names.errors_name(shard).split("/", 1)[1] not in errs:
+        if self.layout.errors(shard).rsplit("/", 1)[1] not in errs:
             return "errors file missing"
         if tar.get("size") != marker.get("bytes"):
             return f"tar size {tar.get('size')} != marker {marker.get('bytes')}"
@@ -209,12 +231,22 @@ class BuildOutput:
             return "tar sha256 differs from marker"
         return None
 
+    def _owned_folders(self, top: dict, meta: dict, errs: dict) -> list[tuple[str, dict, str]]:
+        """``(folder, listing, kinds of shard files there)`` of every folder the build writes into."""
+        lay = self.layout
+        if not lay.meta:
+            return [("", top, "tar,marker"), (lay.errors_dir, errs, "errors")]
+        return [("", top, "tar"), (lay.meta, meta, "marker"), (lay.errors_dir, errs, "errors")]
+
     def remove_temp_files(self) -> list[str]:
         """Delete the project's own temporaries here (only while no worker writes)."""
         removed = []
-        for folder in ("", names.ERRORS_DIR):
-            for name in self.loc.child(folder).list() if folder else self.loc.list():
-                if TEMP_NAME.match(name) and (names.owned_shard_file(name, folder) or names.owned_temp_file(name)):
+        lay = self.layout
+        listings = self._owned_folders(self.loc.list(), self.meta.list() if lay.meta else {},
+                                       self.loc.child(lay.errors_dir).list())
+        for folder, entries, kinds in listings:
+            for name in entries:
+                if TEMP_NAME.match(name) and (names.owned_shard_file(name, kinds) or names.owned_temp_file(name)):
                     self.loc.child(folder, name).rm()
                     removed.append(name)
         return removed

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cnc.base.errors import UserError
 from cnc.base.location import Location, resolve
-from triplets.shardio.names import MARKER_SUFFIX, PLAN_FILE, TAR_SUFFIX, is_marker
+from triplets.shardio.names import MARKER_SUFFIX, PLAN_FILE, SIDECAR_DIR, TAR_SUFFIX, is_marker
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,12 @@ def _expand_braces(spec: str) -> list[str]:
 
 
 def folder_shards(loc: Location, committed_only: bool) -> list[str]:
-    """The ``*.tar`` of a folder, sorted. In a build folder (it has ``plan.json`` or markers) and with
-    ``committed_only``, only the tars whose ``_stats.json`` marker exists (one listing, no request per shard)."""
+    """The ``*.tar`` of a folder, sorted. In a build folder (it has ``_cnc/``, ``plan.json`` or markers) and with
+    ``committed_only``, only the tars whose ``_stats.json`` marker exists (one or two listings, no request per
+    shard; markers in ``_cnc/`` or, in folders of the legacy layout, beside the tars)."""
     entries = loc.list()
+    if SIDECAR_DIR in entries:
+        entries = {**entries, **{n: e for n, e in loc.child(SIDECAR_DIR).list().items() if n != SIDECAR_DIR}}
     tars = []
     for n, e in sorted(entries.items()):
         if n.endswith(TAR_SUFFIX) and e.get("type") == "file":
