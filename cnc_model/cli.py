@@ -203,7 +203,7 @@ def load_pipeline_or_fail(path: str, option: str = "PIPELINE"):
 def export(
     source: str = typer.Argument(..., help="A cnc train output folder, one of its checkpoint-N folders or a "
                                            "pipeline folder; a local path or a URL (s3://...)."),
-    output: Path = typer.Option(..., "--output", "--out", "-o", help="Folder for the complete pipeline."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the complete pipeline."),
 ) -> None:
     """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, model cards)."""
     from cnc_model.loading import NotAPipelineError, export_pipeline

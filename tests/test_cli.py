@@ -45,9 +45,9 @@ def test_a_url_given_to_a_local_path_option_is_refused_not_made_a_folder(tmp_pat
     from cnc.cli import app
 
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["inspect", str(tmp_path), "--n", "1", "--out", "s3://bucket/report"])
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path), "--n", "1", "--output", "s3://bucket/report"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: out takes a local path, and 's3:/bucket/report' is a URL (for a local folder whose name has a colon, "
+        "error: output takes a local path, and 's3:/bucket/report' is a URL (for a local folder whose name has a colon, "
         "write ./s3:/bucket/report)"]
     assert not list(tmp_path.iterdir())

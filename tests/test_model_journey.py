@@ -56,7 +56,7 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     for source in (runs / "local", runs / "global", runs / "joint" / "checkpoint-1"):
         out = tmp_path / "samples" / source.name
         _cnc("sample", str(source), "--shard-sample", f"{tar}#{key}", "--steps", "2", "--height", "64", "--width",
-             "64", "--out", str(out), env=env)
+             "64", "--output", str(out), env=env)
         assert (out / "sample_0.png").is_file() and (out / "sheet.png").is_file()
     from typer.testing import CliRunner
 

@@ -146,7 +146,7 @@ def test_score_adds_quality_to_old_shards_and_inspect_shows_it(old_shards, tiny_
     assert "Quality scores" in page and "worst 2 by removal" in page
     summary = json.loads(files.summary_json.read_text())
     assert summary["summary"]["quality"]["removal"]["stats"]["n"] == 6
-    proc = _cnc("inspect", str(out), "--n", "0", "--worst", "1", "--out", str(tmp_path / "cli"))
+    proc = _cnc("inspect", str(out), "--n", "0", "--worst", "1", "--output", str(tmp_path / "cli"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Quality scores" in proc.stdout and "depth_order" in proc.stdout
     assert (tmp_path / "cli" / "worst_depth_order.png").is_file()

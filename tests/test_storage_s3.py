@@ -239,7 +239,7 @@ def test_train_sample_eval_on_s3(s3_server, tiny_shards, tiny_metrics_cache, wor
     tar = f"{bucket}/shards/000000.tar"
     key = next(iter(TarStream(tar).samples()))["__key__"]
     sampled = cnc(["sample", run, "--shard-sample", f"{tar}#{key}", "--steps", "1", "--height", "64", "--width",
-                   "64", "--out", str(tmp_path / "samples")], workdir, env=env, timeout=600)
+                   "64", "--output", str(tmp_path / "samples")], workdir, env=env, timeout=600)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert (tmp_path / "samples" / "sample_0.png").is_file()
     evaluated = cnc(["eval", f"{run}/checkpoint-3", "--shards", f"{bucket}/shards", "--output", str(tmp_path / "eval"),

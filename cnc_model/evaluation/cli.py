@@ -56,7 +56,7 @@ def eval_command(
                                                          "samples and seeds."),
     shards: list[str] = typer.Option(..., "--shards", help="Held-out shards: build folder, tar paths, globs, "
                                                            "{000..009} patterns (repeatable)."),
-    output: Path = typer.Option(..., "--output", "--out", "-o", help="Folder for metrics.json, metrics.md, grid.png."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for metrics.json, metrics.md, grid.png."),
     n: int = typer.Option(100, "--n", min=2, help="Triplets to evaluate (the first N well-formed ones)."),
     steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps."),
     seeds: str = typer.Option("0", "--seeds", help="Seeds, e.g. 0 or 0,1,2 or 0-3: one image per triplet and seed."),
