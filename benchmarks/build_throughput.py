@@ -45,7 +45,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("build_throughput")
 
@@ -72,7 +71,8 @@ def machine() -> str:
 
 
 # -- CPU ----------------------------------------------------------------------------------------
-_BURN = "import time\nt = time.perf_counter()\nx = 0\nfor i in range(8_000_000): x += i * i\nprint(time.perf_counter() - t)"
+_BURN = ("import time\nt = time.perf_counter()\nx = 0\nfor i in range(8_000_000): x += i * i\n"
+         "print(time.perf_counter() - t)")
 
 
 def cpu_scaling() -> float:

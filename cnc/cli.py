@@ -89,11 +89,11 @@ def _wrap_commands(typer_app: typer.Typer) -> None:
 
 
 def _register_all() -> None:
-    from triplets.cli import register as register_triplets
-    from pipelines.cli import register as register_pipelines
+    from cnc.models_cli import register as register_models
     from cnc_model.cli import register as register_model
     from jobs.cli import register as register_jobs
-    from cnc.models_cli import register as register_models
+    from pipelines.cli import register as register_pipelines
+    from triplets.cli import register as register_triplets
 
     for register in (register_pipelines, register_triplets, register_model, register_jobs, register_models):
         register(app)

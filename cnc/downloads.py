@@ -80,7 +80,7 @@ def url_for(spec: FileSpec, base_url: str | None = None) -> str:
     return base.rstrip("/") + "/" + spec.name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unreachable(url: str, timeout: float = 5.0) -> str | None:
     """Why the host of ``url`` cannot be reached (DNS or TCP connect, one try), or ``None`` when it can.
 

@@ -3,7 +3,8 @@
 Every configured model is checked at start-up, before any work: ``tiny`` resolves to the seeded tiny
 checkpoint of that config key, written once into the cnc cache (:mod:`cnc.tiny_store`); a local folder/file is
 used as is; a known downloadable file (the SAM checkpoints, :mod:`cnc.downloads`) is looked up in the cnc cache
-(``cnc models download`` puts it there); a hub id must be in the local Hugging Face cache or the hub must answer. If not,
+(``cnc models download`` puts it there); a hub id must be in the local Hugging Face cache or the hub must answer.
+If not,
 :class:`~triplets.errors.ModelUnavailableError` says in one line which model and which
 config key to set — never a traceback an hour into a run.
 """

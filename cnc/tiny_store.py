@@ -20,9 +20,9 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger(__name__)
 

@@ -152,7 +152,8 @@ def sample(
             encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", _image_encoder)
             pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
         pipe.to(device)
-        refs = {k: None if p is None else Image.open(p) for k, p in (("fg_reference", fg_ref), ("bg_reference", bg_ref))}
+        refs = {k: None if p is None else Image.open(p)
+                for k, p in (("fg_reference", fg_ref), ("bg_reference", bg_ref))}
         result = compose(pipe, Image.open(fg), Image.open(bg), [prompt] * num_images, depth, segmenter=segmenter,
                          **refs, **common)
         images = result.images
@@ -205,11 +206,11 @@ def export(
                                            "pipeline folder; a local path or a URL (s3://...)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the complete pipeline."),
 ) -> None:
-    """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, model cards)."""
+    """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, model
+    cards)."""
+    from cnc.base.location import resolve
     from cnc_model.loading import NotAPipelineError, export_pipeline
     from triplets.errors import ModelUnavailableError
-
-    from cnc.base.location import resolve
 
     if not resolve(source).exists():
         _fail(f"{source} does not exist")

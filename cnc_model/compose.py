@@ -8,8 +8,9 @@ two photos. Models are injected as callables so the ``triplets`` stages (or any 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image

@@ -44,8 +44,8 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 

@@ -491,7 +491,8 @@ def preflight_check(urls: Sequence[str], *, max_shards: int = 2, strict: bool = 
     """Validate the first ``max_shards`` shards before training; returns the findings (one line each).
 
     Uses :func:`triplets.inspect.validate.validate` (readable to the end, every field present and well-typed, unique
-    keys, markers agree); for ``pipe:`` shards, decodes the first samples of the first shard. Sample problems in intact shards (wrong format: the run would learn garbage or crash) always raise; shard problems (a
+    keys, markers agree); for ``pipe:`` shards, decodes the first samples of the first shard. Sample problems in
+    intact shards (wrong format: the run would learn garbage or crash) always raise; shard problems (a
     truncated tar and its cut last sample, a marker mismatch) are warnings, since the loader skips corrupt data,
     unless ``strict``.
 

@@ -7,7 +7,8 @@ Both :class:`~cnc_model.training.trainer.Trainer` and :class:`~cnc_model.pipelin
   77 text tokens only (stage ``local``);
 - **soft guidance is on exactly when a global fuser is present and a mask is given** (stage ``global`` and
   ``joint`` in training; a pipeline with a global fuser and a mask in sampling);
-- **noise prediction** = frozen UNet (encoder + middle optionally under ``no_grad``, as the reference) + the local fuser's
+- **noise prediction** = frozen UNet (encoder + middle optionally under ``no_grad``, as the reference) + the local
+  fuser's
   12 + 1 residuals (none without a local fuser), the same soft-guidance mask in the UNet and in the local fuser.
 
 The fusers may be accelerate/DDP-wrapped modules (the trainer passes its prepared ones); the denoiser only calls them.

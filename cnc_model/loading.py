@@ -4,7 +4,8 @@ Three kinds of folders are accepted alike (by ``cnc sample``, ``cnc eval`` and `
 
 - a **pipeline folder** (``model_index.json``: written by ``CnCPipeline.save_pretrained``, ``cnc export`` or
   ``cnc convert-reference --base-model``);
-- a **run folder** (``OUTPUT`` of ``cnc train``: ``train_config.yaml`` + the final ``local_fuser/`` / ``global_fuser/``);
+- a **run folder** (``OUTPUT`` of ``cnc train``: ``train_config.yaml`` + the final ``local_fuser/`` /
+  ``global_fuser/``);
 - a **checkpoint folder** (``OUTPUT/checkpoint-N``: ``trainer_state.json`` + the fusers at step N; the run's
   ``train_config.yaml`` is read from the parent folder).
 
@@ -14,7 +15,8 @@ fuser weights; never optimizer states) are downloaded once into a local cache fo
 For runs and checkpoints the frozen parts come from the run's ``model.pretrained_model_name_or_path`` (a diffusers SD
 1.5 folder / hub id, or ``tiny``: the same seeded tiny models the run trained with) and the sampler is DDIM with the
 reference settings. A checkpoint's fusers are its raw weights (with ``train.use_ema`` the EMA copies
-are in ``ema_<name>/``; the run's final fusers are the EMA weights). Only the fusers the stage trained are loaded: a ``local`` run samples with its local
+are in ``ema_<name>/``; the run's final fusers are the EMA weights). Only the fusers the stage trained are loaded:
+a ``local`` run samples with its local
 fuser and the 77 text tokens, a ``global`` run with its global fuser and no depth residuals.
 """
 
@@ -167,7 +169,8 @@ def load_pipeline(path: str | Path, *, torch_dtype=None):
 
     Raises:
         NotAPipelineError: the folder is not loadable (one line).
-        ModelUnavailableError: the run's base model is missing (one line naming ``model.pretrained_model_name_or_path``).
+        ModelUnavailableError: the run's base model is missing (one line naming
+            ``model.pretrained_model_name_or_path``).
     """
     from cnc_model.pipeline_cnc import CnCPipeline
     from cnc_model.training.components import _load_base

@@ -28,7 +28,8 @@ from cnc_model.denoiser import CnCDenoiser
 from cnc_model.inputs import depth_to_rgb, mask_from_depth, to_embedding, to_map_tensor
 
 # The component classes are imported here on purpose: ``model_index.json`` records them by their defining module
-# (``cnc_model.models.local_fuser``...), and diffusers (>= 0.42) resolves such names only from ``sys.modules``. Importing
+# (``cnc_model.models.local_fuser``...), and diffusers (>= 0.42) resolves such names only from ``sys.modules``.
+# Importing
 # them with the pipeline makes ``CnCPipeline.from_pretrained(dir)`` work in a fresh interpreter.
 from cnc_model.models.global_fuser import GlobalFuser  # noqa: F401
 from cnc_model.models.local_fuser import LocalFuser  # noqa: F401

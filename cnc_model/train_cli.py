@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def train_command(
-    config: Path = typer.Option(..., "--config", "-c", help="Training config (configs/train/{local,global,joint}.yaml)."),
+    config: Path = typer.Option(..., "--config", "-c",
+                                help="Training config (configs/train/{local,global,joint}.yaml)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config key: --set train.max_train_steps=1000 "
                                                           "(repeatable; values parsed as YAML)."),
     resume: str = typer.Option(None, "--resume", help="'latest' or a checkpoint-N folder "

@@ -21,7 +21,8 @@ def build(
                                                            "errors/, manifest and dataset card under _cnc/)."),
     overrides: list[str] = typer.Option([], "--set", help="Config override key=value (dotted keys), repeatable."),
     address: str | None = typer.Option(
-        None, "--address", help="Join a Ray cluster ('auto' or HOST:PORT); default: $RAY_ADDRESS if set, else a private local "
+        None, "--address", help="Join a Ray cluster ('auto' or HOST:PORT); default: $RAY_ADDRESS if set, else a "
+             "private local "
              "Ray on 127.0.0.1."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also recompute the failed samples of "
                                                                     "committed shards."),
@@ -101,9 +102,8 @@ def _source_config(source: str, config: str | None) -> str:
 
     from cnc.base.errors import UserError
     from cnc.base.location import resolve
-    from triplets.shardio.names import CONFIG_FILE
-
     from triplets.shardio import resolve_shards
+    from triplets.shardio.names import CONFIG_FILE
 
     resolve_shards(source, committed_only=True)  # a source naming nothing is the first thing to report
     if config is not None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import cnc.base.location as location
-from pipelines.plan import PlanMismatchError, fingerprint, make_plan, prepare_plan
 from cnc.base.errors import OutputBusyError
+from pipelines.plan import PlanMismatchError, fingerprint, make_plan, prepare_plan
 from pipelines.worker import count_reasons
 from triplets.config import BuildConfig
 from triplets.sample import TripletSample, encode_sample

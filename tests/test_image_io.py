@@ -57,7 +57,7 @@ def test_small_images_are_rejected_with_their_size():
 def test_odd_modes_become_rgb(mode):
     src = _photo()
     img = src.convert(mode) if mode not in ("I;16", "I") else Image.fromarray(
-        (np.asarray(src.convert("L"), np.uint16) * 257))
+        np.asarray(src.convert("L"), np.uint16) * 257)
     if mode == "I":
         img = img.convert("I")
     fmt = {"CMYK": "JPEG", "I": "TIFF"}.get(mode, "PNG")

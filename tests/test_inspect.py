@@ -11,11 +11,17 @@ from typer.testing import CliRunner
 
 from cnc.cli import app
 from triplets.inspect import (
-    SheetLayout, Summary, colorize, contact_sheet, depth_margin, inspect_shards, summarise, validate,
+    SheetLayout,
+    Summary,
+    colorize,
+    contact_sheet,
+    depth_margin,
+    inspect_shards,
+    summarise,
+    validate,
 )
-from triplets.shardio import resolve_shards
 from triplets.sample import REQUIRED_META, TripletSample, encode_sample, quantize_depth
-from triplets.shardio import write_shard
+from triplets.shardio import resolve_shards, write_shard
 
 R = 32
 

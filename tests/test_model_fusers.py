@@ -134,7 +134,7 @@ def test_global_fuser_shapes_scales_and_roundtrip(tmp_path):
 
 def test_global_fuser_reference_key_shapes():
     with torch.device("meta"):
-        sd = GlobalFuser().state_dict()  # SD 1.5 sizes 
+        sd = GlobalFuser().state_dict()  # SD 1.5 sizes
     assert sd["ff1_fg.net.0.proj.weight"].shape == (6144, 768)
     assert sd["ff1_fg.net.2.weight"].shape == (1536, 3072)
     assert sd["ff2_bg.net.0.proj.weight"].shape == (12288, 1536)

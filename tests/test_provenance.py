@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FAST_BUILD, TINY_CONFIG, make_photo_folder
 
 from cnc.identity import local_identity, model_identity
 from cnc.tiny_store import materialize
-from conftest import FAST_BUILD, TINY_CONFIG, make_photo_folder
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_KEY = "model.pretrained_model_name_or_path"
@@ -91,9 +91,8 @@ def test_swapped_weights_refuse_a_resume_unless_allowed(ray_local, tmp_path):
 
 
 def test_training_resume_with_a_changed_base_model_is_refused(tiny_shards, tmp_path):
-    from typer.testing import CliRunner
-
     from test_train_loop import _cli, tiny_overrides
+    from typer.testing import CliRunner
 
     base = tmp_path / "sd"
     shutil.copytree(materialize("sd", 0), base)

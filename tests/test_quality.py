@@ -96,10 +96,9 @@ def test_removal_succeeds_when_object_region_is_flat_filled():
 
 def test_scorer_on_tiny_models_identity_and_flat_fill():
     """The real scorer (tiny DPT saliency + tiny CLIP): I_b == I scores as not removed, with CLIP similarity 1."""
+    from cnc.hub import resolve_pretrained
     from triplets.stages.depth import DPTDepth
     from triplets.stages.embed import CLIPImageEmbedder
-
-    from cnc.hub import resolve_pretrained
 
     dpt, clip = resolve_pretrained("tiny", "depth.model"), resolve_pretrained("tiny", "embed.model")
     scorer = QualityScorer(DPTDepth(dpt, "cpu", "float32"), CLIPImageEmbedder(clip, "cpu", "float32"),

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 
 from triplets.sample import (
-    FIELDS, KEY_PATTERN, REQUIRED_META, TripletSample, decode_sample, depth_to_float, encode_sample, make_key,
-    quantize_depth, validate_sample,
+    FIELDS,
+    KEY_PATTERN,
+    REQUIRED_META,
+    TripletSample,
+    decode_sample,
+    depth_to_float,
+    encode_sample,
+    make_key,
+    quantize_depth,
+    validate_sample,
 )
 
 

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnc.tiny import synthetic_photo
-
 from cnc.config import load_config
 from cnc.hub import resolve_pretrained
+from cnc.tiny import synthetic_photo
 from triplets.builder import TripletBuilder
 from triplets.config import BuildConfig
 from triplets.errors import ModelUnavailableError

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cnc.base.location import resolve
 from cnc.tiny import tiny_unet
 from cnc_model.training import Trainer, load_train_config
-from cnc.base.location import resolve
 from triplets.shardio import iter_samples, write_shard
 
 REPO = Path(__file__).resolve().parents[1]

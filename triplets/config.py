@@ -184,7 +184,7 @@ class BuildConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "BuildConfig":
+    def _check(self) -> BuildConfig:
         if self.segment.min_area >= self.segment.max_area:
             raise ValueError("segment.min_area must be below segment.max_area")
         return self

@@ -18,7 +18,8 @@ Supported inputs (detected from the path, or forced with ``input_format``):
   same relative path and a ``.png`` extension.
 * ``coco`` — a COCO captions JSON (``captions_train2017.json``); images are looked up in
   ``<root>/<split>/`` where the split is taken from the file name; each image's caption is its first
-  annotation in file order with newlines turned into spaces, as the reference. COCO-Stuff ``stuffthingmaps_trainval2017/<split>/``
+  annotation in file order with newlines turned into spaces, as the reference. COCO-Stuff
+  ``stuffthingmaps_trainval2017/<split>/``
   next to the images provides ``cocostuff`` dataset masks when present.
 * ``webdataset`` — a ``.tar`` file, a brace pattern (``data/{000..009}.tar``) or a folder of
   tars with ``jpg``/``png``/``webp`` + ``txt`` members (img2dataset output).

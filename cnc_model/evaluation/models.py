@@ -2,12 +2,13 @@
 
 Four networks, all loaded like every other model of the project (local path or cache, never a silent download):
 
-| network | used by | real weights | ``--metrics-models DIR`` |
-|---|---|---|---|
-| Inception-v3 (torch-fidelity's FID port) | FID, Inception Score | torch hub cache ``checkpoints/weights-inception-2015-12-05-6726825d.pth`` | ``DIR/hub/checkpoints/`` |
-| AlexNet (torchvision) + LPIPS heads (shipped with torchmetrics) | LPIPS | torch hub cache ``checkpoints/alexnet-owt-7be5be79.pth`` | ``DIR/hub/checkpoints/`` |
-| CLIP ViT-L/14 (``CLIPModel`` + ``CLIPProcessor``) | CLIPScore, region similarity | ``openai/clip-vit-large-patch14`` (HF cache) | ``DIR/clip/`` |
-| DPT-Large (``DPTForDepthEstimation``) | depth MAE | ``Intel/dpt-large`` (HF cache) | ``DIR/dpt/`` |
+* Inception-v3 (torch-fidelity's FID port) — FID, Inception Score — torch hub cache
+  ``checkpoints/weights-inception-2015-12-05-6726825d.pth``; with ``--metrics-models DIR``: ``DIR/hub/checkpoints/``
+* AlexNet (torchvision) + LPIPS heads (shipped with torchmetrics) — LPIPS — torch hub cache
+  ``checkpoints/alexnet-owt-7be5be79.pth``; ``DIR/hub/checkpoints/``
+* CLIP ViT-L/14 (``CLIPModel`` + ``CLIPProcessor``) — CLIPScore, region similarity — ``openai/clip-vit-large-patch14``
+  (HF cache); ``DIR/clip/``
+* DPT-Large (``DPTForDepthEstimation``) — depth MAE — ``Intel/dpt-large`` (HF cache); ``DIR/dpt/``
 
 torchmetrics / torch-fidelity / torchvision fetch Inception and AlexNet with ``torch.hub.load_state_dict_from_url``,
 which reads ``<hub dir>/checkpoints/<file>`` when present (``weights_only`` loading) and downloads otherwise; the
@@ -72,7 +73,8 @@ def cache_dir() -> Path:
 
 
 def resolve(spec: str | None, clip: str | None = None, dpt: str | None = None) -> MetricModels:
-    """``None`` -> the default caches; ``tiny`` -> seeded tiny networks; a folder -> ``DIR/hub``, ``DIR/clip``, ``DIR/dpt``.
+    """``None`` -> the default caches; ``tiny`` -> seeded tiny networks; a folder -> ``DIR/hub``, ``DIR/clip``,
+    ``DIR/dpt``.
 
     ``clip`` / ``dpt`` override the CLIP and DPT sources.
     """

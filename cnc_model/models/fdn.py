@@ -61,7 +61,7 @@ class FDNResnetBlock2D(ResnetBlock2D):
         self.norm2 = FDN(self.out_channels, feat_channels, self.norm2.num_groups, self.norm2.eps)
 
     @classmethod
-    def from_resnet(cls, resnet: ResnetBlock2D, feat_channels: int, act_fn: str = "silu") -> "FDNResnetBlock2D":
+    def from_resnet(cls, resnet: ResnetBlock2D, feat_channels: int, act_fn: str = "silu") -> FDNResnetBlock2D:
         """Build an FDN block with the hyper-parameters of ``resnet`` (weights are not copied)."""
         return cls(
             feat_channels=feat_channels,

@@ -9,7 +9,8 @@ SD-style UNets (no class / addition embeddings, no encoder_hid_proj) calling the
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

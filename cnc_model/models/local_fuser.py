@@ -148,7 +148,7 @@ class LocalFuser(ModelMixin, AttentionMixin, ConfigMixin):
         conditioning_channels: int = 3,
         inject_channels: tuple[int, ...] | None = None,
         load_weights_from_unet: bool = True,
-    ) -> "LocalFuser":
+    ) -> LocalFuser:
         """Copy an SD-style ``UNet2DConditionModel``'s encoder and middle block (ControlNet ``from_unet``).
 
         The FDN ResNets take the UNet's conv1 / time_emb_proj / conv2 / shortcut weights; their GroupNorm affines are

@@ -17,7 +17,14 @@ from triplets.inspect.render import SheetLayout, colorize, colormap_lut, contact
 from triplets.inspect.report import ReportFiles, html_report, print_report, summary_rows, write_report
 from triplets.inspect.summary import DepthOrder, Histogram, RunningStats, Summary, Throughput, depth_margin
 from triplets.inspect.validate import (
-    InspectResult, Problem, ShardCheck, ValidationResult, inspect_shards, scan_shard, select_samples, summarise,
+    InspectResult,
+    Problem,
+    ShardCheck,
+    ValidationResult,
+    inspect_shards,
+    scan_shard,
+    select_samples,
+    summarise,
     validate,
 )
 

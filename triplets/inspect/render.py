@@ -10,7 +10,7 @@ interpolated, within 6/255 of the original), so renders do not depend on matplot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -31,7 +31,7 @@ MASK_COLOR = (255, 48, 96)
 BAD_COLOR = (200, 0, 0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def colormap_lut(name: str = "viridis") -> np.ndarray:
     """``(256, 3)`` uint8 lookup table of a built-in colormap (``viridis`` or ``magma``)."""
     if name not in _ANCHORS:

@@ -31,7 +31,7 @@ class Histogram:
     counts: list[int]
 
     @classmethod
-    def uniform(cls, lo: float, hi: float, bins: int) -> "Histogram":
+    def uniform(cls, lo: float, hi: float, bins: int) -> Histogram:
         return cls([lo + (hi - lo) * i / bins for i in range(bins + 1)], [0] * bins)
 
     def add(self, x: float) -> None:
@@ -39,7 +39,7 @@ class Histogram:
         i = int((x - lo) / (hi - lo) * bins) if hi > lo else 0
         self.counts[min(max(i, 0), bins - 1)] += 1
 
-    def merge(self, other: "Histogram") -> None:
+    def merge(self, other: Histogram) -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts)]
 
 
@@ -60,7 +60,7 @@ class RunningStats:
         self.min = x if self.min is None else min(self.min, x)
         self.max = x if self.max is None else max(self.max, x)
 
-    def merge(self, other: "RunningStats") -> None:
+    def merge(self, other: RunningStats) -> None:
         if other.n == 0:
             return
         self.n, self.total, self.total_sq = self.n + other.n, self.total + other.total, self.total_sq + other.total_sq
@@ -115,7 +115,7 @@ class DepthOrder:
         self.fg_nearer += margin > 0
         self.margin.add(margin)
 
-    def merge(self, other: "DepthOrder") -> None:
+    def merge(self, other: DepthOrder) -> None:
         self.n, self.fg_nearer, self.empty_mask = (self.n + other.n, self.fg_nearer + other.fg_nearer,
                                                    self.empty_mask + other.empty_mask)
         self.margin.merge(other.margin)
@@ -194,7 +194,7 @@ class Throughput:
                         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + float(v)
                 break
 
-    def merge(self, other: "Throughput") -> None:
+    def merge(self, other: Throughput) -> None:
         self.shards_with_stats += other.shards_with_stats
         self.samples += other.samples
         self.seconds += other.seconds
@@ -280,7 +280,7 @@ class Summary:
     def failed(self) -> int:
         return sum(self.failures.values())
 
-    def merge(self, other: "Summary") -> None:
+    def merge(self, other: Summary) -> None:
         self.shards += other.shards
         self.samples += other.samples
         self.bytes += other.bytes

@@ -23,15 +23,26 @@ import logging
 import multiprocessing
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from cnc.base.location import resolve
+from triplets.inspect.summary import Summary, failure_reason, marker_count
+from triplets.quality import SCORES, score_value
+from triplets.sample import (
+    FIELDS,
+    KEY_PATTERN,
+    LATENT_FIELD,
+    TripletSample,
+    decode_sample,
+    validate_meta,
+    validate_sample,
+)
 from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards, split_member
 from triplets.shardio.names import (
     LEGACY,
@@ -46,9 +57,6 @@ from triplets.shardio.names import (
     tar_for_marker,
 )
 from triplets.shardio.tario import MAX_MEMBER_BYTES
-from triplets.inspect.summary import Summary, failure_reason, marker_count
-from triplets.quality import SCORES, score_value
-from triplets.sample import FIELDS, KEY_PATTERN, LATENT_FIELD, TripletSample, decode_sample, validate_meta, validate_sample
 
 log = logging.getLogger(__name__)
 ERROR, WARNING = "error", "warning"
@@ -204,7 +212,7 @@ def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[s
         return
     try:
         s = decode_sample(raw)
-    except Exception as exc:  # any decoder failure is a finding about this sample, not a crash
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a finding about this sample, not a crash
         report(f"does not decode: {type(exc).__name__}: {exc}", key)
         return
     for msg in validate_sample(s):
@@ -468,7 +476,7 @@ def inspect_shards(paths: str | Path | Sequence[str | Path], *, n: int = 16, see
     for *_, raw in picked:
         try:
             samples.append(decode_sample(raw))
-        except Exception:  # reported by validation already
+        except Exception:  # noqa: BLE001 - reported by validation already
             continue
     missing = sorted(wanted - {s.key for s in samples}) if wanted is not None else []
     worst_samples: dict[str, list[tuple[float, TripletSample]]] = {}

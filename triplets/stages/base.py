@@ -37,7 +37,7 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
-def _rebuild(cls, args: tuple, kwargs: dict) -> "Stage":
+def _rebuild(cls, args: tuple, kwargs: dict) -> Stage:
     return cls(*args, **kwargs)
 
 

@@ -23,7 +23,6 @@ import numpy as np
 from triplets.sample import quantize_depth
 from triplets.stages.base import Stage, resolve_device, resolve_dtype
 
-
 PREPROCESS_MODES = ("processor", "reference")
 
 
@@ -69,7 +68,7 @@ class DPTDepth:
         return pred.cpu().numpy().astype(np.float32)
 
 
-_SHARED: "weakref.WeakValueDictionary[tuple, DPTDepth]" = weakref.WeakValueDictionary()
+_SHARED: weakref.WeakValueDictionary[tuple, DPTDepth] = weakref.WeakValueDictionary()
 
 
 def shared_dpt(model: str, device: str = "auto", dtype: str = "auto") -> DPTDepth:

@@ -19,7 +19,8 @@ rows without one fail with ``no dataset mask``.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
