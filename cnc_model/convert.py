@@ -37,6 +37,9 @@ Accepted checkpoints (:func:`detect_layout`):
 
 When the checkpoint holds the frozen UNet (``model.diffusion_model.*``) and a base model is given, its weights are
 compared with the base UNet (via diffusers' own LDM -> diffusers key map) and every differing key is named.
+
+Size: the key maps of three reference checkpoint kinds (cnc_v1, stage-1/2, uni.ckpt) and their checks live together
+because they share one LDM → diffusers mapping.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ Batch (``R`` = resolution, ``E`` = CLIP embedding width, ``C`` = ``depth_channel
     captions      list[str]                            "" when dropped
     input_ids     (B, 77) int64                        only when a tokenizer is given
     keys          list[str]                            sample keys
+
+Size: the loader's stages (decode, dropout, filter, shuffle, exact resume) share one per-worker stream state and are
+read top to bottom as one pipeline.
 """
 
 from __future__ import annotations

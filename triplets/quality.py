@@ -32,6 +32,9 @@ disparity exceeds the background disparity (the object is nearer than what repla
 pixels inside M), ``bbox_fill`` (|M| / area of M's bounding box).
 
 :data:`SCORES` names each number for ``cnc inspect``, ``cnc filter --where`` and the trainer's ``data.filter``.
+
+Size: the scores, the stage that computes them during a build, and the filter predicates that read them share one
+schema (the ``quality`` json); keeping them together keeps that schema in one place.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ Supported inputs (detected from the path, or forced with ``input_format``):
 * ``table`` — parquet/CSV/JSONL file(s) with an image path/URL column and a caption column (a file, a folder of
   them or a glob; :mod:`triplets.readers_table`). Planned by row ranges, never listed item by item: the input for
   more than ~1M images. A parquet file with Pick-a-Pic v1's columns is detected as ``pickapic`` instead.
+
+Size: the folder, COCO and WebDataset readers on local disk and object storage share their per-item rules (keys,
+captions, masks, quarantine warnings); table and Pick-a-Pic inputs live in their own modules.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ Writes are atomic on both kinds of storage:
 ``create_exclusive`` writes an object only if it does not exist yet (``O_EXCL`` locally; ``If-None-Match: *`` on S3,
 ``ifGenerationMatch=0`` on GCS through fsspec's ``mode="create"``); :attr:`Location.exclusive_create` says whether
 the backend guarantees it.
+
+Size: one class (Location) with the queries and atomic writes every layer needs, on both kinds of storage; splitting
+it would separate a write from its local/remote twin.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Per optimizer step (as the reference implementation): VAE latents -> noise, t ~ 
 states -> [global tokens] -> [local fuser residuals] -> frozen UNet (encoder/middle under no_grad) -> ε-MSE in fp32.
 Only the stage's fusers are prepared by accelerate (DDP-wrapped, fp32, autocast); VAE, text encoder and UNet are
 frozen in ``mixed_precision`` dtype and never checkpointed.
+
+Size: the training loop is kept visible in one place on purpose (nanoGPT-style); setup, step, checkpoint and resume
+share the accelerator state.
 """
 
 from __future__ import annotations

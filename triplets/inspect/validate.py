@@ -12,6 +12,9 @@ The trainer runs the same checks before training on the first few shards::
     result = validate(urls, max_shards=4)
     if not result.ok:
         raise ValueError("\\n".join(map(str, result.errors)))
+
+Size: the single streaming pass of ``cnc inspect``; its checks share one per-shard state, so they stay in one
+module.
 """
 
 from __future__ import annotations
