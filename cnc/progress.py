@@ -15,7 +15,7 @@ import time
 log = logging.getLogger("cnc.progress")
 
 
-def _fmt_eta(seconds: float | None) -> str:
+def fmt_eta(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     seconds = int(seconds)
@@ -68,7 +68,7 @@ class StepProgress:
             parts.append(f"loss {self.fields['loss']:.4f}")
         if "lr" in self.fields:
             parts.append(f"lr {self.fields['lr']:.2e}")
-        parts.append(f"{self.rate() * self.samples_per_step:.2f} samples/s ETA {_fmt_eta(self.eta())}")
+        parts.append(f"{self.rate() * self.samples_per_step:.2f} samples/s ETA {fmt_eta(self.eta())}")
         return " ".join(parts)
 
     def set_fields(self, **fields: float) -> None:

@@ -15,14 +15,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.build import BuildResult
 
+from cnc.progress import fmt_eta
+
 log = logging.getLogger(__name__)
-
-
-def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class BuildProgress:
@@ -85,13 +80,13 @@ class BuildProgress:
         self.shards_done, self.shards_total = shards_done, shards_total
         if self._progress is not None:
             self._progress.update(self._task, completed=self.done, rate=self.rate, failed=failed,
-                                  shards=f"{shards_done}/{shards_total}", eta=_fmt_eta(self.eta))
+                                  shards=f"{shards_done}/{shards_total}", eta=fmt_eta(self.eta))
         now = time.monotonic()
         if self._progress is None and now - self._last_log >= self.interval:
             self._last_log = now
             log.info("progress: %d/%d samples (%.1f%%), %.2f samples/s, %d failed, shards %d/%d, ETA %s",
                      self.done, self.total, 100 * self.done / max(1, self.total), self.rate, failed, shards_done,
-                     shards_total, _fmt_eta(self.eta))
+                     shards_total, fmt_eta(self.eta))
 
     def close(self) -> None:
         if self._progress is not None:

@@ -301,7 +301,11 @@ def _text_lines(data: bytes, where: str | Path, warn: _Warnings) -> list[tuple[i
     return out
 
 
-def _folder_captions(root: Path, warn: _Warnings) -> dict[str, str]:
+CAPTION_FILES = ("captions.jsonl", "captions.txt")
+
+
+def _folder_captions(root: Path | Location, warn: _Warnings) -> dict[str, str]:
+    """Captions of a folder (local or on object storage) from ``captions.jsonl`` and ``captions.txt``."""
     caps: dict[str, str] = {}
     where: dict[str, str] = {}
 
@@ -311,9 +315,18 @@ def _folder_captions(root: Path, warn: _Warnings) -> dict[str, str]:
                  where[key])
         caps[key], where[key] = caption, origin
 
-    jl = root / "captions.jsonl"
-    if jl.is_file():
-        for n, line in _text_lines(jl.read_bytes(), jl, warn):
+    for name in CAPTION_FILES:
+        loc = root.child(name) if isinstance(root, Location) else resolve(root / name)
+        if not loc.isfile():
+            continue
+        for n, line in _text_lines(loc.read_bytes(), loc.url, warn):
+            if name.endswith(".txt"):
+                if ":" not in line:
+                    warn("bad caption line", "%s:%d: no 'uid:caption' separator; skipped", loc.url, n)
+                    continue
+                uid, cap = line.split(":", 1)
+                put(uid.strip(), cap.strip(), f"{name}:{n}")
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -321,20 +334,13 @@ def _folder_captions(root: Path, warn: _Warnings) -> dict[str, str]:
             key = row.get("key", row.get("file")) if isinstance(row, dict) else None
             caption = row.get("caption") if isinstance(row, dict) else None
             if not isinstance(key, str) or not key:
-                warn("bad caption line", "%s:%d: not a {key, caption} JSON object with a string key; skipped", jl, n)
+                warn("bad caption line", "%s:%d: not a {key, caption} JSON object with a string key; skipped",
+                     loc.url, n)
             elif not isinstance(caption, str):
-                warn("bad caption line", "%s:%d: caption of %r is %s, not a string; skipped", jl, n, key,
+                warn("bad caption line", "%s:%d: caption of %r is %s, not a string; skipped", loc.url, n, key,
                      "null" if caption is None else type(caption).__name__)
             else:
-                put(key, caption, f"{jl.name}:{n}")
-    txt = root / "captions.txt"
-    if txt.is_file():
-        for n, line in _text_lines(txt.read_bytes(), txt, warn):
-            if ":" not in line:
-                warn("bad caption line", "%s:%d: no 'uid:caption' separator; skipped", txt, n)
-                continue
-            uid, cap = line.split(":", 1)
-            put(uid.strip(), cap.strip(), f"{txt.name}:{n}")
+                put(key, caption, f"{name}:{n}")
     return caps
 
 
@@ -391,29 +397,7 @@ def _read_remote_folder(root: Location, warn: _Warnings) -> list[dict]:
     """A folder of images on object storage: one recursive listing; captions files read, images never."""
     base = root.path.rstrip("/")
     files = {p[len(base) + 1:] for p in root.fs.find(base)}
-    caps: dict[str, str] = {}
-    for name in ("captions.jsonl", "captions.txt"):
-        if name not in files:
-            continue
-        for n, line in _text_lines(root.child(name).read_bytes(), root.child(name).url, warn):
-            if name.endswith(".txt"):
-                if ":" not in line:
-                    warn("bad caption line", "%s:%d: no 'uid:caption' separator; skipped", name, n)
-                    continue
-                uid, cap = line.split(":", 1)
-                caps[uid.strip()] = cap.strip()
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            key = row.get("key", row.get("file")) if isinstance(row, dict) else None
-            caption = row.get("caption") if isinstance(row, dict) else None
-            if not isinstance(key, str) or not key or not isinstance(caption, str):
-                warn("bad caption line", "%s:%d: not a {key, caption} JSON object with string values; skipped",
-                     name, n)
-                continue
-            caps[key] = caption
+    caps = _folder_captions(root, warn)
     items, missing = [], 0
     for rel in sorted(files):
         if not rel.lower().endswith(IMAGE_EXTENSIONS) or rel.split("/", 1)[0] == "masks":
