@@ -60,6 +60,8 @@ def test_stage1_from_uni_ckpt_with_the_reference_config_trains(tiny_shards, tmp_
         "train.progress_bar=false", "train.train_batch_size=2", "train.max_train_steps=1", "validation.num_samples=0"])
     trainer = Trainer(cfg)
     trainer.setup()
+    procs = {type(p).__name__: p for p in trainer.components.unet.attn_processors.values()}
+    assert procs["SoftGuidanceAttnProcessor"].fp32_logits  # model.attention_fp32_logits from reference.yaml
     fuser = trainer.components.local_fuser
     assert torch.equal(fuser.controlnet_mid_block.weight, lf.controlnet_mid_block.weight)  # from uni.ckpt
     assert trainer.components.global_fuser is None

@@ -44,6 +44,9 @@ class ModelConfig(_Strict):
     image_embed_dim: int | None = Field(None, ge=1, description="CLIP embedding width; default: from the data")
     tokens_per_reference: int = Field(4, ge=1, description="global tokens per reference image (N)")
     soft_guidance_resize: Literal["reference", "nearest", "area"] = "reference"
+    attention_fp32_logits: bool = Field(
+        False, description="compute attention logits in fp32 when the frozen parts run in bf16/fp16 (the reference's "
+                           "fp32 attention precision)")
     frozen_encoder_no_grad: bool = Field(
         True, description="frozen UNet encoder + middle block under no_grad (reference); false = full graph")
 

@@ -193,7 +193,8 @@ class Trainer:
         n_tokens = comps.global_fuser.config.tokens_per_reference if comps.global_fuser is not None else (
             cfg.model.tokens_per_reference if cfg.stage != "local" else 0)
         install_soft_guidance(comps.unet, comps.local_fuser, num_text_tokens=comps.tokenizer.model_max_length,
-                              tokens_per_reference=n_tokens, resize_mode=cfg.model.soft_guidance_resize)
+                              tokens_per_reference=n_tokens, resize_mode=cfg.model.soft_guidance_resize,
+                              fp32_logits=cfg.model.attention_fp32_logits)
         if cfg.train.gradient_checkpointing:
             comps.unet.enable_gradient_checkpointing()  # the decoder is on the gradient path
             if comps.local_fuser is not None:
