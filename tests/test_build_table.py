@@ -146,7 +146,7 @@ def test_table_build_killed_driver_and_worker_is_exactly_once(ray_local, photo_t
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
-        while not list(out.glob("*_stats.json")):
+        while not list(out.glob("_cnc/*_stats.json")):
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no shard committed in 180 s"
             time.sleep(0.05)
@@ -155,13 +155,13 @@ def test_table_build_killed_driver_and_worker_is_exactly_once(ray_local, photo_t
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert len(list(out.glob("*_stats.json"))) < 4, "the build finished before the kill"
+    assert len(list(out.glob("_cnc/*_stats.json"))) < 4, "the build finished before the kill"
     fault = {"kill_shard": 3, "kill_after_batches": 1}  # the rerun's worker dies in shard 3's first attempt
     result = run_build(_cfg(), str(root), out, progress=False, fault_injection=fault)
     assert result.exit_code == 0 and result.shards_lost == [] and result.items_total == 11
-    assert result.shards_skipped >= 1 and json.loads((out / "000003_stats.json").read_text())["attempt"] == 1
+    assert result.shards_skipped >= 1 and json.loads((out / "_cnc" / "000003_stats.json").read_text())["attempt"] >= 1
     _assert_exactly_once(out, photos)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
     assert manifest["input_format"] == "table" and manifest["totals"]["shards_committed"] == 4
     again = run_build(_cfg(), str(root), out, progress=False)
     assert (again.shards_built, again.shards_skipped) == (0, 4)  # resume: markers only, no work
@@ -182,9 +182,10 @@ def test_plan_only_on_a_million_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout)
     assert (info["items"], info["shards"], info["input_files"], info["version"]) == (n, 1000, 4, 2)
-    plan = json.loads((tmp_path / "out" / PLAN_FILE).read_text())
-    assert info["plan_bytes"] == (tmp_path / "out" / PLAN_FILE).stat().st_size < 400_000  # ~200 B per shard
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "config.yaml", PLAN_FILE]  # no shard
+    plan = json.loads((tmp_path / "out" / "_cnc" / PLAN_FILE).read_text())
+    assert info["plan_bytes"] == (tmp_path / "out" / "_cnc" / PLAN_FILE).stat().st_size < 400_000  # ~200 B per shard
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "_cnc"]  # no shard
+    assert sorted(p.name for p in (tmp_path / "out" / "_cnc").iterdir()) == ["config.yaml", PLAN_FILE]
     assert plan["shards"][999]["ranges"] == [{"file": 3, "url": str(src / "part-00003.parquet"), "start": 249000,
                                               "stop": 250000}]
     # a changed input is refused in one line, exit 2

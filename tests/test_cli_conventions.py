@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +56,10 @@ def test_version_completion_and_help():
     assert v.returncode == 0 and v.stdout.startswith("cnc ") and len(v.stdout.split()) == 2
     h = _cnc("--help")
     assert "--install-completion" in h.stdout and "--version" in h.stdout
-    s = _cnc("--show-completion", "bash")
-    assert s.returncode == 0 and "complete -o default -F" in s.stdout
+    # the shell is detected from the parent processes: run it under bash, as a user's terminal would
+    s = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -m cnc.cli --show-completion; exit $?"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert s.returncode == 0 and "complete -o default -F" in s.stdout, s.stderr
 
 
 def test_inspect_json_and_card(tiny_shards, tmp_path):

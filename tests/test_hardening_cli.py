@@ -139,8 +139,8 @@ def test_build_quarantines_bad_items_and_goes_on(hostile, tmp_path, ray_local):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert "captions.jsonl:6:" in log and "not valid UTF-8" in log and "links outside the input folder" in log
-    manifest = json.loads((out / "manifest.json").read_text())
-    keys = {json.loads(line)["key"] for f in (out / "errors").glob("*.jsonl") for line in f.read_text().splitlines()}
+    manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
+    keys = {json.loads(line)["key"] for f in (out / "_cnc" / "errors").glob("*.jsonl") for line in f.read_text().splitlines()}
     assert keys == {"img_001_truncated"}  # the per-item reason of the one undecodable image
     assert manifest  # written
     insp = cnc("inspect", out, "--n", "0")

@@ -222,5 +222,5 @@ def test_token_auth_is_detected_or_explained_in_one_line(cluster, tmp_path):
     empty.mkdir()
     bad = subprocess.run(cmd, env={**env, "HOME": str(empty)}, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    lines = [ln for ln in bad.stderr.splitlines() if "ERROR" in ln]
+    lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "requires token authentication" in lines[0] and "~/.ray/auth_token" in lines[0]

@@ -51,11 +51,11 @@ def test_filter_writes_a_committed_copy_with_kept_samples_byte_for_byte(filtered
     for key, raw in got.items():
         assert {k: v for k, v in raw.items() if not k.startswith("__")} == \
                {k: v for k, v in src[key].items() if not k.startswith("__")}
-    markers = [json.loads((out / marker_name(s)).read_text()) for s in (0, 1)]
+    markers = [json.loads((out / "_cnc" / marker_name(s)).read_text()) for s in (0, 1)]
     assert sum(m["nsamples"] for m in markers) == len(kept)
     assert sum(m["ndropped"] for m in markers) == len(src) - len(kept)
     assert {r for m in markers for r in m["dropped_by_reason"]} == {f"depth_order>={threshold:g}"}
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
     assert manifest["totals"]["samples"] == len(kept) and manifest["operation"]["op"] == "filter"
     # a rerun resumes: nothing rewritten; another condition in the same folder is refused
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
