@@ -178,3 +178,27 @@ def s3_server():
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()  # cached clients point at the stopped server
+
+
+def start_driver(cmd: list[str], log_path: Path, until, *, cwd: Path, env: dict, timeout: float = 180,
+                 poll_s: float = 0.2):
+    """Start ``cnc`` command ``cmd`` (output to ``log_path``) and return its Popen once ``until()`` is true.
+
+    Fails the test (with the tail of the log) when the process exits first or ``timeout`` seconds pass; the caller
+    kills or signals the process.
+    """
+    import subprocess
+    import time
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while not until():
+            assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+            assert time.monotonic() < deadline, f"condition not reached in {timeout:.0f} s"
+            time.sleep(poll_s)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc

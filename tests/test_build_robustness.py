@@ -40,9 +40,10 @@ def test_check_placeable_names_the_resource():
         check_placeable(nodes, 1, 1)
 
 
-def test_unschedulable_worker_fails_fast_instead_of_hanging(photo_folder, tmp_path):
+def test_unschedulable_worker_fails_fast_instead_of_hanging(ray_local, photo_folder, tmp_path):
     src, _ = photo_folder
-    proc = subprocess.run(_cmd(src, tmp_path / "out", "ray.cpus_per_worker=64"), cwd=REPO, env=_env(),
+    address = ["--address", ray_local.get_runtime_context().gcs_address]  # a 2-CPU cluster, already running
+    proc = subprocess.run(_cmd(src, tmp_path / "out", "ray.cpus_per_worker=64") + address, cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no Ray node can host a worker" in proc.stderr and "ray.cpus_per_worker" in proc.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST_BUILD, TINY_CONFIG, make_photo_folder
+from conftest import FAST_BUILD, TINY_CONFIG, make_photo_folder, start_driver
 
 from cnc.config import load_config
 from pipelines.build import run_build
@@ -132,7 +132,6 @@ def test_table_build_killed_driver_and_worker_is_exactly_once(ray_local, photo_t
     """``cnc build`` on the table (joined to the session's Ray) is SIGKILLed after its first commit; the rerun loses
     a worker mid-shard; every item ends up committed exactly once."""
     import signal
-    import time
 
     from test_build_ray import _assert_exactly_once
 
@@ -142,19 +141,10 @@ def test_table_build_killed_driver_and_worker_is_exactly_once(ray_local, photo_t
     cmd = [sys.executable, "-m", "cnc.cli", "build", "--config", str(TINY_CONFIG), "--input", str(root),
            "--output", str(out), "--no-progress", "--address", ray_local.get_runtime_context().gcs_address]
     cmd += [a for o in FAST_BUILD + ["max_failure_fraction=0.5", "ray.num_workers=1"] for a in ("--set", o)]
-    with open(tmp_path / "driver.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("_cnc/*_stats.json")):
-            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no shard committed in 180 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = start_driver(cmd, tmp_path / "driver.log", lambda: bool(list(out.glob("_cnc/*_stats.json"))), cwd=REPO,
+                        env=env, poll_s=0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
     assert len(list(out.glob("_cnc/*_stats.json"))) < 4, "the build finished before the kill"
     fault = {"kill_shard": 3, "kill_after_batches": 1}  # the rerun's worker dies in shard 3's first attempt
     result = run_build(_cfg(), str(root), out, progress=False, fault_injection=fault)

@@ -13,11 +13,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST_BUILD, TINY_CONFIG
+from conftest import FAST_BUILD, TINY_CONFIG, start_driver
 
 from triplets.sample import decode_sample
 from triplets.shardio import TarStream
@@ -99,19 +98,10 @@ def test_s3_build_is_exactly_once_under_sigkill_and_byte_identical(s3_server, ph
     env = dict(os.environ, CNC_TEST_FAULT_INJECTION=json.dumps({"batch_delay_s": 0.7}))
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "cnc.cli", *build_args(src, killed, "ray.num_workers=1")]
-    with open(tmp_path / "driver.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while not any(n.endswith("_stats.json") for n in listing(killed)):
-            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no shard committed in 180 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = start_driver(cmd, tmp_path / "driver.log", lambda: any(n.endswith("_stats.json") for n in listing(killed)),
+                        cwd=workdir, env=env)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
     after_kill = listing(killed)
     markers = [n for n in after_kill if n.endswith("_stats.json")]
     assert 1 <= len(markers) < 4, "the build finished before the kill"
@@ -154,13 +144,8 @@ def test_second_concurrent_build_on_one_prefix_is_refused(s3_server, photo_folde
     env = dict(os.environ, CNC_TEST_FAULT_INJECTION=json.dumps({"batch_delay_s": 1.0}))
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "cnc.cli", *build_args(src, out, "ray.num_workers=1")]
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    first = start_driver(cmd, tmp_path / "first.log", lambda: ".lock" in listing(out), cwd=workdir, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while ".lock" not in listing(out):
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-2000:]
-            time.sleep(0.2)
         second = cnc(build_args(src, out), workdir)
         assert second.returncode == 2, second.stderr[-2000:]
         assert "another `cnc build` holds" in second.stderr and "Traceback" not in second.stderr
@@ -186,10 +171,9 @@ def test_unknown_or_malformed_output_url_is_refused_in_one_line(photo_folder, wo
     assert not list(workdir.iterdir()), "never turned into a local folder"
 
 
-def test_inspect_on_s3(s3_server, photo_folder, workdir, tmp_path):
-    src, _ = photo_folder
+def test_inspect_on_s3(s3_server, local_reference, workdir, tmp_path):
     out = f"{s3_server.bucket('cnc-builds')}/inspected"
-    assert cnc(build_args(src, out), workdir).returncode == 0
+    s3fs().put(str(local_reference), out.removeprefix("s3://"), recursive=True)  # a finished build, in the bucket
     report = tmp_path / "report"
     proc = cnc(["inspect", out, "--n", "2", "--output", str(report)], workdir, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -202,10 +186,12 @@ def test_inspect_on_s3(s3_server, photo_folder, workdir, tmp_path):
     assert not list(workdir.iterdir())
 
 
-def test_worker_that_cannot_see_a_local_output_stops_the_build(photo_folder, tmp_path, workdir):
+def test_worker_that_cannot_see_a_local_output_stops_the_build(ray_local, photo_folder, tmp_path, workdir):
+    """A worker on a node without the driver's folder (simulated: it looks for the probe under another name)."""
     src, _ = photo_folder
     env = dict(os.environ, CNC_TEST_FAULT_INJECTION=json.dumps({"hide_probe": True}))
-    proc = cnc(build_args(src, tmp_path / "out"), workdir, env=env)
+    address = ["--address", ray_local.get_runtime_context().gcs_address]  # join the session's Ray: no start-up cost
+    proc = cnc(build_args(src, tmp_path / "out") + address, workdir, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "must be shared storage every node mounts, or an object-store URL" in proc.stderr
     assert "Traceback" not in proc.stderr
