@@ -30,7 +30,8 @@ FIELDS: dict[str, tuple[str, str]] = {
     "fg_depth.png": ("image", "MiDaS disparity of I_f = I*M, uint16 (R, R), min-max normalised per map (near = "
                               "65535); 16-bit PNG: decode it keeping 16 bits (see Loading)"),
     "bg_depth.png": ("image", "MiDaS disparity of I_b, uint16 (R, R), min-max normalised per map"),
-    "fg_emb.npy": ("numpy", "CLIP image embedding (image_embeds) of I_f, float32 (D,)"),
+    "fg_emb.npy": ("numpy", "CLIP image embedding (image_embeds) of I (embed.fg_source: foreground: of I_f), "
+                            "float32 (D,)"),
     "bg_emb.npy": ("numpy", "CLIP image embedding of I_b, float32 (D,)"),
     "txt": ("string", "the caption, UTF-8"),
     "json": ("json", "metadata: source id, original size, crop box, seed, models, mask area, raw depth ranges "
