@@ -533,26 +533,18 @@ def _read_coco_at(ann: Location, warn: _Warnings) -> list[dict]:
 
 
 def expand_shards(path: str) -> list[str]:
-    """Brace-expand a shard pattern or list the tars of a folder (sorted).
+    """The tars of a WebDataset input: :func:`triplets.shardio.resolve_shards` (folder, brace pattern, glob, URL,
+    ``pipe:``), with its refusal as an :class:`InputError`.
 
     Raises:
-        InputError: when files named by the pattern are missing.
+        InputError: when shards named by the pattern are missing, or a folder holds none.
     """
-    import braceexpand
+    from triplets.shardio import ShardSpecError, resolve_shards
 
-    from triplets.shardio import resolve_shards
-
-    if is_url(path) or path.startswith("pipe:"):
+    try:
         return resolve_shards(path)
-    p = Path(path)
-    if p.is_dir():
-        return sorted(str(t) for t in p.glob("*.tar") if t.is_file())
-    tars = list(braceexpand.braceexpand(path))
-    missing = [t for t in tars if not Path(t).is_file()]
-    if missing:
-        raise InputError(f"{len(missing)} of the {len(tars)} tars named by {path!r} are missing: "
-                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    return tars
+    except ShardSpecError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _open_plain_tar(tar: str) -> tarfile.TarFile:

@@ -92,9 +92,11 @@ def resolve_shards(specs: str | Sequence[str], *, committed_only: bool = False) 
     items = [specs] if isinstance(specs, str) else [str(s) for s in specs]
     out: list[str] = []
     missing: list[str] = []
+    named = 0
     for item in items:
         for spec in str(item).split("::"):
             expanded = _expand_braces(spec)
+            named += len(expanded)
             for one in expanded:
                 found = _expand_one(one, committed_only)
                 if found is None:
@@ -103,7 +105,8 @@ def resolve_shards(specs: str | Sequence[str], *, committed_only: bool = False) 
                     out += found
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ShardSpecError(f"no such shard, folder or glob match: {shown}")
+        raise ShardSpecError(f"{len(missing)} of the {named} tars (or folders, globs) named by "
+                             f"{', '.join(items)} are missing (no such shard, folder or glob match): {shown}")
     if not out:
         raise ShardSpecError(f"no shards in {', '.join(items) or '(nothing given)'}")
     return list(dict.fromkeys(out))
