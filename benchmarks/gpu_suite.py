@@ -15,8 +15,10 @@ Runs, on the same items and the same work (every run attempts every item in ever
   encode + write in one thread; TF32 flags recorded as found;
 * **project**: the config as shipped (``dtype: auto``, batch sizes, encode threads) through
   :class:`pipelines.worker.ShardWorker` (prefetch thread, model thread, writer thread with its encode pool);
-* optional **variants** (``--variants batch16 batch32 two-workers``), each skipped when the remaining
-  ``--budget-s`` would not cover it (estimated from the project run).
+* optional **variants** (``--variants batch16 batch32 two-workers compile compile-reduce-overhead``), each skipped
+  when the remaining ``--budget-s`` would not cover it (estimated from the project run, + 150 s for a compilation);
+  ``compile*`` is the shipped setting with ``compile: <mode>`` (torch.compile of the inpainting UNet; its compilation
+  is in the run's ``warmup_s``, not in its triplets/s).
 
 Per run: triplets/s and the ratio to the reference; items attempted/succeeded/failed per stage; per stage the
 GPU-stream milliseconds between CUDA events around the stage call (GPU) and the CPU milliseconds of the model thread
@@ -225,8 +227,10 @@ def run_project(name: str, cfg, resolved: dict, items: list[dict], out: Path, wo
     in threads of this process, one shard each (what ``ray.gpus_per_worker: 0.5`` runs as two actors)."""
     clock = StageClock()
     pool = [_worker(cfg, resolved, out / f"w{w}", clock) for w in range(workers)]
+    t_warm = time.perf_counter()
     for w in pool:
-        w.builder.run_batch(items[:cfg.batch_size])  # warm-up
+        w.builder.run_batch(items[:cfg.batch_size])  # warm-up (and, with compile, the compilation)
+    warmup_s = time.perf_counter() - t_warm
     clock.__init__()
     _reset_memory()
     share = -(-len(items) // workers)
@@ -252,7 +256,7 @@ def run_project(name: str, cfg, resolved: dict, items: list[dict], out: Path, wo
         stage_s.update(m["stage_seconds"])
     ok = sum(m["nsamples"] for m in markers)
     return _result(name, clock, len(items), ok, seconds, {
-        "decode_ms_per_item": round(1000 * stage_s["decode"] / len(items), 2),
+        "warmup_s": round(warmup_s, 1), "decode_ms_per_item": round(1000 * stage_s["decode"] / len(items), 2),
         "encode_ms_per_item": round(1000 * stage_s["encode"] / len(items), 2),
         "write_ms_per_item": round(1000 * stage_s["write"] / len(items), 2)})
 
@@ -298,21 +302,30 @@ def run(args: argparse.Namespace) -> dict:
         else:
             flop = real_flop_per_triplet(args.steps, args.resolution)
         runs = [run_reference(ref_cfg, resolved, items, work)]
+        _save_partial(args, runs, flop, peak)
         runs.append(run_project(f"project: as shipped (dtype {proj_cfg.dtype}, batch {proj_cfg.batch_size})",
                                 proj_cfg, resolved, items, work / "project"))
+        _save_partial(args, runs, flop, peak)
         per_run = runs[-1]["seconds"]
         for variant in args.variants:
-            if time.perf_counter() - t_start + 2.5 * per_run > args.budget_s:
+            compile_s = 150 if variant.startswith("compile") and not args.tiny else 0  # a real UNet's compilation
+            if time.perf_counter() - t_start + 2.5 * per_run + compile_s > args.budget_s:
                 log.warning("variant %s skipped: the --budget-s of %.0f s would be exceeded", variant, args.budget_s)
                 continue
             if variant.startswith("batch"):
                 cfg = proj_cfg.model_copy(update={"batch_size": int(variant[5:])})
                 runs.append(run_project(f"variant: batch {cfg.batch_size}", cfg, resolved, items, work / variant))
+            elif variant in ("compile", "compile-reduce-overhead", "compile-max-autotune"):
+                mode = variant.partition("-")[2] or "default"
+                cfg = proj_cfg.model_copy(update={"compile": mode})
+                runs.append(run_project(f"variant: torch.compile UNet ({mode})", cfg, resolved, items, work / variant))
             elif variant == "two-workers":
                 runs.append(run_project("variant: two model sets per device", proj_cfg, resolved, items,
                                         work / variant, workers=2))
             else:
-                log.warning("unknown variant %s (batchN | two-workers)", variant)
+                log.warning("unknown variant %s (batchN | two-workers | compile[-reduce-overhead|-max-autotune])",
+                            variant)
+            _save_partial(args, runs, flop, peak)
         base = runs[0]["triplets_per_s"] or float("nan")
         for r in runs:
             r["ratio_to_reference"] = round(r["triplets_per_s"] / base, 3)
@@ -327,6 +340,13 @@ def run(args: argparse.Namespace) -> dict:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _save_partial(args: argparse.Namespace, runs: list[dict], flop: float, peak: float) -> None:
+    """The runs so far (``"partial": true``), so a suite stopped by a time limit still leaves its measurements."""
+    if args.out:
+        Path(args.out).write_text(json.dumps({"partial": True, "flop_per_triplet": flop, "matmul_peak_flops": peak,
+                                              "runs": runs}, indent=1, default=float))
 
 
 def writer_bench(resolution: int = 512, samples: int = 16, threads: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:
@@ -382,7 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=25, help="inpainting steps (the reference: 25)")
-    p.add_argument("--variants", nargs="*", default=[], help="batch16 batch32 two-workers")
+    p.add_argument("--variants", nargs="*", default=[],
+                   help="batch16 batch32 two-workers compile compile-reduce-overhead (in this order of cost)")
     p.add_argument("--budget-s", type=float, default=420.0, help="variants are skipped past this many seconds")
     p.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "cnc-bench-models"),
                    help="where the random real-size models are written once (~9 GB, reused)")

@@ -91,7 +91,8 @@ class TripletBuilder:
         self.model_stages = [
             segment,
             InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,
-                         ip.guidance_scale, ip.strength, ip.dilation_px, ip.paste_back, base_seed=cfg.seed, **common),
+                         ip.guidance_scale, ip.strength, ip.dilation_px, ip.paste_back, base_seed=cfg.seed,
+                         compile_mode=cfg.compile, **common),
             depth,
             embed,
         ]

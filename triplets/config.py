@@ -159,6 +159,10 @@ class BuildConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = fp16 on CUDA, fp32 on CPU")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the inpainting UNet (≈ 80 % of a triplet's FLOPs) with this mode; "
+                           "compiles once per batch shape at start-up, outputs change within float rounding "
+                           "(operational: not part of the plan fingerprint); measured in benchmarks/gpu_suite.py")
     input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic", "table"] = "auto"
     input_hash: bool = Field(
         False, description="table inputs: fingerprint every input file by a sha256 of its content (reads every "

@@ -169,7 +169,7 @@ class Trainer:
             rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
             shuffle_buffer=cfg.data.shuffle_buffer, epoch_samples=cfg.data.epoch_samples, dropout=dropout,
             resolution=self.resolution, depth_channels=cfg.data.depth_channels,
-            pin_memory=acc.device.type == "cuda", quality_filter=cfg.data.filter.build())
+            pin_memory=acc.device.type == "cuda", quality_filter=cfg.data.filter.build(), compact=True)
         logger.info("data: %d shards, %d batches of %d per process and epoch, dropout %s", len(urls),
                     self.loader.batches_per_epoch, cfg.train.train_batch_size, dropout)
 
@@ -282,10 +282,11 @@ class Trainer:
 
         Soft guidance follows the denoiser's one rule: on whenever the stage trains a global fuser.
         """
-        from cnc_model.data import tokenize
+        from cnc_model.data import to_device_batch, tokenize
         from cnc_model.denoiser import CnCDenoiser, training_target
 
         comps, dev, wdt = self.components, self.accelerator.device, self.weight_dtype
+        batch = to_device_batch(batch, dev, self.cfg.data.depth_channels, non_blocking=True)
         with torch.no_grad():
             latents = self.image_latents(batch) * comps.vae.config.scaling_factor
             ids = batch["input_ids"] if "input_ids" in batch else tokenize(comps.tokenizer, batch["captions"])

@@ -71,13 +71,17 @@ class InpaintStage(Stage):
                  prompt: str = "empty scenery, ultra detailed, no people",
                  negative_prompt: str = "low resolution, worst quality, low quality", num_inference_steps: int = 25,
                  guidance_scale: float = 10.0, strength: float = 1.0, dilation_px: int = 50, paste_back: bool = True,
-                 base_seed: int = 0, device: str = "auto", dtype: str = "auto"):
+                 base_seed: int = 0, device: str = "auto", dtype: str = "auto", compile_mode: str = "off"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.pipe = _batch_encoding_pipeline().from_pretrained(
             model, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
         self.pipe.to(self.device)  # already in self.dtype (a dtype cast here makes diffusers warn)
         self.pipe.set_progress_bar_config(disable=True)
+        if compile_mode != "off":  # the UNet is ≈ 80 % of a triplet's FLOPs; compiled lazily on the first batch
+            import torch
+
+            self.pipe.unet = torch.compile(self.pipe.unet, mode=None if compile_mode == "default" else compile_mode)
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.guidance, self.strength = num_inference_steps, guidance_scale, strength
         self.dilation_px, self.paste_back, self.base_seed = dilation_px, paste_back, base_seed
