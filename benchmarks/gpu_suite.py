@@ -307,24 +307,30 @@ def run(args: argparse.Namespace) -> dict:
                                 proj_cfg, resolved, items, work / "project"))
         _save_partial(args, runs, flop, peak)
         per_run = runs[-1]["seconds"]
+        failed_variants: dict[str, str] = {}
         for variant in args.variants:
             compile_s = 150 if variant.startswith("compile") and not args.tiny else 0  # a real UNet's compilation
             if time.perf_counter() - t_start + 2.5 * per_run + compile_s > args.budget_s:
                 log.warning("variant %s skipped: the --budget-s of %.0f s would be exceeded", variant, args.budget_s)
                 continue
-            if variant.startswith("batch"):
-                cfg = proj_cfg.model_copy(update={"batch_size": int(variant[5:])})
-                runs.append(run_project(f"variant: batch {cfg.batch_size}", cfg, resolved, items, work / variant))
-            elif variant in ("compile", "compile-reduce-overhead", "compile-max-autotune"):
-                mode = variant.partition("-")[2] or "default"
-                cfg = proj_cfg.model_copy(update={"compile": mode})
-                runs.append(run_project(f"variant: torch.compile UNet ({mode})", cfg, resolved, items, work / variant))
-            elif variant == "two-workers":
-                runs.append(run_project("variant: two model sets per device", proj_cfg, resolved, items,
-                                        work / variant, workers=2))
-            else:
-                log.warning("unknown variant %s (batchN | two-workers | compile[-reduce-overhead|-max-autotune])",
-                            variant)
+            try:
+                if variant.startswith("batch"):
+                    cfg = proj_cfg.model_copy(update={"batch_size": int(variant[5:])})
+                    runs.append(run_project(f"variant: batch {cfg.batch_size}", cfg, resolved, items, work / variant))
+                elif variant in ("compile", "compile-reduce-overhead", "compile-max-autotune"):
+                    mode = variant.partition("-")[2] or "default"
+                    cfg = proj_cfg.model_copy(update={"compile": mode})
+                    runs.append(run_project(f"variant: torch.compile UNet ({mode})", cfg, resolved, items,
+                                            work / variant))
+                elif variant == "two-workers":
+                    runs.append(run_project("variant: two model sets per device", proj_cfg, resolved, items,
+                                            work / variant, workers=2))
+                else:
+                    log.warning("unknown variant %s (batchN | two-workers | compile[-reduce-overhead|-max-autotune])",
+                                variant)
+            except Exception as exc:  # noqa: BLE001 - a failed optional variant must not lose the other runs
+                log.exception("variant %s failed", variant)
+                failed_variants[variant] = f"{type(exc).__name__}: {exc}"[:500]
             _save_partial(args, runs, flop, peak)
         base = runs[0]["triplets_per_s"] or float("nan")
         for r in runs:
@@ -336,7 +342,7 @@ def run(args: argparse.Namespace) -> dict:
             "flop_per_triplet": flop, "matmul_peak_flops": peak, "matmul_peak_dtype": peak_dtype,
             "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "runs": runs,
-            "seconds": round(time.perf_counter() - t_start, 1),
+            "seconds": round(time.perf_counter() - t_start, 1), "failed_variants": failed_variants,
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
