@@ -209,12 +209,13 @@ def describe_or_fail(path: str, option: str = "PIPELINE", weights: str | None = 
         _fail(str(err).splitlines()[0])
 
 
-def load_source_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
-    """``(Source, CnCPipeline)`` of ``path`` with the selected ``weights``; failures exit 2 in one line."""
-    from cnc_model.loading import NotAPipelineError, load_pipeline
+def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = None):
+    """``(Source, CnCPipeline)`` of ``path`` (a folder, or a :class:`~cnc_model.loading.Source` already described)
+    with the selected ``weights``; failures exit 2 in one line."""
+    from cnc_model.loading import NotAPipelineError, Source, load_pipeline
     from triplets.errors import ModelUnavailableError
 
-    source = describe_or_fail(path, option, weights)
+    source = path if isinstance(path, Source) else describe_or_fail(path, option, weights)
     try:
         return source, load_pipeline(source)
     except (NotAPipelineError, ModelUnavailableError) as err:

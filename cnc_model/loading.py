@@ -342,5 +342,5 @@ def export_pipeline(path: str | Path, output: str | Path, *, weights: str | None
     return out
 
 
-__all__ = ["NotAPipelineError", "WeightsUnavailableError", "ModelUnavailableError", "Source", "WEIGHTS", "describe", "load_pipeline", "export_pipeline",
-           "model_card"]
+__all__ = ["NotAPipelineError", "WeightsUnavailableError", "ModelUnavailableError", "Source", "WEIGHTS", "describe",
+           "load_pipeline", "export_pipeline", "model_card"]

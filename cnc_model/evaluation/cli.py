@@ -204,8 +204,8 @@ def eval_command(
     # 3. generate (every process its share) and score (the main process)
     labels = _labels(paths, [s.weights for s in sources])
     pipes, held = {}, {}
-    for label, p, option, w in zip(labels, paths, ("PIPELINE", "--compare"), chosen):
-        source, pipes[label] = load_source_or_fail(p, option, w)
+    for label, source in zip(labels, sources):
+        _, pipes[label] = load_source_or_fail(source)
         held[label] = source.weights
     settings = EvalSettings(n=n, steps=steps, seeds=seed_list, guidance_scale=guidance, batch_size=batch_size,
                             negative_prompt=negative_prompt, prompt_suffix=prompt_suffix, device=device,

@@ -76,8 +76,8 @@ class MetricModels:
 
     def describe(self) -> dict[str, str]:
         """Which network each metric used: ``tiny`` or where it was loaded from (``metrics.json``)."""
-        return {"inception_alexnet": TINY if self.tiny else str(self.hub), "clip": TINY if self.tiny_clip else self.clip,
-                "dpt": TINY if self.tiny_dpt else self.dpt}
+        return {"inception_alexnet": TINY if self.tiny else str(self.hub),
+                "clip": TINY if self.tiny_clip else self.clip, "dpt": TINY if self.tiny_dpt else self.dpt}
 
 
 def cache_dir() -> Path:
