@@ -112,3 +112,18 @@ def test_per_network_tiny_options_match_metrics_models_tiny(tmp_path, tiny_metri
     assert len(problems) == 2 and "Inception" in problems[0] and "AlexNet" in problems[1]
     own = metric_models.resolve("tiny", clip=str(tmp_path / "my-clip"))  # an explicit override wins over tiny
     assert own.clip == str(tmp_path / "my-clip") and own.dpt == full.dpt and own.kind() == "mixed"
+
+
+def test_model_labels_and_process_counts():
+    import typer
+
+    from cnc_model.evaluation.cli import _labels, _num_processes
+
+    assert _labels(["out/a", "out/b"], ["ema", "ema"]) == ["a", "b"]
+    assert _labels(["out/c", "out/c"], ["ema", "raw"]) == ["c-ema", "c-raw"]  # one checkpoint, both weights
+    assert _labels(["x/c", "y/c"], ["ema", "ema"]) == ["c-A", "c-B"]
+    assert _num_processes("auto", "cpu") == 1 and _num_processes("3", "cpu") == 3  # CPU processes: gloo
+    for bad in ("0", "two"):
+        with pytest.raises(typer.Exit) as exit_info:
+            _num_processes(bad, "cpu")
+        assert exit_info.value.exit_code == 2
