@@ -103,7 +103,7 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
               "--device", "cpu"]
     out = tmp_path / "eval-compare"
     proc = _cnc("eval", str(runs / "joint"), "--compare", str(export), "--output", str(out), *common, env=one_thread)
-    assert "| fid ↓ |" in proc.stdout
+    assert "| fid ↓ |" in proc.stdout and "| weights | ema | ema |" in proc.stdout
     assert (out / "grid.png").is_file() and (out / "metrics.md").is_file()
     report = json.loads((out / "metrics.json").read_text())
     assert report["n"] == 3 and set(report["models"]) == {"joint", "exported"}

@@ -160,9 +160,10 @@ def _round(value: float) -> float | None:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """``| metric | model A | model B |`` with ↑/↓ for the better direction."""
+    """``| metric | model A | model B |`` with ↑/↓ for the better direction (first row: the fuser weights)."""
     names = list(results)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| weights | " + " | ".join(str(results[name].get("weights") or "n/a") for name in names) + " |"]
     for key, higher in METRICS.items():
         cells = []
         for name in names:
