@@ -13,6 +13,7 @@ import typer
 
 from cnc.hub import TINY
 from cnc_model.evaluation.cli import register as register_eval
+from cnc_model.loading import WEIGHTS_HELP
 from cnc_model.train_cli import register as register_train
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def sample(
     image_encoder: str = typer.Option("openai/clip-vit-large-patch14", "--image-encoder",
                                       help="CLIP vision model (used when the checkpoint has none)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
 ) -> None:
     """Sample CnC from a foreground and a background photo (or one built triplet): sample_*.png and sheet.png."""
     import torch
@@ -121,7 +123,7 @@ def sample(
                   fg_depth_scale=fg_depth_scale, bg_depth_scale=bg_depth_scale, generator=generator)
     if shard_sample is not None:
         triplet = _load_shard_sample(shard_sample)
-        pipe = load_pipeline_or_fail(checkpoint_dir).to(device)
+        pipe = load_pipeline_or_fail(checkpoint_dir, weights=weights).to(device)
         images = pipe([prompt or triplet.caption] * num_images, fg_depth=triplet.fg_depth_float(),
                       bg_depth=triplet.bg_depth_float(), mask=triplet.mask.astype("float32"),
                       fg_reference=torch.from_numpy(triplet.fg_emb)[None],
@@ -147,7 +149,7 @@ def sample(
                 _fail(str(err))
             segmenter = SamSaliencySegmenter(sam_path, saliency, device=device,
                                              sam_model_type=TINY_SAM_TYPE if sam_checkpoint == TINY else "vit_h")
-        pipe = load_pipeline_or_fail(checkpoint_dir)
+        pipe = load_pipeline_or_fail(checkpoint_dir, weights=weights)
         if pipe.global_fuser is not None and (pipe.image_encoder is None or pipe.feature_extractor is None):
             encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", _image_encoder)
             pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
@@ -187,16 +189,35 @@ def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, ref
     return negative_prompt, prompt_suffix
 
 
-def load_pipeline_or_fail(path: str, option: str = "PIPELINE"):
-    """:func:`cnc_model.loading.load_pipeline`; an unloadable folder or a missing base model exits 2 in one line."""
+def load_pipeline_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
+    """:func:`cnc_model.loading.load_pipeline`; an unloadable folder, weights it does not hold or a missing base
+    model exit 2 in one line."""
+    return load_source_or_fail(path, option, weights)[1]
+
+
+def describe_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
+    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures exit 2 in one line."""
     from cnc.base.location import resolve
-    from cnc_model.loading import NotAPipelineError, load_pipeline
+    from cnc_model.loading import NotAPipelineError, describe
     from triplets.errors import ModelUnavailableError
 
     if not resolve(path).exists():
         _fail(f"{option} {path} does not exist")
     try:
-        return load_pipeline(path)
+        return describe(path, weights)
+    except (NotAPipelineError, ModelUnavailableError) as err:
+        _fail(str(err).splitlines()[0])
+
+
+def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = None):
+    """``(Source, CnCPipeline)`` of ``path`` (a folder, or a :class:`~cnc_model.loading.Source` already described)
+    with the selected ``weights``; failures exit 2 in one line."""
+    from cnc_model.loading import NotAPipelineError, Source, load_pipeline
+    from triplets.errors import ModelUnavailableError
+
+    source = path if isinstance(path, Source) else describe_or_fail(path, option, weights)
+    try:
+        return source, load_pipeline(source)
     except (NotAPipelineError, ModelUnavailableError) as err:
         _fail(str(err).splitlines()[0])
 
@@ -205,6 +226,7 @@ def export(
     source: str = typer.Argument(..., help="A cnc train output folder, one of its checkpoint-N folders or a "
                                            "pipeline folder; a local path or a URL (s3://...)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the complete pipeline."),
+    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
 ) -> None:
     """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, model
     cards)."""
@@ -215,7 +237,7 @@ def export(
     if not resolve(source).exists():
         _fail(f"{source} does not exist")
     try:
-        export_pipeline(source, output)
+        export_pipeline(source, output, weights=weights)
     except (NotAPipelineError, ModelUnavailableError) as err:
         _fail(str(err).splitlines()[0])
     typer.echo(f"exported {source} -> {output}")

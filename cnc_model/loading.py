@@ -14,14 +14,20 @@ fuser weights; never optimizer states) are downloaded once into a local cache fo
 
 For runs and checkpoints the frozen parts come from the run's ``model.pretrained_model_name_or_path`` (a diffusers SD
 1.5 folder / hub id, or ``tiny``: the same seeded tiny models the run trained with) and the sampler is DDIM with the
-reference settings. A checkpoint's fusers are its raw weights (with ``train.use_ema`` the EMA copies
-are in ``ema_<name>/``; the run's final fusers are the EMA weights). Only the fusers the stage trained are loaded:
-a ``local`` run samples with its local
-fuser and the 77 text tokens, a ``global`` run with its global fuser and no depth residuals.
+reference settings. Only the fusers the stage trained are loaded: a ``local`` run samples with its local fuser and the
+77 text tokens, a ``global`` run with its global fuser and no depth residuals.
+
+**Weights** (``--weights ema|raw`` of ``cnc sample`` / ``cnc eval`` / ``cnc export``): with ``train.use_ema`` a
+checkpoint holds the raw fusers (``local_fuser/``) and their EMA copies (``ema_local_fuser/``), and the run's final
+fusers *are* the EMA weights. A checkpoint therefore loads its EMA copies by default when it has them (so a checkpoint
+and the final output of one run are comparable), its raw weights otherwise; ``raw`` takes the raw weights. A run
+folder holds one set (EMA with ``train.use_ema``, else raw), and so does a pipeline folder (``cnc_export.json`` records
+which); asking such a folder for the other set is a one-line error. :attr:`Source.weights` says what is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,10 +44,22 @@ from triplets.errors import ModelUnavailableError
 logger = logging.getLogger(__name__)
 FUSERS = ("local_fuser", "global_fuser")
 MODEL_CARD = "README.md"
+EXPORT_META = "cnc_export.json"
+#: Choices of ``--weights``: the EMA copies (``ema_<name>/``) or the raw optimizer weights (``<name>/``).
+WEIGHTS = ("ema", "raw")
+EMA_PREFIX = "ema_"
+#: Help of ``--weights`` (``cnc sample`` / ``cnc eval`` / ``cnc export``).
+WEIGHTS_HELP = ("ema or raw: a checkpoint-N folder's EMA copies (ema_<fuser>/, written with train.use_ema) or its raw "
+                "weights. Default: EMA where the checkpoint has it (as the run's final fusers), else raw. A run or "
+                "pipeline folder holds one set; asking it for the other is an error.")
 
 
 class NotAPipelineError(UserError, ValueError):
     """The folder is none of: pipeline folder, run folder, checkpoint folder (message: one line)."""
+
+
+class WeightsUnavailableError(NotAPipelineError):
+    """The folder does not hold the weights asked for with ``--weights`` (message: one line)."""
 
 
 @dataclass
@@ -53,12 +71,23 @@ class Source:
         path: the folder.
         config: the run's train config (``None`` for a pipeline folder).
         step: optimizer steps of the weights (``None`` when unknown).
+        weights: which fuser weights are loaded: ``ema`` or ``raw`` (``None``: a pipeline folder that does not
+            record it, e.g. one written by ``cnc convert-reference``).
+        ema_decay: ``train.ema_decay`` of the run when ``weights == "ema"``.
     """
 
     kind: str
     path: Path
     config: object | None = None
     step: int | None = None
+    weights: str | None = None
+    ema_decay: float | None = None
+
+    def fuser_folder(self, name: str) -> Path:
+        """The folder of fuser ``name`` holding the selected weights (``ema_<name>/`` for a checkpoint's EMA)."""
+        if self.kind == "checkpoint" and self.weights == "ema":
+            return self.path / f"{EMA_PREFIX}{name}"
+        return self.path / name
 
 
 #: Files of a checkpoint that sampling never needs (training state only).
@@ -110,21 +139,69 @@ def localize(path: str | Path) -> Path:
                             f"(train_config.yaml) or a checkpoint-N folder")
 
 
-def describe(path: str | Path) -> Source:
-    """Classify ``path`` (see the module docstring); a URL is downloaded first (:func:`localize`).
+def _trained(cfg) -> list[str]:
+    return [n for n, on in (("local_fuser", cfg.trains_local), ("global_fuser", cfg.trains_global)) if on]
+
+
+def _select_weights(source: Source, requested: str | None) -> Source:
+    """Set ``source.weights`` from ``requested`` (``ema``, ``raw`` or ``None`` = the folder's default).
+
+    Raises:
+        WeightsUnavailableError: the folder does not hold the requested weights (one line, with what to pass).
+    """
+    if requested is not None and requested not in WEIGHTS:
+        raise WeightsUnavailableError(f"--weights takes {' or '.join(WEIGHTS)}, got {requested!r}")
+    where = f"{source.kind} folder {source.path}"
+    if source.kind == "pipeline":
+        meta = source.path / EXPORT_META
+        held = json.loads(meta.read_text()).get("weights") if meta.is_file() else None
+        if requested is not None and requested != held:
+            raise WeightsUnavailableError(
+                f"{where} holds {held + ' weights' if held else 'weights of unrecorded kind'}, fixed at export; "
+                f"--weights {requested} selects between the EMA and raw weights of a cnc train run or checkpoint "
+                f"folder")
+        source.weights = held
+        return source
+    cfg = source.config
+    if source.kind == "checkpoint":
+        has_ema = all((source.path / f"{EMA_PREFIX}{name}" / "config.json").is_file() for name in _trained(cfg))
+        if requested == "ema" and not has_ema:
+            raise WeightsUnavailableError(f"{where} has no EMA weights ({EMA_PREFIX}<fuser>/; the run trained "
+                                          f"without train.use_ema): use --weights raw")
+        source.weights = requested or ("ema" if has_ema else "raw")
+    else:  # a run folder: its final fusers are the EMA weights with train.use_ema, the raw ones otherwise
+        held = "ema" if cfg.train.use_ema else "raw"
+        if requested is not None and requested != held:
+            hint = ("pass one of its checkpoint-N folders with --weights raw" if held == "ema"
+                    else "it trained without train.use_ema: use --weights raw")
+            raise WeightsUnavailableError(f"{where} holds only the {held} weights of the run; {hint}")
+        source.weights = held
+    if source.weights == "ema":
+        source.ema_decay = cfg.train.ema_decay
+    return source
+
+
+def describe(path: str | Path, weights: str | None = None) -> Source:
+    """Classify ``path`` (see the module docstring) and select its weights; a URL is downloaded first
+    (:func:`localize`).
+
+    Args:
+        weights: ``ema``, ``raw`` or ``None`` (the folder's default: a checkpoint's EMA copies where present).
 
     Raises:
         NotAPipelineError: when it is none of the three kinds, or a run has no final weights yet.
+        WeightsUnavailableError: the folder does not hold the ``weights`` asked for.
     """
     from cnc_model.training import checkpointing as ckpt
     from cnc_model.training.config import load_train_config
 
     p = localize(path)
     if (p / "model_index.json").is_file():
-        return Source("pipeline", p)
+        return _select_weights(Source("pipeline", p), weights)
     if (p / ckpt.TRAINER_STATE).is_file() and (p.parent / "train_config.yaml").is_file():
         state = ckpt.read_json(p / ckpt.TRAINER_STATE)
-        return Source("checkpoint", p, load_train_config(p.parent / "train_config.yaml"), int(state["global_step"]))
+        source = Source("checkpoint", p, load_train_config(p.parent / "train_config.yaml"), int(state["global_step"]))
+        return _select_weights(source, weights)
     if (p / "train_config.yaml").is_file():
         cfg = load_train_config(p / "train_config.yaml")
         if not any((p / name / "config.json").is_file() for name in FUSERS):
@@ -133,7 +210,7 @@ def describe(path: str | Path) -> Source:
             raise NotAPipelineError(f"run folder {p} has no final fuser weights (training unfinished?){hint}")
         latest = ckpt.find_latest_checkpoint(p)
         step = int(ckpt.read_json(latest / ckpt.TRAINER_STATE)["global_step"]) if latest else None
-        return Source("run", p, cfg, step)
+        return _select_weights(Source("run", p, cfg, step), weights)
     raise NotAPipelineError(f"{p} is not a CnC pipeline folder (model_index.json), a cnc train output folder "
                             f"(train_config.yaml) or a checkpoint-N folder")
 
@@ -146,36 +223,58 @@ def _sampling_scheduler(training_scheduler):
                                      steps_offset=1, timestep_spacing="leading")
 
 
+@contextlib.contextmanager
+def _quiet_config_warnings():
+    """An ``ema_<name>/`` config also holds the EMA settings (``decay``, ``optimization_step``...), which
+    ``from_pretrained`` reports as unexpected keys and ignores: silence that one warning."""
+    from diffusers.utils import logging as diffusers_logging
+
+    config_logger = diffusers_logging.get_logger("diffusers.configuration_utils")
+    level = config_logger.level
+    config_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        config_logger.setLevel(level)
+
+
 def _load_fusers(source: Source) -> dict:
     from cnc_model.models.global_fuser import GlobalFuser
     from cnc_model.models.local_fuser import LocalFuser
 
     cfg = source.config
-    wanted = {"local_fuser": cfg.trains_local, "global_fuser": cfg.trains_global}
+    wanted = _trained(cfg)
     fusers = {}
     for name, cls in (("local_fuser", LocalFuser), ("global_fuser", GlobalFuser)):
-        if not wanted[name]:
+        if name not in wanted:
             fusers[name] = None
             continue
-        folder = source.path / name
+        folder = source.fuser_folder(name)
         if not (folder / "config.json").is_file():
-            raise NotAPipelineError(f"{source.kind} folder {source.path} of stage {cfg.stage!r} has no {name}/")
-        fusers[name] = cls.from_pretrained(folder).eval()
+            raise NotAPipelineError(f"{source.kind} folder {source.path} of stage {cfg.stage!r} has no "
+                                    f"{folder.name}/")
+        with _quiet_config_warnings():
+            fusers[name] = cls.from_pretrained(folder).eval()
     return fusers
 
 
-def load_pipeline(path: str | Path, *, torch_dtype=None):
+def load_pipeline(path: str | Path | Source, *, weights: str | None = None, torch_dtype=None):
     """A :class:`~cnc_model.pipeline_cnc.CnCPipeline` from a pipeline, run or checkpoint folder.
+
+    Args:
+        path: the folder (local or URL), or a :class:`Source` from :func:`describe` (``weights`` is then ignored).
+        weights: ``ema``, ``raw`` or ``None`` (default: a checkpoint's EMA copies where present; module docstring).
 
     Raises:
         NotAPipelineError: the folder is not loadable (one line).
+        WeightsUnavailableError: the folder does not hold the ``weights`` asked for (one line).
         ModelUnavailableError: the run's base model is missing (one line naming
             ``model.pretrained_model_name_or_path``).
     """
     from cnc_model.pipeline_cnc import CnCPipeline
     from cnc_model.training.components import _load_base
 
-    source = describe(path)
+    source = path if isinstance(path, Source) else describe(path, weights)
     if source.kind == "pipeline":
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         return CnCPipeline.from_pretrained(source.path, **kwargs)
@@ -184,7 +283,8 @@ def load_pipeline(path: str | Path, *, torch_dtype=None):
     pipe = CnCPipeline(scheduler=scheduler, **base, **_load_fusers(source))
     if torch_dtype is not None:
         pipe.to(dtype=torch_dtype)
-    logger.info("loaded %s folder %s (stage %s, step %s)", source.kind, source.path, source.config.stage, source.step)
+    logger.info("loaded %s folder %s (stage %s, step %s, %s weights)", source.kind, source.path, source.config.stage,
+                source.step, source.weights)
     return pipe
 
 
@@ -192,11 +292,11 @@ def model_card(source: Source, fuser: str | None = None) -> str:
     """A short markdown model card: what was trained, on which shards, how many steps, with which config."""
     cfg = source.config
     if cfg is None:
-        return f"# CnC pipeline\n\nExported from the pipeline folder `{source.path}`.\n"
+        return (f"# CnC pipeline\n\nExported from the pipeline folder `{source.path}` "
+                f"(weights: {source.weights or 'unrecorded'}).\n")
     from cnc.config import config_dict
 
-    what = fuser or " + ".join(n for n, on in (("local_fuser", cfg.trains_local), ("global_fuser", cfg.trains_global))
-                               if on)
+    what = fuser or " + ".join(_trained(cfg))
     shards = "\n".join(f"- `{s}`" for s in cfg.data.train_shards) or "- (none recorded)"
     return (f"# CnC {what} (stage `{cfg.stage}`)\n\n"
             f"Compose and Conquer (ICLR 2024) {what}, trained with `cnc train` (stage `{cfg.stage}`) on top of the "
@@ -204,6 +304,7 @@ def model_card(source: Source, fuser: str | None = None) -> str:
             f"- steps: {source.step if source.step is not None else 'unknown'} (of {cfg.train.max_train_steps} "
             f"configured), batch {cfg.train.train_batch_size} per process x "
             f"{cfg.train.gradient_accumulation_steps} accumulation\n"
+            f"- weights: {_weights_line(source)}\n"
             f"- resolution: {cfg.data.resolution}, seed {cfg.seed}, source: {source.kind} `{source.path}`\n\n"
             f"## Training shards\n\n{shards}\n\n"
             f"## Load\n\n```python\nfrom cnc_model.pipeline_cnc import CnCPipeline\n"
@@ -211,14 +312,21 @@ def model_card(source: Source, fuser: str | None = None) -> str:
             f"## Config\n\n```yaml\n{yaml.safe_dump(config_dict(cfg), sort_keys=False)}```\n")
 
 
-def export_pipeline(path: str | Path, output: str | Path) -> Path:
+def _weights_line(source: Source) -> str:
+    if source.weights == "ema":
+        return f"ema (exponential moving average, train.ema_decay {source.ema_decay})"
+    return "raw (the optimizer's weights)" if source.weights == "raw" else "unrecorded"
+
+
+def export_pipeline(path: str | Path, output: str | Path, *, weights: str | None = None) -> Path:
     """Write a complete, self-contained pipeline folder (``model_index.json``, base parts, the stage's fusers).
 
     Every exported fuser folder and the pipeline folder get a ``README.md`` model card; ``cnc_export.json`` records
-    the source, stage and step. Returns ``output``.
+    the source, stage, step and weights (``ema`` / ``raw``). ``weights``: as in :func:`load_pipeline`. Returns
+    ``output``.
     """
-    source = describe(path)
-    pipe = load_pipeline(path)
+    source = describe(path, weights)
+    pipe = load_pipeline(source)
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -227,12 +335,12 @@ def export_pipeline(path: str | Path, output: str | Path) -> Path:
         if getattr(pipe, name) is not None:
             (out / name / MODEL_CARD).write_text(model_card(source, name))
     meta = {"source": str(source.path), "kind": source.kind, "step": source.step,
-            "stage": None if source.config is None else source.config.stage,
+            "stage": None if source.config is None else source.config.stage, "weights": source.weights,
             "fusers": [n for n in FUSERS if getattr(pipe, n) is not None]}
-    (out / "cnc_export.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    logger.info("exported %s -> %s", source.path, out)
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    logger.info("exported %s (%s weights) -> %s", source.path, source.weights, out)
     return out
 
 
-__all__ = ["NotAPipelineError", "ModelUnavailableError", "Source", "describe", "load_pipeline", "export_pipeline",
-           "model_card"]
+__all__ = ["NotAPipelineError", "WeightsUnavailableError", "ModelUnavailableError", "Source", "WEIGHTS", "describe",
+           "load_pipeline", "export_pipeline", "model_card"]

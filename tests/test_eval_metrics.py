@@ -97,3 +97,33 @@ def test_seed_lists():
     from cnc_model.evaluation.cli import _parse_seeds
 
     assert _parse_seeds("0") == [0] and _parse_seeds("0,1,2") == [0, 1, 2] and _parse_seeds("2-4,0") == [2, 3, 4, 0]
+
+
+def test_per_network_tiny_options_match_metrics_models_tiny(tmp_path, tiny_metrics_cache, monkeypatch):
+    """``--clip-model tiny`` / ``--depth-model tiny`` give the very networks of ``--metrics-models tiny``; the other
+    networks keep their own source (here a folder without them: exactly those are reported missing)."""
+    monkeypatch.setenv("CNC_CACHE_DIR", str(tiny_metrics_cache))
+    full = metric_models.resolve("tiny")
+    mixed = metric_models.resolve(str(tmp_path / "nothing"), "tiny", "tiny")
+    assert (mixed.clip, mixed.dpt) == (full.clip, full.dpt) and mixed.hub == tmp_path / "nothing" / "hub"
+    assert (full.kind(), mixed.kind(), metric_models.resolve(str(tmp_path)).kind()) == ("tiny", "mixed", "real")
+    assert mixed.describe()["clip"] == "tiny" and mixed.describe()["inception_alexnet"] == str(mixed.hub)
+    problems = metric_models.check(mixed)
+    assert len(problems) == 2 and "Inception" in problems[0] and "AlexNet" in problems[1]
+    own = metric_models.resolve("tiny", clip=str(tmp_path / "my-clip"))  # an explicit override wins over tiny
+    assert own.clip == str(tmp_path / "my-clip") and own.dpt == full.dpt and own.kind() == "mixed"
+
+
+def test_model_labels_and_process_counts():
+    import typer
+
+    from cnc_model.evaluation.cli import _labels, _num_processes
+
+    assert _labels(["out/a", "out/b"], ["ema", "ema"]) == ["a", "b"]
+    assert _labels(["out/c", "out/c"], ["ema", "raw"]) == ["c-ema", "c-raw"]  # one checkpoint, both weights
+    assert _labels(["x/c", "y/c"], ["ema", "ema"]) == ["c-A", "c-B"]
+    assert _num_processes("auto", "cpu") == 1 and _num_processes("3", "cpu") == 3  # CPU processes: gloo
+    for bad in ("0", "two"):
+        with pytest.raises(typer.Exit) as exit_info:
+            _num_processes(bad, "cpu")
+        assert exit_info.value.exit_code == 2

@@ -1,5 +1,6 @@
-"""The user journey through the CLI in fresh processes: shards -> train local, global, joint -> sample each output
-(run folders and a checkpoint) -> export -> from_pretrained in a fresh interpreter -> cnc eval (twice: deterministic).
+"""The user journey through the CLI in fresh processes: shards -> train local, global, joint (with EMA) -> sample each
+output (run folders and a checkpoint) -> export -> from_pretrained in a fresh interpreter -> cnc eval (twice: in one
+and in two processes, same numbers).
 
 Everything is tiny (seeded random models, 64 px, 2 training steps, 2 sampling steps); the shards come from the
 session's ``tiny_shards`` fixture (a real tiny build).
@@ -45,12 +46,21 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     _cnc(*base, "--set", "stage=global", "--set", f"output_dir={runs / 'global'}", env=env)
     _cnc(*base, "--set", "stage=joint", "--set", f"output_dir={runs / 'joint'}", "--set",
          f"model.local_fuser={runs / 'local'}", "--set", f"model.global_fuser={runs / 'global'}", "--set",
-         "train.checkpointing_steps=1", env=env)
+         "train.checkpointing_steps=1", "--set", "train.use_ema=true", env=env)
+    import torch
+
     from cnc_model.loading import load_pipeline
 
     for stage, fusers in (("local", (True, False)), ("global", (False, True)), ("joint", (True, True))):
         pipe = load_pipeline(runs / stage)  # a stage samples with exactly the fusers it trained
         assert (pipe.local_fuser is not None, pipe.global_fuser is not None) == fusers, stage
+    # a checkpoint loads its EMA copies by default (the final fusers of an EMA run are EMA weights), raw on request
+    final, ema, raw = (load_pipeline(runs / "joint" / f, weights=w) for f, w in
+                       (("", None), ("checkpoint-2", None), ("checkpoint-2", "raw")))
+    for name in ("local_fuser", "global_fuser"):
+        f, e, r = (getattr(p, name).state_dict() for p in (final, ema, raw))
+        assert all(torch.equal(f[k], e[k]) for k in f), name
+        assert any(not torch.equal(e[k], r[k]) for k in e), name
 
     # 2. sample run folders and a checkpoint folder alike
     for source in (runs / "local", runs / "global", runs / "joint" / "checkpoint-1"):
@@ -65,12 +75,18 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     for bad in (tmp_path / "nowhere", runs / "joint" / "local_fuser", tiny_shards):
         result = CliRunner().invoke(app, ["sample", str(bad), "--shard-sample", f"{tar}#{key}"])
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    for bad, weights, why in ((runs / "local" / "checkpoint-2", "ema", "no EMA weights"),
+                              (runs / "joint", "raw", "checkpoint-N"), (runs / "joint", "last", "ema or raw")):
+        result = CliRunner().invoke(app, ["export", str(bad), "--weights", weights, "--output", str(tmp_path / "x")])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert why in result.output, result.output
 
     # 3. export a checkpoint; a fresh interpreter loads it with exactly the stage's fusers
     export = tmp_path / "exported"
     _cnc("export", str(runs / "joint" / "checkpoint-1"), "--output", str(export), env=env)
     card = (export / "local_fuser" / "README.md").read_text()
-    assert "stage `joint`" in card and str(tiny_shards) in card and "steps: 1" in card
+    assert "stage `joint`" in card and str(tiny_shards) in card and "steps: 1" in card and "weights: ema" in card
+    assert json.loads((export / "cnc_export.json").read_text())["weights"] == "ema"
     code = ("from cnc_model.pipeline_cnc import CnCPipeline\n"
             f"a = CnCPipeline.from_pretrained({str(export)!r})\n"
             "print(type(a.local_fuser).__name__, type(a.global_fuser).__name__)\n")
@@ -78,22 +94,30 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     assert fresh.returncode == 0, fresh.stderr
     assert fresh.stdout.split() == ["LocalFuser", "GlobalFuser"]
 
-    # 4. evaluate the joint run against the exported checkpoint; evaluating the joint run alone again gives the
-    #    same numbers (deterministic, and a model's scores do not depend on what it is compared with)
+    # 4. evaluate the joint run against the exported checkpoint (one process); evaluating the joint run alone in two
+    #    processes (gloo; batches [0, 1] and [2]) gives the same images and the same metrics.json: deterministic, and
+    #    a model's scores depend neither on what it is compared with nor on the number of processes. One thread per
+    #    process in both (FID of 3 images is ill-conditioned: thread-dependent rounding would show).
+    one_thread = {**env, "OMP_NUM_THREADS": "1"}
+    common = ["--shards", str(tiny_shards), "--n", "3", "--steps", "1", "--batch-size", "2", "--metrics-models", "tiny",
+              "--device", "cpu"]
     out = tmp_path / "eval-compare"
-    proc = _cnc("eval", str(runs / "joint"), "--compare", str(export), "--shards", str(tiny_shards),
-                "--output", str(out), "--n", "3", "--steps", "1", "--batch-size", "3", "--metrics-models",
-                "tiny", env=env)
-    assert "| fid ↓ |" in proc.stdout
+    proc = _cnc("eval", str(runs / "joint"), "--compare", str(export), "--output", str(out), *common, env=one_thread)
+    assert "| fid ↓ |" in proc.stdout and "| weights | ema | ema |" in proc.stdout
     assert (out / "grid.png").is_file() and (out / "metrics.md").is_file()
     report = json.loads((out / "metrics.json").read_text())
     assert report["n"] == 3 and set(report["models"]) == {"joint", "exported"}
     for key in ("fid", "inception_score", "clip_score", "ssim", "lpips", "depth_mae", "region_fg_margin"):
         assert isinstance(report[key], float), key
+    assert report["weights"] == "ema" and report["models"]["exported"]["weights"] == "ema"
     alone = tmp_path / "eval-alone"
-    _cnc("eval", str(runs / "joint"), "--shards", str(tiny_shards), "--output", str(alone), "--n", "3", "--steps",
-         "1", "--batch-size", "3", "--metrics-models", "tiny", env=env)
+    proc = _cnc("eval", str(runs / "joint"), "--output", str(alone), "--num-processes", "2", *common, env=one_thread)
+    assert "process 1/2: 1 of 2 batches" in proc.stderr, proc.stderr[-3000:]
     again = json.loads((alone / "metrics.json").read_text())
-    assert {k: v for k, v in again.items() if k in report["models"]["joint"] and k != "n"} == \
-        {k: v for k, v in report["models"]["joint"].items() if k in again and k != "n"}
+    assert again.pop("model") == "joint"
+    assert again == {k: v for k, v in report.items() if k != "models"}
+    images = sorted(p.name for p in (out / "images" / "joint").iterdir())
+    assert len(images) == 3 and images == sorted(p.name for p in (alone / "images" / "joint").iterdir())
+    assert all((out / "images" / "joint" / n).read_bytes() == (alone / "images" / "joint" / n).read_bytes()
+               for n in images)
     assert report["models"]["joint"] != report["models"]["exported"]  # step 2 vs step 1 weights

@@ -3,6 +3,14 @@
     cnc eval out/train/joint --shards out/val --output out/eval/joint --n 500 --steps 50 --seeds 0
     cnc eval out/train/joint --compare out/train/global --shards out/val --output out/eval/joint-vs-global
     cnc eval out/train/joint --shards out/val --output out/eval/tiny --metrics-models tiny     # offline smoke run
+    cnc eval out/train/joint/checkpoint-2000 --compare out/train/joint/checkpoint-2000 --compare-weights raw ...
+    cnc eval out/train/joint --shards out/val --output out/eval/joint --num-processes 8          # 8 GPUs
+    accelerate launch --num_processes 8 -m cnc.cli eval out/train/joint --shards out/val ...     # the same
+
+With several processes (``--num-processes``, default ``auto``: every visible GPU; or under ``accelerate launch`` /
+torchrun) every process generates its share of the images and the main process scores them all
+(:mod:`~cnc_model.evaluation.run`); ``--num-processes N`` re-launches the command through ``accelerate launch``
+after every input has been checked.
 
 Heavy imports happen inside the command so ``cnc --help`` stays fast.
 """
@@ -13,6 +21,8 @@ import logging
 from pathlib import Path
 
 import typer
+
+from cnc_model.loading import WEIGHTS_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +50,80 @@ def _parse_seeds(spec: str) -> list[int]:
     return sorted(set(seeds), key=seeds.index)
 
 
-def _labels(paths: list[str]) -> list[str]:
+def _labels(paths: list[str], weights: list[str | None]) -> list[str]:
+    """Model names for the report: the folder names; the same folder twice -> suffixed by weights (or A/B)."""
     from cnc.base.location import resolve
 
     names = [resolve(p).name or "pipeline" for p in paths]
     if len(set(names)) < len(names):
-        names = [f"{name}-{tag}" for name, tag in zip(names, "AB")]
+        tags = weights if len(set(weights)) == len(weights) and None not in weights else list("AB")
+        names = [f"{name}-{tag}" for name, tag in zip(names, tags)]
     return names
 
 
+def _launched() -> bool:
+    """Whether this process is one of several started by ``accelerate launch`` / torchrun / MPI."""
+    import os
+
+    return any(int(os.environ.get(var, "1") or 1) > 1 for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+
+
+def _num_processes(spec: str, device: str) -> int:
+    """``auto`` -> every visible GPU when generating on CUDA, else 1; ``N`` -> N (at most the GPUs on CUDA)."""
+    import torch
+
+    on_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if spec == "auto":
+        return max(1, torch.cuda.device_count()) if on_cuda else 1
+    try:
+        count = int(spec)
+    except ValueError:
+        count = 0
+    if count < 1:
+        _fail(f"--num-processes takes a positive integer or auto, got {spec!r}")
+    if on_cuda and count > torch.cuda.device_count():
+        _fail(f"--num-processes {count} exceeds the {torch.cuda.device_count()} visible GPU(s) (one process per GPU)")
+    return count
+
+
+def _command_line(ctx: typer.Context, skip: tuple[str, ...]) -> list[str]:
+    """The arguments of this invocation (as parsed), without the parameters named in ``skip``."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in skip or value is None:
+            continue
+        if param.param_type_name == "argument":
+            args.append(str(value))
+        elif getattr(param, "is_flag", False):
+            if value or param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for item in value if param.multiple else [value]:
+                args += [param.opts[0], str(item)]
+    return args
+
+
+def _relaunch(ctx: typer.Context, count: int) -> None:
+    """Run this command again in ``count`` processes on this machine (``accelerate launch --multi_gpu``, which
+    starts them with torch.distributed.run; on CPUs they talk over gloo) and exit with its status."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port for the processes' rendezvous, on the loopback interface only
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+           "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "cnc.cli", ctx.info_name or "eval", *_command_line(ctx, skip=("num_processes",))]
+    logger.info("generating in %d processes: %s", count, " ".join(cmd))
+    raise typer.Exit(code=subprocess.run(cmd, check=False).returncode)
+
+
 def eval_command(
+    ctx: typer.Context,
     pipeline: str = typer.Argument(..., help="Pipeline folder, cnc train output folder or checkpoint-N folder "
                                              "(local or a URL)."),
     compare: str = typer.Option(None, "--compare", help="A second pipeline/run/checkpoint, scored on the same "
@@ -75,27 +149,36 @@ def eval_command(
                                       show_default=False),
     reference_prompts: bool = typer.Option(True, "--reference-prompts/--no-reference-prompts",
                                            help="Reference negative prompt and suffix as defaults (off: both empty)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (several processes: each its "
+                                                        "own GPU)."),
+    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
+    compare_weights: str = typer.Option(None, "--compare-weights", help="--weights of the --compare model.",
+                                        show_default=False),
+    num_processes: str = typer.Option(
+        "auto", "--num-processes", help="Processes generating in parallel (one per GPU; on CPUs gloo): auto = every "
+                                        "visible GPU on CUDA, else 1. Not needed under accelerate launch / torchrun."),
 ) -> None:
     """Generate from held-out triplets and report FID, IS, CLIPScore, SSIM, LPIPS, depth MAE and region scores."""
     import torch
 
     from cnc.base.errors import UserError
-    from cnc_model.cli import load_pipeline_or_fail, sampling_prompts
+    from cnc_model.cli import describe_or_fail, load_source_or_fail, sampling_prompts
     from cnc_model.evaluation import models as metric_models
     from cnc_model.evaluation.run import EvalSettings, evaluate, load_samples
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     seed_list = _parse_seeds(seeds)
     negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
     # 1. everything that can be missing is checked before any generation
     paths = [pipeline] + ([compare] if compare is not None else [])
     from cnc.base.location import resolve
 
-    for p in paths:
+    chosen = [weights, compare_weights][: len(paths)]
+    if compare_weights is not None and compare is None:
+        _fail("--compare-weights needs --compare")
+    for p, option in zip(paths, ("PIPELINE", "--compare")):
         if not resolve(p).exists():
-            _fail(f"PIPELINE {p} does not exist")
+            _fail(f"{option} {p} does not exist")
+    sources = [describe_or_fail(p, option, w) for p, option, w in zip(paths, ("PIPELINE", "--compare"), chosen)]
     mm = metric_models.resolve(metrics_models, clip_model, depth_model)
     problems = metric_models.check(mm)
     if problems:
@@ -106,11 +189,30 @@ def eval_command(
         samples = load_samples(shards, n)
     except (UserError, ValueError, FileNotFoundError) as err:
         _fail(f"--shards: {str(err).splitlines()[0]}")
-    pipes = {label: load_pipeline_or_fail(p) for label, p in zip(_labels(paths), paths)}
-    # 2. generate and score
+    # 2. several processes: start them (each checks the inputs again, cheaply) unless already launched
+    if not _launched():
+        count = _num_processes(num_processes, device)
+        if count > 1:
+            _relaunch(ctx, count)
+    elif num_processes != "auto":
+        logger.warning("--num-processes %s ignored: already running under a launcher", num_processes)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPUs: gloo between processes
+    if device == "auto" or (device == "cuda" and state.num_processes > 1):
+        device = str(state.device) if state.num_processes > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    # 3. generate (every process its share) and score (the main process)
+    labels = _labels(paths, [s.weights for s in sources])
+    pipes, held = {}, {}
+    for label, source in zip(labels, sources):
+        _, pipes[label] = load_source_or_fail(source)
+        held[label] = source.weights
     settings = EvalSettings(n=n, steps=steps, seeds=seed_list, guidance_scale=guidance, batch_size=batch_size,
-                            negative_prompt=negative_prompt, prompt_suffix=prompt_suffix, device=device)
-    report = evaluate(pipes, samples, settings, mm, output)
+                            negative_prompt=negative_prompt, prompt_suffix=prompt_suffix, device=device,
+                            progress=state.is_main_process)
+    report = evaluate(pipes, samples, settings, mm, output, weights=held, state=state)
+    if report is None:  # not the main process
+        return
     typer.echo((output / "metrics.md").read_text())
     typer.echo(f"n={report['n']}; wrote {output / 'metrics.json'}, {output / 'metrics.md'}, {output / 'grid.png'}")
 

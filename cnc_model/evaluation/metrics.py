@@ -95,8 +95,14 @@ def _chunks(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
+#: torchmetrics would gather its states over every process of a distributed run at ``compute()``; the suite runs on
+#: the main process only, with all the images (``cnc eval`` under several processes), so it never syncs.
+LOCAL = {"sync_on_compute": False}
+
+
 class MetricSuite:
-    """Builds the metric networks once; :meth:`evaluate` scores one set of generated images.
+    """Builds the metric networks once; :meth:`evaluate` scores one set of generated images (in this process only:
+    no torchmetrics state is synced between processes).
 
     Args:
         models: where the networks come from (checked by the caller with :func:`~cnc_model.evaluation.models.check`).
@@ -115,8 +121,8 @@ class MetricSuite:
         with hub_dir(models.hub):  # Inception and AlexNet are read from <hub>/checkpoints (no download: checked)
             self.fid_net = NoTrainInceptionV3("inception-v3-compat", [str(models.fid_feature)]).to(self.device)
             self.is_net = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"]).to(self.device)
-            self.lpips = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).to(self.device)
-        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(self.device)
+            self.lpips = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, **LOCAL).to(self.device)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0, **LOCAL).to(self.device)
         self.clip = CLIPModel.from_pretrained(models.clip).eval().to(self.device)
         self.clip_processor = CLIPProcessor.from_pretrained(models.clip)
         self.depth = DPTDepthEstimator(models.dpt, device=str(self.device))
@@ -125,10 +131,10 @@ class MetricSuite:
     def _fid_is(self, real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
         from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 
-        fid = FrechetInceptionDistance(feature=self.fid_net, normalize=False).to(self.device)
+        fid = FrechetInceptionDistance(feature=self.fid_net, normalize=False, **LOCAL).to(self.device)
         with warnings.catch_warnings():  # "will save all extracted features in buffer": expected, N is bounded
             warnings.simplefilter("ignore", UserWarning)
-            inception = InceptionScore(feature=self.is_net, splits=inception_splits(len(fake))).to(self.device)
+            inception = InceptionScore(feature=self.is_net, splits=inception_splits(len(fake)), **LOCAL).to(self.device)
         for sl in _chunks(len(fake), self.batch_size):
             fid.update(_nchw(real[sl]).to(self.device), real=True)
             fid.update(_nchw(fake[sl]).to(self.device), real=False)
@@ -152,7 +158,7 @@ class MetricSuite:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
         clip = _ProjectedCLIP(self.clip)
-        metric = CLIPScore(model_name_or_path=lambda: (clip, self.clip_processor)).to(self.device)
+        metric = CLIPScore(model_name_or_path=lambda: (clip, self.clip_processor), **LOCAL).to(self.device)
         for sl in _chunks(len(fake), self.batch_size):
             metric.update(list(_nchw(fake[sl]).to(self.device)), list(captions[sl]))
         return float(metric.compute())

@@ -57,7 +57,8 @@ class MetricModels:
         clip: CLIP folder or hub id (``CLIPModel`` + ``CLIPProcessor``).
         dpt: DPT folder or hub id (``DPTForDepthEstimation`` + its image processor).
         fid_feature: Inception feature width for FID (2048 as in the literature; 64 with tiny networks).
-        tiny: the seeded random stand-ins.
+        tiny: Inception and AlexNet are the seeded random stand-ins.
+        tiny_clip, tiny_dpt: CLIP / DPT are the seeded tiny stand-ins.
     """
 
     hub: Path
@@ -65,6 +66,18 @@ class MetricModels:
     dpt: str
     fid_feature: int = 2048
     tiny: bool = False
+    tiny_clip: bool = False
+    tiny_dpt: bool = False
+
+    def kind(self) -> str:
+        """``tiny`` (all stand-ins), ``real`` (none) or ``mixed`` (``metrics.json``'s ``metric_models``)."""
+        flags = {self.tiny, self.tiny_clip, self.tiny_dpt}
+        return "mixed" if len(flags) > 1 else ("tiny" if self.tiny else "real")
+
+    def describe(self) -> dict[str, str]:
+        """Which network each metric used: ``tiny`` or where it was loaded from (``metrics.json``)."""
+        return {"inception_alexnet": TINY if self.tiny else str(self.hub),
+                "clip": TINY if self.tiny_clip else self.clip, "dpt": TINY if self.tiny_dpt else self.dpt}
 
 
 def cache_dir() -> Path:
@@ -76,17 +89,22 @@ def resolve(spec: str | None, clip: str | None = None, dpt: str | None = None) -
     """``None`` -> the default caches; ``tiny`` -> seeded tiny networks; a folder -> ``DIR/hub``, ``DIR/clip``,
     ``DIR/dpt``.
 
-    ``clip`` / ``dpt`` override the CLIP and DPT sources.
+    ``clip`` / ``dpt`` override the CLIP and DPT sources; ``tiny`` there selects the same seeded tiny network of that
+    class as ``--metrics-models tiny`` does (the other networks keep their source).
     """
+    tiny_root = materialise_tiny() if TINY in (spec, clip, dpt) else None
+    tiny_clip, tiny_dpt = clip == TINY or (spec == TINY and clip is None), dpt == TINY or (spec == TINY and dpt is None)
     if spec == TINY:
-        root = materialise_tiny()
-        return MetricModels(hub=root / "hub", clip=clip or str(root / "clip"), dpt=dpt or str(root / "dpt"),
-                            fid_feature=64, tiny=True)
-    if spec is None:
-        return MetricModels(hub=Path(torch.hub.get_dir()), clip=clip or "openai/clip-vit-large-patch14",
-                            dpt=dpt or "Intel/dpt-large")
-    root = Path(spec).expanduser().resolve()  # absolute: a missing folder is reported, never looked up on the hub
-    return MetricModels(hub=root / "hub", clip=clip or str(root / "clip"), dpt=dpt or str(root / "dpt"))
+        hub, default_clip, default_dpt = tiny_root / "hub", str(tiny_root / "clip"), str(tiny_root / "dpt")
+    elif spec is None:
+        hub, default_clip, default_dpt = Path(torch.hub.get_dir()), "openai/clip-vit-large-patch14", "Intel/dpt-large"
+    else:
+        root = Path(spec).expanduser().resolve()  # absolute: a missing folder is reported, never looked up on the hub
+        hub, default_clip, default_dpt = root / "hub", str(root / "clip"), str(root / "dpt")
+    return MetricModels(
+        hub=hub, clip=str(tiny_root / "clip") if tiny_clip else clip or default_clip,
+        dpt=str(tiny_root / "dpt") if tiny_dpt else dpt or default_dpt, fid_feature=64 if spec == TINY else 2048,
+        tiny=spec == TINY, tiny_clip=tiny_clip, tiny_dpt=tiny_dpt)
 
 
 def check(models: MetricModels) -> list[str]:

@@ -2,10 +2,19 @@
 
 For each of the first ``n`` well-formed triplets of the shards and each seed, the pipeline generates one image from
 the triplet's own conditions (caption, fg/bg depth, fg/bg CLIP embeddings, mask M) at the triplet's resolution. The
-initial noise of sample ``i`` under seed ``s`` comes from its own generator (``s * 1_000_003 + i``), so the images
-do not depend on the batch size, and two pipelines compared with ``--compare`` see the same noise. Outputs in ``DIR``:
+initial noise of sample ``i`` under seed ``s`` comes from its own generator (``s * 1_000_003 + i``), so two pipelines
+compared with ``--compare`` see the same noise.
 
-- ``metrics.json``: ``n`` (images scored per model), ``seeds``, ``steps``, and the metric keys
+**Several processes** (``accelerate launch`` / torchrun, or ``cnc eval --num-processes N``, one per GPU): the
+(seed, triplet) jobs are cut into batches of ``batch_size`` first, then whole batches are dealt to the processes
+(``PartialState.split_between_processes``), so every image is generated in the same batch with the same generator
+whatever the number of processes: the images and ``metrics.json`` are the same for 1 and N processes (on one kind of
+device). Each process writes its images into ``images/<model>/``; after a barrier the main process reads them all
+back (PNG: lossless) and computes every metric once. ``DIR`` must be visible to all processes (always true on one
+machine). Outputs in ``DIR``:
+
+- ``metrics.json``: ``n`` (images scored per model), ``seeds``, ``steps``, ``weights`` (``ema`` / ``raw``: which
+  fuser weights were loaded, :mod:`cnc_model.loading`), and the metric keys
   (:data:`~cnc_model.evaluation.metrics.METRICS`) at the top level; with two models, ``models`` holds one such block
   per model and the top-level keys are the first model's;
 - ``metrics.md``: a markdown table (one column per model, arrows = better direction);
@@ -65,18 +74,36 @@ def load_samples(shards: Sequence[str] | str, n: int) -> list:
     return samples
 
 
+def job_batches(n_jobs: int, batch_size: int) -> list[range]:
+    """The job indices ``0..n_jobs-1`` in consecutive batches of ``batch_size`` (the last one may be shorter)."""
+    return [range(start, min(start + batch_size, n_jobs)) for start in range(0, n_jobs, batch_size)]
+
+
+def image_name(samples: Sequence, seeds: Sequence[int], j: int) -> str:
+    """File name of job ``j`` (seed-major): ``<key>_s<seed>.png``."""
+    return f"{samples[j % len(samples)].key}_s{seeds[j // len(samples)]}.png"
+
+
 @torch.no_grad()
-def generate(pipe, samples: Sequence, settings: EvalSettings, label: str = "") -> np.ndarray:
-    """Images ``(len(seeds) * N, H, W, 3)`` uint8, seed-major, generated from each triplet's own conditions."""
+def generate(pipe, samples: Sequence, settings: EvalSettings, label: str = "",
+             batches: Sequence[range] | None = None) -> dict[int, np.ndarray]:
+    """Generate from each triplet's own conditions: ``{job j: (H, W, 3) uint8 image}``.
+
+    Job ``j`` is seed ``seeds[j // N]`` on triplet ``j % N`` (seed-major, ``N = len(samples)``); its noise comes from
+    the generator ``seed * 1_000_003 + j % N``. ``batches``: the batches of job indices to run (default: all jobs in
+    :func:`job_batches` of ``settings.batch_size``; a process of a multi-process run passes its share).
+    """
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
     h, w = samples[0].image.shape[:2]
     jobs = [(seed, i) for seed in settings.seeds for i in range(len(samples))]
-    out = np.zeros((len(jobs), h, w, 3), np.uint8)
-    bar = tqdm(total=len(jobs), desc=f"generate {label}".strip(), disable=not settings.progress)
-    for start in range(0, len(jobs), settings.batch_size):
-        batch = jobs[start:start + settings.batch_size]
+    if batches is None:
+        batches = job_batches(len(jobs), settings.batch_size)
+    out: dict[int, np.ndarray] = {}
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"generate {label}".strip(), disable=not settings.progress)
+    for indices in batches:
+        batch = [jobs[j] for j in indices]
         items = [samples[i] for _, i in batch]
         maps = {name: torch.from_numpy(np.stack([getattr(s, f"{name}_float")() for s in items]))[:, None]
                 for name in ("fg_depth", "bg_depth")}
@@ -87,10 +114,45 @@ def generate(pipe, samples: Sequence, settings: EvalSettings, label: str = "") -
             num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, height=h, width=w,
             negative_prompt=settings.negative_prompt, prompt_suffix=settings.prompt_suffix, output_type="np",
             generator=[torch.Generator().manual_seed(seed * 1_000_003 + i) for seed, i in batch]).images
-        out[start:start + len(batch)] = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        for j, image in zip(indices, (np.clip(images, 0, 1) * 255).round().astype(np.uint8)):
+            out[j] = image
         bar.update(len(batch))
     bar.close()
     return out
+
+
+def _generate_all(pipelines: dict[str, object], samples: Sequence, settings: EvalSettings, out: Path,
+                  state) -> dict[str, np.ndarray] | None:
+    """Generate this process's share with every pipeline, write it to ``images/<label>/``; on the main process
+    return every pipeline's images ``(len(seeds) * N, H, W, 3)`` uint8 (after a barrier, read back from the files
+    the other processes wrote), elsewhere ``None``."""
+    n_jobs = len(settings.seeds) * len(samples)
+    batches = job_batches(n_jobs, settings.batch_size)
+    with state.split_between_processes(batches) as mine:
+        mine = list(mine)
+    if state.num_processes > 1:
+        logger.info("process %d/%d: %d of %d batches", state.process_index, state.num_processes, len(mine),
+                    len(batches))
+    mine_images = {}
+    for label, pipe in pipelines.items():
+        pipe.to(settings.device)
+        images = generate(pipe, samples, settings, label, batches=mine)
+        folder = out / "images" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, image in images.items():
+            Image.fromarray(image).save(folder / image_name(samples, settings.seeds, j))
+        mine_images[label] = images
+    state.wait_for_everyone()  # every process has written its images
+    if not state.is_main_process:
+        return None
+    generated = {}
+    for label, images in mine_images.items():
+        missing = [j for j in range(n_jobs) if j not in images]
+        for j in missing:  # another process's share (PNG is lossless: the same uint8 pixels)
+            images[j] = np.asarray(Image.open(out / "images" / label / image_name(samples, settings.seeds, j))
+                                   .convert("RGB"))
+        generated[label] = np.stack([images[j] for j in range(n_jobs)])
+    return generated
 
 
 def _round(value: float) -> float | None:
@@ -98,9 +160,10 @@ def _round(value: float) -> float | None:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """``| metric | model A | model B |`` with ↑/↓ for the better direction."""
+    """``| metric | model A | model B |`` with ↑/↓ for the better direction (first row: the fuser weights)."""
     names = list(results)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| weights | " + " | ".join(str(results[name].get("weights") or "n/a") for name in names) + " |"]
     for key, higher in METRICS.items():
         cells = []
         for name in names:
@@ -133,37 +196,41 @@ def make_grid(samples: Sequence, generated: dict[str, np.ndarray]):
 
 
 def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSettings, metric_models: MetricModels,
-             output: str | Path) -> dict:
+             output: str | Path, *, weights: dict[str, str | None] | None = None, state=None) -> dict | None:
     """Generate with every pipeline, score, write ``metrics.json``, ``metrics.md``, ``grid.png``; return the json.
+
+    Under ``accelerate launch`` / torchrun every process generates its share and only the main process scores and
+    writes the reports (it returns the json; the other processes return ``None``).
 
     Args:
         pipelines: ``{label: CnCPipeline}`` (one or two).
         samples: :class:`triplets.sample.TripletSample` list (one resolution).
+        weights: ``{label: "ema" | "raw" | None}``: which fuser weights each pipeline holds (recorded as is).
+        state: the ``accelerate.PartialState`` (default: the current one; a single process when not launched).
     """
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    generated = {}
-    for label, pipe in pipelines.items():
-        pipe.to(settings.device)
-        images = generate(pipe, samples, settings, label)
-        generated[label] = images
-        folder = out / "images" / label
-        folder.mkdir(parents=True, exist_ok=True)
-        for j, image in enumerate(images):
-            seed, i = settings.seeds[j // len(samples)], j % len(samples)
-            Image.fromarray(image).save(folder / f"{samples[i].key}_s{seed}.png")
+    generated = _generate_all(pipelines, samples, settings, out, state)
+    if generated is None:
+        return None
+    weights = weights or {}
     suite = MetricSuite(metric_models, device=settings.device, batch_size=max(settings.batch_size, 8))
     repeated = [s for _ in settings.seeds for s in samples]
     results = {}
     for label, images in generated.items():
         logger.info("scoring %s (%d images)", label, len(images))
         scores = {k: _round(v) for k, v in suite.evaluate(images, repeated).items()}
-        results[label] = {"n": len(images), **scores}
+        results[label] = {"n": len(images), "weights": weights.get(label), **scores}
     first = next(iter(results.values()))
     report = {"n": first["n"], "samples": len(samples), "seeds": list(settings.seeds), "steps": settings.steps,
               "guidance_scale": settings.guidance_scale, "negative_prompt": settings.negative_prompt,
-              "prompt_suffix": settings.prompt_suffix, "metric_models": "tiny" if metric_models.tiny else "real",
-              **{k: first[k] for k in METRICS}}
+              "prompt_suffix": settings.prompt_suffix, "metric_models": metric_models.kind(),
+              "metric_networks": metric_models.describe(),
+              "weights": first["weights"], **{k: first[k] for k in METRICS}}
     if len(results) > 1:
         report["models"] = results
     else:
