@@ -2,14 +2,15 @@
 
 A :class:`ShardSink` opens a local staging file (:meth:`triplets.shardio.BuildOutput.staging_path`), appends encoded
 samples with the reproducible ``TarWriter`` (so a streamed shard is byte-identical to
-:func:`triplets.shardio.encode_tar` of the same samples), and on :meth:`commit` closes the tar and hands it to
-:meth:`~triplets.shardio.BuildOutput.commit_shard` (tar → errors → marker). Leaving the ``with`` block without a
-commit deletes the staging file; nothing partial is ever published.
+:func:`triplets.shardio.encode_tar` of the same samples) while hashing what it writes, and on :meth:`commit` closes
+the tar and hands it with its sha256 to :meth:`~triplets.shardio.BuildOutput.commit_shard` (tar → errors → marker).
+Leaving the ``with`` block without a commit deletes the staging file; nothing partial is ever published.
 """
 
 from __future__ import annotations
 
 from triplets.shardio import BuildOutput, open_tar_writer
+from triplets.shardio.tario import HashingFile
 
 
 class ShardSink:
@@ -23,7 +24,7 @@ class ShardSink:
     def __init__(self, output: BuildOutput, shard: int):
         self.output, self.shard = output, shard
         self.path = output.staging_path(shard)
-        self._file = open(self.path, "wb")
+        self._file = HashingFile(open(self.path, "wb"))  # the marker's sha256, computed while streaming
         self._writer = open_tar_writer(self._file)
         self.written = 0
 
@@ -36,7 +37,7 @@ class ShardSink:
         """Close the tar and commit it with its failure rows and marker fields; return the marker."""
         self._writer.close()  # ends the archive (a passed-in file stays open)
         self._file.close()
-        return self.output.commit_shard(self.shard, self.path, failures, stats)
+        return self.output.commit_shard(self.shard, self.path, failures, stats, sha256=self._file.hexdigest())
 
     def __enter__(self) -> ShardSink:
         return self

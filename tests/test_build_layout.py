@@ -80,6 +80,17 @@ def test_streamed_tar_is_byte_identical_to_encode_tar(tmp_path):
     assert path.read_bytes() == encode_tar(samples)
     assert tar_keys(str(path)) == ["k0", "k1", "k2"]
 
+    # the shard sink streams the same bytes and hashes them while writing: the marker's sha256 is the tar's
+    from pipelines.sink import ShardSink
+
+    with ShardSink(BuildOutput(str(tmp_path / "out")), 0) as sink:
+        for s in samples:
+            sink.write(encode_sample(s))
+        marker = sink.commit([], {"shard": 0, "name": "000000", "nsamples": 3})
+    published = tmp_path / "out" / "000000.tar"
+    assert published.read_bytes() == encode_tar(samples)
+    assert marker["sha256"] == file_sha256(published) and marker["bytes"] == published.stat().st_size
+
 
 def test_commit_then_recover_keeps_committed_shard(tmp_path):
     marker = _write_shard(tmp_path, 0, ["a", "b"], [{"key": "c", "source": "s", "stage": "decode", "reason": "x"}])

@@ -133,13 +133,15 @@ class BuildOutput:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / temp_name(names.tar_name(shard))
 
-    def commit_shard(self, shard: int, staged: Path, failures: list[dict], stats: dict) -> dict:
+    def commit_shard(self, shard: int, staged: Path, failures: list[dict], stats: dict,
+                     sha256: str | None = None) -> dict:
         """Publish the staged tar, then its errors, then the marker (the commit point); return the marker.
 
-        ``stats`` gets ``url``, ``bytes``, ``sha256`` and ``errors`` filled in here.
+        ``stats`` gets ``url``, ``bytes``, ``sha256`` and ``errors`` filled in here; ``sha256`` is the staged file's
+        digest when the writer already computed it while streaming (else it is read back and hashed).
         """
         final = self.tar(shard)
-        stats = dict(stats, url=final.name, bytes=staged.stat().st_size, sha256=file_sha256(staged),
+        stats = dict(stats, url=final.name, bytes=staged.stat().st_size, sha256=sha256 or file_sha256(staged),
                      errors=self.layout.errors(shard))
         final.upload(staged, move=True)  # 1. the tar
         self.errors(shard).write_text(  # 2. its failures

@@ -40,6 +40,32 @@ def open_tar_writer(fileobj: IO[bytes]):
     return wds.TarWriter(fileobj, encoder=False, mtime=FIXED_MTIME, user="cnc", group="cnc", mode=0o644)
 
 
+class HashingFile:
+    """A binary file wrapper that hashes (sha256) and counts what is written through it, so a streamed tar's
+    digest is known when it is closed without reading the file back."""
+
+    def __init__(self, fileobj: IO[bytes]):
+        self._file, self._hash, self.nbytes = fileobj, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self._hash.update(data)
+        self.nbytes += len(data)
+        return self._file.write(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+
 def encode_tar(samples: list[TripletSample], jpeg_quality: int = 95) -> bytes:
     """Serialise samples into reproducible tar bytes (same samples → same bytes)."""
     buf = io.BytesIO()
