@@ -93,6 +93,15 @@ def test_pickled_objects_are_refused_in_the_hub_folder(tmp_path, tiny_metrics_ca
     assert len(problems) == 1 and "not a plain tensor state dict" in problems[0]
 
 
+def test_repeated_keys_are_evaluated_once():
+    from cnc_model.evaluation.run import unique_keys
+
+    a, b = _samples(2)
+    again = TripletSample(**{**a.__dict__, "image": b.image})
+    assert [s.key for s in unique_keys([a, b, again])] == ["s0", "s1"]
+    assert unique_keys([a, b, again])[0] is a
+
+
 def test_seed_lists():
     from cnc_model.evaluation.cli import _parse_seeds
 

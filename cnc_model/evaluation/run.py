@@ -63,7 +63,7 @@ def load_samples(shards: Sequence[str] | str, n: int) -> list:
     from triplets.shardio import resolve_shards
 
     urls = resolve_shards(shards, committed_only=True)
-    samples = data.first_samples(urls, n)
+    samples = unique_keys(data.first_samples(urls, n))
     if not samples:
         raise ValueError(f"no readable sample in {len(urls)} shard(s) of {shards}")
     if len(samples) < n:
@@ -72,6 +72,16 @@ def load_samples(shards: Sequence[str] | str, n: int) -> list:
     if len(sizes) != 1:
         raise ValueError(f"the evaluation samples have several sizes {sorted(sizes)}; use shards of one resolution")
     return samples
+
+
+def unique_keys(samples: Sequence) -> list:
+    """``samples`` without the later repeats of a key (a key names a sample's images and rows: two samples with one
+    key would share an image file, and under several processes the main process could score the wrong one)."""
+    seen: set[str] = set()
+    out = [s for s in samples if not (s.key in seen or seen.add(s.key))]
+    if len(out) < len(samples):
+        logger.warning("%d evaluation sample(s) repeat an earlier key and are left out", len(samples) - len(out))
+    return out
 
 
 def job_batches(n_jobs: int, batch_size: int) -> list[range]:
