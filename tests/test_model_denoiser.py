@@ -32,6 +32,7 @@ def test_training_forward_equals_the_pipeline_forward(tiny_shards, tmp_path, sta
     """Same noisy latents, timesteps and conditions: Trainer.compute_loss == MSE(pipeline denoiser output, noise)."""
     from diffusers import DDIMScheduler
 
+    from cnc_model.data import to_device_batch
     from cnc_model.pipeline_cnc import CnCPipeline
     from cnc_model.testing.tiny import randomize_zero_convs
 
@@ -41,9 +42,11 @@ def test_training_forward_equals_the_pipeline_forward(tiny_shards, tmp_path, sta
     for m in comps.trainables().values():
         m.eval()  # no dropout: both passes are deterministic
     batch = next(iter(trainer.loader))
+    assert batch["pixel_values"].dtype == torch.uint8  # the loader ships compact batches; the trainer converts
 
     torch.manual_seed(123)
     loss_train = trainer.compute_loss(batch)
+    batch = to_device_batch(batch, "cpu", trainer.cfg.data.depth_channels)  # what compute_loss saw
 
     pipe = CnCPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
                        local_fuser=comps.local_fuser, global_fuser=comps.global_fuser,
