@@ -29,6 +29,19 @@ def _cnc(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProce
     return proc
 
 
+def _cnc_all(*calls: tuple[tuple[str, ...], dict]) -> list[subprocess.CompletedProcess]:
+    """Independent ``cnc`` commands ``(args, env)`` at once (fresh processes each; most of a tiny command is its
+    single-threaded start-up), each checked like :func:`_cnc`."""
+    procs = [subprocess.Popen([sys.executable, "-m", "cnc.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=REPO) for args, env in calls]
+    done = []
+    for (args, _), proc in zip(calls, procs):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"cnc {' '.join(args)} failed:\n{stdout}\n{stderr}"
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
+
+
 @pytest.fixture(scope="module")
 def env(tiny_metrics_cache) -> dict:
     return {**os.environ, "CNC_CACHE_DIR": str(tiny_metrics_cache), "HF_HUB_OFFLINE": "1"}
@@ -42,8 +55,8 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     key = first_samples([str(tar)], 1)[0].key
     # 1. train the three stages (joint starts from the two earlier runs)
     base = ["train", "--config", "configs/train/tiny.yaml", "--set", f"data.train_shards={tiny_shards}", *FAST_TRAIN]
-    _cnc(*base, "--set", f"output_dir={runs / 'local'}", env=env)
-    _cnc(*base, "--set", "stage=global", "--set", f"output_dir={runs / 'global'}", env=env)
+    _cnc_all(((*base, "--set", f"output_dir={runs / 'local'}"), env),
+             ((*base, "--set", "stage=global", "--set", f"output_dir={runs / 'global'}"), env))
     _cnc(*base, "--set", "stage=joint", "--set", f"output_dir={runs / 'joint'}", "--set",
          f"model.local_fuser={runs / 'local'}", "--set", f"model.global_fuser={runs / 'global'}", "--set",
          "train.checkpointing_steps=1", "--set", "train.use_ema=true", env=env)
@@ -62,11 +75,14 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
         assert all(torch.equal(f[k], e[k]) for k in f), name
         assert any(not torch.equal(e[k], r[k]) for k in e), name
 
-    # 2. sample run folders and a checkpoint folder alike
-    for source in (runs / "local", runs / "global", runs / "joint" / "checkpoint-1"):
+    # 2. sample run folders and a checkpoint folder alike (and, at the same time, export a checkpoint: step 3)
+    sources = (runs / "local", runs / "global", runs / "joint" / "checkpoint-1")
+    export = tmp_path / "exported"
+    _cnc_all(*[(("sample", str(source), "--shard-sample", f"{tar}#{key}", "--steps", "2", "--height", "64", "--width",
+                 "64", "--output", str(tmp_path / "samples" / source.name)), env) for source in sources],
+             (("export", str(runs / "joint" / "checkpoint-1"), "--output", str(export)), env))
+    for source in sources:
         out = tmp_path / "samples" / source.name
-        _cnc("sample", str(source), "--shard-sample", f"{tar}#{key}", "--steps", "2", "--height", "64", "--width",
-             "64", "--output", str(out), env=env)
         assert (out / "sample_0.png").is_file() and (out / "sheet.png").is_file()
     from typer.testing import CliRunner
 
@@ -81,9 +97,7 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
         assert why in result.output, result.output
 
-    # 3. export a checkpoint; a fresh interpreter loads it with exactly the stage's fusers
-    export = tmp_path / "exported"
-    _cnc("export", str(runs / "joint" / "checkpoint-1"), "--output", str(export), env=env)
+    # 3. the exported checkpoint: a fresh interpreter loads it with exactly the stage's fusers
     card = (export / "local_fuser" / "README.md").read_text()
     assert "stage `joint`" in card and str(tiny_shards) in card and "steps: 1" in card and "weights: ema" in card
     assert json.loads((export / "cnc_export.json").read_text())["weights"] == "ema"
@@ -101,8 +115,10 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     one_thread = {**env, "OMP_NUM_THREADS": "1"}
     common = ["--shards", str(tiny_shards), "--n", "3", "--steps", "1", "--batch-size", "2", "--metrics-models", "tiny",
               "--device", "cpu"]
-    out = tmp_path / "eval-compare"
-    proc = _cnc("eval", str(runs / "joint"), "--compare", str(export), "--output", str(out), *common, env=one_thread)
+    out, alone = tmp_path / "eval-compare", tmp_path / "eval-alone"
+    proc, proc_alone = _cnc_all(
+        (("eval", str(runs / "joint"), "--compare", str(export), "--output", str(out), *common), one_thread),
+        (("eval", str(runs / "joint"), "--output", str(alone), "--num-processes", "2", *common), one_thread))
     assert "| fid ↓ |" in proc.stdout and "| weights | ema | ema |" in proc.stdout
     assert (out / "grid.png").is_file() and (out / "metrics.md").is_file()
     report = json.loads((out / "metrics.json").read_text())
@@ -110,9 +126,7 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     for key in ("fid", "inception_score", "clip_score", "ssim", "lpips", "depth_mae", "region_fg_margin"):
         assert isinstance(report[key], float), key
     assert report["weights"] == "ema" and report["models"]["exported"]["weights"] == "ema"
-    alone = tmp_path / "eval-alone"
-    proc = _cnc("eval", str(runs / "joint"), "--output", str(alone), "--num-processes", "2", *common, env=one_thread)
-    assert "process 1/2: 1 of 2 batches" in proc.stderr, proc.stderr[-3000:]
+    assert "process 1/2: 1 of 2 batches" in proc_alone.stderr, proc_alone.stderr[-3000:]
     again = json.loads((alone / "metrics.json").read_text())
     assert again.pop("model") == "joint"
     assert again == {k: v for k, v in report.items() if k != "models"}
