@@ -108,8 +108,11 @@ def test_s3_build_is_exactly_once_under_sigkill_and_byte_identical(s3_server, ph
     for name in after_kill:  # no partial object: every visible tar reads to its end
         if name.endswith(".tar"):
             assert samples_of({name: after_kill[name]})
-    # 2. rerun: resumes, every sample exactly once
-    proc = cnc(build_args(src, killed), workdir)
+    # 2. rerun: resumes, every sample exactly once; 3. at the same time, a clean s3 build of the same input
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        proc, clean_proc = pool.map(lambda out: cnc(build_args(src, out), workdir), (killed, clean))
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = listing(killed)
     keys = [k for k in samples_of(resumed)]
@@ -120,9 +123,8 @@ def test_s3_build_is_exactly_once_under_sigkill_and_byte_identical(s3_server, ph
     assert not [n for n in resumed if n.endswith(".tmp")] and ".lock" not in resumed
     assert {"_cnc/plan.json", "_cnc/config.yaml", "_cnc/manifest.json", "_cnc/README.md",
             ".huggingface.yaml"} <= set(resumed)
-    # 3. a clean s3 build: byte-identical tars; the same samples as the local build
-    proc = cnc(build_args(src, clean), workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 3. the clean s3 build: byte-identical tars; the same samples as the local build
+    assert clean_proc.returncode == 0, clean_proc.stderr[-3000:]
     clean_objects = listing(clean)
     sha = {n: hashlib.sha256(d).hexdigest() for n, d in clean_objects.items() if n.endswith(".tar")}
     assert sha == {n: hashlib.sha256(d).hexdigest() for n, d in resumed.items() if n.endswith(".tar")}
