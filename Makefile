@@ -17,8 +17,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 -e ".[test]"
 	@touch $@
 
 install: $(VENV)/.installed ## Create .venv and install the project (torch 2.14.1) into it.
