@@ -11,10 +11,10 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 nvidia-smi -L
 "$PY" -c "import torch, transformers, diffusers; print(torch.__version__, transformers.__version__, diffusers.__version__, torch.cuda.get_device_name())"
 date +%T
-timeout "${SUITE_S:-400}" "$PY" benchmarks/gpu_suite.py --images 32 --variants batch16 two-workers compile \
-    --budget-s "${BUDGET_S:-360}" --models-dir "${MODELS_DIR:-/tmp/cnc-bench-models}" --out "$OUT/gpu_suite.json"
+timeout "${SUITE_S:-380}" "$PY" benchmarks/gpu_suite.py --images 32 --variants batch16 two-workers compile \
+    --budget-s "${BUDGET_S:-340}" --models-dir "${MODELS_DIR:-/tmp/cnc-bench-models}" --out "$OUT/gpu_suite.json"
 echo "suite rc=$?"; date +%T
-timeout "${TRAIN_S:-130}" "$PY" benchmarks/train_throughput.py --size real --steps 3 --batch 4 --json "$OUT/train.json"
+timeout "${TRAIN_S:-160}" "$PY" benchmarks/train_throughput.py --size real --steps 3 --batch 4 --json "$OUT/train.json"
 echo "train rc=$?"; date +%T
 timeout "${LOADER_S:-40}" "$PY" benchmarks/loader_transfer.py --workers 4 --batches 16 --json "$OUT/loader.json"
 echo "loader rc=$?"; date +%T
