@@ -11,7 +11,6 @@ used. The base URL comes from ``$CNC_DOWNLOAD_BASE_URL`` or ``--base-url`` (a mi
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import socket
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from cnc.base.hashing import file_sha256
 from cnc.tiny_store import cache_root
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,6 @@ def unreachable(url: str, timeout: float = 5.0) -> str | None:
         return f"cannot reach {host}:{port} ({exc.strerror or type(exc).__name__})"
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_file(spec: FileSpec, directory: Path | None = None, base_url: str | None = None,
                   progress: bool = True, timeout: float = 30.0) -> Path:
     """Fetch ``spec`` into ``directory`` (default :func:`files_dir`) and return the checked file.
@@ -155,7 +146,7 @@ def download_file(spec: FileSpec, directory: Path | None = None, base_url: str |
         reason = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise DownloadError(f"download from {url} failed ({type(exc).__name__}{': ' + reason if reason else ''}); "
                             f"rerun to resume") from None
-    digest = sha256_file(part)
+    digest = file_sha256(part)
     if digest != spec.sha256:
         part.unlink(missing_ok=True)
         raise DownloadError(f"sha256 {digest} of {spec.name} does not match the published {spec.sha256} "

@@ -19,6 +19,7 @@ import os
 import uuid
 from pathlib import Path
 
+from cnc.base.hashing import stream_sha256
 from cnc.tiny_store import cache_root
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 #: Files that make a model's identity (configs and tokenizer files are not weights).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 HASH_CACHE_FILE = "weight-hashes.json"
-_CHUNK = 1 << 22
 
 
 def _cache_path() -> Path:
@@ -70,11 +70,8 @@ def file_sha256(path: str | Path, cache: dict | None = None, updates: dict | Non
     entry = cache.get(key)
     if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
         return entry["sha256"]
-    h = hashlib.sha256()
     with open(p, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+        digest = stream_sha256(f)
     log.debug("hashed %s (%d bytes)", p, st.st_size)
     updates[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     if own:

@@ -19,13 +19,13 @@ row group, CSV/JSONL by streaming from the start of the file (keep those files s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cnc.base.hashing import stream_sha256
 from cnc.base.location import Location, is_url, resolve
 from triplets.readers import TABLE_SUFFIXES, InputError
 from triplets.sample import make_key
@@ -90,11 +90,8 @@ def file_identity(loc: Location, content_hash: bool = False) -> dict:
         mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
         out["mtime"] = mtime if isinstance(mtime, (int, float)) else str(mtime) if mtime is not None else None
     if content_hash:
-        h = hashlib.sha256()
         with loc.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        out["sha256"] = h.hexdigest()
+            out["sha256"] = stream_sha256(f)
     return out
 
 

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cnc.base.errors import OutputBusyError, UserError
+from cnc.base.hashing import file_sha256, stream_sha256
 from cnc.base.location import TEMP_NAME, Location, fsync_replace, resolve, temp_name
 from triplets.shardio import names
 
@@ -49,24 +50,9 @@ class OutputNotSharedError(UserError):
     """A worker cannot see the driver's local output folder (multi-node cluster without shared storage)."""
 
 
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def location_sha256(loc: Location) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
     with loc.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return stream_sha256(f)
 
 
 class BuildOutput:
