@@ -195,15 +195,9 @@ class Location:
     def write_bytes(self, data: bytes) -> Location:
         """Atomically write ``data`` (local temp + fsync + rename; one PUT on object stores)."""
         if self.is_local:
-            final = Path(self.path)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(temp_name(final.name))
-            try:
-                tmp.write_bytes(data)
-                fsync_replace(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
-        else:
+            with self.open_atomic() as f:
+                f.write(data)
+        else:  # one PUT rather than open_atomic's multipart upload
             self.fs.pipe_file(self.path, data)
         return self
 
