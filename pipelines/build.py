@@ -35,7 +35,7 @@ from pipelines.ray_session import Interrupted, interrupt_on_sigterm, ray_session
 from pipelines.scheduler import ShardScheduler
 from triplets.config import BuildConfig
 from triplets.shardio import BuildOutput
-from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, PLAN_FILE
+from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, shard_name
 
 log = logging.getLogger(__name__)
 #: Test-only fault injection (JSON, see :class:`pipelines.worker.FaultInjection`).
@@ -308,7 +308,7 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, d
                   out.loc.child(out.layout.errors_dir).url)
     if uncommitted:
         log.error("%d shard(s) not committed: %s; rerun the same command to retry them", len(uncommitted),
-                  ", ".join(f"{s:06d}" for s in uncommitted[:10]))
+                  ", ".join(map(shard_name, uncommitted[:10])))
     return result
 
 

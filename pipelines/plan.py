@@ -40,7 +40,7 @@ from cnc.config import config_dict
 from cnc.identity import identity_changes
 from triplets.config import BuildConfig
 from triplets.shardio import BuildOutput
-from triplets.shardio.names import LOCK_FILE, PLAN_FILE, PROBE_PREFIX
+from triplets.shardio.names import LOCK_FILE, PLAN_FILE, PROBE_PREFIX, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +85,10 @@ def make_plan(items: list[dict], cfg: BuildConfig, input_path: str, input_format
         ``models`` maps config keys to :func:`cnc.identity.model_identity` records.
     """
     n = cfg.samples_per_shard
-    shards = [{"shard": i // n, "name": f"{i // n:06d}", "items": items[i:i + n]} for i in range(0, len(items), n)]
+    shards = [{"shard": i // n, "name": shard_name(i // n), "items": items[i:i + n]} for i in range(0, len(items), n)]
     return {
-        "version": PLAN_VERSION,
-        "fingerprint": fingerprint(cfg, models, input_format),
-        "config": content_config(cfg, input_format),
-        "models": models or {},
-        "input": input_path,
-        "input_format": input_format,
-        "num_items": len(items),
-        "samples_per_shard": n,
-        "items_sha256": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest(),
+        **_plan_header(PLAN_VERSION, cfg, models, input_path, input_format, len(items)),
+        "items_sha256": _json_sha256(items),
         "shards": shards,
     }
 
@@ -123,24 +116,29 @@ def make_table_plan(files: list[dict], cfg: BuildConfig, input_path: str, models
             cur.append({"file": index, "url": f["url"], "start": pos, "stop": pos + take})
             pos, filled = pos + take, filled + take
             if filled == n:
-                shards.append({"shard": len(shards), "name": f"{len(shards):06d}", "nitems": n, "ranges": cur})
+                shards.append({"shard": len(shards), "name": shard_name(len(shards)), "nitems": n, "ranges": cur})
                 cur, filled = [], 0
     if cur:
-        shards.append({"shard": len(shards), "name": f"{len(shards):06d}", "nitems": filled, "ranges": cur})
+        shards.append({"shard": len(shards), "name": shard_name(len(shards)), "nitems": filled, "ranges": cur})
     inputs = [dict(f) for f in files]
     return {
-        "version": TABLE_PLAN_VERSION,
-        "fingerprint": fingerprint(cfg, models, input_format),
-        "config": content_config(cfg, input_format),
-        "models": models or {},
-        "input": input_path,
-        "input_format": input_format,
-        "num_items": sum(f["rows"] for f in files),
-        "samples_per_shard": n,
+        **_plan_header(TABLE_PLAN_VERSION, cfg, models, input_path, input_format, sum(f["rows"] for f in files)),
         "inputs": inputs,
-        "inputs_sha256": hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(),
+        "inputs_sha256": _json_sha256(inputs),
         "shards": shards,
     }
+
+
+def _plan_header(version: int, cfg: BuildConfig, models: dict | None, input_path: str, input_format: str,
+                 num_items: int) -> dict:
+    """The keys every plan version shares (what the input and config were, and the fingerprint over them)."""
+    return {"version": version, "fingerprint": fingerprint(cfg, models, input_format),
+            "config": content_config(cfg, input_format), "models": models or {}, "input": input_path,
+            "input_format": input_format, "num_items": num_items, "samples_per_shard": cfg.samples_per_shard}
+
+
+def _json_sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def _tar_file(tar: str, content_hash: bool) -> dict:

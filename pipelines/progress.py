@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipelines.build import BuildResult
 
 from cnc.progress import fmt_eta
+from triplets.shardio.names import shard_name
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def summary_table(result: BuildResult):
         ("samples", result.samples),
         ("failures", (f"{result.failures} ({100 * result.failure_fraction:.2f}%, "
                       f"limit {100 * result.max_failure_fraction:.2f}%)")),
-        ("uncommitted shards", ", ".join(f"{s:06d}" for s in result.shards_lost) or "none"),
+        ("uncommitted shards", ", ".join(map(shard_name, result.shards_lost)) or "none"),
         ("seconds", f"{result.seconds:.1f}"),
         ("samples/s (this run)", f"{result.samples_per_s:.2f}"),
         ("bytes", f"{result.bytes:,}"),
