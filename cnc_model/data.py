@@ -131,13 +131,23 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return F.interpolate(x[None], size=(size, size), mode=mode, **kwargs)[0]
 
 
-#: Compact (integer) batch entries and the float32 scale each is divided by on the device (see the module docstring).
-COMPACT_SCALE = {"pixel_values": 127.5, "fg_depth": 65535.0, "bg_depth": 65535.0, "mask": 1.0}
+#: Batch entries that compact batches hold as integers (see the module docstring).
+COMPACT_FIELDS = ("pixel_values", "fg_depth", "bg_depth", "mask")
 
 
 def is_compact(item: dict[str, Any]) -> bool:
     """Whether a sample or batch holds the integer (compact) pixels."""
     return item["pixel_values"].dtype == torch.uint8
+
+
+def _from_compact(name: str, value: torch.Tensor, depth_channels: int) -> torch.Tensor:
+    """One compact entry ``(B, C, R, R)`` → its float32 layout (the loader's own arithmetic)."""
+    value = value.float()
+    if name == "pixel_values":
+        return value.div(127.5).sub(1.0)
+    if name == "mask":
+        return value
+    return value.div(65535.0).expand(-1, depth_channels, -1, -1)  # depths
 
 
 def to_device_batch(batch: dict[str, Any], device: torch.device | str | None = None, depth_channels: int = 3,
@@ -155,13 +165,7 @@ def to_device_batch(batch: dict[str, Any], device: torch.device | str | None = N
             out[name] = value
             continue
         value = value.to(device, non_blocking=non_blocking) if device is not None else value
-        if compact and name in COMPACT_SCALE:
-            value = value.float()
-            if name == "pixel_values":
-                value = value.div(127.5).sub(1.0)
-            elif name != "mask":
-                value = value.div(COMPACT_SCALE[name]).expand(-1, depth_channels, -1, -1)
-        out[name] = value
+        out[name] = _from_compact(name, value, depth_channels) if compact and name in COMPACT_FIELDS else value
     return out
 
 
@@ -232,9 +236,8 @@ def collate(items: list[dict[str, Any]], tokenizer=None, depth_channels: int = 3
     """Stack samples into a batch; tokenises the captions (padded/truncated to the tokenizer's length) if asked.
     Compact samples stay compact unless mixed with float ones (then all become float32, ``depth_channels`` deep)."""
     if len({is_compact(it) for it in items}) > 1:
-        items = [{**it, **{k: v[0] for k, v in to_device_batch(
-            {k: it[k][None] for k in COMPACT_SCALE}, None, depth_channels).items()}} if is_compact(it) else it
-            for it in items]
+        items = [{**it, **{k: _from_compact(k, it[k][None], depth_channels)[0] for k in COMPACT_FIELDS}}
+                 if is_compact(it) else it for it in items]
     batch: dict[str, Any] = {name: torch.stack([it[name] for it in items]) for name in TENSOR_FIELDS}
     if all("latent_dist" in it for it in items):  # shards built with latents.enabled
         batch["latent_dist"] = torch.stack([it["latent_dist"] for it in items])
