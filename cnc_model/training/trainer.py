@@ -286,21 +286,20 @@ class Trainer:
         from cnc_model.denoiser import CnCDenoiser, training_target
 
         comps, dev, wdt = self.components, self.accelerator.device, self.weight_dtype
-        batch = to_device_batch(batch, dev, self.cfg.data.depth_channels, non_blocking=True)
+        batch = to_device_batch(batch, dev, self.cfg.data.depth_channels, non_blocking=True)  # every tensor on dev
         with torch.no_grad():
             latents = self.image_latents(batch) * comps.vae.config.scaling_factor
             ids = batch["input_ids"] if "input_ids" in batch else tokenize(comps.tokenizer, batch["captions"])
-            text = comps.text_encoder(ids.to(dev))[0].to(wdt)  # (B, 77, D)
+            text = comps.text_encoder(ids.to(dev))[0].to(wdt)  # (B, 77, D); ids tokenized here are on the CPU
         sched = comps.noise_scheduler
         noise, t = self.sample_noise(latents)
         noisy = sched.add_noise(latents, noise, t)
 
         denoiser = CnCDenoiser(comps.unet, self.models.get("local_fuser"), self.models.get("global_fuser"),
                                frozen_encoder_no_grad=self.cfg.model.frozen_encoder_no_grad)
-        emb = {k: batch[k].to(dev) for k in ("fg_emb", "bg_emb")} if denoiser.global_fuser is not None else {}
+        emb = {k: batch[k] for k in ("fg_emb", "bg_emb")} if denoiser.global_fuser is not None else {}
         context = denoiser.build_context(text, emb.get("fg_emb"), emb.get("bg_emb"))  # (B, 77 [+ 2N], D)
-        pred = denoiser.predict_noise(noisy, t, context, batch["fg_depth"].to(dev), batch["bg_depth"].to(dev),
-                                      mask=batch["mask"].to(dev))
+        pred = denoiser.predict_noise(noisy, t, context, batch["fg_depth"], batch["bg_depth"], mask=batch["mask"])
         target = training_target(sched, latents, noise, t)
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
