@@ -61,6 +61,33 @@ def synthetic_photos(root: Path, n: int, size: tuple[int, int] = (180, 240)) -> 
     return root
 
 
+def synthetic_triplets(n: int, resolution: int, key_format: str = "s{:05d}", seed: int = 0) -> list:
+    """``n`` well-formed :class:`triplets.sample.TripletSample` of side ``resolution`` without any model: seeded
+    photos, noisy gradient uint16 depths, a centred square mask, the flipped photo as background, random 768-d
+    embeddings (for the writer and loader benchmarks)."""
+    import numpy as np
+
+    from cnc.tiny import synthetic_photo
+    from triplets.sample import TripletSample
+
+    rng = np.random.default_rng(seed)
+    r = resolution
+    gradient = np.linspace(0, 65535, r * r).reshape(r, r)
+    mask = np.zeros((r, r), np.uint8)
+    mask[r // 4:3 * r // 4, r // 4:3 * r // 4] = 1
+    out = []
+    for i in range(n):
+        key, img = key_format.format(i), synthetic_photo(i, r, r)
+        depth = (gradient + rng.normal(0, 300, (r, r))).clip(0, 65535).astype(np.uint16)
+        meta = {"key": key, "source": "synthetic", "original_size": [r, r], "crop_box": [0, 0, 1, 1, 1],
+                "resolution": r, "seed": i, "models": {}, "mask_area": 0.25, "fg_depth_range": [0, 1],
+                "bg_depth_range": [0, 1], "timings": {}, "version": "bench"}
+        out.append(TripletSample(key=key, image=img, mask=mask, background=img[::-1].copy(), fg_depth=depth,
+                                 bg_depth=depth.T.copy(), fg_emb=rng.normal(size=768).astype(np.float32),
+                                 bg_emb=rng.normal(size=768).astype(np.float32), caption=f"photo {i}", meta=meta))
+    return out
+
+
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout

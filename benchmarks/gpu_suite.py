@@ -40,8 +40,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gpu_suite")
 #: FLOP per 512² triplet of the real models (issue 15: UNet 0.677 T × 52, VAE 1.08 + 2.48, SAM ViT-H 5.96, DPT-L
@@ -360,23 +358,11 @@ def writer_bench(resolution: int = 512, samples: int = 16, threads: tuple[int, .
     encode threads (wall time of :meth:`ShardWorker._write`'s parallel encode over ``samples`` synthetic samples)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cnc.tiny import synthetic_photo
-    from triplets.sample import TripletSample, encode_sample
+    from build_throughput import synthetic_triplets
 
-    rng = np.random.default_rng(0)
-    meta = {"source": "x", "original_size": [resolution, resolution], "crop_box": [0, 0, 1, 1, 1],
-            "resolution": resolution, "seed": 0, "models": {}, "mask_area": 0.25, "fg_depth_range": [0, 1],
-            "bg_depth_range": [0, 1], "timings": {}, "version": "bench"}
-    batch = []
-    for i in range(samples):
-        img = synthetic_photo(i, resolution, resolution)
-        depth = (np.linspace(0, 65535, resolution * resolution).reshape(resolution, resolution)
-                 + rng.normal(0, 300, (resolution, resolution))).clip(0, 65535).astype(np.uint16)
-        mask = np.zeros((resolution, resolution), np.uint8)
-        mask[resolution // 4:3 * resolution // 4, resolution // 4:3 * resolution // 4] = 1
-        batch.append(TripletSample(key=f"k{i}", image=img, mask=mask, background=img[::-1].copy(), fg_depth=depth,
-                                   bg_depth=depth.T.copy(), fg_emb=np.zeros(768, np.float32),
-                                   bg_emb=np.zeros(768, np.float32), caption="", meta={**meta, "key": f"k{i}"}))
+    from triplets.sample import encode_sample
+
+    batch = synthetic_triplets(samples, resolution, key_format="k{}")
     out = {}
     for n in threads:
         with ThreadPoolExecutor(n) as pool:

@@ -18,33 +18,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def write_shards(folder: Path, n: int, resolution: int, per_shard: int = 16) -> list[str]:
-    from cnc.tiny import synthetic_photo
-    from triplets.sample import TripletSample
-    from triplets.shardio import write_shard
+    from build_throughput import synthetic_triplets
 
-    rng = np.random.default_rng(0)
-    depth = np.linspace(0, 65535, resolution * resolution).reshape(resolution, resolution)
-    mask = np.zeros((resolution, resolution), np.uint8)
-    mask[resolution // 4:3 * resolution // 4, resolution // 4:3 * resolution // 4] = 1
+    from triplets.shardio import write_shard
+    from triplets.shardio.names import tar_name
+
+    samples = synthetic_triplets(n, resolution)
     urls = []
     for shard in range(-(-n // per_shard)):
-        samples = []
-        for i in range(shard * per_shard, min(n, (shard + 1) * per_shard)):
-            img = synthetic_photo(i, resolution, resolution)
-            d = (depth + rng.normal(0, 300, depth.shape)).clip(0, 65535).astype(np.uint16)
-            samples.append(TripletSample(
-                key=f"s{i:05d}", image=img, mask=mask, background=img[::-1].copy(), fg_depth=d, bg_depth=d.T.copy(),
-                fg_emb=rng.normal(size=768).astype(np.float32), bg_emb=rng.normal(size=768).astype(np.float32),
-                caption=f"photo {i}", meta={
-                    "key": f"s{i:05d}", "source": "synthetic", "original_size": [resolution, resolution],
-                    "crop_box": [0, 0, 1, 1, 1], "resolution": resolution, "seed": i, "models": {}, "mask_area": 0.25,
-                    "fg_depth_range": [0, 1], "bg_depth_range": [0, 1], "timings": {}, "version": "bench"}))
-        url = str(folder / f"{shard:06d}.tar")
-        write_shard(url, samples)
+        url = str(folder / tar_name(shard))
+        write_shard(url, samples[shard * per_shard:(shard + 1) * per_shard])
         urls.append(url)
     return urls
 
