@@ -156,11 +156,12 @@ def _generate_all(pipelines: dict[str, object], samples: Sequence, settings: Eva
     if not state.is_main_process:
         return None
     generated = {}
+    from triplets.image_io import decode_rgb
+
     for label, images in mine_images.items():
         missing = [j for j in range(n_jobs) if j not in images]
         for j in missing:  # another process's share (PNG is lossless: the same uint8 pixels)
-            images[j] = np.asarray(Image.open(out / "images" / label / image_name(samples, settings.seeds, j))
-                                   .convert("RGB"))
+            images[j] = decode_rgb((out / "images" / label / image_name(samples, settings.seeds, j)).read_bytes())
         generated[label] = np.stack([images[j] for j in range(n_jobs)])
     return generated
 
