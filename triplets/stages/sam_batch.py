@@ -6,7 +6,7 @@ each) by the same computation for a whole batch:
 * every image is resized with SAM's own ``ResizeLongestSide`` and normalised/padded with ``Sam.preprocess`` (exactly
   what the predictor does), the stacked batch goes through the image encoder once; off the CPU the resize to 1024 is
   SAM's tensor variant (``apply_image_torch``: antialiased bilinear on the device, within the tolerance that
-  ``tests/test_gpu_efficiency.py`` states) instead of a PIL resize per image on the model thread;
+  ``tests/triplets/test_gpu_efficiency.py`` states) instead of a PIL resize per image on the model thread;
 * prompts (one box + one positive point per image) go through the prompt encoder and mask decoder image by image
   (the decoder is built for one image with many prompts; it costs < 1 % of the encoder) and the masks stay on the
   device until one transfer at the end;

@@ -16,17 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST_BUILD, TINY_CONFIG, synthetic_photo, write_jpeg
 
 from cnc.config import load_config
 from pipelines.build import build_entry, run_build
 from pipelines.plan import PlanMismatchError
+from tests.support import FAST_BUILD, REPO, TINY_CONFIG, synthetic_photo, write_jpeg
 from triplets.config import BuildConfig
 from triplets.sample import FIELDS, validate_sample
 from triplets.shardio import file_sha256, iter_samples, tar_keys
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
 LENIENT = FAST_BUILD + ["max_failure_fraction=0.5"]
 
 

@@ -18,9 +18,8 @@ from safetensors.torch import load_file
 from cnc.base.location import resolve
 from cnc.tiny import tiny_unet
 from cnc_model.training import Trainer, load_train_config
+from tests.support import REPO
 from triplets.shardio import iter_samples, write_shard
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_overrides(shards, out, *extra: str) -> list[str]:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_BUILD, TINY_CONFIG, make_photo_folder
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import FAST_BUILD, REPO, TINY_CONFIG, make_photo_folder
+
 TRAIN_TINY = REPO / "configs" / "train" / "tiny.yaml"
 
 

@@ -13,11 +13,10 @@ import pytest
 
 from cnc.base.location import resolve
 from pipelines.derive import run_filter
+from tests.support import REPO
 from triplets.quality import FilterSpecError, QualityFilter, parse_where, score_value
 from triplets.shardio import iter_raw_samples, iter_samples, write_shard
 from triplets.shardio.names import marker_name
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cnc(*args: str) -> subprocess.CompletedProcess:

@@ -25,10 +25,10 @@ from jobs.submit import (
     resolve_address,
     submit,
 )
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "build" / "tiny.yaml")
-TRAIN_TINY = str(ROOT / "configs" / "train" / "tiny.yaml")
+TINY = str(REPO / "configs" / "build" / "tiny.yaml")
+TRAIN_TINY = str(REPO / "configs" / "train" / "tiny.yaml")
 SECRET = "hf_do_not_ship_me_0123456789"
 
 

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_photo_folder
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO, make_photo_folder
+
 SOURCES = ("cnc", "triplets", "pipelines", "cnc_model", "jobs", "pyproject.toml", "README.md")
 
 

@@ -9,14 +9,12 @@ import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import typer
 
 from cnc.cli import app
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 def _commands(cmd, path: str = "cnc"):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from cnc_model.data import ConditionDropout
 from cnc_model.training.config import TrainConfig, load_train_config
+from tests.support import REPO
 
-REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "train" / "reference.yaml"
+REFERENCE = REPO / "configs" / "train" / "reference.yaml"
 
 
 @pytest.mark.parametrize("stage,depth,emb", [("local", 0.1, 0.0), ("global", 0.0, 0.1), ("joint", 0.1, 0.1)])

@@ -8,15 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import FAST_BUILD, TINY_CONFIG
 
 from pipelines.scheduler import SchedulingError, check_placeable
+from tests.support import FAST_BUILD, REPO, TINY_CONFIG
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cmd(src, out, *extra):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cnc_model.denoiser import CnCDenoiser, training_target
 from cnc_model.training import Trainer, load_train_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 def _trainer(shards, out, stage: str) -> Trainer:

@@ -4,12 +4,12 @@ import json
 import time
 
 import pytest
-from conftest import make_photo_folder
 from PIL import Image
 from typer.testing import CliRunner
 
 from cnc.cli import app
 from cnc.config import load_config
+from tests.support import make_photo_folder
 from triplets.builder import TripletBuilder
 from triplets.config import BuildConfig
 from triplets.inspect import SheetLayout, inspect_shards

@@ -12,18 +12,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST_BUILD, TINY_CONFIG, make_photo_folder, start_driver
 
 from cnc.config import load_config
 from pipelines.build import run_build
 from pipelines.plan import PlanMismatchError, items_of, plan_input, prepare_plan, shard_size
+from tests.support import FAST_BUILD, REPO, TINY_CONFIG, make_photo_folder, start_driver
 from triplets.config import BuildConfig
 from triplets.readers import InputError, detect_format
 from triplets.readers_table import TableColumns, read_rows
 from triplets.shardio import BuildOutput
 from triplets.shardio.names import PLAN_FILE
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(*extra: str) -> BuildConfig:
@@ -189,8 +187,9 @@ def tar(path: Path, n: int) -> None:
     import io
     import tarfile
 
-    from conftest import synthetic_photo
     from PIL import Image
+
+    from tests.support import synthetic_photo
 
     with tarfile.open(path, "w") as tf:
         for i in range(n):

@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support import REPO
+
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "build" / "tiny.yaml")
+TINY = str(REPO / "configs" / "build" / "tiny.yaml")
 RAY = str(Path(sys.executable).with_name("ray"))
 FAST = ["--set", "resolution=64", "--set", "min_side=32", "--set", "inpaint.num_inference_steps=2",
         "--set", "samples_per_shard=2"]
@@ -113,7 +114,7 @@ def cluster():
 def cnc(cluster: Cluster, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``python -m cnc.cli ARGS --address <cluster>`` in a subprocess (the cluster's token in its env)."""
     cmd = [sys.executable, "-m", "cnc.cli", *args, "--address", cluster.address]
-    return subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    return subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           check=False)
 
 
@@ -194,7 +195,7 @@ def test_running_job_is_attached_then_stopped(cluster, tmp_path):
 def test_train_job_runs_ray_train_and_resubmission_resumes(cluster, tiny_shards, tmp_path):
     """`cnc submit train`: the trainer's Ray Train path on the cluster; attempt 2 resumes from the checkpoint."""
     out = tmp_path / "train"
-    args = ("submit", "train", "--config", str(ROOT / "configs" / "train" / "tiny.yaml"),
+    args = ("submit", "train", "--config", str(REPO / "configs" / "train" / "tiny.yaml"),
             "--set", "train.max_train_steps=4", "--set", "train.checkpointing_steps=2",
             "--input", str(tiny_shards), "--output", str(out), "--workers", "1", "--no-gpu",
             "--python", sys.executable, "--wait")
@@ -215,12 +216,12 @@ def test_token_auth_is_detected_or_explained_in_one_line(cluster, tmp_path):
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text(cluster.env["RAY_AUTH_TOKEN"])
     cmd = [sys.executable, "-m", "cnc.cli", "jobs", "list", "--address", cluster.address]
-    ok = subprocess.run(cmd, env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    ok = subprocess.run(cmd, env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "requires token authentication: using the token from" in ok.stderr
     empty = tmp_path / "nohome"
     empty.mkdir()
-    bad = subprocess.run(cmd, env={**env, "HOME": str(empty)}, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    bad = subprocess.run(cmd, env={**env, "HOME": str(empty)}, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "requires token authentication" in lines[0] and "~/.ray/auth_token" in lines[0]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.support import REPO
 from triplets.stages import SEGMENTERS, SegmentStage
 from triplets.stages.u2net import (
     U2NET_FULL,
@@ -21,8 +21,6 @@ from triplets.stages.u2net import (
     u2net_postprocess,
     u2net_preprocess,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_released_architectures_sizes_and_key_names():

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from cnc.config import ConfigError
 from jobs.render_k8s import K8sOptions, check_k8s_name
+from tests.support import REPO
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "build" / "tiny.yaml")
+TINY = str(REPO / "configs" / "build" / "tiny.yaml")
 
 
 @pytest.mark.parametrize("value", ["Shared", "my_pvc", "-x", "x-", "a b", "", "x" * 254, "pvc\nkind: Secret",

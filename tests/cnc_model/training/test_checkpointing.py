@@ -10,8 +10,7 @@ import pytest
 
 from cnc_model.training import Trainer, load_train_config
 from cnc_model.training import checkpointing as ckpt
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 def _fake(out: Path, step: int, complete: bool = True) -> Path:

@@ -8,16 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST_BUILD, TINY_CONFIG, make_photo_folder
 
 from cnc.identity import local_identity, model_identity
 from cnc.tiny_store import materialize
+from tests.support import FAST_BUILD, REPO, TINY_CONFIG, make_photo_folder
 
-REPO = Path(__file__).resolve().parents[1]
 BASE_KEY = "model.pretrained_model_name_or_path"
 
 

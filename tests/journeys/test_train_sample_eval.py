@@ -12,11 +12,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+
 FAST_TRAIN = ["--set", "train.max_train_steps=2", "--set", "validation.num_samples=0", "--set",
               "train.progress_bar=false", "--set", "train.report_to=none", "--set", "data.preflight_shards=0"]
 

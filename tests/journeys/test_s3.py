@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST_BUILD, TINY_CONFIG, start_driver
 
+from tests.support import FAST_BUILD, TINY_CONFIG, start_driver
 from triplets.sample import decode_sample
 from triplets.shardio import TarStream
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
 BUILD_SETS = FAST_BUILD + ["max_failure_fraction=0.5"]
 
 

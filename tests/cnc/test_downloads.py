@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from cnc.downloads import DownloadError, FileSpec, download_file
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB "checkpoint"
 
 
