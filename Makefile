@@ -28,7 +28,7 @@ demo: install ## Build triplet shards from examples/ (MODELS=default: download +
 	  || { status=$$?; echo "Could not download the models (no network?). Run the whole path with tiny models: make demo MODELS=tiny"; exit $$status; }
 	@$(BIN)/cnc build --config configs/build/$(MODELS).yaml --input examples --output $(DEMO_OUT) \
 	  || { status=$$?; [ "$(MODELS)" = "tiny" ] || echo "No weights or no network? Run the whole path with tiny models: make demo MODELS=tiny"; exit $$status; }
-	$(BIN)/cnc inspect $(DEMO_OUT) -n 8 --output $(DEMO_OUT)/inspect --html
+	$(BIN)/cnc inspect $(DEMO_OUT) -n 8 --html  # report under $(DEMO_OUT)/_cnc/inspect/
 
 lint: install ## Lint with ruff (configured in pyproject.toml).
 	$(BIN)/ruff check .

@@ -76,7 +76,7 @@ def score_build(
     source: str = typer.Argument(..., help="Build folder (committed shards), glob, brace pattern or tars."),
     output: str = typer.Option(..., "--output", "-o", help="New folder (local path or URL) for the scored copy."),
     config: str | None = typer.Option(None, "--config", "-c", help="Build config naming the models.",
-                                      show_default="SOURCE/config.yaml"),
+                                      show_default="SOURCE/_cnc/config.yaml"),
     overrides: list[str] = typer.Option([], "--set", help="Config override key=value, repeatable."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: the config's)."),
     verify: bool = typer.Option(False, "--verify", help="On resume, re-hash committed output shards."),
@@ -97,21 +97,23 @@ def score_build(
 
 
 def _source_config(source: str, config: str | None) -> str:
-    """``--config``, else the source build's ``config.yaml`` (copied to a local temporary file for a URL)."""
+    """``--config``, else the source build's config (``_cnc/config.yaml``, or ``config.yaml`` beside the tars in a
+    folder of the older layout; copied to a local temporary file for a URL)."""
     import tempfile
 
     from cnc.base.errors import UserError
-    from cnc.base.location import resolve
+    from pipelines.derive import source_build
     from triplets.shardio import resolve_shards
-    from triplets.shardio.names import CONFIG_FILE
+    from triplets.shardio.names import CONFIG_FILE, SIDECAR_DIR
 
     resolve_shards(source, committed_only=True)  # a source naming nothing is the first thing to report
     if config is not None:
         return config
-    loc = resolve(source)
-    found = loc.child(CONFIG_FILE) if loc.isdir() else None
+    build = source_build(source)
+    found = build.file(CONFIG_FILE) if build is not None else None
     if found is None or not found.isfile():
-        raise UserError(f"no {CONFIG_FILE} in {source}: give the build config naming the models with --config")
+        raise UserError(f"no {SIDECAR_DIR}/{CONFIG_FILE} (or {CONFIG_FILE}) in {source}: give the build config "
+                        "naming the models with --config")
     if found.is_local:
         return str(found.local_path())
     tmp = tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False)

@@ -9,6 +9,10 @@ sha256 from the source markers) and the operation; its fingerprint is the hash o
 (committed shards are skipped) and a rerun with another operation or a changed source is refused (exit 2).
 
 Every kept member is copied byte for byte; ``cnc score`` rewrites only the ``json`` member of each sample.
+
+A derived folder is a build folder like any other: shards at the top, ``.huggingface.yaml`` and the dataset card
+(``_cnc/README.md``) beside the manifest, and ``_cnc/config.yaml`` (the source build's config for ``cnc filter``, the
+scoring config for ``cnc score``), so every command and reader that takes a build takes it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from cnc.base.location import check_writable_output, resolve
 from pipelines.plan import prepare_plan
 from pipelines.sink import ShardSink
 from triplets.shardio import BuildOutput, TarStream, resolve_shards, tar_keys
-from triplets.shardio.names import MANIFEST_FILE, marker_for_tar, shard_name, shard_of
+from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, marker_for_tar, shard_name, shard_of
 
 log = logging.getLogger(__name__)
 DERIVE_PLAN_VERSION = 1
@@ -88,9 +92,30 @@ def make_derive_plan(source: str, operation: dict) -> dict:
     }
 
 
+def source_build(source: str) -> BuildOutput | None:
+    """The build folder ``source`` names (``None`` for a glob, a brace pattern or tars)."""
+    if source.startswith("pipe:") or any(c in source for c in "*?[{"):
+        return None
+    loc = resolve(source)
+    return BuildOutput(loc) if loc.isdir() else None
+
+
+def source_sidecar(source: str, name: str) -> bytes | None:
+    """A sidecar file (``config.yaml``, ``manifest.json``) of the build folder ``source`` (either layout), or
+    ``None``."""
+    build = source_build(source)
+    if build is None:
+        return None
+    loc = build.file(name)
+    try:
+        return loc.read_bytes() if loc.isfile() else None
+    except OSError:
+        return None
+
+
 def derive_build(source: str, output: str, operation: dict, transform: Transform, *,
                  scratch_dir: str | None = None, verify: bool = False, lease_seconds: float = 120.0,
-                 stage: str = "copy") -> DeriveResult:
+                 stage: str = "copy", config_yaml: bytes | None = None) -> DeriveResult:
     """Write ``output`` from ``source`` shard by shard through ``transform`` (see the module docstring).
 
     Args:
@@ -100,6 +125,8 @@ def derive_build(source: str, output: str, operation: dict, transform: Transform
             plan fingerprint.
         transform: see :data:`Transform`.
         stage: the name under which the transform's seconds go into each marker's ``stage_seconds``.
+        config_yaml: the build config written as the output's ``_cnc/config.yaml`` (default: the source's, when
+            ``source`` is a build folder that has one).
 
     Raises:
         cnc.base.errors.UserError: the source names nothing, the output is the source, holds another build or is
@@ -122,7 +149,13 @@ def derive_build(source: str, output: str, operation: dict, transform: Transform
             _derive_shard(out, spec, plan["fingerprint"], transform, stage)
             built += 1
         markers = {s: m for s, m in out.markers().items() if s in sizes}
-        _write_manifest(out, plan, markers)
+        config_yaml = config_yaml if config_yaml is not None else source_sidecar(source, CONFIG_FILE)
+        if config_yaml is not None:
+            out.file(CONFIG_FILE).write_bytes(config_yaml)
+        manifest = _write_manifest(out, plan, markers, source)
+        from triplets.card import write_card
+
+        write_card(out, manifest)
     dropped: collections.Counter = collections.Counter()
     for m in markers.values():
         dropped.update(m.get("dropped_by_reason", {}))
@@ -173,21 +206,35 @@ def _derive_shard(out: BuildOutput, spec: dict, fingerprint: str, transform: Tra
     return marker
 
 
-def _write_manifest(out: BuildOutput, plan: dict, markers: dict[int, dict]) -> None:
+def _write_manifest(out: BuildOutput, plan: dict, markers: dict[int, dict], source: str) -> dict:
+    """``manifest.json`` of a derived folder (a wids index too); the source build's models, config and versions are
+    carried over (its samples were made by them)."""
     shards = [markers[s] for s in sorted(markers)]
     dropped: collections.Counter = collections.Counter()
     for m in shards:
         dropped.update(m.get("dropped_by_reason", {}))
-    out.file(MANIFEST_FILE).write_json({
+    try:
+        raw = source_sidecar(source, MANIFEST_FILE)
+        parent = json.loads(raw) if raw else {}
+    except ValueError:
+        parent = {}
+    parent = parent if isinstance(parent, dict) else {}
+    manifest = {
         "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.name,
         "shardlist": [{"url": m["url"], "nsamples": m["nsamples"], "filesize": m["bytes"], "sha256": m["sha256"]}
                       for m in shards],
         "derived_from": plan["input"], "operation": plan["config"], "fingerprint": plan["fingerprint"],
+        "input": parent.get("input"), "input_format": parent.get("input_format"),
+        "models": parent.get("models") or {}, "config": parent.get("config") or {},
+        "versions": parent.get("versions") or {},
         "totals": {"items": plan["num_items"], "shards_planned": len(plan["shards"]),
                    "shards_committed": len(shards), "samples": sum(m["nsamples"] for m in shards),
                    "dropped_by_reason": dict(sorted(dropped.items())),
-                   "failures": sum(m.get("nfailed", 0) for m in shards)},
-    })
+                   "failures": sum(m.get("nfailed", 0) for m in shards),
+                   "bytes": sum(m["bytes"] for m in shards)},
+    }
+    out.file(MANIFEST_FILE).write_json(manifest)
+    return manifest
 
 
 # ------------------------------------------------------------------------------------------------ the two commands
@@ -288,5 +335,10 @@ def run_score(source: str, output: str, cfg, *, scratch_dir: str | None = None, 
     if not plan_check["shards"]:
         raise UserError(f"no shards in {source}")
     scorer = scorer_from_config(cfg, device)
+    import yaml
+
+    from cnc.config import config_dict
+
+    config_yaml = yaml.safe_dump(config_dict(cfg), sort_keys=False).encode()
     return derive_build(source, output, operation, score_transform(scorer, cfg.batch_size), scratch_dir=scratch_dir,
-                        verify=verify, stage="quality")
+                        verify=verify, stage="quality", config_yaml=config_yaml)

@@ -58,7 +58,7 @@ def render_card(manifest: dict) -> str:
     """The Markdown card (YAML front matter + sections) of a build described by its ``manifest.json``."""
     totals = manifest.get("totals") or {}
     cfg = manifest.get("config") or {}
-    lines = ["---", yaml.safe_dump(_front_matter(manifest), sort_keys=False).rstrip(), "---", "",
+    lines: list[str] = ["---", yaml.safe_dump(_front_matter(manifest), sort_keys=False).rstrip(), "---", "",
              f"# {manifest.get('name') or 'CnC triplet shards'}", "",
              "Compose-and-Conquer training triplets (ICLR 2024) in WebDataset shards, built by `cnc build` "
              f"(cnc {(manifest.get('versions') or {}).get('cnc')}).", "",
@@ -68,8 +68,13 @@ def render_card(manifest: dict) -> str:
              f"- input items: {totals.get('items')}; failed: {totals.get('failures')} "
              f"(by stage: {json.dumps(totals.get('failures_by_stage') or {})})",
              f"- bytes: {totals.get('bytes')}",
-             f"- input: `{manifest.get('input')}` ({manifest.get('input_format')})", "",
-             "## Fields", "", "| column | feature | content |", "|---|---|---|"]
+             f"- input: `{manifest.get('input')}` ({manifest.get('input_format')})"]
+    if manifest.get("derived_from"):
+        op = manifest.get("operation") or {}
+        lines += [f"- derived from `{manifest['derived_from']}` by `cnc {op.get('op', 'derive')}`: "
+                  f"`{json.dumps(op, sort_keys=True)}`; dropped: "
+                  f"{json.dumps(totals.get('dropped_by_reason') or {}, sort_keys=True)}"]
+    lines += ["", "## Fields", "", "| column | feature | content |", "|---|---|---|"]
     lines += [f"| `{k}` | {dtype} | {text} |" for k, (dtype, text) in FIELDS.items()]
     lines += ["", "## How it was built", "", "| model (config key) | id | revision | identity |", "|---|---|---|---|"]
     for key, rec in sorted((manifest.get("models") or {}).items()):

@@ -11,17 +11,19 @@ log = logging.getLogger(__name__)
 
 
 def _default_out(paths: list[str]) -> Path | None:
-    """``PATH/inspect`` for a writable local build folder, ``inspect/`` beside a local tar; ``None`` (write nothing
-    unless ``--out`` is given) for object-store inputs and read-only datasets."""
+    """``PATH/_cnc/inspect`` for a writable local build folder (``_cnc/inspect`` of the tar's folder for a local tar),
+    so the folder keeps holding only shards at its top level (a dataset for Ray Data and ``datasets``); ``None``
+    (write nothing unless ``--output`` is given) for object-store inputs and read-only datasets."""
     import os
 
     from cnc.base.location import resolve
+    from triplets.shardio.names import INSPECT_DIR, SIDECAR_DIR
 
     first = resolve(paths[0]) if not paths[0].startswith("pipe:") else None
     if first is not None and first.is_local:
         folder = first.local_path() if first.isdir() else first.local_path().parent
         if os.access(folder, os.W_OK):
-            return folder / "inspect"
+            return folder / SIDECAR_DIR / INSPECT_DIR
     return None
 
 
@@ -31,8 +33,8 @@ def inspect(
     n: int = typer.Option(16, "--n", "-n", min=0, help="Samples to show (0: validate and summarise only)."),
     keys: str | None = typer.Option(None, "--keys", help="Comma-separated keys to show instead of a random pick."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Local report folder.",
-                                       show_default="PATH/inspect for a local folder, inspect/ beside a local tar; "
-                                                    "nothing for a URL or a read-only dataset"),
+                                       show_default="PATH/_cnc/inspect for a local folder (_cnc/inspect beside a local "
+                                                    "tar); nothing for a URL or a read-only dataset"),
     out: Path | None = typer.Option(None, "--out", hidden=True, help="Deprecated alias of --output."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (logs and progress on "
                                 "stderr); report files are written only with --output or --html."),

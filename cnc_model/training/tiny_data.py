@@ -1,8 +1,8 @@
 """Tiny but real training shards for tests and the CPU demo: synthetic photos -> tiny ``TripletBuilder`` -> tars.
 
 ``build_tiny_shards(folder)`` writes ``000000.tar``, ``000001.tar`` ... with ``_cnc/NNNNNN_stats.json`` markers, a
-``_cnc/manifest.json`` (wids index) and the dataset card, like a finished ``cnc build`` output, in ~20 s on 2 CPU cores
-(tiny random models, 64 px).
+``_cnc/manifest.json`` (wids index), ``_cnc/config.yaml`` and the dataset card, like a finished ``cnc build`` output,
+in ~20 s on 2 CPU cores (tiny random models, 64 px).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ def build_tiny_shards(out_dir: str | Path, n_images: int = 6, n_shards: int = 2,
                       seed: int = 0) -> list[Path]:
     """Build ``n_images`` triplets with the tiny build config and split them over ``n_shards`` marked tars."""
     from cnc.base.location import resolve
-    from cnc.config import config_dict, load_config
+    from cnc.config import config_dict, load_config, save_config
     from triplets.builder import TripletBuilder
     from triplets.card import write_card
     from triplets.config import BuildConfig
     from triplets.readers import read_items
     from triplets.shardio import write_shard
-    from triplets.shardio.names import CURRENT, MANIFEST_FILE, tar_name
+    from triplets.shardio.names import CONFIG_FILE, CURRENT, MANIFEST_FILE, tar_name
 
     out = Path(out_dir)
     photos = synthetic_photos(out / "_photos", n_images, seed)
@@ -65,5 +65,6 @@ def build_tiny_shards(out_dir: str | Path, n_images: int = 6, n_shards: int = 2,
                    "shards_committed": n_shards, "failures": 0, "bytes": sum(m["bytes"] for m in markers)},
     }
     resolve(out / CURRENT.sidecar(MANIFEST_FILE)).write_json(manifest)
+    save_config(cfg, out / CURRENT.sidecar(CONFIG_FILE))
     write_card(str(out), manifest)
     return tars

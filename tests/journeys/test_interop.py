@@ -1,31 +1,67 @@
-"""Issue 13: every common reader decodes a build folder exactly as ``decode_sample`` does, and the folder is a dataset.
+"""Issues 13 and 28: every folder ``cnc`` writes is a dataset, and stays one.
 
-One tiny real build (Ray, tiny models) is read by stock webdataset + ``triplets.wds.decoder()``, wids with the
-manifest, Ray Data over the folder and Hugging Face ``datasets`` over the folder.
+One tiny real build (the session's ``tiny_shards``, copied) goes through every command that touches a build folder,
+each in a fresh process: ``cnc inspect --html --card`` (reports under ``_cnc/``), ``cnc filter`` (a new folder) and
+``cnc score`` of the filtered copy (a new folder; its config found in the filtered folder's ``_cnc/``). Each of the
+three folders is then read by stock webdataset + ``triplets.wds.decoder()``, wids with the manifest, Ray Data over the
+folder and Hugging Face ``datasets`` over the folder, and must give uint16 depth equal to ``decode_sample``.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from tests.support import REPO
 from triplets.sample import decode_sample
 from triplets.shardio import iter_raw_samples
 
 ARRAYS = ("jpg", "mask.png", "bg.jpg", "fg_depth.png", "bg_depth.png", "fg_emb.npy", "bg_emb.npy")
 ATTR = {"jpg": "image", "mask.png": "mask", "bg.jpg": "background", "fg_depth.png": "fg_depth",
         "bg_depth.png": "bg_depth", "fg_emb.npy": "fg_emb", "bg_emb.npy": "bg_emb"}
+FOLDERS = ("build", "filtered", "scored")
+
+
+def _cnc(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "cnc.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, f"cnc {' '.join(args)}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _reference(folder) -> dict:
+    ref = {}
+    for tar in sorted(folder.glob("*.tar")):
+        for raw in iter_raw_samples(str(tar)):
+            ref[raw["__key__"]] = decode_sample(raw)
+    return ref
 
 
 @pytest.fixture(scope="module")
-def built(tiny_shards):
-    """The session's tiny build folder (2 shards, 6 samples, markers/manifest/card under ``_cnc/``) and the
-    reference decode of every sample."""
-    ref = {}
-    for tar in sorted(tiny_shards.glob("*.tar")):
-        for raw in iter_raw_samples(str(tar)):
-            ref[raw["__key__"]] = decode_sample(raw)
-    return tiny_shards, ref
+def folders(tiny_shards, tmp_path_factory):
+    """``{name: (folder, {key: decode_sample})}`` after each command that touches a folder: the build after
+    ``cnc inspect --html --card``, its ``cnc filter`` copy, and the ``cnc score`` copy of that."""
+    root = tmp_path_factory.mktemp("interop")
+    build = root / "build"
+    shutil.copytree(tiny_shards, build)
+    _cnc("inspect", str(build), "-n", "2", "--html", "--card")
+    assert (build / "_cnc" / "inspect" / "index.html").is_file()
+    _cnc("filter", str(build), "--output", str(root / "filtered"), "--where", "mask_area>=0", "--keep-unscored")
+    _cnc("score", str(root / "filtered"), "--output", str(root / "scored"))  # config: filtered/_cnc/config.yaml
+    out = {name: (root / name, _reference(root / name)) for name in FOLDERS}
+    assert set(out["filtered"][1]) == set(out["scored"][1]) == set(out["build"][1]) and len(out["build"][1]) == 6
+    assert all("quality" in s.meta for s in out["scored"][1].values())
+    return out
+
+
+@pytest.fixture(params=FOLDERS)
+def built(request, folders):
+    return folders[request.param]
 
 
 def _same(ref, key: str, field: str, value) -> None:
@@ -36,15 +72,18 @@ def _same(ref, key: str, field: str, value) -> None:
 
 
 def test_layout_only_tars_at_top(built):
-    out, _ = built
+    out, ref = built
     top = sorted(p.name for p in out.iterdir())
     visible = [n for n in top if not n.startswith((".", "_"))]
     assert visible and all(n.endswith(".tar") for n in visible), top
     meta = {p.name for p in (out / "_cnc").iterdir()}
-    assert {"manifest.json", "README.md", "000000_stats.json"} <= meta and (out / ".huggingface.yaml").is_file()
+    assert {"manifest.json", "README.md", "config.yaml", "000000_stats.json"} <= meta, meta
+    assert (out / ".huggingface.yaml").is_file()
     card = (out / "_cnc" / "README.md").read_text()
     assert "license: unknown" in card and "fg_depth.png" in card and "depth.model" in card
-    assert "samples: 6 in 2 shard(s)" in card
+    assert f"samples: {len(ref)} in 2 shard(s)" in card
+    if out.name != "build":
+        assert "derived from" in card and ("cnc filter" in card or "cnc score" in card), card
 
 
 def test_stock_webdataset_with_decoder_and_collate(built):

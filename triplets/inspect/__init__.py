@@ -7,7 +7,7 @@ unique keys, stats markers that agree), accumulates summary statistics and picks
 
     validate("out/build", max_shards=4).ok          # cheap pre-training check
     result = inspect_shards("out/build", n=16, seed=0)
-    write_report(result, "out/build/inspect", html=True)
+    write_report(result, "out/build/_cnc/inspect", html=True)
 
 Modules: ``validate`` (checks and the pass), ``summary`` (streaming statistics), ``render`` (contact sheets),
 ``report`` (tables, files, HTML). Finding shards and streaming tars is :mod:`triplets.shardio`'s job.

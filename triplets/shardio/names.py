@@ -10,6 +10,7 @@ A build folder (local or object-store prefix) holds only shards at its top level
     OUT/_cnc/plan.json  OUT/_cnc/config.yaml  OUT/_cnc/manifest.json  OUT/_cnc/README.md (dataset card)
     OUT/_cnc/errors/NNNNNN.jsonl    failed samples of shard N (written before the marker)
     OUT/_cnc/NNNNNN_stats.json      the marker, written last: the commit point
+    OUT/_cnc/inspect/               ``cnc inspect``'s default report folder (contact sheets, summary, index.html)
 
 Folders built before this layout (:data:`LEGACY`: sidecars beside the tars, ``OUT/errors/``) stay readable and
 resumable: :func:`layout_of` recognises them from one listing and the build keeps writing them the old way.
@@ -34,6 +35,8 @@ HF_YAML_FILE = ".huggingface.yaml"
 LOCK_FILE = ".lock"
 PROBE_PREFIX = ".probe-"
 ERRORS_DIR = "errors"
+#: ``cnc inspect``'s default report folder, under :data:`SIDECAR_DIR` (never beside the tars).
+INSPECT_DIR = "inspect"
 TAR_SUFFIX = ".tar"
 MARKER_SUFFIX = "_stats.json"
 ERRORS_SUFFIX = ".jsonl"
