@@ -80,6 +80,33 @@ class BuildResult:
             return 128 + self.interrupted
         return 0 if not self.shards_lost and self.failure_fraction <= self.max_failure_fraction else 1
 
+    def status_line(self) -> str:
+        """What the exit status means, in one line: which rule gave a 1 (the setting and the fraction, or the
+        uncommitted shards) and whether the committed shards are usable."""
+        if self.interrupted:
+            return (f"interrupted by signal {self.interrupted} (exit {self.exit_code}): {self.shards_committed} of "
+                    f"{self.shards_total} shards committed; rerun the same command to resume")
+        if self.shards_lost:
+            return (f"exit 1: {len(self.shards_lost)} of {self.shards_total} shard(s) not committed "
+                    f"({', '.join(map(shard_name, self.shards_lost[:10]))}); the {self.shards_committed} committed "
+                    "shard(s) are usable; rerun the same command to build the rest")
+        if self.failure_fraction > self.max_failure_fraction:
+            return (f"exit 1: {self.failures} of {self.items_total} input items failed ({self.failure_fraction:.1%}), "
+                    f"more than max_failure_fraction={self.max_failure_fraction:g}; all {self.shards_committed} "
+                    f"shard(s) are committed and usable ({self.samples} samples). Accept with --set "
+                    f"max_failure_fraction={_ceil_fraction(self.failure_fraction)}, or fix the inputs listed in the "
+                    "errors files and rerun with --retry-failed")
+        return (f"OK: {self.samples} samples in {self.shards_committed} shard(s); {self.failures} of "
+                f"{self.items_total} items failed ({self.failure_fraction:.1%} <= max_failure_fraction="
+                f"{self.max_failure_fraction:g})")
+
+
+def _ceil_fraction(x: float) -> str:
+    """The smallest two-decimal fraction >= ``x`` (``0.375`` -> ``0.38``)."""
+    import math
+
+    return f"{min(1.0, math.ceil(x * 100 - 1e-9) / 100):g}"
+
 
 # -- manifest ----------------------------------------------------------------------------------
 def package_versions() -> dict[str, str]:
@@ -215,6 +242,8 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
         result.interrupted = interrupted.signum
         log.error("build interrupted by %s: %d of %d shards committed; rerun the same command to resume",
                   interrupted, result.shards_committed, result.shards_total)
+    elif result.exit_code:
+        log.error("%s (errors: %s/)", result.status_line(), out.loc.child(out.layout.errors_dir).url)
     return result
 
 
@@ -298,17 +327,9 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, d
         bytes=sum(m["bytes"] for m in markers.values()), failures_by_stage=dict(by_stage),
         failures_by_reason=dict(by_reason), stage_seconds={k: round(v, 3) for k, v in sorted(stage_s.items())},
     )
-    log.info("build %s: %d samples, %d failures (%.2f%%, limit %.2f%%), %d/%d shards committed, %.1f s",
-             "OK" if result.exit_code == 0 else "FAILED", result.samples, result.failures,
-             100 * result.failure_fraction, 100 * cfg.max_failure_fraction, result.shards_committed,
-             result.shards_total, seconds)
-    if result.failure_fraction > cfg.max_failure_fraction:
-        log.error("failures %d/%d = %.2f%% exceed max_failure_fraction %.2f%% (see %s/)", result.failures,
-                  result.items_total, 100 * result.failure_fraction, 100 * cfg.max_failure_fraction,
-                  out.loc.child(out.layout.errors_dir).url)
-    if uncommitted:
-        log.error("%d shard(s) not committed: %s; rerun the same command to retry them", len(uncommitted),
-                  ", ".join(map(shard_name, uncommitted[:10])))
+    log.info("build: %d samples, %d failures (%.2f%%, max_failure_fraction %.2f%%), %d/%d shards committed, %.1f s",
+             result.samples, result.failures, 100 * result.failure_fraction, 100 * cfg.max_failure_fraction,
+             result.shards_committed, result.shards_total, seconds)
     return result
 
 

@@ -121,7 +121,7 @@ def summary_table(result: BuildResult):
         rows.append((f"  reason: {reason[:60]}", n))
     for stage, s in result.stage_seconds.items():
         rows.append((f"{stage} seconds (this run)", f"{s:.1f}"))
-    rows.append(("status", "OK" if result.exit_code == 0 else "FAILED"))
+    rows.append(("status", "OK" if result.exit_code == 0 else f"exit {result.exit_code}: see the line below"))
     for k, v in rows:
         t.add_row(str(k), str(v))
     return t
@@ -131,4 +131,6 @@ def print_summary(result: BuildResult) -> None:
     """Render :func:`summary_table` on stderr (CLI only)."""
     from rich.console import Console
 
-    Console(stderr=True).print(summary_table(result))
+    console = Console(stderr=True)
+    console.print(summary_table(result))
+    console.print(result.status_line(), soft_wrap=True, highlight=False, markup=False)

@@ -183,10 +183,32 @@ def test_retry_failed_recomputes_only_failures(reference, tmp_path):
     _assert_exactly_once(out, photos)
 
 
-def test_exit_code_follows_max_failure_fraction_and_retry_fixes(ray_local, tiny_photo_folder, tmp_path):
+def test_status_line_names_the_rule_behind_the_exit_status():
+    from pipelines.build import BuildResult
+
+    def result(**kw):
+        base = dict(output="o", items_total=16, shards_total=3, shards_committed=3, shards_built=3, shards_skipped=0,
+                    shards_lost=[], samples=10, failures=6, max_failure_fraction=0.05, seconds=1.0)
+        return BuildResult(**{**base, **kw})
+
+    over = result()
+    assert over.exit_code == 1 and over.status_line().startswith(
+        "exit 1: 6 of 16 input items failed (37.5%), more than max_failure_fraction=0.05; all 3 shard(s) are "
+        "committed and usable (10 samples). Accept with --set max_failure_fraction=0.38")
+    ok = result(max_failure_fraction=0.375)  # the limit is inclusive
+    assert ok.exit_code == 0 and ok.status_line().startswith("OK: 10 samples in 3 shard(s); 6 of 16 items failed")
+    lost = result(failures=0, shards_committed=2, shards_lost=[1])
+    assert lost.exit_code == 1 and "1 of 3 shard(s) not committed (000001)" in lost.status_line()
+
+
+def test_exit_code_follows_max_failure_fraction_and_retry_fixes(ray_local, tiny_photo_folder, tmp_path, caplog):
     src, photos = tiny_photo_folder  # 1 bad of 4 = 25 %
     out = tmp_path / "build"
     assert build_entry(str(TINY_CONFIG), str(src), str(out), FAST_BUILD, summary=False) == 1  # limit 5 %
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "pipelines.build"]
+    assert line.startswith("exit 1: 1 of 4 input items failed (25.0%), more than max_failure_fraction=0.05; all 2 "
+                           "shard(s) are committed and usable (3 samples). Accept with --set "
+                           "max_failure_fraction=0.25"), line
     assert build_entry(str(TINY_CONFIG), str(src), str(out), FAST_BUILD + ["max_failure_fraction=0.3"],
                        summary=False) == 0
     (bad,) = photos["bad"]
