@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from cnc.logs import setup_logging
+from cnc.logs import quiet_library_progress, setup_logging
 
 app = typer.Typer(
     name="cnc",
@@ -39,6 +39,7 @@ def _root(
                                  help="Print the version and exit."),
 ) -> None:
     setup_logging("DEBUG" if verbose else "INFO")
+    quiet_library_progress()  # off a terminal: no library progress bars in any command's log
 
 
 def user_errors_exit_2(fn):

@@ -98,11 +98,18 @@ def resolve_config_path(name: str | Path, kind: str | None = None) -> Path:
                       f"{', '.join(packaged_config_names())})")
 
 
-def load_config(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+def load_config(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                options: dict[str, str] | None = None) -> T:
     """Read YAML ``path`` (optional; a file or a shipped config name), apply overrides, validate into ``model``.
 
+    Args:
+        options: dotted key → the command-line option that set it (``{"ray.num_workers": "--workers"}``), so an
+            invalid value blames that option; other overrides are blamed as ``--set key=value``, the rest on the
+            file.
+
     Raises:
-        ConfigError: with the file, key and problem, on any invalid input.
+        ConfigError: one line per problem, each naming what to fix (the file and key, ``--set key=value`` or the
+            option), the key and the problem.
     """
     data: dict = {}
     if path is not None:
@@ -124,8 +131,23 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"invalid config{f' {path}' if path else ''}: " + "; ".join(lines)) from None
+        given = {}
+        for item in overrides or []:
+            key_path, _ = parse_override(item)
+            given[".".join(key_path)] = item
+        lines = []
+        for e in exc.errors():
+            key = ".".join(str(x) for x in e["loc"])
+            culprit = next((k for k in sorted(given, key=len, reverse=True)
+                            if key == k or key.startswith(k + ".")), None)
+            if culprit is not None:
+                value = given[culprit].split("=", 1)[1]
+                where = (f"{options[culprit]} {value}" if options and culprit in options
+                         else f"--set {given[culprit]}")
+                lines.append(f"invalid {where}: {key}: {e['msg']}")
+            else:
+                lines.append(f"invalid config{f' {path}' if path else ''}: {key}: {e['msg']}")
+        raise ConfigError("\n".join(lines)) from None
 
 
 def config_dict(cfg: BaseModel) -> dict:

@@ -80,3 +80,28 @@ def resolve_pretrained(model_id: str, config_key: str, *, is_file: bool = False,
         log.debug("hub check of %s failed: %s", model_id, exc)
         raise ModelUnavailableError(_hint(model_id, config_key)) from None
     return model_id
+
+
+def resolve_all(models: dict[str, str], *, files: tuple[str, ...] = (), seed: int = 0) -> dict[str, str]:
+    """Check every model at once, before anything loads: config key (or option) → what to load.
+
+    The one up-front check of ``cnc build``, ``cnc sample`` and ``cnc eval`` (a missing model costs seconds, not a
+    minute of hub retries inside ``from_pretrained``).
+
+    Args:
+        models: config key or option (``depth.model``, ``--depth-model``) → model id, local path or ``tiny``.
+        files: the keys that name a single checkpoint file (SAM, U²-Net).
+        seed: seed of the tiny models.
+
+    Raises:
+        ModelUnavailableError: one line per missing model, each naming the model and its key.
+    """
+    resolved, missing = {}, []
+    for key, mid in models.items():
+        try:
+            resolved[key] = resolve_pretrained(mid, key, is_file=key in files, seed=seed)
+        except ModelUnavailableError as exc:
+            missing.append(str(exc))
+    if missing:
+        raise ModelUnavailableError("\n".join(dict.fromkeys(missing)))
+    return resolved

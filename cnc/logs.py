@@ -62,21 +62,44 @@ def route_third_party() -> None:
             logger.addFilter(_Demote(r))
 
 
+def progress_bars_enabled() -> bool:
+    """Whether progress bars may be drawn: only on a terminal (bars go to stderr), and not after
+    :func:`quiet_library_progress` switched them off (``TQDM_DISABLE``)."""
+    import os
+
+    return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "") in ("", "0", "false", "False")
+
+
 def quiet_library_progress(force: bool = False) -> None:
-    """Off a terminal (Ray workers, job logs): no tqdm bars from diffusers / transformers / huggingface_hub model
-    loading — their carriage returns turn a job log into one long line (imports the libraries: call it where they are
-    used anyway)."""
+    """The one switch for library progress bars, called by every command (:func:`cnc.cli._root`) and by Ray workers:
+    off a terminal (stderr piped into a job log, CI, ``2> log``) no tqdm bar from diffusers, transformers,
+    huggingface_hub or tqdm itself — their carriage returns turn a log into one long line. Progress is then logged
+    as lines (:class:`cnc.progress.StepProgress`).
+
+    Environment variables reach libraries imported later and child processes (Ray workers, ``accelerate launch``):
+    ``TQDM_DISABLE`` (every tqdm bar that does not pass ``disable`` itself), ``HF_HUB_DISABLE_PROGRESS_BARS``
+    (hub downloads; transformers reads it on import). Libraries already imported are switched off directly, and
+    pipelines that pass ``disable`` themselves ask :func:`progress_bars_enabled` (``CnCPipeline.progress_bar``).
+    No library is imported here (``cnc --help`` stays fast).
+    """
     import os
 
     if sys.stderr.isatty() and not force:
         return
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("diffusers", "transformers"):
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
         try:
-            __import__(f"{name}.utils.logging")
-            sys.modules[f"{name}.utils.logging"].disable_progress_bar()
-        except Exception:  # noqa: BLE001 - an optional library or an API that moved: bars stay, nothing breaks
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        except Exception:  # noqa: BLE001 - an API that moved: the environment variable still holds
             pass
+    for name in ("diffusers", "transformers"):
+        module = sys.modules.get(f"{name}.utils.logging")
+        if module is not None:
+            try:
+                module.disable_progress_bar()
+            except Exception:  # noqa: BLE001 - an optional library or an API that moved: bars stay, nothing breaks
+                pass
 
 
 def setup_logging(level: str = "INFO") -> None:

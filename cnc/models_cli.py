@@ -17,13 +17,15 @@ import typer
 import yaml
 
 from cnc.hub import TINY
+from cnc.options import choice_enum
 
 log = logging.getLogger(__name__)
 #: Configs ``cnc models`` covers when no ``--config`` is given: the demo build and the first training stage.
 DEFAULT_CONFIGS = ("build/default", "train/local")
 
 models_app = typer.Typer(help="Download and list the models a build or train config names.", no_args_is_help=True)
-config_app = typer.Typer(help="Show the shipped configs (start a custom copy from one).", no_args_is_help=True)
+config_app = typer.Typer(help="Show the shipped configs (start a custom copy from one) and document every key.",
+                         no_args_is_help=True)
 
 
 @dataclass
@@ -232,6 +234,27 @@ def show(name: str = typer.Argument(..., help="Shipped config (default, tiny, bu
 
     path = resolve_config_path(name, "build")  # an unknown name is a UserError: exit 2, one line (cnc.cli)
     typer.echo(path.read_text(), nl=False)
+
+
+ConfigKind = choice_enum("ConfigKind", ("build", "train", "all"))
+
+
+@config_app.command("docs")
+def docs(
+    kind: ConfigKind = typer.Option("all", "--kind", help="Which config: build, train or all."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the Markdown to this file (e.g. docs/config.md) "
+                                "instead of stdout.", show_default=False),
+) -> None:
+    """Every config key with its type, default and description, from the pydantic models (Markdown)."""
+    from cnc.config_docs import render_markdown
+
+    kind = getattr(kind, "value", kind)
+    text = render_markdown(None if kind == "all" else [kind])
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {output}")
 
 
 @config_app.command("list")

@@ -5,12 +5,17 @@
 * ``--workers``: parallel workers of the command (Ray Train workers in ``cnc train``; ``--ray-workers`` is a hidden
   alias); ``--address``: the Ray cluster (``--ray-address`` a hidden alias in ``cnc train``).
 * ``--json``: one machine-readable document on stdout; logs go to stderr.
+* ``--n/-n``: how many samples or images (``inspect``, ``sample``, ``eval``; ``--num-images`` a hidden alias in
+  ``cnc sample``); ``--clip-model``: the CLIP model (``--image-encoder`` a hidden alias in ``cnc sample``);
+  ``--config/-c`` and ``--set key=value``: the typed config and its overrides.
+* Fixed choices are enums (:func:`choice_enum`): typer validates them, lists them in ``--help`` and completes them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
+from enum import Enum
+from typing import TypeVar, get_args
 
 T = TypeVar("T")
 log = logging.getLogger("cnc")
@@ -33,3 +38,23 @@ def deprecated_alias(value: T, alias_value: T | None, alias: str, name: str, def
 
         raise UserError(f"{alias} and {name} name the same option; give only {name}")
     return alias_value
+
+
+def choice_enum(name: str, values) -> type[Enum]:
+    """A ``str`` enum of fixed choices for a typer option (validated with a one-line usage error, listed in
+    ``--help``, completed by the shell). Members are named and valued by the choice (``InputFormat("coco")``)."""
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+def literal_choices(model, field: str) -> tuple[str, ...]:
+    """The values of a pydantic ``Literal[...]`` field (one source for a config key and the option setting it)."""
+    return tuple(get_args(model.model_fields[field].annotation))
+
+
+def value_of(choice) -> str | None:
+    """An enum option's value (``None`` stays ``None``)."""
+    return None if choice is None else getattr(choice, "value", choice)
+
+
+#: ``--weights`` of ``cnc sample`` / ``eval`` / ``export``.
+Weights = choice_enum("Weights", ("ema", "raw"))

@@ -112,7 +112,7 @@ def _savers() -> dict[str, Callable[[Path, int], None]]:
 KIND_OF_KEY = {
     "inpaint.model": "inpaint", "depth.model": "depth", "segment.saliency_model": "depth", "embed.model": "embed",
     "segment.sam_checkpoint": "sam", "segment.u2net_checkpoint": "u2net", "model.pretrained_model_name_or_path": "sd",
-    "--depth-model": "depth", "--image-encoder": "embed", "--sam-checkpoint": "sam",
+    "--depth-model": "depth", "--clip-model": "embed", "--image-encoder": "embed", "--sam-checkpoint": "sam",
 }
 
 

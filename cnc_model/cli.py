@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from cnc.hub import TINY
+from cnc.options import Weights
 from cnc_model.evaluation.cli import register as register_eval
 from cnc_model.loading import WEIGHTS_HELP
 from cnc_model.train_cli import register as register_train
@@ -20,44 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 def _fail(message: str) -> None:
-    """Print one error line and exit with status 2."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+    """One error line and exit status 2 (through :class:`~cnc.base.errors.UserError`, caught by ``cnc.cli``)."""
+    from cnc.base.errors import UserError
+
+    raise UserError(message)
 
 
-def _looks_local(spec: str) -> bool:
-    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
-
-
-def _load_or_fail(spec: str, what: str, option: str, loader):
-    """``loader(spec)``; any failure to find the model becomes one clear line naming it and the option."""
-    hint = f"{what} '{spec}' not found; pass {option} with a local folder or Hugging Face id"
-    if spec == TINY:
-        from cnc.tiny_store import KIND_OF_KEY, materialize
-
-        spec = str(materialize(KIND_OF_KEY[option]))
-    if _looks_local(spec) and not Path(spec).expanduser().exists():
-        _fail(hint)
-    try:
-        return loader(str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec)
-    except Exception as err:  # noqa: BLE001 - any load failure is reported as one line
-        _fail(f"{hint} ({type(err).__name__})")
-
-
-def _sheet(tiles, height: int, width: int):
-    """Tiles (PIL images or (H, W[, 3]) arrays in [0, 1] / uint8) side by side -> one PIL image."""
-    import numpy as np
-    from PIL import Image
-
-    row = Image.new("RGB", (width * len(tiles), height))
-    for i, tile in enumerate(tiles):
-        if not isinstance(tile, Image.Image):
-            arr = np.asarray(tile)
-            if arr.dtype != np.uint8:
-                arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-            tile = Image.fromarray(arr)
-        row.paste(tile.convert("RGB").resize((width, height)), (i * width, 0))
-    return row
+#: Column titles of ``cnc sample``'s ``sheet.png`` (then one column per generated image).
+SHEET_COLUMNS = ("fg photo", "bg photo", "fg depth", "bg depth", "mask M")
 
 
 def sample(
@@ -75,9 +46,10 @@ def sample(
                                        "default: mask from the foreground depth."),
     output: Path = typer.Option(Path("samples"), "--output", "-o", help="Output folder."),
     out: Path = typer.Option(None, "--out", hidden=True, help="Deprecated alias of --output."),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps."),
+    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image i uses seed + i (so each image is "
+                                               "reproducible on its own)."),
     height: int = typer.Option(512, "--height", help="Output height (multiple of 8)."),
     width: int = typer.Option(512, "--width", help="Output width (multiple of 8)."),
     fg_scale: float = typer.Option(1.0, "--fg-scale", help="lambda of the foreground tokens (0-2)."),
@@ -94,85 +66,144 @@ def sample(
     bg_depth_scale: float = typer.Option(1.0, "--bg-depth-scale", help="Background depth strength (0-2)."),
     fg_ref: Path = typer.Option(None, "--fg-ref", help="Foreground exemplar image (default: the --fg photo)."),
     bg_ref: Path = typer.Option(None, "--bg-ref", help="Background exemplar image (default: the --bg photo)."),
-    num_images: int = typer.Option(1, "--num-images", help="Images to generate."),
+    n: int = typer.Option(1, "--n", "-n", min=1, help="Images to generate (seeds --seed, --seed + 1, ...)."),
+    num_images: int = typer.Option(None, "--num-images", hidden=True, help="Deprecated alias of --n."),
     depth_model: str = typer.Option("Intel/dpt-large", "--depth-model",
-                                    help="DPTForDepthEstimation hub id or local folder."),
-    image_encoder: str = typer.Option("openai/clip-vit-large-patch14", "--image-encoder",
-                                      help="CLIP vision model (used when the checkpoint has none)."),
+                                    help="DPTForDepthEstimation hub id, local folder or 'tiny' (with --fg/--bg)."),
+    clip_model: str = typer.Option("openai/clip-vit-large-patch14", "--clip-model",
+                                   help="CLIP vision model for the --fg/--bg references (used when the checkpoint "
+                                        "has none); hub id, local folder or 'tiny'."),
+    image_encoder: str = typer.Option(None, "--image-encoder", hidden=True, help="Deprecated alias of --clip-model."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
+    weights: Weights = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
 ) -> None:
-    """Sample CnC from a foreground and a background photo (or one built triplet): sample_*.png and sheet.png."""
+    """Sample CnC from a foreground and a background photo (or one built triplet): sample_*.png and a labelled
+    sheet.png (columns: the conditions, then the image; one row per seed, with the prompt)."""
     import torch
     from PIL import Image
 
-    from cnc.options import deprecated_alias
+    from cnc.options import deprecated_alias, value_of
 
     out = deprecated_alias(output, out, "--out", "--output", default=Path("samples"))
+    n = deprecated_alias(n, num_images, "--num-images", "--n", default=1)
+    clip_model = deprecated_alias(clip_model, image_encoder, "--image-encoder", "--clip-model",
+                                  default="openai/clip-vit-large-patch14")
+    weights = value_of(weights)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if shard_sample is None and (fg is None or bg is None):
         _fail("give --fg and --bg photos, or --shard-sample TAR#KEY")
+    if shard_sample is None and prompt is None:
+        _fail("--prompt is required with --fg/--bg")
     for path in [*((fg, bg) if shard_sample is None else ()), *(p for p in (fg_ref, bg_ref) if p is not None)]:
         if not path.is_file():
             _fail(f"image not found: {path}")
+    triplet = _load_shard_sample(shard_sample) if shard_sample is not None else None
+    # every model is checked before any loads (one line per missing model, in seconds)
+    source = describe_or_fail(checkpoint_dir, weights=weights)
+    resolved = _resolve_sampling_models(source, triplet is None, depth_model, sam_checkpoint, clip_model)
     negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    seeds = [seed + i for i in range(n)]
+    generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     common = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, fg_scale=fg_scale,
                   bg_scale=bg_scale, negative_prompt=negative_prompt, prompt_suffix=prompt_suffix,
                   fg_depth_scale=fg_depth_scale, bg_depth_scale=bg_depth_scale, generator=generator)
-    if shard_sample is not None:
-        triplet = _load_shard_sample(shard_sample)
-        pipe = load_pipeline_or_fail(checkpoint_dir, weights=weights).to(device)
-        images = pipe([prompt or triplet.caption] * num_images, fg_depth=triplet.fg_depth_float(),
+    if triplet is not None:
+        pipe = load_source_or_fail(source)[1].to(device)
+        prompt = prompt or triplet.caption
+        images = pipe([prompt] * n, fg_depth=triplet.fg_depth_float(),
                       bg_depth=triplet.bg_depth_float(), mask=triplet.mask.astype("float32"),
                       fg_reference=torch.from_numpy(triplet.fg_emb)[None],
                       bg_reference=torch.from_numpy(triplet.bg_emb)[None], **common).images
-        tiles = [triplet.image, triplet.background, triplet.fg_depth_float(), triplet.bg_depth_float(),
-                 triplet.mask * 255, *images]
+        conditions = [triplet.image, triplet.background, triplet.fg_depth_float(), triplet.bg_depth_float(),
+                      triplet.mask * 255]
+        columns = ["I (shard sample)", "I_b (shard sample)", *SHEET_COLUMNS[2:]]
     else:
         from cnc_model.compose import DPTDepthEstimator, SamSaliencySegmenter, compose
 
-        if prompt is None:
-            _fail("--prompt is required with --fg/--bg")
-        depth = _load_or_fail(depth_model, "depth model", "--depth-model", lambda s: DPTDepthEstimator(s, device))
+        depth = DPTDepthEstimator(resolved["--depth-model"], device)
         segmenter = None
         if sam_checkpoint is not None:
-            from cnc.hub import resolve_pretrained
             from cnc.tiny_store import TINY_SAM_TYPE
-            from triplets.errors import ModelUnavailableError
 
-            try:
-                sam_path = resolve_pretrained(sam_checkpoint, "--sam-checkpoint", is_file=True)
-                saliency = resolve_pretrained(depth_model, "--depth-model")
-            except ModelUnavailableError as err:
-                _fail(str(err))
-            segmenter = SamSaliencySegmenter(sam_path, saliency, device=device,
+            segmenter = SamSaliencySegmenter(resolved["--sam-checkpoint"], resolved["--depth-model"], device=device,
                                              sam_model_type=TINY_SAM_TYPE if sam_checkpoint == TINY else "vit_h")
-        pipe = load_pipeline_or_fail(checkpoint_dir, weights=weights)
-        if pipe.global_fuser is not None and (pipe.image_encoder is None or pipe.feature_extractor is None):
-            encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", _image_encoder)
+        pipe = load_source_or_fail(source)[1]
+        if "--clip-model" in resolved:
+            encoder, processor = _image_encoder(resolved["--clip-model"])
             pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
         pipe.to(device)
         refs = {k: None if p is None else Image.open(p)
                 for k, p in (("fg_reference", fg_ref), ("bg_reference", bg_ref))}
-        result = compose(pipe, Image.open(fg), Image.open(bg), [prompt] * num_images, depth, segmenter=segmenter,
+        result = compose(pipe, Image.open(fg), Image.open(bg), [prompt] * n, depth, segmenter=segmenter,
                          **refs, **common)
         images = result.images
-        tiles = [result.fg_image, result.bg_image, result.fg_depth, result.bg_depth, result.mask * 255, *images]
+        conditions = [result.fg_image, result.bg_image, result.fg_depth, result.bg_depth, result.mask * 255]
+        columns = list(SHEET_COLUMNS)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         image.save(out / f"sample_{i}.png")
-    _sheet(tiles, height, width).save(out / "sheet.png")
+    label = _source_label(source)
+    sheet = sample_sheet(columns, conditions, images, seeds, prompt, label, (width, height),
+                         footer=f"{label}: {steps} DDIM steps, guidance {guidance:g}, fg/bg scale {fg_scale:g}/"
+                                f"{bg_scale:g}, depth scale {fg_depth_scale:g}/{bg_depth_scale:g}")
+    sheet.save(out / "sheet.png")
     logger.info("wrote %d samples and sheet.png to %s", len(images), out)
 
 
-def _image_encoder(spec: str):
-    """``(CLIPVisionModelWithProjection, CLIPImageProcessor)`` from a folder / hub id, or the seeded tiny pair."""
-    if spec == "tiny":
-        from cnc.tiny import tiny_clip_vision
+def sample_sheet(columns: list[str], conditions: list, images: list, seeds: list[int], prompt: str, model: str,
+                 size: tuple[int, int], footer: str = ""):
+    """``sheet.png``: columns = the conditions (titled) + the generated image (titled with the model); one row per
+    seed, its caption the seed and the prompt. ``size`` = (width, height) of a tile."""
+    from triplets.inspect.grid import GridRow, labelled_grid
 
-        return tiny_clip_vision(0)
+    rows = [GridRow([*conditions, image], title=f"seed {s}", text=f"prompt: {prompt}")
+            for s, image in zip(seeds, images)]
+    return labelled_grid([*columns, f"generated: {model}"], rows, size, footer=footer)
+
+
+def _source_label(source) -> str:
+    """A short name of what was sampled: ``joint (checkpoint-2, ema)``, ``cnc-joint (pipeline)``."""
+    name = source.path.name or "pipeline"
+    if source.kind == "checkpoint":
+        name = f"{source.path.parent.name}/{name}"
+    return f"{name} ({source.kind}" + (f", {source.weights}" if source.weights else "") + ")"
+
+
+def _resolve_sampling_models(source, from_photos: bool, depth_model: str, sam_checkpoint: str | None,
+                             clip_model: str) -> dict[str, str]:
+    """Every model ``cnc sample`` will load, checked up front (:func:`cnc.hub.resolve_all`): the run's base model,
+    and with --fg/--bg the depth model, SAM (with --sam-checkpoint) and the CLIP model (when the pipeline has a
+    global fuser but no image encoder). Option → local path (or a hub id the hub will serve)."""
+    from cnc.hub import resolve_all
+
+    models: dict[str, str] = {}
+    files: tuple[str, ...] = ()
+    if source.kind != "pipeline":
+        models["model.pretrained_model_name_or_path"] = source.config.model.pretrained_model_name_or_path
+    if from_photos:
+        models["--depth-model"] = depth_model
+        if sam_checkpoint is not None:
+            models["--sam-checkpoint"] = sam_checkpoint
+            files = ("--sam-checkpoint",)
+        if _needs_image_encoder(source):
+            models["--clip-model"] = clip_model
+    return resolve_all(models, files=files, seed=getattr(source.config, "seed", 0) or 0)
+
+
+def _needs_image_encoder(source) -> bool:
+    """Whether sampling from photos needs ``--clip-model``: a global fuser and no image encoder in the folder."""
+    import json
+
+    if source.kind == "pipeline":
+        index = json.loads((source.path / "model_index.json").read_text())
+        return (index.get("global_fuser") or [None])[0] is not None and (index.get("image_encoder")
+                                                                          or [None])[0] is None
+    return bool(source.config.trains_global)
+
+
+def _image_encoder(spec: str):
+    """``(CLIPVisionModelWithProjection, CLIPImageProcessor)`` from a folder / hub id (resolved up front)."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     return CLIPVisionModelWithProjection.from_pretrained(spec), CLIPImageProcessor.from_pretrained(spec)
@@ -226,14 +257,16 @@ def export(
     source: str = typer.Argument(..., help="A cnc train output folder, one of its checkpoint-N folders or a "
                                            "pipeline folder; a local path or a URL (s3://...)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the complete pipeline."),
-    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
+    weights: Weights = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
 ) -> None:
     """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, model
     cards)."""
     from cnc.base.location import resolve
+    from cnc.options import value_of
     from cnc_model.loading import NotAPipelineError, export_pipeline
     from triplets.errors import ModelUnavailableError
 
+    weights = value_of(weights)
     if not resolve(source).exists():
         _fail(f"{source} does not exist")
     try:
@@ -264,7 +297,9 @@ def convert_reference(
     checkpoint: Path = typer.Argument(
         ..., help="Reference checkpoint: cnc_v1.ckpt, a stage-1 (local) or stage-2 (global) Lightning checkpoint, "
                   "Uni-ControlNet's uni.ckpt, or a .safetensors of one."),
-    output_dir: Path = typer.Argument(..., help="Output folder."),
+    output_dir: Path = typer.Argument(None, help="Output folder (deprecated position: use --output).",
+                                      show_default=False),
+    output: Path = typer.Option(None, "--output", "-o", help="Output folder.", show_default=False),
     base_model: str = typer.Option(None, "--base-model",
                                    help="Diffusers SD 1.5 folder or hub id; checks the checkpoint's base UNet "
                                         "against it and writes a complete CnC pipeline."),
@@ -274,8 +309,12 @@ def convert_reference(
     seed: int = typer.Option(0, "--seed", help="Seed of the new fg/bg depth stems (uni.ckpt only)."),
 ) -> None:
     """Convert reference weights into local_fuser/ and/or global_fuser/ (and a full pipeline with --base-model)."""
+    from cnc.options import deprecated_alias
     from cnc_model.convert import ConversionError, convert_reference_checkpoint
 
+    if output is None and output_dir is None:
+        _fail("give the output folder with --output")
+    output_dir = deprecated_alias(output, output_dir, "the OUTPUT_DIR argument", "--output")
     try:
         convert_reference_checkpoint(checkpoint, output_dir, base_model=base_model, check_base=check_base,
                                      seed=seed)

@@ -188,6 +188,20 @@ class CnCPipeline(DiffusionPipeline):
         """One UNet + local fuser evaluation; all tensors already batched (CFG branches concatenated)."""
         return self.denoiser.predict_noise(latents, t, context, fg_depth, bg_depth, soft_mask, local_scale)
 
+    def progress_bar(self, iterable=None, total=None):
+        """diffusers' denoising bar, off where :func:`cnc.logs.progress_bars_enabled` says no (job logs) unless
+        ``set_progress_bar_config(disable=...)`` decided."""
+        from cnc.logs import progress_bars_enabled
+
+        saved = getattr(self, "_progress_bar_config", None)
+        if progress_bars_enabled() or "disable" in (saved or {}):
+            return super().progress_bar(iterable, total)
+        self._progress_bar_config = {**(saved or {}), "disable": True}
+        try:
+            return super().progress_bar(iterable, total)
+        finally:
+            self._progress_bar_config = saved if saved is not None else {}
+
     @torch.no_grad()
     def __call__(
         self,

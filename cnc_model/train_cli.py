@@ -68,7 +68,8 @@ def register(app: typer.Typer) -> None:
 def main() -> None:
     """``python -m cnc_model.training`` (the same options as ``cnc train``)."""
     from cnc.cli import user_errors_exit_2
-    from cnc.logs import setup_logging
+    from cnc.logs import quiet_library_progress, setup_logging
 
     setup_logging("INFO")
+    quiet_library_progress()
     typer.run(user_errors_exit_2(train_command))

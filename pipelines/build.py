@@ -336,7 +336,7 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, d
 def build_entry(config: str | None, input: str, output: str, overrides: list[str] | None = None, *,
                 address: str | None = None, retry_failed: bool = False, input_format: str | None = None,
                 progress: bool | None = None, verify: bool = False, summary: bool = True,
-                allow_model_change: bool = False, plan_only: bool = False) -> int:
+                allow_model_change: bool = False, plan_only: bool = False, workers: int | None = None) -> int:
     """What ``cnc build`` runs: load the config, :func:`run_build`, print the summary; return the exit code.
 
     Exit codes: 0 ok; 1 failures above ``max_failure_fraction`` or shards left uncommitted; 2 a user error
@@ -346,9 +346,14 @@ def build_entry(config: str | None, input: str, output: str, overrides: list[str
     from cnc.config import load_config
 
     overrides = list(overrides or [])
+    options = {}
     if input_format:
         overrides.append(f"input_format={input_format}")
-    cfg = load_config(BuildConfig, config, overrides)
+        options["input_format"] = "--input-format"
+    if workers is not None:
+        overrides.append(f"ray.num_workers={workers}")
+        options["ray.num_workers"] = "--workers"
+    cfg = load_config(BuildConfig, config, overrides, options=options)
     if plan_only:
         info = run_plan_only(cfg, input, output, allow_model_change=allow_model_change)
         if summary:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import typer
 
+from cnc.options import choice_enum, literal_choices
+from triplets.config import BuildConfig
+
+#: ``--input-format``: the choices of the config key ``input_format``.
+InputFormat = choice_enum("InputFormat", literal_choices(BuildConfig, "input_format"))
+
 BUILD_HELP = """Build triplet shards from an image collection on Ray (resumable, exactly-once).
 
 Reruns with the same --input/--config/--output resume: committed shards are skipped, partial ones
@@ -26,8 +32,11 @@ def build(
              "Ray on 127.0.0.1."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also recompute the failed samples of "
                                                                     "committed shards."),
-    input_format: str | None = typer.Option(None, "--input-format",
-                                            help="auto | folder | coco | webdataset | pickapic | table."),
+    input_format: InputFormat = typer.Option(None, "--input-format", help="The input's format (= --set "
+                                             "input_format=...); default: the config's (auto: detected from the "
+                                             "path).", show_default=False),
+    workers: int = typer.Option(None, "--workers", min=1, help="Model workers (= --set ray.num_workers=N); default: "
+                                "the config's (one per GPU, or one per two CPUs).", show_default=False),
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Live progress bar "
                                                                                    "(default: on a terminal)."),
     verify: bool = typer.Option(False, "--verify", help="On resume, re-hash every committed shard against its "
@@ -40,11 +49,12 @@ def build(
                                                               "summary as JSON (items, shards, input files); loads no "
                                                               "model and starts no Ray."),
 ) -> None:
+    from cnc.options import value_of
     from pipelines.build import build_entry
 
     code = build_entry(config, input, output, overrides, address=address, retry_failed=retry_failed,
-                       input_format=input_format, progress=progress, verify=verify,
-                       allow_model_change=allow_model_change, plan_only=plan_only)
+                       input_format=value_of(input_format), progress=progress, verify=verify,
+                       allow_model_change=allow_model_change, plan_only=plan_only, workers=workers)
     raise typer.Exit(code)
 
 

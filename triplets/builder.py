@@ -16,12 +16,11 @@ import logging
 import numpy as np
 
 import cnc
-from cnc.hub import TINY, resolve_pretrained
+from cnc.hub import TINY, resolve_all
 from cnc.identity import model_identity
 from cnc.tiny_store import TINY_SAM_TYPE
 from triplets.batch import ensure_status
 from triplets.config import BuildConfig
-from triplets.errors import ModelUnavailableError
 from triplets.quality import QualityScorer, QualityStage, saliency_of
 from triplets.sample import TripletSample
 from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, SegmentStage
@@ -41,15 +40,7 @@ def resolve_models(cfg: BuildConfig) -> dict[str, str]:
     Raises:
         ModelUnavailableError: one line per missing model, each naming the model and its config key.
     """
-    resolved, missing = {}, []
-    for key, mid in cfg.model_ids().items():
-        try:
-            resolved[key] = resolve_pretrained(mid, key, is_file=key in FILE_KEYS, seed=cfg.seed)
-        except ModelUnavailableError as exc:
-            missing.append(str(exc))
-    if missing:
-        raise ModelUnavailableError("\n".join(dict.fromkeys(missing)))
-    return resolved
+    return resolve_all(cfg.model_ids(), files=FILE_KEYS, seed=cfg.seed)
 
 
 def model_identities(cfg: BuildConfig, resolved: dict[str, str]) -> dict[str, dict]:

@@ -53,6 +53,9 @@ def inspect(
                               "worst_<score>.png (and in the HTML); 0 = none."),
     max_member_mb: float = typer.Option(256.0, "--max-member-mb", min=0.001, help="Size cap of one tar member "
                                         "(larger members are a finding and are not read)."),
+    where: list[str] = typer.Option([], "--where", "-w", help="Filter threshold to draw on the HTML histograms, as "
+                                    "for cnc filter ('removal>=0.5'), with the share of samples it removes; "
+                                    "repeatable."),
 ) -> None:
     """Validate shards, summarise them and render contact sheets of a few samples.
 
@@ -70,7 +73,9 @@ def inspect(
     from triplets.shardio import resolve_shards
 
     output = deprecated_alias(output, out, "--out", "--output")
+    from triplets.quality import parse_where
 
+    conditions = [parse_where(w) for w in where]  # a bad condition is a one-line usage error, before any reading
     total = len(resolve_shards(paths))  # a UserError (nothing matches, unknown scheme) exits 2 in one line
     wanted = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
     console = Console(stderr=True)
@@ -87,7 +92,9 @@ def inspect(
     if wants_files and report_dir is None:
         log.warning("report files not written: the input is not a writable local folder; pass --output DIR")
     elif wants_files:
-        files = write_report(result, report_dir, html=html, per_page=per_page, tile=tile)
+        title = f"cnc inspect: {paths[0] if len(paths) == 1 else f'{len(paths)} inputs'}"
+        files = write_report(result, report_dir, html=html, per_page=per_page, tile=tile, where=conditions,
+                             title=title)
         written = [str(p) for p in files.sheets + files.worst + [files.html, files.summary_json] if p is not None]
         for path in files.sheets + files.worst + [files.html]:
             if path is not None and not as_json:

@@ -44,12 +44,15 @@ class SegmentConfig(_Strict):
 class InpaintConfig(_Strict):
     """Background I_b by Stable Diffusion inpainting (reference settings by default)."""
 
-    model: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"
-    prompt: str = "empty scenery, ultra detailed, no people"
-    negative_prompt: str = "low resolution, worst quality, low quality"
-    num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = 10.0
-    strength: float = Field(1.0, gt=0, le=1)
+    model: str = Field("stable-diffusion-v1-5/stable-diffusion-inpainting",
+                       description="StableDiffusionInpaintPipeline folder or hub id ('tiny': seeded tiny model)")
+    prompt: str = Field("empty scenery, ultra detailed, no people", description="inpainting prompt (reference)")
+    negative_prompt: str = Field("low resolution, worst quality, low quality",
+                                 description="inpainting negative prompt (reference)")
+    num_inference_steps: int = Field(25, ge=1, description="inpainting denoising steps (reference: 25)")
+    guidance_scale: float = Field(10.0, description="inpainting classifier-free guidance (reference: 10)")
+    strength: float = Field(1.0, gt=0, le=1, description="inpainting strength (1 = the masked region from "
+                                                       "pure noise, reference)")
     dilation_px: int = Field(50, ge=0, description="square dilation of M at 512 px; scaled with the resolution")
     batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
                                                            "top-level batch_size)")
@@ -59,7 +62,8 @@ class InpaintConfig(_Strict):
 class DepthConfig(_Strict):
     """MiDaS (DPT) depth of I_f and I_b."""
 
-    model: str = "Intel/dpt-large"
+    model: str = Field("Intel/dpt-large", description="DPTForDepthEstimation folder or hub id ('tiny': seeded tiny "
+                                                        "model)")
     mask_foreground_depth: bool = Field(False, description="multiply D_f by M (reference: no)")
     batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
                                                            "top-level batch_size)")
@@ -72,7 +76,8 @@ class DepthConfig(_Strict):
 class EmbedConfig(_Strict):
     """CLIP image embeddings."""
 
-    model: str = "openai/clip-vit-large-patch14"
+    model: str = Field("openai/clip-vit-large-patch14", description="CLIPVisionModelWithProjection folder or hub "
+                                                                      "id ('tiny': seeded tiny model)")
     batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
                                                            "top-level batch_size)")
     fg_source: Literal["image", "foreground"] = Field(
@@ -106,12 +111,12 @@ class RayConfig(_Strict):
 
     num_workers: int = Field(0, ge=0, description="model workers; 0 = one per GPU, or per CPU pair without GPUs")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPU share of one worker (fractional allowed)")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a model worker reserves in Ray")
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     encode_threads: int = Field(4, ge=1, description="threads of a worker's writer encoding JPEG/PNG in parallel "
                                                      "(tar bytes do not depend on it)")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
-    progress_interval_s: float = Field(5.0, gt=0)
+    progress_interval_s: float = Field(5.0, gt=0, description="off a terminal: a progress log line this often")
     worker_start_timeout_s: float = Field(
         900.0, gt=0, description="give up when no worker has started (loaded its models) after this long")
 
@@ -140,21 +145,22 @@ class TableConfig(_Strict):
 
 
 class BuildConfig(_Strict):
-    """Everything that defines a shard build. Saved as ``OUTPUT/config.yaml``."""
+    """Everything that defines a shard build. Saved as ``OUTPUT/_cnc/config.yaml``."""
 
     CONFIG_KIND: ClassVar[str] = "build"  # shipped configs named without a folder are looked up in build/
 
     resolution: int = Field(512, ge=16, description="side of the square crop of every field")
     min_side: int = Field(256, ge=1, description="images whose short side is smaller fail")
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit")
-    jpeg_quality: int = Field(95, ge=50, le=100)
+    jpeg_quality: int = Field(95, ge=50, le=100, description="JPEG quality of I and I_b in the shards")
     sample_timings: bool = Field(
         False, description="store per-stage seconds in each sample's json; off by default because it makes tars "
                            "differ between identical runs (per-stage times always go to the shard stats marker)")
     batch_size: int = Field(4, ge=1, description="samples per batch (decode → models → write); the default rows per "
                                                  "model call of every stage without its own <stage>.batch_size")
-    samples_per_shard: int = Field(1000, ge=1)
-    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+    samples_per_shard: int = Field(1000, ge=1, description="input items per shard (failed ones leave it smaller)")
+    max_failure_fraction: float = Field(0.05, ge=0, le=1, description="exit status 1 when more than this share "
+                                        "of the input items failed (the committed shards stay usable)")
     seed: Seed = Field(0, description="base seed (0 .. 2**32-1); per-sample seeds derive from (seed, key)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -163,7 +169,8 @@ class BuildConfig(_Strict):
         "off", description="torch.compile the inpainting UNet (≈ 80 % of a triplet's FLOPs) with this mode; "
                            "compiles once per batch shape at start-up, outputs change within float rounding "
                            "(operational: not part of the plan fingerprint); measured in benchmarks/gpu_suite.py")
-    input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic", "table"] = "auto"
+    input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic", "table"] = Field(
+        "auto", description="the input's format (cnc build --input-format); auto = detected from the path")
     input_hash: bool = Field(
         False, description="table inputs: fingerprint every input file by a sha256 of its content (reads every "
                            "byte once) instead of size + etag/mtime")

@@ -4,13 +4,15 @@
     cnc eval out/train/joint --compare out/train/global --shards out/val --output out/eval/joint-vs-global
     cnc eval out/train/joint --shards out/val --output out/eval/tiny --metrics-models tiny     # offline smoke run
     cnc eval out/train/joint/checkpoint-2000 --compare out/train/joint/checkpoint-2000 --compare-weights raw ...
-    cnc eval out/train/joint --shards out/val --output out/eval/joint --num-processes 8          # 8 GPUs
+    cnc eval out/train/joint --shards out/val --output out/eval/joint --workers 8                # 8 GPUs
     accelerate launch --num_processes 8 -m cnc.cli eval out/train/joint --shards out/val ...     # the same
 
-With several processes (``--num-processes``, default ``auto``: every visible GPU; or under ``accelerate launch`` /
+With several processes (``--workers``, default ``auto``: every visible GPU; or under ``accelerate launch`` /
 torchrun) every process generates its share of the images and the main process scores them all
-(:mod:`~cnc_model.evaluation.run`); ``--num-processes N`` re-launches the command through ``accelerate launch``
-after every input has been checked.
+(:mod:`~cnc_model.evaluation.run`); ``--workers N`` re-launches the command through ``accelerate launch``
+after every input has been checked. A rerun into the same ``--output`` reuses the images already generated with the
+same settings and recomputes the metrics; the metrics go to ``--report-to`` (TensorBoard by default, as ``cnc
+train``) at the training step of the evaluated weights.
 
 Heavy imports happen inside the command so ``cnc --help`` stays fast.
 """
@@ -22,14 +24,19 @@ from pathlib import Path
 
 import typer
 
+from cnc.options import Weights, choice_enum
 from cnc_model.loading import WEIGHTS_HELP
 
 logger = logging.getLogger(__name__)
+#: ``--report-to``: the trackers of ``train.report_to``.
+ReportTo = choice_enum("ReportTo", ("tensorboard", "wandb", "mlflow", "none"))
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+    """One error line and exit status 2 (through :class:`~cnc.base.errors.UserError`, caught by ``cnc.cli``)."""
+    from cnc.base.errors import UserError
+
+    raise UserError(message)
 
 
 def _parse_seeds(spec: str) -> list[int]:
@@ -80,9 +87,9 @@ def _num_processes(spec: str, device: str) -> int:
     except ValueError:
         count = 0
     if count < 1:
-        _fail(f"--num-processes takes a positive integer or auto, got {spec!r}")
+        _fail(f"--workers takes a positive integer or auto, got {spec!r}")
     if on_cuda and count > torch.cuda.device_count():
-        _fail(f"--num-processes {count} exceeds the {torch.cuda.device_count()} visible GPU(s) (one process per GPU)")
+        _fail(f"--workers {count} exceeds the {torch.cuda.device_count()} visible GPU(s) (one process per GPU)")
     return count
 
 
@@ -93,6 +100,7 @@ def _command_line(ctx: typer.Context, skip: tuple[str, ...]) -> list[str]:
         value = ctx.params.get(param.name)
         if param.name in skip or value is None:
             continue
+        value = [getattr(v, "value", v) for v in value] if param.multiple else getattr(value, "value", value)
         if param.param_type_name == "argument":
             args.append(str(value))
         elif getattr(param, "is_flag", False):
@@ -117,7 +125,7 @@ def _relaunch(ctx: typer.Context, count: int) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
            "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
            "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "cnc.cli", ctx.info_name or "eval", *_command_line(ctx, skip=("num_processes",))]
+           "-m", "cnc.cli", ctx.info_name or "eval", *_command_line(ctx, skip=("workers", "num_processes"))]
     logger.info("generating in %d processes: %s", count, " ".join(cmd))
     raise typer.Exit(code=subprocess.run(cmd, check=False).returncode)
 
@@ -130,8 +138,9 @@ def eval_command(
                                                          "samples and seeds."),
     shards: list[str] = typer.Option(..., "--shards", help="Held-out shards: build folder, tar paths, globs, "
                                                            "{000..009} patterns (repeatable)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for metrics.json, metrics.md, grid.png."),
-    n: int = typer.Option(100, "--n", min=2, help="Triplets to evaluate (the first N well-formed ones)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for metrics.json, metrics.md, grid.png and "
+                                                           "images/ (a rerun reuses the images generated there)."),
+    n: int = typer.Option(100, "--n", "-n", min=2, help="Triplets to evaluate (the first N well-formed ones)."),
     steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps."),
     seeds: str = typer.Option("0", "--seeds", help="Seeds, e.g. 0 or 0,1,2 or 0-3: one image per triplet and seed."),
     guidance: float = typer.Option(7.5, "--guidance", min=0.0, help="Classifier-free guidance scale."),
@@ -151,21 +160,31 @@ def eval_command(
                                            help="Reference negative prompt and suffix as defaults (off: both empty)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (several processes: each its "
                                                         "own GPU)."),
-    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
-    compare_weights: str = typer.Option(None, "--compare-weights", help="--weights of the --compare model.",
-                                        show_default=False),
-    num_processes: str = typer.Option(
-        "auto", "--num-processes", help="Processes generating in parallel (one per GPU; on CPUs gloo): auto = every "
-                                        "visible GPU on CUDA, else 1. Not needed under accelerate launch / torchrun."),
+    weights: Weights = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
+    compare_weights: Weights = typer.Option(None, "--compare-weights", help="--weights of the --compare model.",
+                                            show_default=False),
+    workers: str = typer.Option(
+        "auto", "--workers", help="Processes generating in parallel (one per GPU; on CPUs gloo): auto = every "
+                                  "visible GPU on CUDA, else 1. Not needed under accelerate launch / torchrun."),
+    num_processes: str = typer.Option(None, "--num-processes", hidden=True, help="Deprecated alias of --workers."),
+    report_to: ReportTo = typer.Option("tensorboard", "--report-to", help="Tracker of the metrics, as cnc train's "
+                                       "train.report_to (TensorBoard: OUTPUT/logs), at the evaluated weights' "
+                                       "training step."),
+    regenerate: bool = typer.Option(False, "--regenerate", help="Generate every image again (default: reuse the "
+                                    "images of an earlier run into --output made with the same settings)."),
 ) -> None:
     """Generate from held-out triplets and report FID, IS, CLIPScore, SSIM, LPIPS, depth MAE and region scores."""
     import torch
 
     from cnc.base.errors import UserError
-    from cnc_model.cli import describe_or_fail, load_source_or_fail, sampling_prompts
+    from cnc.options import deprecated_alias, value_of
+    from cnc_model.cli import _resolve_sampling_models, describe_or_fail, load_source_or_fail, sampling_prompts
     from cnc_model.evaluation import models as metric_models
     from cnc_model.evaluation.run import EvalSettings, evaluate, load_samples
+    from cnc_model.evaluation.trackers import check_report_to, report_metrics, source_record
 
+    workers = deprecated_alias(workers, num_processes, "--num-processes", "--workers", default="auto")
+    weights, compare_weights, report_to = value_of(weights), value_of(compare_weights), value_of(report_to)
     seed_list = _parse_seeds(seeds)
     negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
     # 1. everything that can be missing is checked before any generation
@@ -179,40 +198,51 @@ def eval_command(
         if not resolve(p).exists():
             _fail(f"{option} {p} does not exist")
     sources = [describe_or_fail(p, option, w) for p, option, w in zip(paths, ("PIPELINE", "--compare"), chosen)]
+    problems = []
+    for source in sources:  # the runs' base models (one line per missing model, before anything loads)
+        try:
+            _resolve_sampling_models(source, False, "", None, "")
+        except UserError as err:
+            problems += str(err).splitlines()
     mm = metric_models.resolve(metrics_models, clip_model, depth_model)
-    problems = metric_models.check(mm)
+    problems += metric_models.check(mm)
+    check_report_to(report_to)
     if problems:
-        for line in problems:
-            typer.echo(f"error: {line}", err=True)
-        raise typer.Exit(code=2)
+        raise UserError("\n".join(dict.fromkeys(problems)))
     try:
         samples = load_samples(shards, n)
     except (UserError, ValueError, FileNotFoundError) as err:
         _fail(f"--shards: {str(err).splitlines()[0]}")
     # 2. several processes: start them (each checks the inputs again, cheaply) unless already launched
     if not _launched():
-        count = _num_processes(num_processes, device)
+        count = _num_processes(workers, device)
         if count > 1:
             _relaunch(ctx, count)
-    elif num_processes != "auto":
-        logger.warning("--num-processes %s ignored: already running under a launcher", num_processes)
+    elif workers != "auto":
+        logger.warning("--workers %s ignored: already running under a launcher", workers)
     from accelerate import PartialState
 
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPUs: gloo between processes
     if device == "auto" or (device == "cuda" and state.num_processes > 1):
         device = str(state.device) if state.num_processes > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
-    # 3. generate (every process its share) and score (the main process)
+    # 3. generate (every process its share; images of an earlier run with the same settings are reused) and score
     labels = _labels(paths, [s.weights for s in sources])
-    pipes, held = {}, {}
+    pipes, held, records = {}, {}, {}
+    settings = EvalSettings(n=n, steps=steps, seeds=seed_list, guidance_scale=guidance, batch_size=batch_size,
+                            negative_prompt=negative_prompt, prompt_suffix=prompt_suffix, device=device,
+                            progress=state.is_main_process, resume=not regenerate)
+    from triplets.shardio import resolve_shards
+
+    urls = resolve_shards(shards, committed_only=True)
     for label, source in zip(labels, sources):
         _, pipes[label] = load_source_or_fail(source)
         held[label] = source.weights
-    settings = EvalSettings(n=n, steps=steps, seeds=seed_list, guidance_scale=guidance, batch_size=batch_size,
-                            negative_prompt=negative_prompt, prompt_suffix=prompt_suffix, device=device,
-                            progress=state.is_main_process)
-    report = evaluate(pipes, samples, settings, mm, output, weights=held, state=state)
+        records[label] = settings.generation_record(samples, source_record(source), urls)
+    report = evaluate(pipes, samples, settings, mm, output, weights=held, state=state, records=records)
     if report is None:  # not the main process
         return
+    report_metrics(report, output, report_to, step=sources[0].step, labels=labels,
+                   steps={label: source.step for label, source in zip(labels, sources)})
     typer.echo((output / "metrics.md").read_text())
     typer.echo(f"n={report['n']}; wrote {output / 'metrics.json'}, {output / 'metrics.md'}, {output / 'grid.png'}")
 

@@ -18,8 +18,15 @@ machine). Outputs in ``DIR``:
   (:data:`~cnc_model.evaluation.metrics.METRICS`) at the top level; with two models, ``models`` holds one such block
   per model and the top-level keys are the first model's;
 - ``metrics.md``: a markdown table (one column per model, arrows = better direction);
-- ``grid.png``: rows = samples (up to 8), columns = image I, fg depth, bg depth, mask M, then each model's image;
-- ``images/<model>/<key>_s<seed>.png``: every generated image.
+- ``grid.png``: one row per (sample, seed) — every requested seed, up to :data:`GRID_ROWS` rows in all — with the
+  sample key, seed and prompt under it; titled columns: image I, fg depth, bg depth, mask M, then each model's image
+  under the model's name;
+- ``images/<model>/<key>_s<seed>.png``: every generated image, and ``images/<model>/generation.json``: what made
+  them (the model folder and weights, steps, guidance, prompts, resolution, shards).
+
+**Resume.** A rerun into the same ``DIR`` reuses the images already there when ``generation.json`` matches the run's
+(a batch is regenerated only when one of its images is missing; different settings regenerate everything) and
+recomputes every metric from the images. ``--regenerate`` ignores existing images.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ from cnc_model.evaluation.metrics import METRICS, MetricSuite
 from cnc_model.evaluation.models import MetricModels
 
 logger = logging.getLogger(__name__)
-GRID_ROWS = 8
+#: Rows of ``grid.png`` at most (each row one sample under one seed; every seed is shown, samples are cut first).
+GRID_ROWS = 16
+GENERATION_FILE = "generation.json"
 
 
 @dataclass
@@ -54,6 +63,15 @@ class EvalSettings:
     prompt_suffix: str = ""
     device: str = "cpu"
     progress: bool = True
+    resume: bool = True
+
+    def generation_record(self, samples: Sequence, source: dict | None = None, shards: Sequence[str] = ()) -> dict:
+        """What determines the generated images (``images/<model>/generation.json``): a rerun reuses the images of
+        a model only when this record is unchanged. Per image, the key and seed are in its file name and its noise
+        comes from ``seed * 1_000_003 + index``; the index of a key does not change with ``n`` (the first N)."""
+        return {"model": source or {}, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                "negative_prompt": self.negative_prompt, "prompt_suffix": self.prompt_suffix,
+                "resolution": list(samples[0].image.shape[:2]), "shards": list(shards), "version": 1}
 
 
 def load_samples(shards: Sequence[str] | str, n: int) -> list:
@@ -103,7 +121,7 @@ def generate(pipe, samples: Sequence, settings: EvalSettings, label: str = "",
     the generator ``seed * 1_000_003 + j % N``. ``batches``: the batches of job indices to run (default: all jobs in
     :func:`job_batches` of ``settings.batch_size``; a process of a multi-process run passes its share).
     """
-    from tqdm.auto import tqdm
+    from cnc.progress import StepProgress
 
     pipe.set_progress_bar_config(disable=True)
     h, w = samples[0].image.shape[:2]
@@ -111,7 +129,7 @@ def generate(pipe, samples: Sequence, settings: EvalSettings, label: str = "",
     if batches is None:
         batches = job_batches(len(jobs), settings.batch_size)
     out: dict[int, np.ndarray] = {}
-    bar = tqdm(total=sum(len(b) for b in batches), desc=f"generate {label}".strip(), disable=not settings.progress)
+    bar = StepProgress(sum(len(b) for b in batches), desc=f"generate {label}".strip(), enabled=settings.progress)
     for indices in batches:
         batch = [jobs[j] for j in indices]
         items = [samples[i] for _, i in batch]
@@ -131,11 +149,31 @@ def generate(pipe, samples: Sequence, settings: EvalSettings, label: str = "",
     return out
 
 
+def _reusable(folder: Path, record: dict, resume: bool) -> bool:
+    """Whether the images in ``folder`` were made by ``record`` (and may be reused)."""
+    path = folder / GENERATION_FILE
+    if not resume or not path.is_file():
+        return False
+    try:
+        same = json.loads(path.read_text()) == json.loads(json.dumps(record))
+    except ValueError:
+        same = False
+    if not same:
+        logger.warning("%s: generated with other settings; regenerating every image", folder)
+    return same
+
+
 def _generate_all(pipelines: dict[str, object], samples: Sequence, settings: EvalSettings, out: Path,
-                  state) -> dict[str, np.ndarray] | None:
+                  state, records: dict[str, dict] | None = None) -> dict[str, np.ndarray] | None:
     """Generate this process's share with every pipeline, write it to ``images/<label>/``; on the main process
     return every pipeline's images ``(len(seeds) * N, H, W, 3)`` uint8 (after a barrier, read back from the files
-    the other processes wrote), elsewhere ``None``."""
+    the other processes wrote), elsewhere ``None``.
+
+    Batches whose images are all in ``images/<label>/`` under an unchanged ``generation.json`` (``records[label]``)
+    are not generated again."""
+    from triplets.image_io import decode_rgb
+
+    records = records or {}
     n_jobs = len(settings.seeds) * len(samples)
     batches = job_batches(n_jobs, settings.batch_size)
     with state.split_between_processes(batches) as mine:
@@ -145,22 +183,33 @@ def _generate_all(pipelines: dict[str, object], samples: Sequence, settings: Eva
                     len(batches))
     mine_images = {}
     for label, pipe in pipelines.items():
-        pipe.to(settings.device)
-        images = generate(pipe, samples, settings, label, batches=mine)
         folder = out / "images" / label
-        folder.mkdir(parents=True, exist_ok=True)
-        for j, image in images.items():
-            Image.fromarray(image).save(folder / image_name(samples, settings.seeds, j))
+        record = records.get(label) or settings.generation_record(samples)
+        reuse = _reusable(folder, record, settings.resume)
+        state.wait_for_everyone()  # every process has decided before the main one rewrites the record
+        todo = [b for b in mine if not (reuse and all((folder / image_name(samples, settings.seeds, j)).is_file()
+                                                      for j in b))]
+        images: dict[int, np.ndarray] = {}
+        if len(todo) < len(mine):
+            logger.info("%s: reusing %d of %d generated images in %s", label,
+                        sum(len(b) for b in mine) - sum(len(b) for b in todo), sum(len(b) for b in mine), folder)
+        if state.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / GENERATION_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        if todo:
+            pipe.to(settings.device)
+            images = generate(pipe, samples, settings, label, batches=todo)
+            folder.mkdir(parents=True, exist_ok=True)
+            for j, image in images.items():
+                Image.fromarray(image).save(folder / image_name(samples, settings.seeds, j))
         mine_images[label] = images
     state.wait_for_everyone()  # every process has written its images
     if not state.is_main_process:
         return None
     generated = {}
-    from triplets.image_io import decode_rgb
-
     for label, images in mine_images.items():
         missing = [j for j in range(n_jobs) if j not in images]
-        for j in missing:  # another process's share (PNG is lossless: the same uint8 pixels)
+        for j in missing:  # reused, or another process's share (PNG is lossless: the same uint8 pixels)
             images[j] = decode_rgb((out / "images" / label / image_name(samples, settings.seeds, j)).read_bytes())
         generated[label] = np.stack([images[j] for j in range(n_jobs)])
     return generated
@@ -185,29 +234,27 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + f"\n\nn = {n} generated images per model.\n"
 
 
-def _tile(arr: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(arr).convert("RGB").resize((size[1], size[0]))
+def make_grid(samples: Sequence, generated: dict[str, np.ndarray], seeds: Sequence[int], *, footer: str = ""):
+    """``grid.png``: one row per (sample, seed) — all seeds of the first samples, :data:`GRID_ROWS` rows at most —
+    captioned with the key, seed and prompt; columns titled I | fg depth | bg depth | mask M | one per model (its
+    name). ``generated[label]`` holds the images seed-major (job ``j`` = seed ``j // N`` on sample ``j % N``)."""
+    from triplets.inspect.grid import GridRow, labelled_grid
 
-
-def make_grid(samples: Sequence, generated: dict[str, np.ndarray]):
-    """Rows = samples (first seed), columns = I | fg depth | bg depth | M | one image per model."""
-    rows = samples[:GRID_ROWS]
+    n = len(samples)
+    shown = max(1, min(n, GRID_ROWS // max(1, len(seeds))))
+    rows = []
+    for i, s in enumerate(samples[:shown]):
+        for k, seed in enumerate(seeds):
+            rows.append(GridRow([s.image, s.fg_depth_float(), s.bg_depth_float(), s.mask * 255,
+                                 *(images[k * n + i] for images in generated.values())],
+                                title=f"{s.key} · seed {seed}", text=s.caption))
     h, w = samples[0].image.shape[:2]
-    cols = 4 + len(generated)
-    grid = Image.new("RGB", (w * cols, h * len(rows)))
-    for r, s in enumerate(rows):
-        tiles = [s.image, s.fg_depth_float(), s.bg_depth_float(), s.mask * 255,
-                 *(images[r] for images in generated.values())]
-        for c, tile in enumerate(tiles):
-            grid.paste(_tile(tile, (h, w)), (c * w, r * h))
-    return grid
+    return labelled_grid(["I (held out)", "fg depth", "bg depth", "mask M", *generated], rows, (w, h), footer=footer)
 
 
 def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSettings, metric_models: MetricModels,
-             output: str | Path, *, weights: dict[str, str | None] | None = None, state=None) -> dict | None:
+             output: str | Path, *, weights: dict[str, str | None] | None = None, state=None,
+             records: dict[str, dict] | None = None) -> dict | None:
     """Generate with every pipeline, score, write ``metrics.json``, ``metrics.md``, ``grid.png``; return the json.
 
     Under ``accelerate launch`` / torchrun every process generates its share and only the main process scores and
@@ -218,6 +265,8 @@ def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSett
         samples: :class:`triplets.sample.TripletSample` list (one resolution).
         weights: ``{label: "ema" | "raw" | None}``: which fuser weights each pipeline holds (recorded as is).
         state: the ``accelerate.PartialState`` (default: the current one; a single process when not launched).
+        records: ``{label: generation record}`` (:meth:`EvalSettings.generation_record`): images already in
+            ``images/<label>/`` under the same record are reused.
     """
     if state is None:
         from accelerate import PartialState
@@ -225,7 +274,7 @@ def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSett
         state = PartialState()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    generated = _generate_all(pipelines, samples, settings, out, state)
+    generated = _generate_all(pipelines, samples, settings, out, state, records)
     if generated is None:
         return None
     weights = weights or {}
@@ -248,6 +297,8 @@ def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSett
         report["model"] = next(iter(results))
     (out / "metrics.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     (out / "metrics.md").write_text(markdown_table(results))
-    make_grid(samples, {k: v[: len(samples)] for k, v in generated.items()}).save(out / "grid.png")
+    footer = (f"{settings.steps} DDIM steps, guidance {settings.guidance_scale:g}, seeds "
+              f"{', '.join(map(str, settings.seeds))}; n = {first['n']} images per model")
+    make_grid(samples, generated, settings.seeds, footer=footer).save(out / "grid.png")
     logger.info("metrics written to %s", out / "metrics.json")
     return report

@@ -30,7 +30,7 @@ class ModelConfig(_Strict):
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         description="diffusers SD 1.5 folder or hub id (subfolders unet, vae, text_encoder, tokenizer, scheduler); "
                     "'tiny' = seeded random tiny models (tests, demo)")
-    revision: str | None = None
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of the base model")
     variant: str | None = Field(None, description="weights variant of the base model, e.g. fp16")
     local_fuser: str | None = Field(
         None, description="folder with a saved LocalFuser (config.json + safetensors) to start from; "
@@ -43,7 +43,9 @@ class ModelConfig(_Strict):
                                                        "random init")
     image_embed_dim: int | None = Field(None, ge=1, description="CLIP embedding width; default: from the data")
     tokens_per_reference: int = Field(4, ge=1, description="global tokens per reference image (N)")
-    soft_guidance_resize: Literal["reference", "nearest", "area"] = "reference"
+    soft_guidance_resize: Literal["reference", "nearest", "area"] = Field(
+        "reference", description="how the mask M is resized to each attention resolution: reference = bicubic, "
+                                 "nonzero is foreground (the reference's); nearest / area = threshold 0.5")
     attention_fp32_logits: bool = Field(
         False, description="compute attention logits in fp32 when the frozen parts run in bf16/fp16 (the reference's "
                            "fp32 attention precision)")
@@ -65,11 +67,12 @@ class DataConfig(_Strict):
                                     "build folders / remote URLs")
     resolution: int | None = Field(512, ge=8, description="training size; samples of another size are resized; "
                                                           "null = as stored")
-    shuffle_buffer: int = Field(1000, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0, description="samples in the shuffle buffer (0 or 1: no shuffling)")
     num_workers: int = Field(4, ge=0, description="DataLoader workers per process")
     epoch_samples: int | None = Field(None, ge=1, description="nominal epoch (default: marker counts)")
     depth_channels: int = Field(3, ge=1, description="depth repeated to this many channels (reference: 3)")
-    drop_caption_prob: float = Field(0.1, ge=0, le=1)
+    drop_caption_prob: float = Field(0.1, ge=0, le=1, description="caption dropout for classifier-free "
+                                                                     "guidance (reference: 0.1)")
     drop_depth_prob: float | None = Field(None, ge=0, le=1, description="each depth map; null = stage default "
                                           "(0.1 for local/joint, 0 for global)")
     drop_embedding_prob: float | None = Field(None, ge=0, le=1, description="each CLIP embedding; null = stage "
@@ -93,34 +96,36 @@ class DataConfig(_Strict):
 class OptimConfig(_Strict):
     """AdamW (reference: lr 1e-5 constant, weight decay 0.01, no warm-up)."""
 
-    learning_rate: float = Field(1e-5, gt=0)
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (reference: 1e-5)")
     scale_lr: bool = Field(False, description="lr x accumulation x batch x processes")
-    weight_decay: float = Field(0.01, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    adam_beta1: float = Field(0.9, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, description="AdamW beta2")
+    adam_epsilon: float = Field(1e-8, description="AdamW epsilon")
     use_8bit_adam: bool = Field(False, description="bitsandbytes AdamW8bit (pip install bitsandbytes)")
     max_grad_norm: float | None = Field(1.0, description="clip over all trainable parameters; null = off "
                                                          "(reference: off)")
     lr_scheduler: str = Field("constant", description="diffusers get_scheduler name")
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up steps of the LR schedule")
 
 
 class TrainLoopConfig(_Strict):
     """Loop, precision, checkpoints, logging."""
 
     train_batch_size: int = Field(4, ge=1, description="per process (reference: 4 per GPU)")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_train_steps: int = Field(100_000, ge=1, description="optimizer steps")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "bf16", description="dtype of the frozen VAE / text encoder / UNet and autocast; trainables stay fp32")
-    gradient_checkpointing: bool = True
-    allow_tf32: bool = True
-    set_grads_to_none: bool = True
-    use_ema: bool = False
-    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    gradient_checkpointing: bool = Field(True, description="recompute activations in the backward pass (less "
+                                                            "memory, more time)")
+    allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs")
+    set_grads_to_none: bool = Field(True, description="zero_grad(set_to_none=True)")
+    use_ema: bool = Field(False, description="keep EMA copies of the fusers (ema_<fuser>/ in checkpoints; the "
+                                             "final fusers are the EMA weights)")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimizer step")
     noise_offset: float = Field(0.0, ge=0, description="0 = reference")
-    checkpointing_steps: int = Field(1000, ge=1)
+    checkpointing_steps: int = Field(1000, ge=1, description="optimizer steps between checkpoints")
     checkpoints_total_limit: int | None = Field(3, ge=1, description="keep the newest N checkpoints")
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint-N folder")
     log_every: int = Field(10, ge=1, description="steps between scalar logs")
@@ -166,8 +171,8 @@ class ValidationConfig(_Strict):
 
     steps: int = Field(1000, ge=0, description="every N optimizer steps (0 = only at the end)")
     num_samples: int = Field(4, ge=0, description="0 = no validation")
-    num_inference_steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
+    num_inference_steps: int = Field(20, ge=1, description="DDIM steps of the validation images")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance of the validation images")
     seed: Seed = 0
     shards: list[str] = Field(default_factory=list, description="default: data.train_shards")
 
@@ -177,7 +182,8 @@ class TrainConfig(_Strict):
 
     CONFIG_KIND: ClassVar[str] = "train"  # shipped configs named without a folder are looked up in train/
 
-    stage: Literal["local", "global", "joint"]
+    stage: Literal["local", "global", "joint"] = Field(description="what to train: local fuser, global fuser or "
+                                                                  "both (configs/train/{local,global,joint}.yaml)")
     output_dir: str = Field(..., description="checkpoints, logs, validation images, final fusers")
     seed: Seed = 0
     model: ModelConfig = Field(default_factory=ModelConfig)

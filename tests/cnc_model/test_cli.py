@@ -29,6 +29,18 @@ def _args(root, *extra):
             str(root / "bg.png"), "--steps", "2", "--height", "64", "--width", "96", "--seed", "1", *extra]
 
 
+def _sheet_geometry(rows: int, size=(96, 64)):
+    """Where ``cnc sample`` draws the tiles of a sheet of the ``assets`` pipeline (folder ``ckpt``)."""
+    from cnc_model.cli import SHEET_COLUMNS
+    from triplets.inspect.grid import grid_geometry
+
+    return grid_geometry([*SHEET_COLUMNS, "generated: ckpt (pipeline)"], rows, size, footer="settings")
+
+
+def _has_text(img, box) -> bool:
+    return (np.asarray(img.crop(box).convert("L")) < 128).sum() > 5
+
+
 def test_cnc_sample_end_to_end(assets, tmp_path):
     from cnc.cli import app
 
@@ -36,10 +48,22 @@ def test_cnc_sample_end_to_end(assets, tmp_path):
     result = CliRunner().invoke(app, _args(assets, "--output", str(out), "--depth-model", str(assets / "dpt"),
                                            "--num-images", "2", "--fg-scale", "0.5"))
     assert result.exit_code == 0, result.output
+    assert "--num-images is deprecated; use --n" in result.output
     samples = sorted(out.glob("sample_*.png"))
     assert len(samples) == 2 and Image.open(samples[0]).size == (96, 64)
-    sheet = Image.open(out / "sheet.png")
-    assert sheet.size == (96 * (5 + 2), 64)  # fg, bg, fg depth, bg depth, mask | 2 outputs
+    sheet, g = Image.open(out / "sheet.png"), _sheet_geometry(2)
+    assert sheet.size == g.size  # 2 rows (seeds 1, 2) x [fg, bg, fg depth, bg depth, mask | the image]
+    for r, path in enumerate(samples):  # row r shows image r at full size, under the column titles, with a caption
+        assert np.array_equal(np.asarray(sheet.crop(g.tile_box(r, 5))), np.asarray(Image.open(path).convert("RGB")))
+        assert _has_text(sheet, g.caption_box(r))
+    assert all(_has_text(sheet, g.header_box(c)) for c in range(6))
+    # image i has seed --seed + i: the second image alone, from --seed 2, is the same picture
+    again = CliRunner().invoke(app, _args(assets, "--output", str(tmp_path / "again"), "--depth-model",
+                                          str(assets / "dpt"), "--n", "1", "--fg-scale", "0.5", "--seed", "2"))
+    assert again.exit_code == 0, again.output
+    pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in (*samples, tmp_path / "again" / "sample_0.png")]
+    assert np.abs(pixels[2] - pixels[1]).max() <= 1  # equal up to the rounding of a batch of 2 vs 1 on CPU
+    assert np.abs(pixels[0] - pixels[1]).mean() > 10  # another seed, another picture
 
 
 def test_cnc_sample_missing_depth_model_fails_fast(assets, tmp_path):
@@ -60,7 +84,7 @@ def test_cnc_sample_with_the_builders_sam_segmenter(assets, tmp_path):
     result = CliRunner().invoke(app, _args(assets, "--output", str(out), "--depth-model", "tiny",
                                            "--sam-checkpoint", "tiny"))
     assert result.exit_code == 0, result.output
-    mask_tile = np.asarray(Image.open(out / "sheet.png").convert("L"))[:, 4 * 96:5 * 96]
+    mask_tile = np.asarray(Image.open(out / "sheet.png").convert("L").crop(_sheet_geometry(1).tile_box(0, 4)))
     assert set(np.unique(mask_tile)) <= {0, 255} and 0 < mask_tile.mean() < 255
 
 
@@ -87,7 +111,12 @@ def test_cnc_sample_from_a_built_shard_sample(assets, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert Image.open(out / "sample_0.png").size == (64, 64)
-    mask_tile = np.asarray(Image.open(out / "sheet.png").convert("L"))[:, 4 * 64:5 * 64]
+    from cnc_model.cli import SHEET_COLUMNS
+    from triplets.inspect.grid import grid_geometry
+
+    g = grid_geometry(["I (shard sample)", "I_b (shard sample)", *SHEET_COLUMNS[2:], "generated: ckpt (pipeline)"],
+                      1, 64, footer="settings")
+    mask_tile = np.asarray(Image.open(out / "sheet.png").convert("L").crop(g.tile_box(0, 4)))
     assert np.array_equal(mask_tile > 127, samples[0].mask.astype(bool))
     bad = CliRunner().invoke(app, args[:3] + [f"{tmp_path / '000000.tar'}#nope"] + args[4:])
     assert bad.exit_code == 2 and "no sample with key 'nope'" in bad.output

@@ -122,11 +122,12 @@ def test_cli_convert_with_base_model(fusers, reference_sd, tmp_path):
     ckpt = tmp_path / "cnc_v1.ckpt"
     torch.save(reference_sd, ckpt)
     # the fixture's model.diffusion_model.* is a placeholder, not the tiny base: skip the base-UNet check
-    result = CliRunner().invoke(app, ["convert-reference", str(ckpt), str(tmp_path / "pipe"), "--base-model",
-                                      str(base), "--no-check-base"])
+    result = CliRunner().invoke(app, ["convert-reference", str(ckpt), "--output", str(tmp_path / "pipe"),
+                                      "--base-model", str(base), "--no-check-base"])
     assert result.exit_code == 0, result.output
     pipe = CnCPipeline.from_pretrained(tmp_path / "pipe")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert torch.equal(pipe.local_fuser.controlnet_mid_block.weight, fusers[0].controlnet_mid_block.weight)
     bad = CliRunner().invoke(app, ["convert-reference", str(tmp_path / "nope.ckpt"), str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "checkpoint not found" in bad.output
+    assert bad.exit_code == 2 and "checkpoint not found" in bad.output  # the old positional OUTPUT_DIR still works
+    assert "the OUTPUT_DIR argument is deprecated; use --output" in bad.output

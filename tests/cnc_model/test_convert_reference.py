@@ -160,7 +160,7 @@ def test_base_check_names_keys_and_cli_fails_in_one_line(parts, tmp_path):
         convert_reference_checkpoint(sd, tmp_path / "x", base_model=base)
     ckpt = tmp_path / "cnc_v1.ckpt"
     torch.save(sd, ckpt)
-    cmd = [sys.executable, "-m", "cnc.cli", "convert-reference", str(ckpt), str(tmp_path / "y"), "--base-model",
+    cmd = [sys.executable, "-m", "cnc.cli", "convert-reference", str(ckpt), "-o", str(tmp_path / "y"), "--base-model",
            str(base)]
     bad = subprocess.run(cmd, check=False, capture_output=True, text=True)
     assert bad.returncode == 2, bad.stderr

@@ -26,6 +26,7 @@ def _cnc(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProce
                           cwd=REPO, timeout=300)
     if check:
         assert proc.returncode == 0, f"cnc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+        assert "\r" not in proc.stderr, f"cnc {args[0]}: a progress bar in a piped log:\n{proc.stderr[-2000:]}"
     return proc
 
 
@@ -38,6 +39,7 @@ def _cnc_all(*calls: tuple[tuple[str, ...], dict]) -> list[subprocess.CompletedP
     for (args, _), proc in zip(calls, procs):
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"cnc {' '.join(args)} failed:\n{stdout}\n{stderr}"
+        assert "\r" not in stderr, f"cnc {args[0]}: a progress bar in a piped log:\n{stderr[-2000:]}"  # issue 28
         done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     return done
 
@@ -92,10 +94,13 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
         result = CliRunner().invoke(app, ["sample", str(bad), "--shard-sample", f"{tar}#{key}"])
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     for bad, weights, why in ((runs / "local" / "checkpoint-2", "ema", "no EMA weights"),
-                              (runs / "joint", "raw", "checkpoint-N"), (runs / "joint", "last", "ema or raw")):
+                              (runs / "joint", "raw", "checkpoint-N")):
         result = CliRunner().invoke(app, ["export", str(bad), "--weights", weights, "--output", str(tmp_path / "x")])
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
         assert why in result.output, result.output
+    result = CliRunner().invoke(app, ["export", str(runs / "joint"), "--weights", "last", "--output", "x"])
+    assert result.exit_code == 2 and "Invalid value for '--weights'" in result.output, result.output  # an enum
+    assert "'last' is not one of 'ema'," in result.output, result.output
 
     # 3. the exported checkpoint: a fresh interpreter loads it with exactly the stage's fusers
     card = (export / "local_fuser" / "README.md").read_text()
@@ -118,7 +123,7 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     out, alone = tmp_path / "eval-compare", tmp_path / "eval-alone"
     proc, proc_alone = _cnc_all(
         (("eval", str(runs / "joint"), "--compare", str(export), "--output", str(out), *common), one_thread),
-        (("eval", str(runs / "joint"), "--output", str(alone), "--num-processes", "2", *common), one_thread))
+        (("eval", str(runs / "joint"), "--output", str(alone), "--workers", "2", *common), one_thread))
     assert "| fid ↓ |" in proc.stdout and "| weights | ema | ema |" in proc.stdout
     assert (out / "grid.png").is_file() and (out / "metrics.md").is_file()
     report = json.loads((out / "metrics.json").read_text())
@@ -130,8 +135,28 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     again = json.loads((alone / "metrics.json").read_text())
     assert again.pop("model") == "joint"
     assert again == {k: v for k, v in report.items() if k != "models"}
-    images = sorted(p.name for p in (out / "images" / "joint").iterdir())
-    assert len(images) == 3 and images == sorted(p.name for p in (alone / "images" / "joint").iterdir())
+    images = sorted(p.name for p in (out / "images" / "joint").glob("*.png"))
+    assert len(images) == 3 and images == sorted(p.name for p in (alone / "images" / "joint").glob("*.png"))
     assert all((out / "images" / "joint" / n).read_bytes() == (alone / "images" / "joint" / n).read_bytes()
                for n in images)
     assert report["models"]["joint"] != report["models"]["exported"]  # step 2 vs step 1 weights
+    # the grid names each model over its column; TensorBoard (the default tracker, as cnc train) holds the metrics
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from triplets.inspect.grid import grid_geometry
+
+    g = grid_geometry(["I (held out)", "fg depth", "bg depth", "mask M", "joint", "exported"], 3, 64, footer="x")
+    assert Image.open(out / "grid.png").size == g.size
+    events = EventAccumulator(str(out / "logs" / "cnc-eval"))
+    events.Reload()
+    for label, step in (("joint", 2), ("exported", 1)):
+        (scalar,) = events.Scalars(f"eval/{label}/fid")
+        assert scalar.step == step and scalar.value == pytest.approx(report["models"][label]["fid"], rel=1e-5)
+    # 5. resume: a rerun (one process) reuses the two-process run's images and recomputes the same metrics
+    stamps = {p: p.stat().st_mtime_ns for p in (alone / "images" / "joint").glob("*.png")}
+    (alone / "metrics.json").unlink()
+    rerun = _cnc("eval", str(runs / "joint"), "--output", str(alone), "--workers", "1", *common, env=one_thread)
+    assert "joint: reusing 3 of 3 generated images" in rerun.stderr, rerun.stderr[-3000:]
+    assert json.loads((alone / "metrics.json").read_text()) == {**again, "model": "joint"}
+    assert {p: p.stat().st_mtime_ns for p in (alone / "images" / "joint").glob("*.png")} == stamps

@@ -44,8 +44,9 @@ def test_truncated_jpeg_is_rejected():
 def test_decompression_bomb_is_rejected_before_decoding():
     bomb = _bytes(Image.new("1", (12000, 12000)), "PNG")  # 144 Mpx, a few kB on disk
     assert len(bomb) < 200_000
-    with pytest.raises(SampleError, match="decompression bomb"):
+    with pytest.raises(SampleError, match="decompression bomb") as info:
         decode_image(bomb, max_pixels=64_000_000)
+    assert info.value.reason == "decompression bomb? 144000000 pixels, over the limit of 64000000 (max_pixels)"
 
 
 def test_small_images_are_rejected_with_their_size():

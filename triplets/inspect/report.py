@@ -6,27 +6,22 @@
     summary.json                Summary.to_dict(), validation counts, every kept problem line, sample keys
     problems.txt                one line per problem (only when there are any)
     worst_<score>.png           the worst-k samples of each quality score (``worst`` > 0), worst first
-    index.html                  with html=True: summary, quality histograms, problems, the worst-k samples and one
-                                row per sample with its json, images embedded as base64 data URIs, no external
-                                references
+    index.html                  with html=True: a compact page with a table of contents: summary, SVG histograms
+                                (``where`` thresholds drawn), the worst samples (each once), problems and one row
+                                per sample with its json; JPEG thumbnails as data URIs, no external references
+                                (layout: :mod:`triplets.inspect.html`)
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from triplets.inspect.render import COLUMNS, colorize, contact_sheet, contact_sheets, default_tile, sample_tiles
-from triplets.inspect.summary import ScoreStats, Summary, depth_margin
+from triplets.inspect.render import contact_sheet, contact_sheets
+from triplets.inspect.summary import ScoreStats, Summary
 from triplets.inspect.validate import InspectResult, ValidationResult
-from triplets.quality import SCORES, quality_summary_line
+from triplets.quality import SCORES
 
 _BAR = "█"
 
@@ -182,94 +177,20 @@ def print_report(result: InspectResult, console=None) -> None:
         console.print(q)
 
 
-def _data_uri(img: Image.Image | np.ndarray) -> str:
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+def html_report(result: InspectResult, *, tile: int | None = None, cmap: str = "viridis", where=(),
+                title: str = "cnc inspect") -> str:
+    """A self-contained HTML page (:func:`triplets.inspect.html.render_html`); ``where``: filter conditions
+    (:class:`triplets.quality.Condition` or ``"removal>=0.5"`` strings) drawn on the histograms."""
+    from triplets.inspect.html import render_html
+    from triplets.inspect.svg import Threshold
+    from triplets.quality import parse_where
 
-
-def _row_strip(tiles: list[np.ndarray], tile: int, gap: int = 4) -> Image.Image:
-    strip = Image.new("RGB", (len(tiles) * tile + (len(tiles) - 1) * gap, tile), (255, 255, 255))
-    for i, arr in enumerate(tiles):
-        im = Image.fromarray(arr)
-        if im.size != (tile, tile):
-            im = im.resize((tile, tile), Image.BILINEAR)
-        strip.paste(im, (i * (tile + gap), 0))
-    return strip
-
-
-_CSS = """body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}.bad{color:#b00}
-.cols{display:flex;gap:4px}.cols span{display:inline-block;font-size:12px}pre{font-size:11px;max-width:60em;
-white-space:pre-wrap}.sample{margin-bottom:1.2em}.meta{font-size:13px}"""
-
-
-def html_report(result: InspectResult, *, tile: int | None = None, cmap: str = "viridis") -> str:
-    """A self-contained HTML page (inline CSS, images as data URIs): summary, problems, one row per sample."""
-    e = html.escape
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>cnc inspect</title>",
-             f"<style>{_CSS}</style></head><body><h1>cnc inspect</h1><h2>Summary</h2><table>"]
-    parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary_rows(result.summary, result.validation)]
-    parts.append("</table>")
-    if result.summary.failures:
-        parts.append("<h2>Failures by reason</h2><table><tr><th>stage: reason</th><th>items</th></tr>")
-        parts += [f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in
-                  sorted(result.summary.failures.items(), key=lambda kv: -kv[1])]
-        parts.append("</table>")
-    if result.summary.mask_area_stats.n:
-        parts.append("<h2>Mask area</h2><table><tr><th>area</th><th>samples</th><th></th></tr>")
-        parts += [f"<tr><td>{e(a)}</td><td>{n}</td><td>{bar}</td></tr>" for a, n, bar in histogram_rows(result.summary)]
-        parts.append("</table>")
-    if quality_rows(result.summary):
-        parts.append("<h2>Quality scores</h2><p>Each table is one score's histogram; <i>below</i> is the share of "
-                     "scored samples under the bin's upper edge, i.e. what <code>--where 'SCORE&gt;=EDGE'</code> "
-                     "would remove (for a low-is-good score, <code>SCORE&lt;=EDGE</code> removes the rest).</p>")
-        for name, st in result.summary.quality.items():
-            if not st.stats.n:
-                continue
-            sc = SCORES[name]
-            good = {"high": "higher is better", "low": "lower is better"}.get(sc.better, "no good end")
-            parts.append(f"<h3 id='q-{e(name)}'>{e(name)}</h3><p>{e(sc.doc)} ({good}); mean "
-                         f"{_fmt(st.stats.mean)}, {st.stats.n} samples"
-                         + (f", {st.undefined} undefined" if st.undefined else "") + "</p>"
-                         "<table><tr><th>bin</th><th>samples</th><th></th><th>below</th></tr>")
-            parts += [f"<tr><td>{e(b)}</td><td>{c}</td><td>{bar}</td><td>{below}</td></tr>"
-                      for b, c, bar, below in bin_rows(st)]
-            parts.append("</table>")
-    if result.worst:
-        size_w = tile or default_tile(next(iter(result.worst.values()))[0][1].image.shape[0])
-        parts.append("<h2>Worst samples per score</h2>")
-        for name, items in result.worst.items():
-            parts.append(f"<h3>worst {len(items)} by {e(name)}</h3>")
-            for value, s in items:
-                strip = _data_uri(_row_strip(sample_tiles(s, cmap), size_w))
-                parts.append(f"<div class='sample'><img src='{strip}' alt='{e(s.key)}'><div class='meta'>"
-                             f"<b class='bad'>{e(name)} {value:.3f}</b> · <b>{e(s.key)}</b> · "
-                             f"{e(quality_summary_line(s.meta))}<br>{e(s.caption)}</div></div>")
-    v = result.validation
-    parts.append(f"<h2>Problems ({v.problem_count})</h2>")
-    if v.problems:
-        parts.append("<pre>" + "\n".join(e(str(p)) for p in v.problems) + "</pre>")
-    size = tile or default_tile(result.samples[0].image.shape[0] if result.samples else 128)
-    ramp = colorize(np.tile(np.linspace(0, 1, 2 * size), (10, 1)), cmap)
-    parts.append(f"<h2>Samples ({len(result.samples)})</h2><p>depth columns: normalised disparity "
-                 f"0 (far) <img src='{_data_uri(ramp)}' alt='colour scale'> 1 (near)</p><div class='cols'>")
-    parts += [f"<span style='width:{size}px'>{e(c)}</span>" for c in COLUMNS]
-    parts.append("</div>")
-    for s in result.samples:
-        margin = depth_margin(s)
-        order = "empty mask" if margin is None else f"fg-bg depth in M {margin:+.3f}"
-        cls = " class='bad'" if margin is None or margin <= 0 else ""
-        strip = _data_uri(_row_strip(sample_tiles(s, cmap), size))
-        parts.append(f"<div class='sample' id='{e(s.key)}'><img src='{strip}' alt='{e(s.key)}'>"
-                     f"<div class='meta'><b>{e(s.key)}</b> · mask {s.mask.mean():.1%} · "
-                     f"<span{cls}>{order}</span> · {e(quality_summary_line(s.meta))}<br>{e(s.caption)}</div>"
-                     "<details><summary>json</summary><pre>"
-                     f"{e(json.dumps(s.meta, indent=1, sort_keys=True, ensure_ascii=False))}</pre></details></div>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    thresholds: dict[str, list[Threshold]] = {}
+    for c in where:
+        c = parse_where(c) if isinstance(c, str) else c
+        thresholds.setdefault(c.score, []).append(Threshold(c.op, c.value))
+    return render_html(result, summary_rows=summary_rows(result.summary, result.validation), tile=tile, cmap=cmap,
+                       thresholds=thresholds, title=title)
 
 
 def summary_dict(result: InspectResult) -> dict:
@@ -284,8 +205,9 @@ def summary_dict(result: InspectResult) -> dict:
 
 
 def write_report(result: InspectResult, out_dir: str | Path, *, html: bool = False, per_page: int = 8,
-                 tile: int | None = None, cmap: str = "viridis") -> ReportFiles:
-    """Write contact sheets, ``summary.json``, ``problems.txt`` and optionally ``index.html`` (see module docstring)."""
+                 tile: int | None = None, cmap: str = "viridis", where=(), title: str = "cnc inspect") -> ReportFiles:
+    """Write contact sheets, ``summary.json``, ``problems.txt`` and optionally ``index.html`` (see module docstring;
+    ``where``: the filter conditions the HTML draws on its histograms)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = ReportFiles()
@@ -310,5 +232,5 @@ def write_report(result: InspectResult, out_dir: str | Path, *, html: bool = Fal
         files.problems_txt.write_text("\n".join(map(str, v.problems)) + "\n", encoding="utf-8")
     if html:
         files.html = out / "index.html"
-        files.html.write_text(html_report(result, tile=tile, cmap=cmap), encoding="utf-8")
+        files.html.write_text(html_report(result, tile=tile, cmap=cmap, where=where, title=title), encoding="utf-8")
     return files

@@ -248,7 +248,7 @@ def test_html_report_is_self_contained(build, tmp_path):
     rep = tmp_path / "rep"
     assert sorted(p.name for p in rep.glob("contact_sheet_*.png")) == ["contact_sheet_000.png", "contact_sheet_001.png"]
     page = (rep / "index.html").read_text()
-    assert "http://" not in page and "https://" not in page and "src='data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page and "src='data:image/jpeg;base64," in page
     shown = json.loads((rep / "summary.json").read_text())["shown"]
     assert len(shown) == 3 and all(k in page for k in shown)
     assert "&quot;source&quot;" in page  # the json metadata
