@@ -91,12 +91,14 @@ def _wrap_commands(typer_app: typer.Typer) -> None:
 
 def _register_all() -> None:
     from cnc.models_cli import register as register_models
+    from cnc.push_cli import register as register_push
     from cnc_model.cli import register as register_model
     from jobs.cli import register as register_jobs
     from pipelines.cli import register as register_pipelines
     from triplets.cli import register as register_triplets
 
-    for register in (register_pipelines, register_triplets, register_model, register_jobs, register_models):
+    for register in (register_pipelines, register_triplets, register_model, register_jobs, register_models,
+                     register_push):
         register(app)
     _wrap_commands(app)
 

@@ -258,9 +258,13 @@ def export(
                                            "pipeline folder; a local path or a URL (s3://...)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the complete pipeline."),
     weights: Weights = typer.Option(None, "--weights", help=WEIGHTS_HELP, show_default=False),
+    dataset: list[str] = typer.Option([], "--dataset", help="Hub id of the training data for the model card's "
+                                      "`datasets` (e.g. the repo `cnc push` published the build to); repeatable."),
+    license: str = typer.Option(None, "--license", help="The model card's licence (Hub identifier).",
+                                show_default="creativeml-openrail-m, the licence of the SD 1.5 parts it holds"),
 ) -> None:
-    """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, model
-    cards)."""
+    """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, a model
+    card with Hub metadata, pipeline_cnc.py for diffusers' custom_pipeline loading)."""
     from cnc.base.location import resolve
     from cnc.options import value_of
     from cnc_model.loading import NotAPipelineError, export_pipeline
@@ -270,7 +274,7 @@ def export(
     if not resolve(source).exists():
         _fail(f"{source} does not exist")
     try:
-        export_pipeline(source, output, weights=weights)
+        export_pipeline(source, output, weights=weights, datasets=dataset, license=license)
     except (NotAPipelineError, ModelUnavailableError) as err:
         _fail(str(err).splitlines()[0])
     typer.echo(f"exported {source} -> {output}")

@@ -307,8 +307,6 @@ def model_card(source: Source, fuser: str | None = None) -> str:
             f"- weights: {_weights_line(source)}\n"
             f"- resolution: {cfg.data.resolution}, seed {cfg.seed}, source: {source.kind} `{source.path}`\n\n"
             f"## Training shards\n\n{shards}\n\n"
-            f"## Load\n\n```python\nfrom cnc_model.pipeline_cnc import CnCPipeline\n"
-            f"pipe = CnCPipeline.from_pretrained(\"PATH\")\n```\n\n"
             f"## Config\n\n```yaml\n{yaml.safe_dump(config_dict(cfg), sort_keys=False)}```\n")
 
 
@@ -318,23 +316,29 @@ def _weights_line(source: Source) -> str:
     return "raw (the optimizer's weights)" if source.weights == "raw" else "unrecorded"
 
 
-def export_pipeline(path: str | Path, output: str | Path, *, weights: str | None = None) -> Path:
+def export_pipeline(path: str | Path, output: str | Path, *, weights: str | None = None,
+                    datasets: list[str] | None = None, license: str | None = None) -> Path:
     """Write a complete, self-contained pipeline folder (``model_index.json``, base parts, the stage's fusers).
 
-    Every exported fuser folder and the pipeline folder get a ``README.md`` model card; ``cnc_export.json`` records
-    the source, stage, step and weights (``ema`` / ``raw``). ``weights``: as in :func:`load_pipeline`. Returns
-    ``output``.
+    Every exported fuser folder gets a ``README.md`` model card, and the pipeline folder a Hub model card with
+    metadata and ``pipeline_cnc.py`` (:mod:`cnc_model.card`: loads with diffusers' ``custom_pipeline``);
+    ``cnc_export.json`` records the source, stage, step and weights (``ema`` / ``raw``). ``weights``: as in
+    :func:`load_pipeline`; ``datasets`` / ``license``: the card's ``datasets`` (hub ids of the training data) and
+    ``license`` (default :data:`cnc_model.card.DEFAULT_LICENSE`). Returns ``output``.
     """
+    from cnc_model.card import write_pipeline_files
+
     source = describe(path, weights)
     pipe = load_pipeline(source)
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / MODEL_CARD).write_text(model_card(source))
+    base = None if source.config is None else source.config.model.pretrained_model_name_or_path
+    write_pipeline_files(out, model_card(source), base_model=base, datasets=datasets, license=license)
     for name in FUSERS:
         if getattr(pipe, name) is not None:
             (out / name / MODEL_CARD).write_text(model_card(source, name))
-    meta = {"source": str(source.path), "kind": source.kind, "step": source.step,
+    meta = {"source": str(source.path), "kind": source.kind, "step": source.step, "base_model": base,
             "stage": None if source.config is None else source.config.stage, "weights": source.weights,
             "fusers": [n for n in FUSERS if getattr(pipe, n) is not None]}
     (out / EXPORT_META).write_text(json.dumps(meta, indent=1, sort_keys=True))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import FAST_BUILD, TINY_CONFIG, make_photo_folder
+from tests.support import FAST_BUILD, TINY_CONFIG, HubStandIn, make_photo_folder
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +125,14 @@ def s3_server():
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()  # cached clients point at the stopped server
+
+
+@pytest.fixture
+def hub_server():
+    """A local stand-in of the Hugging Face Hub API on 127.0.0.1 (:class:`tests.support.HubStandIn`); clients reach
+    it through ``HF_ENDPOINT`` (set it in the environment of the ``cnc`` subprocesses)."""
+    hub = HubStandIn()
+    try:
+        yield hub
+    finally:
+        hub.close()

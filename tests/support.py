@@ -85,3 +85,163 @@ def start_driver(cmd: list[str], log_path: Path, until, *, cwd: Path, env: dict,
         proc.kill()
         raise
     return proc
+
+
+class HubStandIn:
+    """A local stand-in of the parts of the Hugging Face Hub HTTP API that ``huggingface_hub`` uses to create a repo,
+    upload a folder, push a card and download a snapshot (``HF_ENDPOINT`` points clients at it; 127.0.0.1 only).
+
+    Implemented: ``POST /api/repos/create``, ``POST /api/validate-yaml``, ``POST /api/{type}s/{repo}/preupload/{rev}``
+    (every file ``regular``: its bytes travel base64 in the commit; files the repo holds with the same git blob hash
+    are reported by ``oid``, so a rerun skips them), ``POST /api/{type}s/{repo}/commit/{rev}`` (NDJSON),
+    ``GET /api/{type}s/{repo}[/revision/{rev}]`` (repo info with ``siblings``), ``GET /api/{type}s/{repo}/tree/{rev}``
+    (one page), ``HEAD``/``GET
+    /[{type}s/]{repo}/resolve/{rev}/{path}``. Not implemented: LFS and Xet transfers, pull requests, auth checks.
+
+    Attributes:
+        repos: ``(type, repo_id)`` → ``{"private": bool, "files": {path: bytes}, "commits": [{"message", "paths"}]}``.
+    """
+
+    def __init__(self):
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self.repos: dict[tuple[str, str], dict] = {}
+        self.requests: list[tuple[str, str]] = []
+        handler = self._handler()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def git_oid(data: bytes) -> str:
+        import hashlib
+
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    def _handler(self):
+        import base64
+        import hashlib
+        import json
+        import re
+        from http.server import BaseHTTPRequestHandler
+
+        hub = self
+        api = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(preupload|commit|revision|tree)/([^/?]+))?"
+                         r"(?:/(.+))?$")
+        resolve = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _send(self, code: int, body, headers: dict | None = None, head: bool = False) -> None:
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json" if not isinstance(body, bytes)
+                                 else "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _repo(self, kind: str, repo_id: str) -> dict | None:
+                return hub.repos.get((kind.rstrip("s"), repo_id))
+
+            def do_POST(self):  # noqa: N802
+                from urllib.parse import urlparse
+
+                path = urlparse(self.path).path
+                hub.requests.append(("POST", path))
+                body = self._body()
+                if path == "/api/repos/create":
+                    d = json.loads(body)
+                    kind = d.get("type") or "model"
+                    repo_id = f"{d['organization']}/{d['name']}" if d.get("organization") else d["name"]
+                    prefix = "" if kind == "model" else f"{kind}s/"
+                    url = {"url": f"{hub.endpoint}/{prefix}{repo_id}", "name": repo_id}
+                    if (kind, repo_id) in hub.repos:
+                        return self._send(409, {**url, "error": "You already created this repo"})
+                    hub.repos[(kind, repo_id)] = {"private": d.get("visibility") == "private" or bool(d.get("private")),
+                                                  "files": {}, "commits": []}
+                    return self._send(200, url)
+                if path == "/api/validate-yaml":
+                    return self._send(200, {})
+                m = api.match(path)
+                repo = self._repo(m.group(1), m.group(2)) if m else None
+                if repo is None:
+                    return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                if m.group(3) == "preupload":
+                    files = json.loads(body)["files"]
+                    return self._send(200, {"files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                         "oid": hub.git_oid(repo["files"][f["path"]]) if f["path"] in repo["files"] else None}
+                        for f in files]})
+                if m.group(3) == "commit":
+                    lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
+                    header = next(x["value"] for x in lines if x["key"] == "header")
+                    paths = []
+                    for x in lines:
+                        if x["key"] == "file":
+                            repo["files"][x["value"]["path"]] = base64.b64decode(x["value"]["content"])
+                            paths.append(x["value"]["path"])
+                        elif x["key"] == "deletedFile":
+                            repo["files"].pop(x["value"]["path"], None)
+                    oid = hashlib.sha1(json.dumps([len(repo["commits"]), paths]).encode()).hexdigest()
+                    repo["commits"].append({"message": header.get("summary"), "paths": paths, "oid": oid})
+                    return self._send(200, {"commitUrl": f"{hub.endpoint}/{m.group(2)}/commit/{oid}",
+                                            "commitOid": oid, "pullRequestUrl": None})
+                return self._send(404, {"error": f"not in the stand-in: POST {path}"})
+
+            def _info(self, kind: str, repo_id: str, repo: dict) -> dict:
+                sha = repo["commits"][-1]["oid"] if repo["commits"] else "0" * 40
+                return {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo["private"],
+                        "siblings": [{"rfilename": p, "size": len(b)} for p, b in sorted(repo["files"].items())],
+                        "tags": [], "downloads": 0, "likes": 0, "lastModified": "2026-01-01T00:00:00.000Z"}
+
+            def _get(self, head: bool) -> None:
+                from urllib.parse import unquote, urlparse
+
+                path = unquote(urlparse(self.path).path)
+                hub.requests.append(("HEAD" if head else "GET", path))
+                m = api.match(path)
+                if m and m.group(3) == "tree":  # one page, every file (recursive listing)
+                    repo = self._repo(m.group(1), m.group(2)) or {"files": {}}
+                    under = (m.group(5) or "").rstrip("/")
+                    return self._send(200, [{"type": "file", "path": p, "size": len(b), "oid": hub.git_oid(b)}
+                                            for p, b in sorted(repo["files"].items())
+                                            if not under or p.startswith(under + "/")], head=head)
+                if m and m.group(3) in (None, "revision"):
+                    repo = self._repo(m.group(1), m.group(2))
+                    if repo is None:
+                        return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"},
+                                          head)
+                    return self._send(200, self._info(m.group(1), m.group(2), repo), head=head)
+                m = resolve.match(path)
+                if m:
+                    repo = hub.repos.get(((m.group(1) or "models").rstrip("s"), m.group(2)))
+                    data = None if repo is None else repo["files"].get(m.group(4))
+                    if data is None:
+                        return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"},
+                                          head)
+                    sha = repo["commits"][-1]["oid"]
+                    return self._send(200, data, {"X-Repo-Commit": sha, "ETag": f'"{hub.git_oid(data)}"'}, head)
+                return self._send(404, {"error": f"not in the stand-in: GET {path}"}, head=head)
+
+            def do_GET(self):  # noqa: N802
+                self._get(head=False)
+
+            def do_HEAD(self):  # noqa: N802
+                self._get(head=True)
+
+        return Handler

@@ -8,7 +8,8 @@ import pytest
 from cnc.config import ConfigError, apply_overrides, load_config
 from triplets.config import BuildConfig
 
-COMMANDS = ("build", "inspect", "train", "sample", "export", "eval", "convert-reference", "submit", "jobs", "render-job")
+COMMANDS = ("build", "filter", "score", "inspect", "train", "sample", "export", "eval", "convert-reference", "push", "submit",
+            "jobs", "render-job", "models", "config")
 
 
 def test_help_lists_every_command():

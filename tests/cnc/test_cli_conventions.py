@@ -41,12 +41,58 @@ def test_every_command_uses_the_same_option_names():
             if "--output" in names:
                 assert "-o" in names, (path, p.opts)
                 seen += 1
-            for old in ("--out", "--ray-workers", "--ray-address"):
+            for old in ("--out", "--ray-workers", "--ray-address", "--num-images", "--image-encoder",
+                        "--num-processes"):
                 if old in names:
                     assert p.hidden, f"{path}: {old} must be a hidden deprecated alias"
             for name in names:
                 assert not name.startswith("--") or name == name.lower(), (path, name)
+            if "--n" in names:  # the count of samples or images is --n/-n everywhere
+                assert "-n" in names, (path, p.opts)
     assert seen >= 6  # build, inspect, sample, train, submit, render-job
+    visible = {path: {o for p in cmd.params if not getattr(p, "hidden", False) for o in p.opts}
+               for path, cmd in _commands(root)}
+    for path in ("cnc build", "cnc inspect", "cnc train", "cnc eval", "cnc submit", "cnc render-job"):
+        assert "--workers" in visible[path], path  # parallel workers: one name in every command that has them
+    for path in ("cnc inspect", "cnc sample", "cnc eval"):
+        assert "--n" in visible[path], path
+    for path in ("cnc sample", "cnc eval"):
+        assert "--clip-model" in visible[path], path
+    for path in ("cnc build", "cnc score", "cnc train", "cnc submit", "cnc render-job"):
+        assert {"--config", "--set"} <= visible[path], path
+    assert "--output" in visible["cnc convert-reference"]
+
+
+def test_errors_blame_the_option_the_override_or_the_file(tmp_path):
+    from cnc.config import ConfigError, load_config
+    from triplets.config import BuildConfig
+
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("samples_per_shard: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(BuildConfig, cfg, ["input_format=bogus", "ray.num_workers=-1"], options={"ray.num_workers": "--workers"})
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith(f"invalid config {cfg}: samples_per_shard: ")
+    assert lines[1].startswith("invalid --set input_format=bogus: input_format: Input should be 'auto', 'folder'")
+    assert lines[2].startswith("invalid --workers -1: ray.num_workers: ")
+    # fixed choices are enums: the command line refuses them itself, naming the option
+    r = _cnc("build", "-c", "tiny", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--input-format", "bogus")
+    assert r.returncode == 2 and "Invalid value for '--input-format'" in r.stderr and "invalid config" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_workers_sets_the_config_worker_count(tmp_path):
+    import yaml
+
+    photos = tmp_path / "photos"
+    from tests.support import make_photo_folder
+
+    make_photo_folder(photos, 2, bad=())
+    r = _cnc("build", "-c", "tiny", "-i", str(photos), "-o", str(tmp_path / "out"), "--workers", "3", "--plan-only")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = yaml.safe_load((tmp_path / "out" / "_cnc" / "config.yaml").read_text())
+    assert saved["ray"]["num_workers"] == 3
 
 
 def test_version_completion_and_help():

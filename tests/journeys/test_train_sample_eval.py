@@ -108,10 +108,19 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     assert json.loads((export / "cnc_export.json").read_text())["weights"] == "ema"
     code = ("from cnc_model.pipeline_cnc import CnCPipeline\n"
             f"a = CnCPipeline.from_pretrained({str(export)!r})\n"
-            "print(type(a.local_fuser).__name__, type(a.global_fuser).__name__)\n")
+            "print(type(a.local_fuser).__name__, type(a.global_fuser).__name__)\n"
+            "from diffusers import DiffusionPipeline\n"  # diffusers' documented custom-pipeline loading
+            f"b = DiffusionPipeline.from_pretrained({str(export)!r}, custom_pipeline='pipeline_cnc', "
+            "trust_remote_code=True)\n"
+            "print(type(b).__name__, all((x == y).all() for x, y in zip(a.unet.parameters(), b.unet.parameters())))\n")
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert fresh.returncode == 0, fresh.stderr
-    assert fresh.stdout.split() == ["LocalFuser", "GlobalFuser"]
+    assert fresh.stdout.split() == ["LocalFuser", "GlobalFuser", "CnCPipeline", "True"]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(export / "README.md")  # Hub metadata on the export's card
+    assert (card.data.library_name, card.data.pipeline_tag) == ("diffusers", "text-to-image")
+    assert card.data.base_model is None  # the tiny base is no hub id; a hub id base is named (tests/cnc_model)
 
     # 4. evaluate the joint run against the exported checkpoint (one process); evaluating the joint run alone in two
     #    processes (gloo; batches [0, 1] and [2]) gives the same images and the same metrics.json: deterministic, and
