@@ -6,8 +6,9 @@ What is pushed is decided from the folder:
   dataset repo: the tars and ``_cnc/`` (plan, config, markers, errors, manifest = wids index; not the ``cnc inspect``
   report under ``_cnc/inspect/``), then the dataset card (``_cnc/README.md``, a :class:`huggingface_hub.DatasetCard`
   whose metadata names the tars as the ``train`` split) as the repo's ``README.md``;
-* a **pipeline folder** (``cnc export``: ``model_index.json``) → a model repo: every file, then the model card
-  (:mod:`cnc_model.card`: ``library_name: diffusers``, ``pipeline_tag: text-to-image``, ``base_model``,
+* a **pipeline folder** (``cnc export``: ``model_index.json``) → a model repo: every file, the component entry
+  points diffusers needs to load a Hub repo's own components (:func:`cnc_model.card.component_shims`), then the model
+  card (:mod:`cnc_model.card`: ``library_name: diffusers``, ``pipeline_tag: text-to-image``, ``base_model``,
   ``datasets``, ``tags``, ``license``) as ``README.md``.
 
 Both use ``huggingface_hub``: ``create_repo(exist_ok=True)``, then ``upload_folder`` — resumable: a rerun after an
@@ -137,12 +138,31 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, datasets: l
         info = api.upload_folder(repo_id=repo_id, repo_type=kind, folder_path=str(folder), revision=revision,
                                  commit_message=message,
                                  ignore_patterns=BUILD_IGNORE if kind == "dataset" else PIPELINE_IGNORE)
+        if kind == "model":
+            _push_component_shims(api, folder, repo_id, revision, message)
         card_url = card.push_to_hub(repo_id, token=token, repo_type=kind, revision=revision,
                                     commit_message=f"{message}: card")
     except (HfHubHTTPError, *_transport_errors(), OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PushError(f"push of {folder} to {kind} repo {repo_id} failed: {first}") from None
     return PushResult(repo_id=repo_id, kind=kind, url=str(url), commits=[info.commit_url, card_url])
+
+
+def _push_component_shims(api, folder: Path, repo_id: str, revision: str | None, message: str) -> None:
+    """Commit the component entry points of a pipeline's ``model_index.json`` (skipped when the repo holds them)."""
+    import json
+
+    from huggingface_hub import CommitOperationAdd
+
+    from cnc_model.card import component_shims
+
+    shims = component_shims(json.loads((folder / "model_index.json").read_text()))
+    have = set(api.list_repo_files(repo_id, repo_type="model", revision=revision))
+    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=src.encode()) for rel, src in shims.items()
+           if rel not in have]
+    if ops:
+        api.create_commit(repo_id, operations=ops, commit_message=f"{message}: component entry points",
+                          repo_type="model", revision=revision)
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:

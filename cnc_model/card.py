@@ -10,10 +10,13 @@
   pipelines, so the folder or its Hub repo loads with
   ``DiffusionPipeline.from_pretrained(path_or_repo, custom_pipeline="pipeline_cnc", trust_remote_code=True)``.
   It imports :class:`~cnc_model.pipeline_cnc.CnCPipeline` from the installed ``cnc`` package (``pip install cnc``):
-  the pipeline's code is not copied into the model repo. ``CnCPipeline.from_pretrained(path_or_repo)`` needs neither;
-* ``<component>/<module>.py`` for each component of ours in ``model_index.json`` (e.g.
-  ``local_fuser/cnc_model.models.local_fuser.py``): diffusers loads a Hub repo's custom components from such files
-  (with ``trust_remote_code=True``); each one imports the class from the installed package.
+  the pipeline's code is not copied into the model repo. ``CnCPipeline.from_pretrained(path)`` needs neither.
+
+``cnc push`` adds to the model repo (never to the local folder) one ``<component>/<module>.py`` per component of ours
+in ``model_index.json`` (:func:`component_shims`, e.g. ``local_fuser/cnc_model.models.local_fuser.py``): diffusers
+loads a Hub repo's non-diffusers components only from such files, with ``trust_remote_code=True``, so a repo loads
+with the call above or ``CnCPipeline.from_pretrained(repo, trust_remote_code=True)``. Each file imports the class
+from the installed package. (In a local folder the same files would make every load need ``trust_remote_code``.)
 """
 
 from __future__ import annotations
@@ -104,16 +107,10 @@ def component_shims(model_index: dict) -> dict[str, str]:
 
 def write_pipeline_files(folder: str | Path, text: str, *, base_model: str | None = None,
                          datasets: list[str] | None = None, license: str | None = None) -> None:
-    """Write ``README.md`` (:func:`pipeline_card`), :data:`PIPELINE_FILE` and the component entry points
-    (:func:`component_shims`) into a saved pipeline folder."""
-    import json
-
+    """Write ``README.md`` (:func:`pipeline_card`) and :data:`PIPELINE_FILE` into a saved pipeline folder."""
     folder = Path(folder)
     pipeline_card(text, base_model=base_model, datasets=datasets, license=license).save(folder / "README.md")
     (folder / PIPELINE_FILE).write_text(PIPELINE_SHIM, encoding="utf-8")
-    index = json.loads((folder / "model_index.json").read_text())
-    for rel, source in component_shims(index).items():
-        (folder / rel).write_text(source, encoding="utf-8")
 
 
 __all__ = ["CUSTOM_PIPELINE", "DEFAULT_LICENSE", "PIPELINE_FILE", "component_shims", "hub_id_or_none",

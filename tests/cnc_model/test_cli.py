@@ -77,6 +77,21 @@ def test_cnc_sample_missing_depth_model_fails_fast(assets, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cnc_sample_checks_every_model_before_loading_any(assets, tmp_path, monkeypatch):
+    """Offline, every missing model is one line (hub ids are looked up in the cache only, no retries)."""
+    from cnc.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(app, _args(assets, "--output", str(tmp_path / "o"), "--depth-model",
+                                           "nobody/no-such-dpt", "--sam-checkpoint", str(tmp_path / "no.pth")))
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2, result.output
+    assert "nobody/no-such-dpt" in lines[0] and "--depth-model" in lines[0]
+    assert "no.pth" in lines[1] and "--sam-checkpoint" in lines[1]
+    assert not (tmp_path / "o").exists()
+
+
 def test_cnc_sample_with_the_builders_sam_segmenter(assets, tmp_path):
     from cnc.cli import app
 

@@ -76,8 +76,9 @@ def test_push_an_export_as_a_model_repo_that_diffusers_loads(tmp_path, hub_serve
     r = _cnc("push", str(export), "me/cnc-joint", "--dataset", "me/cnc-triplets", env=hub_env)
     assert r.returncode == 0, r.stderr[-3000:]
     repo = hub_server.repos[("model", "me/cnc-joint")]
-    assert {"model_index.json", "pipeline_cnc.py", "unet/config.json", "local_fuser/config.json",
-            "README.md"} <= set(repo["files"])
+    assert {"model_index.json", "pipeline_cnc.py", "unet/config.json", "local_fuser/config.json", "README.md",
+            "local_fuser/cnc_model.models.local_fuser.py"} <= set(repo["files"])  # + the components' entry points
+    assert not (export / "local_fuser" / "cnc_model.models.local_fuser.py").exists()  # never written locally
     card = ModelCard(repo["files"]["README.md"].decode())
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
     assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -87,9 +88,12 @@ def test_push_an_export_as_a_model_repo_that_diffusers_loads(tmp_path, hub_serve
     code = ("from diffusers import DiffusionPipeline\n"
             "p = DiffusionPipeline.from_pretrained('me/cnc-joint', custom_pipeline='pipeline_cnc', "
             "trust_remote_code=True)\n"
-            "print(type(p).__name__, type(p.local_fuser).__name__, type(p.global_fuser).__name__)\n")
+            "print(type(p).__name__, type(p.local_fuser).__name__, type(p.global_fuser).__name__)\n"
+            "from cnc_model.pipeline_cnc import CnCPipeline\n"
+            "q = CnCPipeline.from_pretrained('me/cnc-joint', trust_remote_code=True)\n"
+            "print(type(q.local_fuser).__name__)\n")
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=hub_env, timeout=300,
                            cwd=tmp_path)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert fresh.stdout.split() == ["CnCPipeline", "LocalFuser", "GlobalFuser"]
+    assert fresh.stdout.split() == ["CnCPipeline", "LocalFuser", "GlobalFuser", "LocalFuser"]
     assert ("GET", f"/me/cnc-joint/resolve/{repo['commits'][-1]['oid']}/pipeline_cnc.py") in hub_server.requests
