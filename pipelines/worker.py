@@ -27,6 +27,7 @@ from typing import Any
 
 from pipelines.sink import ShardSink
 from triplets.config import BuildConfig
+from triplets.readers import ReadOptions, shard_items
 from triplets.shardio import BuildOutput, TarStream, check_probe, tar_keys
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class ShardWorker:
 
         t0 = time.perf_counter()
         self.cfg = BuildConfig.model_validate(cfg)
+        self.read_options = ReadOptions.from_config(self.cfg)
         self.builder = TripletBuilder(self.cfg, resolved)
         self.fingerprint = fingerprint
         self.output = BuildOutput(output, self.cfg.storage.scratch_dir) if output is not None else None
@@ -145,9 +147,7 @@ class ShardWorker:
         are copied byte for byte and only its missing items (the failures) are computed again (``--retry-failed``).
         """
         out = BuildOutput(output, self.cfg.storage.scratch_dir) if output is not None else self.output
-        from pipelines.plan import items_of
-
-        shard, items = int(spec["shard"]), items_of(spec, self.cfg)  # this shard's items only, read now
+        shard, items = int(spec["shard"]), shard_items(spec, self.read_options)  # this shard's items only, read now
         start_wall, t0, cpu0 = datetime.now(timezone.utc), time.perf_counter(), time.process_time()
         old_tar = out.tar(shard)
         reused_keys = set(tar_keys(old_tar.url)) if reuse_committed and old_tar.exists() else set()

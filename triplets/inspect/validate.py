@@ -24,7 +24,6 @@ import heapq
 import json
 import logging
 import multiprocessing
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +45,7 @@ from triplets.sample import (
     validate_meta,
     validate_sample,
 )
-from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards, split_member
+from triplets.shardio import ShardReadError, TarStream, resolve_shards
 from triplets.shardio.names import (
     LEGACY,
     MANIFEST_FILE,
@@ -364,15 +363,11 @@ def _duplicate_keys(scans: list[ShardScan]) -> dict[str, list[str]]:
     for scan in scans:
         if not dup.intersection(scan.key_hashes.tolist()):
             continue
-        last = None
         try:
-            with open_stream(scan.check.path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
-                for member in tf:
-                    key, _ = split_member(member.name)
-                    if key is not None and key != last and key_hash(key) in dup:
-                        where.setdefault(key, []).append(scan.check.path)
-                    last = key
-        except (tarfile.TarError, OSError):
+            for key in TarStream(scan.check.path).keys():  # headers only: no member is kept
+                if key_hash(key) in dup:
+                    where.setdefault(key, []).append(scan.check.path)
+        except (ShardReadError, OSError):
             continue  # already reported as unreadable
     return {k: v for k, v in where.items() if len(v) > 1}
 
