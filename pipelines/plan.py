@@ -31,13 +31,12 @@ keeps its fingerprint, records the change under ``model_changes`` and the new id
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 
 from cnc.base.errors import UserError
+from cnc.base.hashing import json_sha256
 from cnc.base.location import TEMP_NAME, resolve
-from cnc.config import config_dict
+from cnc.config import config_dict, config_hash
 from cnc.identity import identity_changes
 from triplets.config import BuildConfig
 from triplets.readers import ReadOptions, same_file
@@ -75,7 +74,7 @@ def fingerprint(cfg: BuildConfig, models: dict | None = None, input_format: str 
     content = content_config(cfg, input_format)
     if models:
         content["model_identities"] = {k: (v or {}).get("identity") for k, v in models.items()}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return config_hash(content)
 
 
 def make_plan(items: list[dict], cfg: BuildConfig, input_path: str, input_format: str,
@@ -91,7 +90,7 @@ def make_plan(items: list[dict], cfg: BuildConfig, input_path: str, input_format
     shards = [{"shard": i // n, "name": shard_name(i // n), "items": items[i:i + n]} for i in range(0, len(items), n)]
     return {
         **_plan_header(PLAN_VERSION, cfg, models, input_path, input_format, len(items)),
-        "items_sha256": _json_sha256(items),
+        "items_sha256": json_sha256(items),
         "shards": shards,
     }
 
@@ -127,7 +126,7 @@ def make_table_plan(files: list[dict], cfg: BuildConfig, input_path: str, models
     return {
         **_plan_header(TABLE_PLAN_VERSION, cfg, models, input_path, input_format, sum(f["rows"] for f in files)),
         "inputs": inputs,
-        "inputs_sha256": _json_sha256(inputs),
+        "inputs_sha256": json_sha256(inputs),
         "shards": shards,
     }
 
@@ -138,10 +137,6 @@ def _plan_header(version: int, cfg: BuildConfig, models: dict | None, input_path
     return {"version": version, "fingerprint": fingerprint(cfg, models, input_format),
             "config": content_config(cfg, input_format), "models": models or {}, "input": input_path,
             "input_format": input_format, "num_items": num_items, "samples_per_shard": cfg.samples_per_shard}
-
-
-def _json_sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def plan_input(cfg: BuildConfig, src: str, fmt: str, models: dict | None = None, version: int | None = None) -> dict:

@@ -15,7 +15,7 @@ import logging
 
 import yaml
 
-from triplets.shardio import BuildOutput
+from triplets.shardio import BuildOutput, read_manifest
 from triplets.shardio.names import CARD_FILE, HF_YAML_FILE, MANIFEST_FILE, TAR_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,10 @@ def write_card(output: BuildOutput | str, manifest: dict | None = None) -> list[
     """
     out = output if isinstance(output, BuildOutput) else BuildOutput(output)
     if manifest is None:
-        loc = out.file(MANIFEST_FILE)
-        if not loc.isfile():
-            raise FileNotFoundError(f"{loc.url} does not exist (not a build folder, or a build older than cards)")
-        manifest = loc.read_json()
+        try:
+            _, manifest = read_manifest(out.file(MANIFEST_FILE))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc} (not a build folder, or a build older than cards)") from None
     card = out.file(CARD_FILE).write_text(render_card(manifest))
     hf = out.file(HF_YAML_FILE).write_text(yaml.safe_dump(hf_metadata(), sort_keys=False))
     log.info("wrote the dataset card %s and %s", card.url, hf.url)
