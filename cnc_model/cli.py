@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from cnc.base.errors import UserError
 from cnc.hub import TINY
 from cnc.options import Weights
 from cnc_model.evaluation.cli import register as register_eval
@@ -18,13 +19,6 @@ from cnc_model.loading import WEIGHTS_HELP
 from cnc_model.train_cli import register as register_train
 
 logger = logging.getLogger(__name__)
-
-
-def _fail(message: str) -> None:
-    """One error line and exit status 2 (through :class:`~cnc.base.errors.UserError`, caught by ``cnc.cli``)."""
-    from cnc.base.errors import UserError
-
-    raise UserError(message)
 
 
 #: Column titles of ``cnc sample``'s ``sheet.png`` (then one column per generated image).
@@ -92,12 +86,12 @@ def sample(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if shard_sample is None and (fg is None or bg is None):
-        _fail("give --fg and --bg photos, or --shard-sample TAR#KEY")
-    if shard_sample is None and prompt is None:
-        _fail("--prompt is required with --fg/--bg")
+        raise UserError("give --fg and --bg photos, or --shard-sample TAR#KEY")
     for path in [*((fg, bg) if shard_sample is None else ()), *(p for p in (fg_ref, bg_ref) if p is not None)]:
         if not path.is_file():
-            _fail(f"image not found: {path}")
+            raise UserError(f"image not found: {path}")
+    if shard_sample is None and prompt is None:
+        raise UserError("--prompt is required with --fg/--bg")
     triplet = _load_shard_sample(shard_sample) if shard_sample is not None else None
     # every model is checked before any loads (one line per missing model, in seconds)
     source = describe_or_fail(checkpoint_dir, weights=weights)
@@ -222,27 +216,28 @@ def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, ref
 
 def load_pipeline_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
     """:func:`cnc_model.loading.load_pipeline`; an unloadable folder, weights it does not hold or a missing base
-    model exit 2 in one line."""
+    model are a :class:`UserError` (one line)."""
     return load_source_or_fail(path, option, weights)[1]
 
 
 def describe_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
-    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures exit 2 in one line."""
+    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures are a :class:`UserError` (one
+    line)."""
     from cnc.base.location import resolve
     from cnc_model.loading import NotAPipelineError, describe
     from triplets.errors import ModelUnavailableError
 
     if not resolve(path).exists():
-        _fail(f"{option} {path} does not exist")
+        raise UserError(f"{option} {path} does not exist")
     try:
         return describe(path, weights)
     except (NotAPipelineError, ModelUnavailableError) as err:
-        _fail(str(err).splitlines()[0])
+        raise UserError(str(err).splitlines()[0]) from None
 
 
 def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = None):
     """``(Source, CnCPipeline)`` of ``path`` (a folder, or a :class:`~cnc_model.loading.Source` already described)
-    with the selected ``weights``; failures exit 2 in one line."""
+    with the selected ``weights``; failures are a :class:`UserError` (one line)."""
     from cnc_model.loading import NotAPipelineError, Source, load_pipeline
     from triplets.errors import ModelUnavailableError
 
@@ -250,7 +245,7 @@ def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = No
     try:
         return source, load_pipeline(source)
     except (NotAPipelineError, ModelUnavailableError) as err:
-        _fail(str(err).splitlines()[0])
+        raise UserError(str(err).splitlines()[0]) from None
 
 
 def export(
@@ -272,29 +267,29 @@ def export(
 
     weights = value_of(weights)
     if not resolve(source).exists():
-        _fail(f"{source} does not exist")
+        raise UserError(f"{source} does not exist")
     try:
         export_pipeline(source, output, weights=weights, datasets=dataset, license=license)
     except (NotAPipelineError, ModelUnavailableError) as err:
-        _fail(str(err).splitlines()[0])
+        raise UserError(str(err).splitlines()[0]) from None
     typer.echo(f"exported {source} -> {output}")
 
 
 def _load_shard_sample(spec: str):
-    """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (exits with one line when absent)."""
+    """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (a :class:`UserError` when absent)."""
     from cnc.base.location import resolve
     from triplets.sample import decode_sample
     from triplets.shardio import TarStream
 
     if "#" not in spec:
-        _fail(f"--shard-sample takes TAR#KEY, got {spec!r}")
+        raise UserError(f"--shard-sample takes TAR#KEY, got {spec!r}")
     tar, key = spec.rsplit("#", 1)
     if not resolve(tar).isfile():
-        _fail(f"shard not found: {tar}")
+        raise UserError(f"shard not found: {tar}")
     for raw in TarStream(tar).samples():
         if raw["__key__"] == key:
             return decode_sample(raw)
-    _fail(f"no sample with key {key!r} in {tar}")
+    raise UserError(f"no sample with key {key!r} in {tar}")
 
 
 def convert_reference(
@@ -317,13 +312,13 @@ def convert_reference(
     from cnc_model.convert import ConversionError, convert_reference_checkpoint
 
     if output is None and output_dir is None:
-        _fail("give the output folder with --output")
+        raise UserError("give the output folder with --output")
     output_dir = deprecated_alias(output, output_dir, "the OUTPUT_DIR argument", "--output")
     try:
         convert_reference_checkpoint(checkpoint, output_dir, base_model=base_model, check_base=check_base,
                                      seed=seed)
     except (ConversionError, FileNotFoundError) as err:
-        _fail(str(err))
+        raise UserError(str(err)) from None
     typer.echo(f"converted {checkpoint} -> {output_dir}")
 
 

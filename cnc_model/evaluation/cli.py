@@ -24,19 +24,13 @@ from pathlib import Path
 
 import typer
 
+from cnc.base.errors import UserError
 from cnc.options import Weights, choice_enum
 from cnc_model.loading import WEIGHTS_HELP
 
 logger = logging.getLogger(__name__)
 #: ``--report-to``: the trackers of ``train.report_to``.
 ReportTo = choice_enum("ReportTo", ("tensorboard", "wandb", "mlflow", "none"))
-
-
-def _fail(message: str) -> None:
-    """One error line and exit status 2 (through :class:`~cnc.base.errors.UserError`, caught by ``cnc.cli``)."""
-    from cnc.base.errors import UserError
-
-    raise UserError(message)
 
 
 def _parse_seeds(spec: str) -> list[int]:
@@ -51,9 +45,9 @@ def _parse_seeds(spec: str) -> list[int]:
             elif part:
                 seeds.append(int(part))
     except ValueError:
-        _fail(f"--seeds takes integers like 0,1,2 or 0-3, got {spec!r}")
+        raise UserError(f"--seeds takes integers like 0,1,2 or 0-3, got {spec!r}") from None
     if not seeds:
-        _fail("--seeds is empty")
+        raise UserError("--seeds is empty")
     return sorted(set(seeds), key=seeds.index)
 
 
@@ -87,9 +81,10 @@ def _num_processes(spec: str, device: str) -> int:
     except ValueError:
         count = 0
     if count < 1:
-        _fail(f"--workers takes a positive integer or auto, got {spec!r}")
+        raise UserError(f"--workers takes a positive integer or auto, got {spec!r}")
     if on_cuda and count > torch.cuda.device_count():
-        _fail(f"--workers {count} exceeds the {torch.cuda.device_count()} visible GPU(s) (one process per GPU)")
+        raise UserError(f"--workers {count} exceeds the {torch.cuda.device_count()} visible GPU(s) (one process "
+                        "per GPU)")
     return count
 
 
@@ -176,7 +171,6 @@ def eval_command(
     """Generate from held-out triplets and report FID, IS, CLIPScore, SSIM, LPIPS, depth MAE and region scores."""
     import torch
 
-    from cnc.base.errors import UserError
     from cnc.options import deprecated_alias, value_of
     from cnc_model.cli import _resolve_sampling_models, describe_or_fail, load_source_or_fail, sampling_prompts
     from cnc_model.evaluation import models as metric_models
@@ -193,10 +187,10 @@ def eval_command(
 
     chosen = [weights, compare_weights][: len(paths)]
     if compare_weights is not None and compare is None:
-        _fail("--compare-weights needs --compare")
+        raise UserError("--compare-weights needs --compare")
     for p, option in zip(paths, ("PIPELINE", "--compare")):
         if not resolve(p).exists():
-            _fail(f"{option} {p} does not exist")
+            raise UserError(f"{option} {p} does not exist")
     sources = [describe_or_fail(p, option, w) for p, option, w in zip(paths, ("PIPELINE", "--compare"), chosen)]
     problems = []
     for source in sources:  # the runs' base models (one line per missing model, before anything loads)
@@ -208,11 +202,11 @@ def eval_command(
     problems += metric_models.check(mm)
     check_report_to(report_to)
     if problems:
-        raise UserError("\n".join(dict.fromkeys(problems)))
+        raise UserError("\n".join(dict.fromkeys(problems)))  # one error line per missing model or network
     try:
         samples = load_samples(shards, n)
     except (UserError, ValueError, FileNotFoundError) as err:
-        _fail(f"--shards: {str(err).splitlines()[0]}")
+        raise UserError(f"--shards: {str(err).splitlines()[0]}") from None
     # 2. several processes: start them (each checks the inputs again, cheaply) unless already launched
     if not _launched():
         count = _num_processes(workers, device)
