@@ -154,7 +154,10 @@ def _select_weights(source: Source, requested: str | None) -> Source:
     where = f"{source.kind} folder {source.path}"
     if source.kind == "pipeline":
         meta = source.path / EXPORT_META
-        held = json.loads(meta.read_text()).get("weights") if meta.is_file() else None
+        recorded = json.loads(meta.read_text()) if meta.is_file() else {}
+        held = recorded.get("weights")
+        if isinstance(recorded.get("step"), int):
+            source.step = recorded["step"]  # an export knows the training step of its weights
         if requested is not None and requested != held:
             raise WeightsUnavailableError(
                 f"{where} holds {held + ' weights' if held else 'weights of unrecorded kind'}, fixed at export; "

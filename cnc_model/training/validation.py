@@ -1,6 +1,7 @@
 """Validation images: :class:`~cnc_model.pipeline_cnc.CnCPipeline` on fixed samples, saved as a grid and logged.
 
-Each row of ``OUTPUT/validation/step-NNNNNNN.png`` is one validation sample::
+Each row of ``OUTPUT/validation/step-NNNNNNN.png`` is one validation sample (key and caption under it), under the
+column titles::
 
     image I | fg depth | bg depth | mask M | background I_b | generated
 
@@ -24,22 +25,15 @@ logger = logging.getLogger(__name__)
 COLUMNS = ("image", "fg depth", "bg depth", "mask", "background", "generated")
 
 
-def _tile(arr: np.ndarray, size: int) -> Image.Image:
-    """``(H, W)`` / ``(H, W, 3)`` uint8 or float in [0, 1] -> RGB tile of ``size``."""
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(arr).convert("RGB").resize((size, size))
+def make_grid(samples: list[TripletSample], outputs: np.ndarray, footer: str = "") -> Image.Image:
+    """Rows of :data:`COLUMNS` under their titles, each captioned with the sample key and caption
+    (:func:`triplets.inspect.grid.labelled_grid`); ``outputs`` ``(B, H, W, 3)`` in [0, 1]."""
+    from triplets.inspect.grid import GridRow, labelled_grid
 
-
-def make_grid(samples: list[TripletSample], outputs: np.ndarray) -> Image.Image:
-    """Rows of :data:`COLUMNS`; ``outputs`` ``(B, H, W, 3)`` in [0, 1]."""
     size = outputs.shape[1]
-    grid = Image.new("RGB", (size * len(COLUMNS), size * len(samples)))
-    for r, (s, out) in enumerate(zip(samples, outputs)):
-        tiles = [s.image, s.fg_depth_float(), s.bg_depth_float(), s.mask * 255, s.background, out]
-        for c, tile in enumerate(tiles):
-            grid.paste(_tile(np.asarray(tile), size), (c * size, r * size))
-    return grid
+    rows = [GridRow([s.image, s.fg_depth_float(), s.bg_depth_float(), s.mask * 255, s.background, out],
+                    title=s.key, text=s.caption) for s, out in zip(samples, outputs)]
+    return labelled_grid(COLUMNS, rows, size, footer=footer)
 
 
 @torch.no_grad()
@@ -66,7 +60,8 @@ def run_validation(*, vae, text_encoder, tokenizer, unet, noise_scheduler, local
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution, width=resolution,
         generator=torch.Generator(device="cpu").manual_seed(seed), output_type="np",
     )
-    return make_grid(samples, np.asarray(out.images))
+    return make_grid(samples, np.asarray(out.images),
+                     footer=f"{num_inference_steps} DDIM steps, guidance {guidance_scale:g}, seed {seed}")
 
 
 def save_and_log(grid: Image.Image, output_dir: Path, step: int, accelerator) -> Path:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,7 +143,8 @@ def test_score_adds_quality_to_old_shards_and_inspect_shows_it(old_shards, tiny_
     files = write_report(result, tmp_path / "report", html=True)
     assert (tmp_path / "report" / "worst_removal.png") in files.worst
     page = files.html.read_text()
-    assert "Quality scores" in page and "worst 2 by removal" in page
+    assert "aria-label='removal'" in page and "<section id='worst'>" in page  # a histogram per score, the worst
+    assert re.search(r"<span class='bad'>[^<]*removal \d", page)  # samples with the scores they are worst in
     summary = json.loads(files.summary_json.read_text())
     assert summary["summary"]["quality"]["removal"]["stats"]["n"] == 6
     proc = _cnc("inspect", str(out), "--n", "0", "--worst", "1", "--output", str(tmp_path / "cli"))

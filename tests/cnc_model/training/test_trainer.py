@@ -65,8 +65,11 @@ def test_stage_configs_run_two_steps_each(tiny_shards, tmp_path):
             assert (out / name / "diffusion_pytorch_model.safetensors").is_file()
         from PIL import Image
 
-        grid = Image.open(result.validation_images[-1])
-        assert grid.size == (6 * 64, 2 * 64)  # 2 samples x (image, fg depth, bg depth, mask, background, output)
+        from cnc_model.training.validation import COLUMNS
+        from triplets.inspect.grid import grid_geometry
+
+        grid = Image.open(result.validation_images[-1])  # 2 titled rows x (image, fg/bg depth, mask, I_b, output)
+        assert grid.size == grid_geometry(COLUMNS, 2, 64, footer="settings").size
         outs[stage] = out
 
 
