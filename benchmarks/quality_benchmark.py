@@ -42,8 +42,8 @@ def main() -> None:
 
     from cnc.config import load_config
     from triplets.config import BuildConfig
-    from triplets.quality import SCORES
-    from triplets.quality_cases import by_variant, evaluate, make_cases, score_cases, sweep
+    from triplets.quality import SCORES, score_value
+    from triplets.quality_cases import by_variant, evaluate, make_cases, roc_auc, score_cases, sweep
 
     cfg = load_config(BuildConfig, args.config, [f"device={args.device}"])
     scorer, used = None, "none (--no-models): clip_sim not measured"
@@ -79,13 +79,17 @@ def main() -> None:
               f"{_f(r.get('recall'))} | {_f(r.get('kept'), 2)} | {r['undefined']} of {r['n']} |")
     labels = {c.variant: c.label for c in cases}
     for name, task in (("removal", "removal"), ("depth_order", "depth")):
-        print(f"\nMean (min .. max) of `{name}` per variant:\n\n| variant | label | mean | min | max |\n"
-              "|---|---|---|---|---|")
+        print(f"\nMean (min .. max) of `{name}` per variant; ROC-AUC of the good cases against each bad variant "
+              f"alone:\n\n| variant | label | mean | min | max | AUC vs the good ones |\n|---|---|---|---|---|---|")
         part = [(c, q) for c, q in zip(cases, qualities) if c.task == task]
+        values = [score_value({"quality": q}, name) for _, q in part]
+        good = [v for (c, _), v in zip(part, values) if c.label == 1]
         for variant, (mean, lo, hi, undefined) in by_variant([c for c, _ in part], [q for _, q in part],
                                                              name).items():
             label = "-" if labels[variant] is None else labels[variant]
-            print(f"| {variant} | {label} | {_f(mean, 2)} | {_f(lo, 2)} | {_f(hi, 2)} |"
+            bad = [v for (c, _), v in zip(part, values) if c.variant == variant]
+            auc = roc_auc([1] * len(good) + [0] * len(bad), good + bad) if label != 1 else None
+            print(f"| {variant} | {label} | {_f(mean, 2)} | {_f(lo, 2)} | {_f(hi, 2)} | {_f(auc)} |"
                   + (f" ({undefined} undefined)" if undefined else ""))
     sweeps = {}
     for name in ("removal", "removal_contrast", "depth_order"):
