@@ -51,10 +51,10 @@ def build(
 def filter_build(
     source: str = typer.Argument(..., help="Build folder (committed shards), glob, brace pattern or tars."),
     output: str = typer.Option(..., "--output", "-o", help="New folder (local path or URL) for the filtered copy."),
-    where: list[str] = typer.Option([], "--where", "-w", help="SCORE OP NUMBER, e.g. 'removal>=0.3', "
+    where: list[str] = typer.Option([], "--where", "-w", help="SCORE OP NUMBER, e.g. 'removal>=0.5', "
                                     "'depth_order>=0.5', 'mask_components<=2'; repeatable, all must hold."),
     recommended: bool = typer.Option(False, "--recommended", help="Add the shipped thresholds chosen on the "
-                                     "labelled benchmark: removal>=0.3 and depth_order>=0.5 (docs/build.md, "
+                                     "labelled benchmark: removal>=0.5 and depth_order>=0.5 (docs/build.md, "
                                      "'Quality scores', for their precision and recall)."),
     keep_unscored: bool = typer.Option(False, "--keep-unscored/--drop-unscored", help="Samples that cannot be "
                                        "judged (no quality scores, or a score undefined on the sample): keep or "

@@ -225,7 +225,7 @@ def run_filter(source: str, output: str, where: list[str], *, keep_unscored: boo
 
     conditions = [parse_where(w) for w in where] + (recommended_conditions() if recommended else [])
     if not conditions:
-        raise UserError("cnc filter: give at least one --where condition, e.g. --where 'removal>=0.3', or "
+        raise UserError("cnc filter: give at least one --where condition, e.g. --where 'removal>=0.5', or "
                         "--recommended")
     qf = QualityFilter(conditions, keep_unscored=keep_unscored, refuse_other_versions=not allow_version_mix)
     if not allow_version_mix:

@@ -315,6 +315,15 @@ def clip_boxes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _crop_side(embedder) -> int:
+    """The side CLIP's processor feeds the model (its centre crop; 224 for ViT-L/14): crops cut at that size pass
+    its resize and crop unchanged."""
+    crop = getattr(embedder.processor, "crop_size", None)
+    side = getattr(crop, "height", None) if crop is not None and not isinstance(crop, dict) else \
+        (crop or {}).get("height")
+    return int(side or 224)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     return _r(float(np.dot(a, b)) / (na * nb)) if na > 0 and nb > 0 else 0.0
@@ -385,8 +394,8 @@ class QualityScorer:
         self.dilation_px, self.change_floor = dilation_px, change_floor
 
     def clip_sims(self, image: np.ndarray, mask: np.ndarray, background: np.ndarray) -> np.ndarray:
-        """``(N,)`` float32 ``clip_sim`` (NaN without an embedder). The crops are cut and resized on the embedder's
-        device in one batched call (``torchvision.ops.roi_align``)."""
+        """``(N,)`` float32 ``clip_sim`` (NaN without an embedder). The crops are cut and resized to the model's input
+        side on the embedder's device in one batched call (``torchvision.ops.roi_align``)."""
         n = len(image)
         if self.embedder is None or n == 0:
             return np.full(n, np.nan, np.float32)
@@ -402,7 +411,8 @@ class QualityScorer:
             boxes = torch.from_numpy(clip_boxes(np.asarray(mask))).to(device, torch.float32)
             rois = torch.cat([torch.arange(2 * n, device=device, dtype=torch.float32)[:, None],
                               torch.cat([boxes, boxes])], 1)
-            crops = roi_align(both, rois, output_size=(224, 224), aligned=True)
+            side = _crop_side(self.embedder)
+            crops = roi_align(both, rois, output_size=(side, side), aligned=True)
             crops = crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         emb = self.embedder(crops)
         return np.array([cosine(emb[i], emb[n + i]) for i in range(n)], np.float32)

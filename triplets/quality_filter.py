@@ -137,7 +137,7 @@ class FilterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min_removal: float | None = Field(None, description="removal score >= this (0 = object still there, 1 = gone; "
-                                                        "shipped threshold 0.3)")
+                                                        "shipped threshold 0.5)")
     max_removal_contrast: float | None = Field(None, description="M's contrast to its rim left in I_b <= this")
     max_clip_sim: float | None = Field(None, description="CLIP similarity of the crop around M with and without I_b "
                                                          "<= this")

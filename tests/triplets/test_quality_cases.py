@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from triplets.quality import SCORES
-from triplets.stages.inpaint import dilate_mask
 from triplets.quality_cases import (
     DEPTH_VARIANTS,
     REMOVAL_VARIANTS,
@@ -19,6 +18,7 @@ from triplets.quality_cases import (
     score_cases,
     sweep,
 )
+from triplets.stages.inpaint import dilate_mask
 
 #: Measured on this size (8 scenes at 96 px) over seeds 0-5: removal 0.974-1.0, removal_contrast 0.96-1.0,
 #: removal_changed 0.91-0.92, depth_order 0.984-1.0. The goals on the full benchmark: removal >= 0.95, depth >= 0.9.

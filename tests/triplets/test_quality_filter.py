@@ -67,3 +67,16 @@ def test_recommended_conditions_are_the_shipped_thresholds():
     assert set(got) == {"removal", "depth_order"}
     for name, c in got.items():
         assert (c.op, c.value) == (">=", SCORES[name].threshold)
+
+
+def test_documented_defaults_name_the_shipped_thresholds():
+    """`cnc filter --recommended`'s help and data.filter's descriptions quote the thresholds SCORES ships."""
+    import inspect
+
+    from pipelines.cli import filter_build
+
+    text = inspect.signature(filter_build).parameters["recommended"].default.help
+    for c in recommended_conditions():
+        assert f"{c}" in text
+        field = {"removal": "min_removal", "depth_order": "min_depth_order"}[c.score]
+        assert f"shipped threshold {c.value:g}" in FilterConfig.model_fields[field].description
