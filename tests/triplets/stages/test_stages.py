@@ -147,8 +147,12 @@ def test_cocostuff_dataset_masks_through_the_builder(tmp_path):
            "annotations": [{"id": 1, "image_id": 1, "caption": "a cat"}]}
     (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(ann))
     cfg = load_config(BuildConfig, "configs/build/tiny.yaml", FAST + ["segment.backend=dataset"])
-    samples, failures = TripletBuilder(cfg)(read_items(str(tmp_path / "annotations" / "captions_val2017.json")))
+    builder = TripletBuilder(cfg)
+    samples, failures = builder(read_items(str(tmp_path / "annotations" / "captions_val2017.json")))
     assert not failures
+    # no saliency prior to reuse: the depth stage adds I to its own DPT call for the quality scores' D(I)
+    assert builder.model_stages[2].image_disparity == "compute"
+    assert samples[0].meta["quality"]["version"] == 2 and samples[0].meta["quality"]["removal"]["score"] is not None
     m = samples[0].mask
     assert set(np.unique(m)) == {0, 1}
     assert 0.2 < m.mean() < 0.45  # the 40x40 thing box after crop/resize, nothing else
