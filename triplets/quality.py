@@ -45,8 +45,8 @@ pixels inside M), ``bbox_fill`` (|M| / area of M's bounding box).
 Where the statistics run: during a build, D(I) is the one the build already computed (the ``sam`` segmenter's
 saliency prior when it is the depth model's own pass, else the depth stage's, batched with its other two maps) and
 D(I_b) the stored map, so no model runs twice; the CLIP crops are cut on the model's device; the per-image
-statistics (:func:`statistics`, NumPy/OpenCV) run beside JPEG encoding in the worker's encode threads, off the
-model thread (:meth:`triplets.builder.TripletBuilder.assemble`).
+statistics (:func:`statistics`, NumPy/OpenCV, on the fields at most :data:`WORK_SIDE` pixels wide) run beside JPEG
+encoding in the worker's encode threads, off the model thread (:meth:`triplets.builder.TripletBuilder.assemble`).
 
 :data:`SCORES` names each number for ``cnc inspect``, ``cnc filter --where`` and the trainer's ``data.filter``, with
 its shipped threshold.
@@ -103,7 +103,7 @@ class Score:
 SCORES: dict[str, Score] = {s.name: s for s in (
     Score("removal", ("removal", "score"), 0, 1, "high", "object removal: changed * (1 - contrast)", 0.5),
     Score("removal_changed", ("removal", "changed"), 0, 1, "high", "fraction of M changed beyond a global shift and "
-          "re-encoding noise", 0.5),
+          "re-encoding noise"),
     Score("removal_contrast", ("removal", "contrast"), 0, 1, "low", "M's contrast to its rim left in I_b, relative "
           "to I", 0.4),
     Score("clip_sim", ("removal", "clip_sim"), 0, 1, "low", "CLIP similarity of the crop around M with and without "

@@ -11,6 +11,7 @@ What a filter does with a sample that cannot be judged is the user's choice, nev
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 import re
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cnc.base.errors import UserError
 from triplets.quality import QUALITY_VERSION, SCORES, quality_version, score_value
+
+log = logging.getLogger(__name__)
 
 
 class FilterSpecError(UserError, ValueError):
@@ -93,6 +96,7 @@ class QualityFilter:
     def __init__(self, conditions: list[Condition], keep_unscored: bool = True, refuse_other_versions: bool = False):
         self.conditions, self.keep_unscored = list(conditions), keep_unscored
         self.refuse_other_versions = refuse_other_versions
+        self._warned: set[int] = set()
 
     def __bool__(self) -> bool:
         return bool(self.conditions)
@@ -109,6 +113,11 @@ class QualityFilter:
                     f"sample {meta.get('key', '?')!r} carries quality version {version} scores, this cnc scores "
                     f"version {QUALITY_VERSION} (the numbers mean different things): rescore the build with "
                     f"`cnc score SOURCE --output NEW`, or pass --allow-version-mix to treat them as unscored")
+            if version not in self._warned:  # never silent: the filter does not judge these samples
+                self._warned.add(version)
+                log.warning("quality filter: samples carry quality version %s scores (this cnc: %s); they are %s "
+                            "unjudged — rescore the shards with `cnc score`", version, QUALITY_VERSION,
+                            "kept" if self.keep_unscored else "dropped")
             return None if self.keep_unscored else f"quality v{version}"
         for c in self.conditions:
             ok = c.holds(meta)

@@ -26,7 +26,7 @@ from PIL import Image
 from triplets.inspect.render import COLUMNS, colorize, contact_sheet, contact_sheets, default_tile, sample_tiles
 from triplets.inspect.summary import ScoreStats, Summary, depth_margin
 from triplets.inspect.validate import InspectResult, ValidationResult
-from triplets.quality import SCORES, quality_summary_line
+from triplets.quality import QUALITY_VERSION, SCORES, quality_summary_line
 
 _BAR = "█"
 
@@ -81,7 +81,7 @@ def summary_rows(summary: Summary, validation: ValidationResult | None = None) -
     if s.empty_captions:
         rows.append(("empty captions", str(s.empty_captions)))
     if s.scored or s.unscored:
-        rows.append(("quality scores", f"{s.scored} scored, {s.unscored} without scores"
+        rows.append(("quality scores", f"{s.scored} scored, {s.unscored} without version-{QUALITY_VERSION} scores"
                      + (" (add them with `cnc score`)" if s.unscored else "")))
     t = s.throughput
     if t.samples_per_second is not None:
