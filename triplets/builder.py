@@ -156,16 +156,21 @@ class TripletBuilder:
             failures += f
         return samples, failures
 
-    def quality_statistics(self, batch: dict, rows: list[int], pool=None) -> dict[int, dict]:
+    def quality_statistics(self, batch: dict, rows: list[int], pool=None) -> dict[int, dict | Exception]:
         """Row → ``quality`` dict of ``rows`` of a final batch (:func:`triplets.quality.statistics`; NumPy/OpenCV,
-        no model), on ``pool``'s threads when given (the worker's encode threads: off the model thread)."""
+        no model), on ``pool``'s threads when given (the worker's encode threads: off the model thread). A row whose
+        statistics raise maps to the exception (a per-sample failure, never the batch's)."""
         q = self.quality
         sims = batch.get("quality_clip_sim")
 
-        def one(i: int) -> dict:
-            return q.statistics(batch["image"][i], batch["mask"][i], batch["background"][i], batch["bg_depth"][i],
-                                batch["image_disparity"][i] if "image_disparity" in batch else None,
-                                None if sims is None else sims[i])
+        def one(i: int) -> dict | Exception:
+            try:
+                return q.statistics(batch["image"][i], batch["mask"][i], batch["background"][i], batch["bg_depth"][i],
+                                    batch["image_disparity"][i] if "image_disparity" in batch else None,
+                                    None if sims is None else sims[i])
+            except Exception as exc:  # noqa: BLE001 - reported per sample by assemble
+                log.warning("quality statistics failed on %s: %s: %s", batch["key"][i], type(exc).__name__, exc)
+                return exc
 
         return dict(zip(rows, pool.map(one, rows) if pool is not None else map(one, rows)))
 
@@ -174,7 +179,7 @@ class TripletBuilder:
         """Final batch → (samples of healthy rows, failure records ``{key, source, stage, reason}``).
 
         With quality scores, their statistics run here (on ``pool``'s threads when given); their wall time is added
-        to ``seconds["quality_stats"]``.
+        to ``seconds["quality_stats"]``; a row whose statistics fail is a failure of stage ``quality``.
         """
         import time
 
@@ -190,6 +195,11 @@ class TripletBuilder:
             if batch["error"][i]:
                 failures.append({"key": key, "source": batch["source"][i], "stage": batch["error_stage"][i],
                                  "reason": batch["error"][i]})
+                continue
+            if isinstance(quality.get(i), Exception):
+                exc = quality[i]
+                failures.append({"key": key, "source": batch["source"][i], "stage": "quality",
+                                 "reason": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
             timings = ({s: round(float(batch[f"time_{s}"][i]), 6) for s in STAGE_NAMES if f"time_{s}" in batch}
                        if self.cfg.sample_timings else {})

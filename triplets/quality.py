@@ -109,7 +109,7 @@ SCORES: dict[str, Score] = {s.name: s for s in (
     Score("clip_sim", ("removal", "clip_sim"), 0, 1, "low", "CLIP similarity of the crop around M with and without "
           "I_b inside M"),
     Score("depth_order", ("depth", "order"), 0, 1, "high", "fraction of M nearer in D(I) than in D(I_b), aligned on "
-          "the rim", 0.5),
+          "the scene around the inpainted region", 0.5),
     Score("depth_margin", ("depth", "margin"), -1, 1, "high", "mean aligned D(I) - D(I_b) in M / D(I_b)'s spread",
           0.05),
     Score("mask_area", ("mask", "area"), 0, 1, "", "fraction of the image in M"),
@@ -146,7 +146,8 @@ def score_value(meta: dict, name: str) -> float | None:
 
 # --------------------------------------------------------------------------------------------------- pure scores
 def _r(x: float | None) -> float | None:
-    return None if x is None else round(float(x), DIGITS)
+    """Rounded to :data:`DIGITS`; ``None`` stays ``None`` and a non-finite value becomes ``None`` (undefined)."""
+    return None if x is None or not math.isfinite(float(x)) else round(float(x), DIGITS)
 
 
 def mask_shape(mask: np.ndarray) -> dict:
@@ -259,6 +260,8 @@ def align_disparity(image_disparity: np.ndarray, bg_disparity: np.ndarray, inpai
     if band.sum() < min_pixels:
         return None
     xs, ys = x[band], y[band]
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        return None
     vx = float(xs.var())
     if vx <= 1e-12 * max(1.0, float(np.abs(xs).max()) ** 2):
         return None
@@ -293,6 +296,8 @@ def depth_order(mask: np.ndarray, inpainted: np.ndarray, image_disparity: np.nda
     if spread <= 1e-6:
         return {"order": None, "margin": None}
     diff = (aligned[m] - bg[m]) / spread
+    if not np.isfinite(diff).all():
+        return {"order": None, "margin": None}
     return {"order": _r((diff > ORDER_TOLERANCE).mean()), "margin": _r(np.clip(diff.mean(), -1.0, 1.0))}
 
 
@@ -325,8 +330,11 @@ def _crop_side(embedder) -> int:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity, NaN (undefined) when either vector is zero or not finite."""
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return _r(float(np.dot(a, b)) / (na * nb)) if na > 0 and nb > 0 else 0.0
+    if not (na > 0 and nb > 0 and math.isfinite(na) and math.isfinite(nb)):
+        return float("nan")
+    return round(float(np.dot(a, b)) / (na * nb), DIGITS)
 
 
 def statistics(image: np.ndarray, mask: np.ndarray, background: np.ndarray, bg_depth: np.ndarray,

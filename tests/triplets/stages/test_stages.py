@@ -232,3 +232,12 @@ def test_quality_reuses_the_builds_maps_and_models_and_scores_off_the_model_thre
         assert set(q) == {"version", "removal", "depth", "mask"}
         assert q["mask"]["area"] == pytest.approx(s.meta["mask_area"], abs=1e-5)
         assert q["removal"]["score"] is None or 0 <= q["removal"]["score"] <= 1
+    # statistics that cannot be computed fail their own row only; a non-finite D(I) leaves depth undefined
+    broken = dict(batch, image_disparity=np.array(list(batch["image_disparity"]) + [None], dtype=object)[:-1])
+    broken["image_disparity"][healthy[0]] = np.zeros((3, 3), np.float32)
+    broken["image_disparity"][healthy[1]] = np.full((R, R), np.nan, np.float32)
+    got, fails = builder.assemble(broken)
+    assert [(f["key"], f["stage"]) for f in fails if f["stage"] == "quality"] == [(batch["key"][healthy[0]],
+                                                                                   "quality")]
+    nan_row = next(s for s in got if s.key == batch["key"][healthy[1]])
+    assert nan_row.meta["quality"]["depth"] == {"order": None, "margin": None}
