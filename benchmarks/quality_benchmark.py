@@ -1,7 +1,7 @@
 """How well each quality score measures what its name says: ROC-AUC and precision/recall on labelled triplets.
 
-    .venv/bin/python benchmarks/quality_benchmark.py                                   # 60 scenes at 256 px, CPU
-    .venv/bin/python benchmarks/quality_benchmark.py --config configs/build/default.yaml --device cuda  # real CLIP
+    .venv/bin/python benchmarks/quality_benchmark.py                          # 60 scenes at 256 px, tiny CLIP
+    .venv/bin/python benchmarks/quality_benchmark.py --config configs/build/default.yaml   # real CLIP (GPU if any)
 
 The cases (:mod:`triplets.quality_cases`) have their answer by construction: objects composited onto the
 repository's example photos and procedural textures, and every I_b variant labelled (clean removal, not removed —
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default="configs/build/tiny.yaml", help="build config naming embed.model (clip_sim)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", help="auto = CUDA when present (the learned terms), else CPU")
     ap.add_argument("--no-models", action="store_true", help="model-free scores only (clip_sim not measured)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
