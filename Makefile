@@ -30,8 +30,9 @@ demo: install ## Build triplet shards from examples/ (MODELS=default: download +
 	  || { status=$$?; [ "$(MODELS)" = "tiny" ] || echo "No weights or no network? Run the whole path with tiny models: make demo MODELS=tiny"; exit $$status; }
 	$(BIN)/cnc inspect $(DEMO_OUT) -n 8 --output $(DEMO_OUT)/inspect --html
 
-lint: install ## Lint with ruff (configured in pyproject.toml).
+lint: install ## Lint with ruff and check the import layers of docs/architecture.md (both in pyproject.toml).
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: lint ## Lint, then run the test suite (no network, CPU only).
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def start_reaper() -> subprocess.Popen | None:
         session_dir = worker._global_node.get_session_dir_path()
     except Exception:  # noqa: BLE001 - not a local node we started: nothing to reap
         return None
-    return subprocess.Popen([sys.executable, "-m", "pipelines.reaper", str(os.getpid()), session_dir],
+    return subprocess.Popen([sys.executable, "-m", "cnc.reaper", str(os.getpid()), session_dir],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True)
 
@@ -65,8 +66,6 @@ def start_reaper() -> subprocess.Popen | None:
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
     """Within the block, SIGTERM and SIGINT raise :class:`Interrupted` in the main thread."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import typer
+
+from cnc.base.errors import UserError
+from cnc.base.location import resolve
+from cnc.config import load_config
+from triplets.config import BuildConfig
 
 BUILD_HELP = """Build triplet shards from an image collection on Ray (resumable, exactly-once).
 
@@ -84,9 +91,7 @@ def score_build(
     """Add quality scores to shards built without them: a copy of SOURCE whose sample json carries ``quality``,
     recomputed from the stored fields with the config's saliency and CLIP models (committed per shard like a
     build; a rerun resumes). Every other member is copied byte for byte."""
-    from cnc.config import load_config
     from pipelines.derive import run_score
-    from triplets.config import BuildConfig
 
     overrides = list(overrides) + ([f"device={device}"] if device else [])  # validated with the config
     cfg = load_config(BuildConfig, _source_config(source, config), overrides)
@@ -98,10 +103,6 @@ def score_build(
 
 def _source_config(source: str, config: str | None) -> str:
     """``--config``, else the source build's ``config.yaml`` (copied to a local temporary file for a URL)."""
-    import tempfile
-
-    from cnc.base.errors import UserError
-    from cnc.base.location import resolve
     from triplets.shardio import resolve_shards
     from triplets.shardio.names import CONFIG_FILE
 

@@ -236,7 +236,7 @@ def run_filter(source: str, output: str, where: list[str], *, keep_unscored: boo
 def score_transform(scorer, batch_size: int = 4) -> Transform:
     """Recompute ``quality`` from the stored fields with ``scorer`` (:class:`triplets.quality.QualityScorer`) and
     replace only the ``json`` member; an undecodable sample is a failure row (stage ``quality``)."""
-    import numpy as np
+    import numpy as np  # kept out of `cnc --help` (pipelines.cli imports this module)
 
     from triplets.sample import decode_sample
 

@@ -158,11 +158,11 @@ def train_cli_app():
     """A typer app holding only ``train`` (and a no-op, so ``train`` stays a sub-command), wrapped like ``cnc``."""
     import typer
 
-    from cnc.cli import _wrap_commands
+    from cnc.commands import wrap_commands
     from cnc_model.train_cli import register
 
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)
-    _wrap_commands(app)  # the CLI's one user-error contract: UserError -> exit 2, one line
+    wrap_commands(app)  # the CLI's one user-error contract: UserError -> exit 2, one line
     return app

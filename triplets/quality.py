@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from cnc.base.errors import UserError
+from cnc.base.errors import ModelUnavailableError, UserError
+from cnc.hub import resolve_pretrained
 from triplets.sample import DEPTH_MAX
 from triplets.stages.base import Stage
 from triplets.stages.inpaint import dilate_mask
@@ -456,8 +457,6 @@ def scorer_from_config(cfg, device: str | None = None) -> QualityScorer:
     Raises:
         cnc.base.errors.ModelUnavailableError: one line per missing model naming its config key.
     """
-    from cnc.base.errors import ModelUnavailableError
-    from cnc.hub import resolve_pretrained
     from triplets.stages.depth import DPTDepth
     from triplets.stages.embed import CLIPImageEmbedder
 
