@@ -119,6 +119,30 @@ def table_rows(keys: list[str], folder: str = "") -> dict[str, list]:
             "key": keys}
 
 
+# -- samples ------------------------------------------------------------------------------------------------------
+def make_sample(key: str = "k", seed: int = 0, *, size: int = 32, dim: int = 8, nearer: bool = True,
+                caption: str = "a disk on random noise", meta: dict | None = None):
+    """The one test factory of a well-formed :class:`~triplets.sample.TripletSample` (``size`` px, ``dim``-wide
+    embeddings): a centred disk mask, foreground disparity peaking inside it (``nearer``; outside it otherwise),
+    seeded random images, depths and embeddings, and every ``REQUIRED_META`` key set (``meta`` overrides them)."""
+    from triplets.sample import TripletSample, quantize_depth
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    mask = (((xx - size / 2) ** 2 + (yy - size / 2) ** 2) < (size / 4) ** 2).astype(np.uint8)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    fq, fr = quantize_depth((mask if nearer else 1 - mask) * 5.0 + rng.random((size, size)))
+    bq, br = quantize_depth(rng.random((size, size)))
+    full_meta = {"key": key, "source": f"/data/{key}.jpg", "original_size": [size, size],
+                 "crop_box": [0, 0, size, size, 1.0], "resolution": size, "seed": seed, "models": {},
+                 "mask_area": float(mask.mean()), "fg_depth_range": list(fr), "bg_depth_range": list(br),
+                 "timings": {}, "version": "test", **(meta or {})}
+    return TripletSample(key=key, image=image, mask=mask,
+                         background=rng.integers(0, 256, (size, size, 3), dtype=np.uint8), fg_depth=fq, bg_depth=bq,
+                         fg_emb=rng.normal(size=dim).astype(np.float32), bg_emb=rng.normal(size=dim).astype(np.float32),
+                         caption=caption, meta=full_meta)
+
+
 # -- builds ----------------------------------------------------------------------------------------------------------
 def committed_keys(out: Path) -> tuple[list[str], list[str]]:
     """(sample keys over all tars, error keys over all error files) of build folder ``out`` — duplicates kept."""

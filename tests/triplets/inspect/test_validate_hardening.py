@@ -12,26 +12,16 @@ import tarfile
 import numpy as np
 import pytest
 
+from tests import support
 from triplets.inspect import inspect_shards, validate
 from triplets.inspect.render import contact_sheet
-from triplets.sample import TripletSample, encode_sample, quantize_depth, validate_sample
+from triplets.sample import TripletSample, encode_sample, validate_sample
 
 R = 32
 
 
 def make_sample(key: str, caption: str = "a disk") -> TripletSample:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:R, 0:R]
-    mask = (((xx - R / 2) ** 2 + (yy - R / 2) ** 2) < (R / 4) ** 2).astype(np.uint8)
-    fq, fr = quantize_depth(mask * 5.0 + rng.random((R, R)))
-    bq, br = quantize_depth(rng.random((R, R)))
-    meta = {"key": key, "source": f"/x/{key}.jpg", "original_size": [R, R], "crop_box": [0, 0, R, R, 1.0],
-            "resolution": R, "seed": 0, "models": {}, "mask_area": float(mask.mean()), "fg_depth_range": list(fr),
-            "bg_depth_range": list(br), "timings": {}, "version": "test"}
-    return TripletSample(key=key, image=rng.integers(0, 256, (R, R, 3), dtype=np.uint8), mask=mask,
-                         background=rng.integers(0, 256, (R, R, 3), dtype=np.uint8), fg_depth=fq, bg_depth=bq,
-                         fg_emb=rng.normal(size=8).astype(np.float32), bg_emb=rng.normal(size=8).astype(np.float32),
-                         caption=caption, meta=meta)
+    return support.make_sample(key, size=R, caption=caption, meta={"source": f"/x/{key}.jpg"})
 
 
 def _tar(path, members: list[tuple[str, bytes]], encoding: str = "utf-8") -> None:

@@ -6,12 +6,12 @@ import json
 import os
 import random
 
-import numpy as np
 import pytest
 
 import cnc.base.location as location
 from cnc.base.errors import OutputBusyError
 from pipelines.plan import PlanMismatchError, fingerprint, make_plan, prepare_plan
+from tests.support import make_sample
 from triplets.config import BuildConfig
 from triplets.sample import TripletSample, encode_sample
 from triplets.shardio import BuildOutput, ShardStats, encode_tar, file_sha256, iter_samples, open_tar_writer, tar_keys
@@ -20,16 +20,7 @@ FP = "f" * 16
 
 
 def _sample(key: str, seed: int = 0, r: int = 16) -> TripletSample:
-    rng = np.random.default_rng(seed)
-    return TripletSample(
-        key=key, image=rng.integers(0, 255, (r, r, 3), dtype=np.uint8), mask=(rng.random((r, r)) > 0.5).astype(np.uint8),
-        background=rng.integers(0, 255, (r, r, 3), dtype=np.uint8),
-        fg_depth=rng.integers(0, 65535, (r, r), dtype=np.uint16), bg_depth=rng.integers(0, 65535, (r, r), dtype=np.uint16),
-        fg_emb=rng.standard_normal(8).astype(np.float32), bg_emb=rng.standard_normal(8).astype(np.float32),
-        caption=f"caption {key}",
-        meta={"key": key, "source": f"/x/{key}.jpg", "original_size": [r, r], "crop_box": [0, 0, r, r, 1.0],
-              "resolution": r, "seed": seed, "models": {}, "mask_area": 0.5, "fg_depth_range": [0.0, 1.0],
-              "bg_depth_range": [0.0, 1.0], "timings": {}, "version": "test"})
+    return make_sample(key, seed, size=r, caption=f"caption {key}")
 
 
 def _write_shard(out, shard: int, keys: list[str], failures: list[dict] | None = None, crash_after: int | None = None):
