@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests import support
+from tests.support import synthetic_photo
 from triplets.inspect import inspect_shards, validate
 from triplets.inspect.render import contact_sheet
 from triplets.sample import TripletSample, encode_sample, validate_sample
@@ -128,3 +129,29 @@ def test_non_utf8_error_log_is_a_finding_not_a_crash(tmp_path):
     (tmp_path / "errors" / "000000.jsonl").write_bytes(b'{"stage": "decode", "reason": "x"}\n\xff\xfe\n[1]\n')
     result = validate(tmp_path)
     assert "line 2 is not a JSON object" in _messages(result) and "line 3" in _messages(result)
+
+
+def test_inspect_accepts_latent_member():
+    """``latent.npy`` is a known optional member: cnc inspect's validator does not warn about it."""
+    from types import SimpleNamespace
+
+    from triplets.inspect.validate import _check_sample
+    from triplets.sample import TripletSample, encode_sample
+
+    meta = {"key": "k", "source": "x", "original_size": [R, R], "crop_box": [0, 0, 1, 1, 1], "resolution": R,
+            "seed": 0, "models": {}, "mask_area": 0.25, "fg_depth_range": [0, 1], "bg_depth_range": [0, 1],
+            "timings": {}, "version": "t"}
+    img = synthetic_photo(0, R, R)
+    mask = np.zeros((R, R), np.uint8)
+    mask[8:24, 8:24] = 1
+    depth = np.zeros((R, R), np.uint16)
+    s = TripletSample(key="k", image=img, mask=mask, background=img, fg_depth=depth, bg_depth=depth,
+                      fg_emb=np.zeros(8, np.float32), bg_emb=np.zeros(8, np.float32), caption="", meta=meta,
+                      latent=np.zeros((2, 4, R // 8, R // 8), np.float16))
+    findings, summary = [], SimpleNamespace(add_sample=lambda sample: None)
+    _check_sample(encode_sample(s), True, summary, lambda msg, key, *a: findings.append(msg))
+    assert findings == []
+    bad = encode_sample(s)
+    bad["latent.npy"] = encode_sample(TripletSample(**{**s.__dict__, "latent": None}))["fg_emb.npy"]
+    _check_sample(bad, True, summary, lambda msg, key, *a: findings.append(msg))
+    assert findings and "latent.npy" in findings[0]
