@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODELS ?= default
 DEMO_OUT ?= out/demo$(if $(filter tiny,$(MODELS)),-tiny,)
+#: pytest-xdist workers for `make test` (both cores of the 2-vCPU reference machine; 0 = serial).
+TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -35,7 +37,7 @@ lint: install ## Lint with ruff and check the import layers of docs/architecture
 	$(BIN)/lint-imports
 
 test: lint ## Lint, then run the test suite (no network, CPU only).
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: install ## CPU throughput benchmark of the shard builder (tiny models).
 	$(BIN)/python benchmarks/build_throughput.py

@@ -11,6 +11,19 @@ import pytest
 
 from tests.support import FAST_BUILD, TINY_CONFIG, make_photo_folder
 
+#: Fixtures that run builds on the session's local Ray.
+_RAY_FIXTURES = {"ray_local", "reference_build"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``make test`` runs the suite on both cores (pytest-xdist ``-n 2 --dist loadgroup``). Every test that uses Ray
+    (its own cluster, ``@pytest.mark.ray``, or the session's local Ray) joins the group ``ray``, which one worker runs
+    one test after the other: one local Ray per session as before, and no two Ray clusters fighting over two cores or
+    over timing-sensitive kill tests; the other worker takes the rest. Without xdist the marker does nothing."""
+    for item in items:
+        if "ray" in item.keywords or _RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
 
 @pytest.fixture(scope="session")
 def ray_local():
