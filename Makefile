@@ -37,7 +37,7 @@ lint: install ## Lint with ruff and check the import layers of docs/architecture
 	$(BIN)/lint-imports
 
 test: lint ## Lint, then run the test suite (no network, CPU only).
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install ## CPU throughput benchmark of the shard builder (tiny models).
 	$(BIN)/python benchmarks/build_throughput.py
