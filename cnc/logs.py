@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -66,8 +67,6 @@ def quiet_library_progress(force: bool = False) -> None:
     """Off a terminal (Ray workers, job logs): no tqdm bars from diffusers / transformers / huggingface_hub model
     loading — their carriage returns turn a job log into one long line (imports the libraries: call it where they are
     used anyway)."""
-    import os
-
     if sys.stderr.isatty() and not force:
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

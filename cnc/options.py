@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import TypeVar
 
+from cnc.base.errors import UserError
+
 T = TypeVar("T")
 log = logging.getLogger("cnc")
 
@@ -29,7 +31,5 @@ def deprecated_alias(value: T, alias_value: T | None, alias: str, name: str, def
         return value
     log.warning("%s is deprecated; use %s", alias, name)
     if value is not None and value != default and value != alias_value:
-        from cnc.base.errors import UserError
-
         raise UserError(f"{alias} and {name} name the same option; give only {name}")
     return alias_value

@@ -11,10 +11,14 @@ from pathlib import Path
 
 import typer
 
-from cnc.base.errors import UserError
-from cnc.hub import TINY
+from cnc.base.errors import ModelUnavailableError, UserError
+from cnc.base.location import resolve
+from cnc.hub import TINY, resolve_pretrained
+from cnc.options import deprecated_alias
+from cnc.tiny_store import KIND_OF_KEY, TINY_SAM_TYPE, materialize
 from cnc_model.evaluation.cli import register as register_eval
-from cnc_model.loading import WEIGHTS_HELP
+from cnc_model.loading import WEIGHTS_HELP, NotAPipelineError, export_pipeline
+from cnc_model.sources import load_source_pipeline, sampling_prompts
 from cnc_model.train_cli import register as register_train
 
 logger = logging.getLogger(__name__)
@@ -28,8 +32,6 @@ def _load_model(spec: str, what: str, option: str, loader):
     """``loader(spec)``; any failure to find the model is a :class:`UserError` naming it and the option."""
     hint = f"{what} '{spec}' not found; pass {option} with a local folder or Hugging Face id"
     if spec == TINY:
-        from cnc.tiny_store import KIND_OF_KEY, materialize
-
         spec = str(materialize(KIND_OF_KEY[option]))
     if _looks_local(spec) and not Path(spec).expanduser().exists():
         raise UserError(hint)
@@ -41,7 +43,7 @@ def _load_model(spec: str, what: str, option: str, loader):
 
 def _sheet(tiles, height: int, width: int):
     """Tiles (PIL images or (H, W[, 3]) arrays in [0, 1] / uint8) side by side -> one PIL image."""
-    import numpy as np
+    import numpy as np  # kept out of `cnc --help`
     from PIL import Image
 
     row = Image.new("RGB", (width * len(tiles), height))
@@ -101,8 +103,6 @@ def sample(
     import torch
     from PIL import Image
 
-    from cnc.options import deprecated_alias
-
     out = deprecated_alias(output, out, "--out", "--output", default=Path("samples"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,7 +118,7 @@ def sample(
                   fg_depth_scale=fg_depth_scale, bg_depth_scale=bg_depth_scale, generator=generator)
     if shard_sample is not None:
         triplet = _load_shard_sample(shard_sample)
-        pipe = load_pipeline_or_fail(checkpoint_dir, weights=weights).to(device)
+        pipe = load_source_pipeline(checkpoint_dir, weights=weights).to(device)
         images = pipe([prompt or triplet.caption] * num_images, fg_depth=triplet.fg_depth_float(),
                       bg_depth=triplet.bg_depth_float(), mask=triplet.mask.astype("float32"),
                       fg_reference=torch.from_numpy(triplet.fg_emb)[None],
@@ -133,10 +133,6 @@ def sample(
         depth = _load_model(depth_model, "depth model", "--depth-model", lambda s: DPTDepthEstimator(s, device))
         segmenter = None
         if sam_checkpoint is not None:
-            from cnc.hub import resolve_pretrained
-            from cnc.tiny_store import TINY_SAM_TYPE
-            from triplets.errors import ModelUnavailableError
-
             try:
                 sam_path = resolve_pretrained(sam_checkpoint, "--sam-checkpoint", is_file=True)
                 saliency = resolve_pretrained(depth_model, "--depth-model")
@@ -144,7 +140,7 @@ def sample(
                 raise UserError(str(err)) from None
             segmenter = SamSaliencySegmenter(sam_path, saliency, device=device,
                                              sam_model_type=TINY_SAM_TYPE if sam_checkpoint == TINY else "vit_h")
-        pipe = load_pipeline_or_fail(checkpoint_dir, weights=weights)
+        pipe = load_source_pipeline(checkpoint_dir, weights=weights)
         if pipe.global_fuser is not None and (pipe.image_encoder is None or pipe.feature_extractor is None):
             encoder, processor = _load_model(image_encoder, "image encoder", "--image-encoder", _image_encoder)
             pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
@@ -173,51 +169,6 @@ def _image_encoder(spec: str):
     return CLIPVisionModelWithProjection.from_pretrained(spec), CLIPImageProcessor.from_pretrained(spec)
 
 
-def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, reference: bool) -> tuple[str, str]:
-    """Resolve the negative prompt and prompt suffix: explicit values win, else the reference demo's (or "")."""
-    from cnc_model.pipeline_cnc import REFERENCE_NEGATIVE_PROMPT, REFERENCE_PROMPT_SUFFIX
-
-    if negative_prompt is None:
-        negative_prompt = REFERENCE_NEGATIVE_PROMPT if reference else ""
-    if prompt_suffix is None:
-        prompt_suffix = REFERENCE_PROMPT_SUFFIX if reference else ""
-    return negative_prompt, prompt_suffix
-
-
-def load_pipeline_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
-    """:func:`cnc_model.loading.load_pipeline`; an unloadable folder, weights it does not hold or a missing base
-    model are a :class:`UserError` (one line)."""
-    return load_source_or_fail(path, option, weights)[1]
-
-
-def describe_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
-    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures are a :class:`UserError` (one
-    line)."""
-    from cnc.base.location import resolve
-    from cnc_model.loading import NotAPipelineError, describe
-    from triplets.errors import ModelUnavailableError
-
-    if not resolve(path).exists():
-        raise UserError(f"{option} {path} does not exist")
-    try:
-        return describe(path, weights)
-    except (NotAPipelineError, ModelUnavailableError) as err:
-        raise UserError(str(err).splitlines()[0]) from None
-
-
-def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = None):
-    """``(Source, CnCPipeline)`` of ``path`` (a folder, or a :class:`~cnc_model.loading.Source` already described)
-    with the selected ``weights``; failures are a :class:`UserError` (one line)."""
-    from cnc_model.loading import NotAPipelineError, Source, load_pipeline
-    from triplets.errors import ModelUnavailableError
-
-    source = path if isinstance(path, Source) else describe_or_fail(path, option, weights)
-    try:
-        return source, load_pipeline(source)
-    except (NotAPipelineError, ModelUnavailableError) as err:
-        raise UserError(str(err).splitlines()[0]) from None
-
-
 def export(
     source: str = typer.Argument(..., help="A cnc train output folder, one of its checkpoint-N folders or a "
                                            "pipeline folder; a local path or a URL (s3://...)."),
@@ -226,10 +177,6 @@ def export(
 ) -> None:
     """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, model
     cards)."""
-    from cnc.base.location import resolve
-    from cnc_model.loading import NotAPipelineError, export_pipeline
-    from triplets.errors import ModelUnavailableError
-
     if not resolve(source).exists():
         raise UserError(f"{source} does not exist")
     try:
@@ -241,7 +188,6 @@ def export(
 
 def _load_shard_sample(spec: str):
     """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (a :class:`UserError` when absent)."""
-    from cnc.base.location import resolve
     from triplets.sample import decode_sample
     from triplets.shardio import TarStream
 

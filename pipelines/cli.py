@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import typer
+
+from cnc.base.errors import UserError
+from cnc.base.location import resolve
+from cnc.config import load_config
+from triplets.config import BuildConfig
 
 BUILD_HELP = """Build triplet shards from an image collection on Ray (resumable, exactly-once).
 
@@ -94,9 +101,7 @@ def score_build(
     (shards built without scores, or with an older version's), recomputed from the stored fields with the config's
     depth and CLIP models (committed per shard like a build; a rerun resumes). Every other member is copied byte
     for byte."""
-    from cnc.config import load_config
     from pipelines.derive import run_score
-    from triplets.config import BuildConfig
 
     overrides = list(overrides) + ([f"device={device}"] if device else [])  # validated with the config
     cfg = load_config(BuildConfig, _source_config(source, config), overrides)
@@ -108,10 +113,6 @@ def score_build(
 
 def _source_config(source: str, config: str | None) -> str:
     """``--config``, else the source build's ``config.yaml`` (copied to a local temporary file for a URL)."""
-    import tempfile
-
-    from cnc.base.errors import UserError
-    from cnc.base.location import resolve
     from triplets.shardio import resolve_shards
     from triplets.shardio.names import CONFIG_FILE
 

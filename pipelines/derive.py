@@ -263,7 +263,7 @@ def score_transform(scorer, batch_size: int = 4) -> Transform:
     """Recompute ``quality`` from the stored fields with ``scorer`` (:class:`triplets.quality.QualityScorer`: D(I)
     from its depth model, D(I_b) as stored) and replace only the ``json`` member; an undecodable sample is a failure
     row (stage ``quality``)."""
-    import numpy as np
+    import numpy as np  # kept out of `cnc --help` (pipelines.cli imports this module)
 
     from triplets.sample import decode_sample
 

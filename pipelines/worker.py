@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
+from cnc.logs import quiet_library_progress
 from pipelines.sink import ShardSink
 from triplets.config import BuildConfig
 from triplets.readers import ReadOptions, shard_items
@@ -79,7 +80,6 @@ class ShardWorker:
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
-        from cnc.logs import quiet_library_progress
         from triplets.builder import TripletBuilder
 
         quiet_library_progress()  # worker logs are not terminals: no "Loading weights" bars in the driver's output

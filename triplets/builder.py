@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 
 import numpy as np
 
@@ -135,8 +136,6 @@ class TripletBuilder:
 
     def run_models(self, batch: dict, seconds: collections.Counter | None = None) -> dict:
         """The model stages on a decoded batch; adds each stage's wall time to ``seconds[stage.name]``."""
-        import time
-
         for stage in self.model_stages:
             t = time.perf_counter()
             batch = stage(batch)

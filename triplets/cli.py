@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import typer
 
 from cnc.base.errors import UserError
+from cnc.base.location import resolve
+from cnc.options import deprecated_alias
 
 log = logging.getLogger(__name__)
 
@@ -15,10 +19,6 @@ log = logging.getLogger(__name__)
 def _default_out(paths: list[str]) -> Path | None:
     """``PATH/inspect`` for a writable local build folder, ``inspect/`` beside a local tar; ``None`` (write nothing
     unless ``--out`` is given) for object-store inputs and read-only datasets."""
-    import os
-
-    from cnc.base.location import resolve
-
     first = resolve(paths[0]) if not paths[0].startswith("pipe:") else None
     if first is not None and first.is_local:
         folder = first.local_path() if first.isdir() else first.local_path().parent
@@ -59,12 +59,9 @@ def inspect(
     Exit status: 0 valid (warnings allowed); 1 invalid, with one line per problem on stdout (in the JSON with
     --json); 2 nothing matches PATHS or a --keys key is not found.
     """
-    import json
-
     from rich.console import Console
     from rich.progress import Progress
 
-    from cnc.options import deprecated_alias
     from triplets.inspect import inspect_shards, print_report, write_report
     from triplets.inspect.report import summary_dict
     from triplets.shardio import resolve_shards
@@ -111,9 +108,6 @@ def inspect(
 
 def _write_cards(paths: list[str]) -> list[str]:
     """``--card``: (re)write the dataset card of every build folder among ``paths``."""
-    import logging
-
-    from cnc.base.location import resolve
     from triplets.card import write_card
 
     written = []

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cnc.config import Seed
 
+#: The input formats (one reader each in :mod:`triplets.readers`); ``input_format: auto`` detects one.
+INPUT_FORMATS = ("folder", "coco", "webdataset", "pickapic", "table")
 #: Devices a build runs on (``auto`` = CUDA when present).
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -180,7 +182,7 @@ class BuildConfig(_Strict):
         "off", description="torch.compile the inpainting UNet (≈ 80 % of a triplet's FLOPs) with this mode; "
                            "compiles once per batch shape at start-up, outputs change within float rounding "
                            "(operational: not part of the plan fingerprint); measured in benchmarks/gpu_suite.py")
-    input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic", "table"] = "auto"
+    input_format: Literal[("auto", *INPUT_FORMATS)] = "auto"
     input_hash: bool = Field(
         False, description="table inputs: fingerprint every input file by a sha256 of its content (reads every "
                            "byte once) instead of size + etag/mtime")

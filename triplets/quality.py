@@ -60,6 +60,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnc.base.errors import ModelUnavailableError
+from cnc.hub import resolve_pretrained
 from triplets.sample import DEPTH_MAX
 from triplets.stages.base import Stage
 from triplets.stages.inpaint import dilate_mask
@@ -492,8 +494,6 @@ def scorer_from_config(cfg, device: str | None = None) -> QualityScorer:
     Raises:
         cnc.base.errors.ModelUnavailableError: one line per missing model naming its config key.
     """
-    from cnc.base.errors import ModelUnavailableError
-    from cnc.hub import resolve_pretrained
     from triplets.stages.depth import DPTDepth
     from triplets.stages.embed import CLIPImageEmbedder
 

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from cnc.tiny_store import TINY_SAM_TYPE, tiny_sam_architecture
 from triplets.stages.base import Stage, resolve_device, resolve_dtype
 
 
@@ -117,8 +118,6 @@ class SamSegmenter:
 def sam_architectures() -> dict[str, Callable]:
     """``sam_model_type`` → builder: segment-anything's ``vit_h`` / ``vit_l`` / ``vit_b`` and the tiny test model."""
     from segment_anything import sam_model_registry
-
-    from cnc.tiny_store import TINY_SAM_TYPE, tiny_sam_architecture
 
     return {**sam_model_registry, TINY_SAM_TYPE: tiny_sam_architecture}
 
