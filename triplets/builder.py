@@ -180,8 +180,6 @@ class TripletBuilder:
         With quality scores, their statistics run here (on ``pool``'s threads when given); their wall time is added
         to ``seconds["quality_stats"]``; a row whose statistics fail is a failure of stage ``quality``.
         """
-        import time
-
         samples, failures = [], []
         healthy_rows = [i for i, e in enumerate(batch["error"]) if not e]
         quality = {}

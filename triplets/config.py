@@ -6,6 +6,7 @@ random tiny model, written once as a real checkpoint by :mod:`cnc.tiny_store`).
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import ClassVar, Literal
 
@@ -101,8 +102,6 @@ class QualityConfig(_Strict):
         """Configs saved by builds of quality version 1 carry ``change_threshold``, a pixel threshold of a score
         that no longer exists: dropped (with a warning) so ``cnc score`` can rescore those builds."""
         if isinstance(data, dict) and "change_threshold" in data:
-            import logging
-
             logging.getLogger(__name__).warning(
                 "quality.change_threshold (quality version 1) is no longer used; ignored (see quality.change_floor)")
             data = {k: v for k, v in data.items() if k != "change_threshold"}
