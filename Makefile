@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODELS ?= default
 DEMO_OUT ?= out/demo$(if $(filter tiny,$(MODELS)),-tiny,)
+#: pytest-xdist workers for `make test` (both cores of the 2-vCPU reference machine; 0 = serial).
+TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -30,11 +32,12 @@ demo: install ## Build triplet shards from examples/ (MODELS=default: download +
 	  || { status=$$?; [ "$(MODELS)" = "tiny" ] || echo "No weights or no network? Run the whole path with tiny models: make demo MODELS=tiny"; exit $$status; }
 	$(BIN)/cnc inspect $(DEMO_OUT) -n 8 --html  # report under $(DEMO_OUT)/_cnc/inspect/
 
-lint: install ## Lint with ruff (configured in pyproject.toml).
+lint: install ## Lint with ruff and check the import layers of docs/architecture.md (both in pyproject.toml).
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: lint ## Lint, then run the test suite (no network, CPU only).
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install ## CPU throughput benchmark of the shard builder (tiny models).
 	$(BIN)/python benchmarks/build_throughput.py

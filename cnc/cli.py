@@ -1,15 +1,25 @@
 """The single ``cnc`` command line.
 
 Each area of the project registers its own sub-commands (``register(app)`` in
-``triplets.cli``, ``pipelines.cli``, ``cnc_model.cli`` and ``jobs.cli``); heavy imports
+``triplets.cli``, ``pipelines.cli``, ``cnc_model.cli``, ``jobs.cli`` and ``cnc.models_cli``); every command is
+wrapped by :func:`cnc.commands.wrap_commands` (a ``UserError`` becomes ``error: ...`` and exit 2). Heavy imports
 (torch, ray, diffusers) happen inside the commands so ``cnc --help`` stays fast.
 """
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import typer
 
+from cnc.commands import wrap_commands
 from cnc.logs import quiet_library_progress, setup_logging
+from cnc.models_cli import register as register_models
+from cnc.push_cli import register as register_push
+from cnc_model.cli import register as register_model
+from jobs.cli import register as register_jobs
+from pipelines.cli import register as register_pipelines
+from triplets.cli import register as register_triplets
 
 app = typer.Typer(
     name="cnc",
@@ -22,8 +32,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from importlib import metadata
-
         try:
             version = metadata.version("cnc")
         except metadata.PackageNotFoundError:  # run from a source tree without installing
@@ -42,65 +50,11 @@ def _root(
     quiet_library_progress()  # off a terminal: no library progress bars in any command's log
 
 
-def user_errors_exit_2(fn):
-    """Wrap a command: a :class:`~cnc.base.errors.UserError` becomes one ``error: ...`` line per problem on stderr
-    and exit status 2.
-
-    This is the one place where user errors meet the command line (every command is wrapped by
-    :func:`_register_all`), so no command prints a traceback for input the user controls.
-    """
-    import functools
-
-    from cnc.base.errors import UserError
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            _refuse_urls_in_local_paths(kwargs)
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                typer.echo(f"error: {line}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
-
-
-def _refuse_urls_in_local_paths(kwargs: dict) -> None:
-    """Options typed as local paths never silently turn a URL into a local folder (``s3://b/x`` → ``./s3:/b/x``)."""
-    from pathlib import PurePath
-
-    from cnc.base.errors import LocationError
-    from cnc.base.location import looks_like_url
-
-    for name, value in kwargs.items():
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(v, PurePath) and looks_like_url(str(v)):
-                raise LocationError(f"{name.replace('_', '-')} takes a local path, and {str(v)!r} is a URL "
-                                    f"(for a local folder whose name has a colon, write ./{v})")
-
-
-def _wrap_commands(typer_app: typer.Typer) -> None:
-    for info in typer_app.registered_commands:
-        if info.callback is not None and not getattr(info.callback, "__wrapped__", None):
-            info.callback = user_errors_exit_2(info.callback)
-    for group in typer_app.registered_groups:
-        if group.typer_instance is not None:
-            _wrap_commands(group.typer_instance)
-
-
 def _register_all() -> None:
-    from cnc.models_cli import register as register_models
-    from cnc.push_cli import register as register_push
-    from cnc_model.cli import register as register_model
-    from jobs.cli import register as register_jobs
-    from pipelines.cli import register as register_pipelines
-    from triplets.cli import register as register_triplets
-
     for register in (register_pipelines, register_triplets, register_model, register_jobs, register_models,
                      register_push):
         register(app)
-    _wrap_commands(app)
+    wrap_commands(app)
 
 
 _register_all()

@@ -11,6 +11,7 @@ links there) and can be named instead of given as a path: ``default``, ``tiny``,
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -67,8 +68,6 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 
 def packaged_configs_dir() -> Path:
     """The folder of the shipped configs (inside the installed ``cnc`` package)."""
-    from importlib import resources
-
     return Path(str(resources.files("cnc") / "configs"))
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from triplets.config import BuildConfig
+
 
 @dataclass(frozen=True)
 class KeyDoc:
@@ -85,8 +87,7 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> Iterator[KeyDoc]:
 
 def config_models() -> dict[str, type[BaseModel]]:
     """The documented configs: ``build`` (``cnc build``, ``cnc score``) and ``train`` (``cnc train``)."""
-    from cnc_model.training.config import TrainConfig
-    from triplets.config import BuildConfig
+    from cnc_model.training.config import TrainConfig  # numpy (through triplets.quality): heavy
 
     return {"build": BuildConfig, "train": TrainConfig}
 

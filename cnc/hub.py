@@ -15,7 +15,9 @@ import logging
 import os
 from pathlib import Path
 
-from triplets.errors import ModelUnavailableError
+from cnc.base.errors import ModelUnavailableError
+from cnc.downloads import cached_file, known_file
+from cnc.tiny_store import KIND_OF_KEY, materialize
 
 log = logging.getLogger(__name__)
 #: The config value of every model key that selects the seeded tiny model (tests, ``make demo MODELS=tiny``).
@@ -45,15 +47,11 @@ def resolve_pretrained(model_id: str, config_key: str, *, is_file: bool = False,
         ModelUnavailableError: one line naming the model and the config key.
     """
     if model_id == TINY:
-        from cnc.tiny_store import KIND_OF_KEY, materialize
-
         return str(materialize(KIND_OF_KEY.get(config_key, config_key), seed))
     path = Path(model_id).expanduser()
     if path.exists():
         return str(path)
     if is_file:
-        from cnc.downloads import cached_file, known_file
-
         spec = known_file(model_id)
         if spec is not None and (cached := cached_file(spec)) is not None:
             return str(cached)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -65,7 +66,6 @@ def route_third_party() -> None:
 def progress_bars_enabled() -> bool:
     """Whether progress bars may be drawn: only on a terminal (bars go to stderr), and not after
     :func:`quiet_library_progress` switched them off (``TQDM_DISABLE``)."""
-    import os
 
     return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "") in ("", "0", "false", "False")
 
@@ -82,7 +82,6 @@ def quiet_library_progress(force: bool = False) -> None:
     pipelines that pass ``disable`` themselves ask :func:`progress_bars_enabled` (``CnCPipeline.progress_bar``).
     No library is imported here (``cnc --help`` stays fast).
     """
-    import os
 
     if sys.stderr.isatty() and not force:
         return

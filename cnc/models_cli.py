@@ -16,8 +16,12 @@ from pathlib import Path
 import typer
 import yaml
 
+from cnc.config import ConfigError, load_config, packaged_config_names, resolve_config_path
+from cnc.config_docs import render_markdown
+from cnc.downloads import KNOWN_FILES, DownloadError, cached_file, download_file, files_dir, known_file, unreachable
 from cnc.hub import TINY
 from cnc.options import choice_enum
+from triplets.config import BuildConfig
 
 log = logging.getLogger(__name__)
 #: Configs ``cnc models`` covers when no ``--config`` is given: the demo build and the first training stage.
@@ -45,8 +49,6 @@ def config_models(name: str) -> list[ModelRef]:
     Raises:
         cnc.config.ConfigError: unknown file/name or invalid config.
     """
-    from cnc.config import ConfigError, load_config, resolve_config_path
-
     path = resolve_config_path(name, "build")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -62,7 +64,6 @@ def config_models(name: str) -> list[ModelRef]:
         refs += [ModelRef(k, v) for k, v in (("model.local_fuser", m.local_fuser), ("model.global_fuser",
                                                                                       m.global_fuser)) if v]
         return refs
-    from triplets.config import BuildConfig
 
     cfg = load_config(BuildConfig, path)
     return [ModelRef(k, v, is_file=k == "segment.sam_checkpoint") for k, v in cfg.model_ids().items()]
@@ -97,8 +98,6 @@ def _human(n: int | None) -> str:
 
 def locate(ref: ModelRef) -> tuple[str, Path | None]:
     """``(state, path)`` without network: state is ``tiny`` | ``local`` | ``cached`` | ``missing``."""
-    from cnc.downloads import cached_file, known_file
-
     if ref.model_id == TINY:
         return "tiny", None
     p = Path(ref.model_id).expanduser()
@@ -140,8 +139,6 @@ def download_ref(ref: ModelRef, cache_dir: Path | None, base_url: str | None, pr
     Raises:
         cnc.downloads.DownloadError: one line naming the model and the reason.
     """
-    from cnc.downloads import DownloadError, download_file, files_dir, known_file, unreachable
-
     state, path = locate(ref)
     if state in ("tiny", "local"):
         return path
@@ -172,8 +169,6 @@ def download_ref(ref: ModelRef, cache_dir: Path | None, base_url: str | None, pr
 
 
 def _known() -> list[str]:
-    from cnc.downloads import KNOWN_FILES
-
     return list(KNOWN_FILES)
 
 
@@ -189,8 +184,6 @@ def download(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Fetch every model a config names (hub ids and the SAM checkpoint; sha256 checked, partial downloads resume)."""
-    from cnc.downloads import DownloadError
-
     refs = _refs(configs)  # a bad config is a UserError: exit 2, one line (cnc.cli)
     failed = 0
     for ref in refs:
@@ -213,8 +206,6 @@ def list_models(
                                       "(repeatable; default: build/default and train/local)."),
 ) -> None:
     """Show each model of the config(s): present or missing, where, and its size (no network)."""
-    from cnc.downloads import known_file
-
     refs = _refs(configs)  # a bad config is a UserError: exit 2, one line (cnc.cli)
     typer.echo(f"{'key':40s} {'model':52s} {'state':8s} {'size':>9s}  where")
     for ref in refs:
@@ -230,8 +221,6 @@ def list_models(
 def show(name: str = typer.Argument(..., help="Shipped config (default, tiny, build/tiny, train/local...) or a "
                                                 "file.")) -> None:
     """Print a config, e.g. `cnc config show train/local > my.yaml` to start a custom copy."""
-    from cnc.config import resolve_config_path
-
     path = resolve_config_path(name, "build")  # an unknown name is a UserError: exit 2, one line (cnc.cli)
     typer.echo(path.read_text(), nl=False)
 
@@ -246,8 +235,6 @@ def docs(
                                 "instead of stdout.", show_default=False),
 ) -> None:
     """Every config key with its type, default and description, from the pydantic models (Markdown)."""
-    from cnc.config_docs import render_markdown
-
     kind = getattr(kind, "value", kind)
     text = render_markdown(None if kind == "all" else [kind])
     if output is None:
@@ -260,8 +247,6 @@ def docs(
 @config_app.command("list")
 def list_configs() -> None:
     """Names of the shipped configs."""
-    from cnc.config import packaged_config_names
-
     for name in packaged_config_names():
         typer.echo(name)
 

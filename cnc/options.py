@@ -17,6 +17,8 @@ import logging
 from enum import Enum
 from typing import TypeVar, get_args
 
+from cnc.base.errors import UserError
+
 T = TypeVar("T")
 log = logging.getLogger("cnc")
 
@@ -34,8 +36,6 @@ def deprecated_alias(value: T, alias_value: T | None, alias: str, name: str, def
         return value
     log.warning("%s is deprecated; use %s", alias, name)
     if value is not None and value != default and value != alias_value:
-        from cnc.base.errors import UserError
-
         raise UserError(f"{alias} and {name} name the same option; give only {name}")
     return alias_value
 

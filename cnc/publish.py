@@ -19,11 +19,16 @@ card's ``push_to_hub`` (validated by the Hub first). The endpoint and token are 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnc.base.errors import UserError
+from cnc_model.card import component_shims, model_card_data
 
 log = logging.getLogger(__name__)
 #: Never uploaded from a build folder: the build lock and probes, temporaries, the inspect report.
@@ -87,13 +92,9 @@ def model_card(folder: Path, datasets: list[str] | None = None, license: str | N
     (an export without metadata gets the :mod:`cnc_model.card` metadata)."""
     from huggingface_hub import ModelCard
 
-    from cnc_model.card import model_card_data
-
     readme = folder / "README.md"
     card = ModelCard(readme.read_text()) if readme.is_file() else ModelCard("# CnC pipeline\n")
     if card.data.library_name is None:
-        import json
-
         meta = folder / "cnc_export.json"
         base = json.loads(meta.read_text()).get("base_model") if meta.is_file() else None
         defaults = model_card_data(base_model=base).to_dict()
@@ -115,8 +116,6 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, datasets: l
     Raises:
         PushError: the folder is not pushable, the Hub is unreachable or refuses (one line).
     """
-    import os
-
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise PushError(f"{folder} is not a folder")
@@ -150,11 +149,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, datasets: l
 
 def _push_component_shims(api, folder: Path, repo_id: str, revision: str | None, message: str) -> None:
     """Commit the component entry points of a pipeline's ``model_index.json`` (skipped when the repo holds them)."""
-    import json
-
     from huggingface_hub import CommitOperationAdd
-
-    from cnc_model.card import component_shims
 
     shims = component_shims(json.loads((folder / "model_index.json").read_text()))
     have = set(api.list_repo_files(repo_id, repo_type="model", revision=revision))
@@ -167,9 +162,6 @@ def _push_component_shims(api, folder: Path, repo_id: str, revision: str | None,
 
 def _transport_errors() -> tuple[type[Exception], ...]:
     """The HTTP client's connection errors (huggingface_hub uses httpx, or its fork httpx2, by version)."""
-    import importlib
-    import importlib.util
-
     return tuple(importlib.import_module(m).HTTPError for m in ("httpx2", "httpx") if importlib.util.find_spec(m))
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cnc.publish import push
+
 
 def push_command(
     folder: Path = typer.Argument(..., help="A build folder (cnc build / filter / score) or an exported pipeline "
@@ -25,8 +27,6 @@ def push_command(
 ) -> None:
     """Publish a build as a Hub dataset repo, or an exported pipeline as a model repo, with its card (resumable:
     rerun after an interruption to upload what is missing)."""
-    from cnc.publish import push
-
     result = push(folder, repo_id, private=private, datasets=dataset, license=license, revision=revision,
                   token=token, commit_message=message)
     typer.echo(f"pushed {folder} to {result.kind} repo {result.repo_id}: {result.url}")

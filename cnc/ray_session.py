@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ def start_reaper() -> subprocess.Popen | None:
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
     """Within the block, SIGTERM and SIGINT raise :class:`Interrupted` in the main thread."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +151,6 @@ def tiny_dpt(seed: int = 0):
 
 def tiny_sam(seed: int = 0):
     """segment-anything ``Sam`` at 64 px input (ViT depth 1, width 32); works with ``SamPredictor``."""
-    from functools import partial
-
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     _seeded(seed)

@@ -95,7 +95,7 @@ def _save_sam(folder: Path, seed: int) -> None:
 def _save_u2net(folder: Path, seed: int) -> None:
     import torch
 
-    from triplets.stages.u2net import U2NET_TINY, U2Net
+    from cnc.u2net import U2NET_TINY, U2Net  # torch: heavy, only when the tiny U²-Net is written
 
     torch.manual_seed(seed)
     torch.save(U2Net(**U2NET_TINY).state_dict(), folder / TINY_U2NET_FILE)

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import typer
 
-from cnc.base.errors import UserError
+from cnc.base.errors import ModelUnavailableError, UserError
+from cnc.base.location import resolve
 from cnc.hub import TINY
-from cnc.options import Weights
+from cnc.options import Weights, deprecated_alias, value_of
+from cnc.tiny_store import TINY_SAM_TYPE
 from cnc_model.evaluation.cli import register as register_eval
-from cnc_model.loading import WEIGHTS_HELP
+from cnc_model.loading import WEIGHTS_HELP, NotAPipelineError, export_pipeline
+from cnc_model.sources import describe_source, load_source, resolve_sampling_models, sampling_prompts
 from cnc_model.train_cli import register as register_train
 
 logger = logging.getLogger(__name__)
@@ -76,7 +79,6 @@ def sample(
     import torch
     from PIL import Image
 
-    from cnc.options import deprecated_alias, value_of
 
     out = deprecated_alias(output, out, "--out", "--output", default=Path("samples"))
     n = deprecated_alias(n, num_images, "--num-images", "--n", default=1)
@@ -94,8 +96,8 @@ def sample(
         raise UserError("--prompt is required with --fg/--bg")
     triplet = _load_shard_sample(shard_sample) if shard_sample is not None else None
     # every model is checked before any loads (one line per missing model, in seconds)
-    source = describe_or_fail(checkpoint_dir, weights=weights)
-    resolved = _resolve_sampling_models(source, triplet is None, depth_model, sam_checkpoint, clip_model)
+    source = describe_source(checkpoint_dir, weights=weights)
+    resolved = resolve_sampling_models(source, triplet is None, depth_model, sam_checkpoint, clip_model)
     negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
     seeds = [seed + i for i in range(n)]
     generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
@@ -103,7 +105,7 @@ def sample(
                   bg_scale=bg_scale, negative_prompt=negative_prompt, prompt_suffix=prompt_suffix,
                   fg_depth_scale=fg_depth_scale, bg_depth_scale=bg_depth_scale, generator=generator)
     if triplet is not None:
-        pipe = load_source_or_fail(source)[1].to(device)
+        pipe = load_source(source)[1].to(device)
         prompt = prompt or triplet.caption
         images = pipe([prompt] * n, fg_depth=triplet.fg_depth_float(),
                       bg_depth=triplet.bg_depth_float(), mask=triplet.mask.astype("float32"),
@@ -118,11 +120,9 @@ def sample(
         depth = DPTDepthEstimator(resolved["--depth-model"], device)
         segmenter = None
         if sam_checkpoint is not None:
-            from cnc.tiny_store import TINY_SAM_TYPE
-
             segmenter = SamSaliencySegmenter(resolved["--sam-checkpoint"], resolved["--depth-model"], device=device,
                                              sam_model_type=TINY_SAM_TYPE if sam_checkpoint == TINY else "vit_h")
-        pipe = load_source_or_fail(source)[1]
+        pipe = load_source(source)[1]
         if "--clip-model" in resolved:
             encoder, processor = _image_encoder(resolved["--clip-model"])
             pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
@@ -149,7 +149,7 @@ def sample_sheet(columns: list[str], conditions: list, images: list, seeds: list
                  size: tuple[int, int], footer: str = ""):
     """``sheet.png``: columns = the conditions (titled) + the generated image (titled with the model); one row per
     seed, its caption the seed and the prompt. ``size`` = (width, height) of a tile."""
-    from triplets.inspect.grid import GridRow, labelled_grid
+    from triplets.inspect.grid import GridRow, labelled_grid  # PIL: heavy
 
     rows = [GridRow([*conditions, image], title=f"seed {s}", text=f"prompt: {prompt}")
             for s, image in zip(seeds, images)]
@@ -164,88 +164,11 @@ def _source_label(source) -> str:
     return f"{name} ({source.kind}" + (f", {source.weights}" if source.weights else "") + ")"
 
 
-def _resolve_sampling_models(source, from_photos: bool, depth_model: str, sam_checkpoint: str | None,
-                             clip_model: str) -> dict[str, str]:
-    """Every model ``cnc sample`` will load, checked up front (:func:`cnc.hub.resolve_all`): the run's base model,
-    and with --fg/--bg the depth model, SAM (with --sam-checkpoint) and the CLIP model (when the pipeline has a
-    global fuser but no image encoder). Option → local path (or a hub id the hub will serve)."""
-    from cnc.hub import resolve_all
-
-    models: dict[str, str] = {}
-    files: tuple[str, ...] = ()
-    if source.kind != "pipeline":
-        models["model.pretrained_model_name_or_path"] = source.config.model.pretrained_model_name_or_path
-    if from_photos:
-        models["--depth-model"] = depth_model
-        if sam_checkpoint is not None:
-            models["--sam-checkpoint"] = sam_checkpoint
-            files = ("--sam-checkpoint",)
-        if _needs_image_encoder(source):
-            models["--clip-model"] = clip_model
-    return resolve_all(models, files=files, seed=getattr(source.config, "seed", 0) or 0)
-
-
-def _needs_image_encoder(source) -> bool:
-    """Whether sampling from photos needs ``--clip-model``: a global fuser and no image encoder in the folder."""
-    import json
-
-    if source.kind == "pipeline":
-        index = json.loads((source.path / "model_index.json").read_text())
-        return (index.get("global_fuser") or [None])[0] is not None and (index.get("image_encoder")
-                                                                          or [None])[0] is None
-    return bool(source.config.trains_global)
-
-
 def _image_encoder(spec: str):
     """``(CLIPVisionModelWithProjection, CLIPImageProcessor)`` from a folder / hub id (resolved up front)."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     return CLIPVisionModelWithProjection.from_pretrained(spec), CLIPImageProcessor.from_pretrained(spec)
-
-
-def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, reference: bool) -> tuple[str, str]:
-    """Resolve the negative prompt and prompt suffix: explicit values win, else the reference demo's (or "")."""
-    from cnc_model.pipeline_cnc import REFERENCE_NEGATIVE_PROMPT, REFERENCE_PROMPT_SUFFIX
-
-    if negative_prompt is None:
-        negative_prompt = REFERENCE_NEGATIVE_PROMPT if reference else ""
-    if prompt_suffix is None:
-        prompt_suffix = REFERENCE_PROMPT_SUFFIX if reference else ""
-    return negative_prompt, prompt_suffix
-
-
-def load_pipeline_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
-    """:func:`cnc_model.loading.load_pipeline`; an unloadable folder, weights it does not hold or a missing base
-    model are a :class:`UserError` (one line)."""
-    return load_source_or_fail(path, option, weights)[1]
-
-
-def describe_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
-    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures are a :class:`UserError` (one
-    line)."""
-    from cnc.base.location import resolve
-    from cnc_model.loading import NotAPipelineError, describe
-    from triplets.errors import ModelUnavailableError
-
-    if not resolve(path).exists():
-        raise UserError(f"{option} {path} does not exist")
-    try:
-        return describe(path, weights)
-    except (NotAPipelineError, ModelUnavailableError) as err:
-        raise UserError(str(err).splitlines()[0]) from None
-
-
-def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = None):
-    """``(Source, CnCPipeline)`` of ``path`` (a folder, or a :class:`~cnc_model.loading.Source` already described)
-    with the selected ``weights``; failures are a :class:`UserError` (one line)."""
-    from cnc_model.loading import NotAPipelineError, Source, load_pipeline
-    from triplets.errors import ModelUnavailableError
-
-    source = path if isinstance(path, Source) else describe_or_fail(path, option, weights)
-    try:
-        return source, load_pipeline(source)
-    except (NotAPipelineError, ModelUnavailableError) as err:
-        raise UserError(str(err).splitlines()[0]) from None
 
 
 def export(
@@ -260,10 +183,6 @@ def export(
 ) -> None:
     """Export a run or checkpoint as a complete CnCPipeline folder (model_index.json, base parts, fusers, a model
     card with Hub metadata, pipeline_cnc.py for diffusers' custom_pipeline loading)."""
-    from cnc.base.location import resolve
-    from cnc.options import value_of
-    from cnc_model.loading import NotAPipelineError, export_pipeline
-    from triplets.errors import ModelUnavailableError
 
     weights = value_of(weights)
     if not resolve(source).exists():
@@ -277,7 +196,6 @@ def export(
 
 def _load_shard_sample(spec: str):
     """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (a :class:`UserError` when absent)."""
-    from cnc.base.location import resolve
     from triplets.sample import decode_sample
     from triplets.shardio import TarStream
 
@@ -308,7 +226,6 @@ def convert_reference(
     seed: int = typer.Option(0, "--seed", help="Seed of the new fg/bg depth stems (uni.ckpt only)."),
 ) -> None:
     """Convert reference weights into local_fuser/ and/or global_fuser/ (and a full pipeline with --base-model)."""
-    from cnc.options import deprecated_alias
     from cnc_model.convert import ConversionError, convert_reference_checkpoint
 
     if output is None and output_dir is None:

@@ -53,6 +53,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -424,8 +425,6 @@ class TripletStream(IterableDataset):
 # --------------------------------------------------------------------------------------------- main-process loader
 def _ignore_sigint(worker_id: int) -> None:
     """Loader workers ignore Ctrl-C so the training loop can finish its step and checkpoint (it owns the signal)."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

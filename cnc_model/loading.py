@@ -37,9 +37,12 @@ from pathlib import Path
 
 import yaml
 
-from cnc.base.errors import UserError
+from cnc.base.errors import ModelUnavailableError, UserError
 from cnc.base.location import Location, resolve
-from triplets.errors import ModelUnavailableError
+from cnc.config import config_dict
+from cnc_model.card import write_pipeline_files
+from cnc_model.training import checkpointing as ckpt
+from cnc_model.training.run_storage import RunStorage
 
 logger = logging.getLogger(__name__)
 FUSERS = ("local_fuser", "global_fuser")
@@ -109,8 +112,6 @@ def _download_tree(src: Location, dest: Path, skip: tuple[str, ...] = ()) -> Non
 
 def localize(path: str | Path) -> Path:
     """A local folder holding what sampling needs from ``path`` (itself when local; a cached download of a URL)."""
-    from cnc_model.training import checkpointing as ckpt
-
     loc = resolve(str(path))
     if loc.is_local:
         return loc.local_path()
@@ -129,7 +130,6 @@ def localize(path: str | Path) -> Path:
         for name in FUSERS:
             if name in names:
                 _download_tree(loc.child(name), root / name)
-        from cnc_model.training.run_storage import RunStorage
 
         done = RunStorage(loc.url).remote_checkpoints()
         if done:
@@ -195,7 +195,6 @@ def describe(path: str | Path, weights: str | None = None) -> Source:
         NotAPipelineError: when it is none of the three kinds, or a run has no final weights yet.
         WeightsUnavailableError: the folder does not hold the ``weights`` asked for.
     """
-    from cnc_model.training import checkpointing as ckpt
     from cnc_model.training.config import load_train_config
 
     p = localize(path)
@@ -297,7 +296,6 @@ def model_card(source: Source, fuser: str | None = None) -> str:
     if cfg is None:
         return (f"# CnC pipeline\n\nExported from the pipeline folder `{source.path}` "
                 f"(weights: {source.weights or 'unrecorded'}).\n")
-    from cnc.config import config_dict
 
     what = fuser or " + ".join(_trained(cfg))
     shards = "\n".join(f"- `{s}`" for s in cfg.data.train_shards) or "- (none recorded)"
@@ -329,7 +327,6 @@ def export_pipeline(path: str | Path, output: str | Path, *, weights: str | None
     :func:`load_pipeline`; ``datasets`` / ``license``: the card's ``datasets`` (hub ids of the training data) and
     ``license`` (default :data:`cnc_model.card.DEFAULT_LICENSE`). Returns ``output``.
     """
-    from cnc_model.card import write_pipeline_files
 
     source = describe(path, weights)
     pipe = load_pipeline(source)

@@ -23,6 +23,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from cnc.logs import progress_bars_enabled
 from cnc_model.attention import SoftGuidanceMask, has_soft_guidance, install_soft_guidance
 from cnc_model.denoiser import CnCDenoiser
 from cnc_model.inputs import depth_to_rgb, mask_from_depth, to_embedding, to_map_tensor
@@ -191,8 +192,6 @@ class CnCPipeline(DiffusionPipeline):
     def progress_bar(self, iterable=None, total=None):
         """diffusers' denoising bar, off where :func:`cnc.logs.progress_bars_enabled` says no (job logs) unless
         ``set_progress_bar_config(disable=...)`` decided."""
-        from cnc.logs import progress_bars_enabled
-
         saved = getattr(self, "_progress_bar_config", None)
         if progress_bars_enabled() or "disable" in (saved or {}):
             return super().progress_bar(iterable, total)

@@ -16,6 +16,11 @@ from pathlib import Path
 
 import typer
 
+from cnc.base.location import check_writable_output
+from cnc.commands import user_errors_exit_2
+from cnc.logs import quiet_library_progress, setup_logging
+from cnc.options import deprecated_alias
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,8 +39,6 @@ def train_command(
     gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Ray workers take one GPU each."),
 ) -> None:
     """Train the local fuser, the global fuser, or both (stage from the config)."""
-    from cnc.base.location import check_writable_output
-    from cnc.options import deprecated_alias
     from cnc_model.training.config import check_tracker, load_train_config
 
     ray_workers = deprecated_alias(workers, ray_workers, "--ray-workers", "--workers", default=0)
@@ -67,9 +70,6 @@ def register(app: typer.Typer) -> None:
 
 def main() -> None:
     """``python -m cnc_model.training`` (the same options as ``cnc train``)."""
-    from cnc.cli import user_errors_exit_2
-    from cnc.logs import quiet_library_progress, setup_logging
-
     setup_logging("INFO")
     quiet_library_progress()
     typer.run(user_errors_exit_2(train_command))

@@ -20,6 +20,12 @@ import typer
 
 from cnc.base.errors import UserError
 from cnc.config import ConfigError, parse_override
+from jobs.render_k8s import K8sOptions, render_k8s
+from jobs.render_slurm import SlurmOptions, render_slurm
+from jobs.run import make_spec
+from jobs.submit import RayAuthError, attempt_id, build_request, exit_code, make_client, resolve_address
+from jobs.submit import submit as submit_job
+from jobs.submit import wait as wait_job
 
 jobs_app = typer.Typer(help="Inspect and control Ray jobs (Ray Jobs API).", no_args_is_help=True)
 
@@ -48,8 +54,6 @@ def _env(items: list[str]) -> dict[str, str]:
 
 def _spec(kind: Kind, config: Path, overrides: list[str], input_: str | None, output: str | None, workers: int,
           extra: list[str], gpu: bool = True):
-    from jobs.run import make_spec
-
     for item in overrides:
         parse_override(item)  # reject malformed overrides before any work
     return make_spec(kind.value, config, overrides, input=input_, output=output, workers=workers, gpu=gpu,
@@ -57,8 +61,6 @@ def _spec(kind: Kind, config: Path, overrides: list[str], input_: str | None, ou
 
 
 def _client(address: str | None):
-    from jobs.submit import RayAuthError, make_client, resolve_address
-
     try:
         return make_client(address)
     except RayAuthError:
@@ -75,8 +77,6 @@ def _write(text: str) -> None:
 
 def _follow(client, submission_id: str):
     """Stream logs until the job ends; Ctrl-C detaches (the job keeps running) with exit code 130."""
-    from jobs.submit import wait as wait_job
-
     try:
         return wait_job(client, submission_id, write=_write)
     except KeyboardInterrupt:
@@ -119,9 +119,6 @@ def submit(
     entrypoint: str = _ENTRYPOINT,
 ) -> None:
     """Submit a build or training run to a Ray cluster; resubmitting the same run resumes it."""
-    from jobs.submit import attempt_id, build_request, exit_code
-    from jobs.submit import submit as submit_job
-
     try:
         spec = _spec(kind, config, overrides, input_, output, workers if kind is Kind.train else 0,
                      ["--retry-failed"] if retry_failed else [], gpu=gpu)
@@ -180,8 +177,6 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends; exit with its status."),
 ) -> None:
     """Print a job's logs."""
-    from jobs.submit import exit_code
-
     client = _client(address)
     try:
         if not follow:
@@ -201,8 +196,6 @@ def stop(
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the stop."),
 ) -> None:
     """Stop a running job (the run resumes when resubmitted)."""
-    from jobs.submit import wait as wait_job
-
     client = _client(address)
     try:
         stopped = client.stop_job(submission_id)
@@ -271,9 +264,6 @@ def render_job(
     active_deadline: int = typer.Option(86400, "--active-deadline", help="k8s: activeDeadlineSeconds."),
 ) -> None:
     """Render an sbatch script (slurm) or a KubeRay RayJob (k8s) that runs the same command as `cnc submit`."""
-    from jobs.render_k8s import K8sOptions, render_k8s
-    from jobs.render_slurm import SlurmOptions, render_slurm
-
     if output and output.endswith((".sbatch", ".sh", ".yaml", ".yml")) and out_file is None:
         raise UserError(f"--output/-o is the job's output location, not the file to write ({output!r}): use "
                         f"--output-file {output}")

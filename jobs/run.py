@@ -27,6 +27,7 @@ from cnc.config import (
     config_hash,
     load_config,
 )
+from triplets.config import BuildConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ TEMPLATE_FIELDS = ("python", "config", "input", "output", "address", "workers")
 def _config_model(kind: str):
     """The pydantic class validating ``kind``'s config (imports stay light: pydantic models only)."""
     if kind == "build":
-        from triplets.config import BuildConfig
-
         return BuildConfig
     from cnc_model.training.config import TrainConfig
 

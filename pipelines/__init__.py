@@ -4,9 +4,13 @@
 * :mod:`pipelines.worker` — ``ShardWorker``: one model set, whole shards in, committed shards out.
 * :mod:`pipelines.sink` — ``ShardSink``: one shard's streaming tar, committed through ``triplets.shardio``.
 * :mod:`pipelines.scheduler` — ``ShardScheduler``: actor pool, placement, assignment, retries, teardown.
-* :mod:`cnc.ray_session` / :mod:`cnc.reaper` — the one Ray session (loopback-only locally, no orphans).
 * :mod:`pipelines.build` — ``run_build`` / ``build_entry``: plan, lock, recover, schedule, manifest.
+* :mod:`pipelines.result` — ``BuildResult``: the totals of a run and the exit status they mean.
 * :mod:`pipelines.progress` — live progress bar and summary table.
+* :mod:`pipelines.derive` — ``cnc filter`` / ``cnc score``: derived builds through the same commit protocol.
+
+The one Ray session (loopback-only locally, no orphans) is :mod:`cnc.ray_session` / :mod:`cnc.reaper`, below both
+this package and ``cnc_model.training`` (Ray Train).
 * :mod:`pipelines.cli` — the ``cnc build`` command.
 
 See ``docs/build.md``.

@@ -24,97 +24,31 @@ import json
 import logging
 import os
 import platform
+import re
 import signal
 import time
-from dataclasses import dataclass, field
+from importlib import metadata
 
 from cnc.base.location import check_writable_output
-from cnc.config import config_dict, save_config
+from cnc.config import config_dict, load_config, save_config
 from cnc.ray_session import Interrupted, interrupt_on_sigterm, ray_session
 from pipelines.plan import absolute_input, plan_input, plan_summary, prepare_plan, shard_size
+from pipelines.result import BuildResult
 from pipelines.scheduler import ShardScheduler
 from triplets.card import write_card
 from triplets.config import BuildConfig
 from triplets.shardio import BuildOutput, FailureTotals, ManifestHeader, ShardMarker
 from triplets.shardio import write_manifest as write_manifest_file
-from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, shard_name
+from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, PLAN_FILE
 
 log = logging.getLogger(__name__)
 #: Test-only fault injection (JSON, see :class:`pipelines.worker.FaultInjection`).
 FAULT_ENV = "CNC_TEST_FAULT_INJECTION"
 
 
-@dataclass
-class BuildResult:
-    """Totals of a build folder after a run (committed shards of every run so far + this run)."""
-
-    output: str
-    items_total: int
-    shards_total: int
-    shards_committed: int
-    shards_built: int
-    shards_skipped: int
-    shards_lost: list[int]
-    samples: int
-    failures: int
-    max_failure_fraction: float
-    seconds: float
-    items_processed: int = 0
-    bytes: int = 0
-    failures_by_stage: dict[str, int] = field(default_factory=dict)
-    failures_by_reason: dict[str, int] = field(default_factory=dict)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    interrupted: int | None = None  # the signal that stopped the run
-
-    @property
-    def failure_fraction(self) -> float:
-        return self.failures / self.items_total if self.items_total else 0.0
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.items_processed / self.seconds if self.seconds else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every shard is committed and failures/items ≤ ``max_failure_fraction``; 128 + signal after
-        SIGINT/SIGTERM; else 1."""
-        if self.interrupted:
-            return 128 + self.interrupted
-        return 0 if not self.shards_lost and self.failure_fraction <= self.max_failure_fraction else 1
-
-    def status_line(self) -> str:
-        """What the exit status means, in one line: which rule gave a 1 (the setting and the fraction, or the
-        uncommitted shards) and whether the committed shards are usable."""
-        if self.interrupted:
-            return (f"interrupted by signal {self.interrupted} (exit {self.exit_code}): {self.shards_committed} of "
-                    f"{self.shards_total} shards committed; rerun the same command to resume")
-        if self.shards_lost:
-            return (f"exit 1: {len(self.shards_lost)} of {self.shards_total} shard(s) not committed "
-                    f"({', '.join(map(shard_name, self.shards_lost[:10]))}); the {self.shards_committed} committed "
-                    "shard(s) are usable; rerun the same command to build the rest")
-        if self.failure_fraction > self.max_failure_fraction:
-            return (f"exit 1: {self.failures} of {self.items_total} input items failed ({self.failure_fraction:.1%}), "
-                    f"more than max_failure_fraction={self.max_failure_fraction:g}; all {self.shards_committed} "
-                    f"shard(s) are committed and usable ({self.samples} samples). Accept with --set "
-                    f"max_failure_fraction={_ceil_fraction(self.failure_fraction)}, or fix the inputs listed in the "
-                    "errors files and rerun with --retry-failed")
-        return (f"OK: {self.samples} samples in {self.shards_committed} shard(s); {self.failures} of "
-                f"{self.items_total} items failed ({self.failure_fraction:.1%} <= max_failure_fraction="
-                f"{self.max_failure_fraction:g})")
-
-
-def _ceil_fraction(x: float) -> str:
-    """The smallest two-decimal fraction >= ``x`` (``0.375`` -> ``0.38``)."""
-    import math
-
-    return f"{min(1.0, math.ceil(x * 100 - 1e-9) / 100):g}"
-
-
 # -- manifest ----------------------------------------------------------------------------------
 def package_versions() -> dict[str, str]:
     """Versions of the packages that shape the shards."""
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for pkg in ("cnc", "torch", "diffusers", "transformers", "ray", "webdataset", "segment-anything", "numpy",
                 "pillow"):
@@ -258,8 +192,6 @@ def _plan(cfg: BuildConfig, input: str, output: str) -> tuple[dict, BuildOutput,
 def _plan_version(out: BuildOutput) -> int | None:
     """The version of the plan already in ``out``, from its last bytes (sorted keys: ``version`` comes last; a
     version-1 plan may be huge)."""
-    import re
-
     path = out.file(PLAN_FILE)
     size = path.size()
     if not size:
@@ -329,8 +261,6 @@ def build_entry(config: str | None, input: str, output: str, overrides: list[str
     (:class:`~cnc.base.errors.UserError`: bad config/input/location, unavailable model(s), an output of another
     build; raised to the CLI, which prints one line per problem); 130/143 after SIGINT/SIGTERM.
     """
-    from cnc.config import load_config
-
     overrides = list(overrides or [])
     options = {}
     if input_format:

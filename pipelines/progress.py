@@ -2,7 +2,7 @@
 
 On a terminal one rich progress bar shows samples done / planned, samples/s, failures and ETA;
 elsewhere (Ray job logs, CI) the same numbers go to the log every ``interval`` seconds.
-The driver refreshes it from the workers' per-batch reports (:class:`~pipelines.worker.ProgressTracker`).
+The driver refreshes it from the workers' per-batch reports (:class:`~pipelines.scheduler.ProgressTracker`).
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pipelines.build import BuildResult
 
 from cnc.progress import fmt_eta
+from pipelines.result import BuildResult
 from triplets.shardio.names import shard_name
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,32 @@ import pytest
 
 from tests.support import FAST_BUILD, TINY_CONFIG, HubStandIn, make_photo_folder
 
+#: What marks a test file as using Ray: its own cluster, or the session's local Ray (directly or through a build).
+_RAY_USES = ("pytest.mark.ray", "ray_local", "reference_build")
+
+
+def _ray_files(root: Path) -> frozenset[str]:
+    """Test files (relative paths, as in node ids) that use Ray."""
+    tests = root / "tests"
+    return frozenset(p.relative_to(root).as_posix() for p in tests.rglob("test_*.py")
+                     if any(use in p.read_text(encoding="utf-8") for use in _RAY_USES))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``make test`` runs the suite on both cores (pytest-xdist ``-n 2``). The tests of every file that uses Ray form
+    one scope, which one worker runs one test after the other: one local Ray per session as before, no two Ray
+    clusters fighting over two cores (or over ports), kill tests keep their timing; the other worker takes the other
+    tests one by one. (xdist's own ``--dist loadgroup`` cannot do this under pytest 9: it renames node ids.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    ray_files = _ray_files(config.rootpath)
+
+    class RayScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if nodeid.split("::", 1)[0] in ray_files else nodeid
+
+    return RayScopeScheduling(config, log)
+
 
 @pytest.fixture(scope="session")
 def ray_local():

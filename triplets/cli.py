@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import typer
 
 from cnc.base.errors import UserError
+from cnc.base.location import resolve
+from cnc.options import deprecated_alias
 
 log = logging.getLogger(__name__)
 
@@ -16,10 +20,7 @@ def _default_out(paths: list[str]) -> Path | None:
     """``PATH/_cnc/inspect`` for a writable local build folder (``_cnc/inspect`` of the tar's folder for a local tar),
     so the folder keeps holding only shards at its top level (a dataset for Ray Data and ``datasets``); ``None``
     (write nothing unless ``--output`` is given) for object-store inputs and read-only datasets."""
-    import os
-
-    from cnc.base.location import resolve
-    from triplets.shardio.names import INSPECT_DIR, SIDECAR_DIR
+    from triplets.shardio.names import INSPECT_DIR, SIDECAR_DIR  # the package imports numpy: heavy
 
     first = resolve(paths[0]) if not paths[0].startswith("pipe:") else None
     if first is not None and first.is_local:
@@ -64,19 +65,15 @@ def inspect(
     Exit status: 0 valid (warnings allowed); 1 invalid, with one line per problem on stdout (in the JSON with
     --json); 2 nothing matches PATHS or a --keys key is not found.
     """
-    import json
-
     from rich.console import Console
     from rich.progress import Progress
 
-    from cnc.options import deprecated_alias
     from triplets.inspect import inspect_shards, print_report, write_report
     from triplets.inspect.report import summary_dict
+    from triplets.quality_filter import parse_where
     from triplets.shardio import resolve_shards
 
     output = deprecated_alias(output, out, "--out", "--output")
-    from triplets.quality import parse_where
-
     conditions = [parse_where(w) for w in where]  # a bad condition is a one-line usage error, before any reading
     total = len(resolve_shards(paths))  # a UserError (nothing matches, unknown scheme) exits 2 in one line
     wanted = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
@@ -120,9 +117,6 @@ def inspect(
 
 def _write_cards(paths: list[str]) -> list[str]:
     """``--card``: (re)write the dataset card of every build folder among ``paths``."""
-    import logging
-
-    from cnc.base.location import resolve
     from triplets.card import write_card
 
     written = []

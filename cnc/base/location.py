@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -393,8 +394,6 @@ def check_writable_output(spec: str | os.PathLike | Location) -> Location:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise LocationError(f"output {p}: {probe} is not writable")
     try:
-        import tempfile
-
         with tempfile.NamedTemporaryFile(dir=probe, prefix=".cnc-write-test-"):
             pass
     except OSError as exc:

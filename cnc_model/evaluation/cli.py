@@ -20,13 +20,20 @@ Heavy imports happen inside the command so ``cnc --help`` stays fast.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import typer
 
 from cnc.base.errors import UserError
-from cnc.options import Weights, choice_enum
+from cnc.base.location import resolve
+from cnc.options import Weights, choice_enum, deprecated_alias, value_of
+from cnc_model.evaluation.trackers import check_report_to, report_metrics, source_record
 from cnc_model.loading import WEIGHTS_HELP
+from cnc_model.sources import describe_source, load_source, resolve_sampling_models, sampling_prompts
 
 logger = logging.getLogger(__name__)
 #: ``--report-to``: the trackers of ``train.report_to``.
@@ -53,8 +60,6 @@ def _parse_seeds(spec: str) -> list[int]:
 
 def _labels(paths: list[str], weights: list[str | None]) -> list[str]:
     """Model names for the report: the folder names; the same folder twice -> suffixed by weights (or A/B)."""
-    from cnc.base.location import resolve
-
     names = [resolve(p).name or "pipeline" for p in paths]
     if len(set(names)) < len(names):
         tags = weights if len(set(weights)) == len(weights) and None not in weights else list("AB")
@@ -64,8 +69,6 @@ def _labels(paths: list[str], weights: list[str | None]) -> list[str]:
 
 def _launched() -> bool:
     """Whether this process is one of several started by ``accelerate launch`` / torchrun / MPI."""
-    import os
-
     return any(int(os.environ.get(var, "1") or 1) > 1 for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
 
 
@@ -110,10 +113,6 @@ def _command_line(ctx: typer.Context, skip: tuple[str, ...]) -> list[str]:
 def _relaunch(ctx: typer.Context, count: int) -> None:
     """Run this command again in ``count`` processes on this machine (``accelerate launch --multi_gpu``, which
     starts them with torch.distributed.run; on CPUs they talk over gloo) and exit with its status."""
-    import socket
-    import subprocess
-    import sys
-
     with socket.socket() as sock:  # a free port for the processes' rendezvous, on the loopback interface only
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -171,11 +170,8 @@ def eval_command(
     """Generate from held-out triplets and report FID, IS, CLIPScore, SSIM, LPIPS, depth MAE and region scores."""
     import torch
 
-    from cnc.options import deprecated_alias, value_of
-    from cnc_model.cli import _resolve_sampling_models, describe_or_fail, load_source_or_fail, sampling_prompts
-    from cnc_model.evaluation import models as metric_models
+    from cnc_model.evaluation import models as metric_models  # torch, torchmetrics: heavy
     from cnc_model.evaluation.run import EvalSettings, evaluate, load_samples
-    from cnc_model.evaluation.trackers import check_report_to, report_metrics, source_record
 
     workers = deprecated_alias(workers, num_processes, "--num-processes", "--workers", default="auto")
     weights, compare_weights, report_to = value_of(weights), value_of(compare_weights), value_of(report_to)
@@ -183,19 +179,17 @@ def eval_command(
     negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
     # 1. everything that can be missing is checked before any generation
     paths = [pipeline] + ([compare] if compare is not None else [])
-    from cnc.base.location import resolve
-
     chosen = [weights, compare_weights][: len(paths)]
     if compare_weights is not None and compare is None:
         raise UserError("--compare-weights needs --compare")
     for p, option in zip(paths, ("PIPELINE", "--compare")):
         if not resolve(p).exists():
             raise UserError(f"{option} {p} does not exist")
-    sources = [describe_or_fail(p, option, w) for p, option, w in zip(paths, ("PIPELINE", "--compare"), chosen)]
+    sources = [describe_source(p, option, w) for p, option, w in zip(paths, ("PIPELINE", "--compare"), chosen)]
     problems = []
     for source in sources:  # the runs' base models (one line per missing model, before anything loads)
         try:
-            _resolve_sampling_models(source, False, "", None, "")
+            resolve_sampling_models(source, False, "", None, "")
         except UserError as err:
             problems += str(err).splitlines()
     mm = metric_models.resolve(metrics_models, clip_model, depth_model)
@@ -225,11 +219,11 @@ def eval_command(
     settings = EvalSettings(n=n, steps=steps, seeds=seed_list, guidance_scale=guidance, batch_size=batch_size,
                             negative_prompt=negative_prompt, prompt_suffix=prompt_suffix, device=device,
                             progress=state.is_main_process, resume=not regenerate)
-    from triplets.shardio import resolve_shards
+    from triplets.shardio import resolve_shards  # fsspec: heavy
 
     urls = resolve_shards(shards, committed_only=True)
     for label, source in zip(labels, sources):
-        _, pipes[label] = load_source_or_fail(source)
+        _, pipes[label] = load_source(source)
         held[label] = source.weights
         records[label] = settings.generation_record(samples, source_record(source), urls)
     report = evaluate(pipes, samples, settings, mm, output, weights=held, state=state, records=records)

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+from cnc.base.errors import ModelUnavailableError
+from cnc.hub import resolve_pretrained
+
 logger = logging.getLogger(__name__)
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -109,9 +112,6 @@ def resolve(spec: str | None, clip: str | None = None, dpt: str | None = None) -
 
 def check(models: MetricModels) -> list[str]:
     """One line per missing network, naming what to download, where to, and the option (empty = all present)."""
-    from cnc.hub import resolve_pretrained
-    from triplets.errors import ModelUnavailableError
-
     problems = []
     for what, url in (("Inception-v3 weights (FID, Inception Score)", INCEPTION_URL),
                       ("AlexNet weights (LPIPS)", _alexnet_url())):

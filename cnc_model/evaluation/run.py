@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnc.progress import StepProgress
 from cnc_model.evaluation.metrics import METRICS, MetricSuite
 from cnc_model.evaluation.models import MetricModels
 
@@ -121,8 +122,6 @@ def generate(pipe, samples: Sequence, settings: EvalSettings, label: str = "",
     the generator ``seed * 1_000_003 + j % N``. ``batches``: the batches of job indices to run (default: all jobs in
     :func:`job_batches` of ``settings.batch_size``; a process of a multi-process run passes its share).
     """
-    from cnc.progress import StepProgress
-
     pipe.set_progress_bar_config(disable=True)
     h, w = samples[0].image.shape[:2]
     jobs = [(seed, i) for seed in settings.seeds for i in range(len(samples))]

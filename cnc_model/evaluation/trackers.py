@@ -11,17 +11,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from cnc_model.evaluation.metrics import METRICS
-
 logger = logging.getLogger(__name__)
 RUN_NAME = "cnc-eval"
 
 
 def check_report_to(report_to: str) -> None:
     """One line naming the missing package of the tracker (the trainer's check), before anything runs."""
-    from cnc_model.training.config import check_tracker
+    from cnc_model.training.config import check_tracker  # numpy (through triplets.quality): heavy
 
     check_tracker(report_to)
 
@@ -38,7 +34,7 @@ def source_record(source) -> dict:
 
 
 def _open(report_to: str, logging_dir: Path, config: dict):
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # accelerate: heavy
 
     cls = LOGGER_TYPE_TO_CLASS[report_to]
     tracker = cls(RUN_NAME, str(logging_dir)) if getattr(cls, "requires_logging_directory", False) else cls(RUN_NAME)
@@ -58,6 +54,8 @@ def report_metrics(report: dict, output: str | Path, report_to: str, *, step: in
     """
     if report_to == "none":
         return {}
+    from cnc_model.evaluation.metrics import METRICS  # torch: heavy
+
     out = Path(output)
     results = report.get("models") or {report.get("model", "model"): report}
     labels = labels or list(results)
@@ -74,6 +72,7 @@ def report_metrics(report: dict, output: str | Path, report_to: str, *, step: in
             logged.update(values)
         grid = out / "grid.png"
         if grid.is_file() and hasattr(tracker, "log_images"):
+            import numpy as np
             from PIL import Image
 
             image = np.asarray(Image.open(grid).convert("RGB"))

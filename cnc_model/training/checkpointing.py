@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,8 +115,6 @@ def _check_safetensors(path: Path) -> None:
 
 
 def _check_torch_zip(path: Path) -> None:
-    import zipfile
-
     with zipfile.ZipFile(path) as z:  # a cut file has no central directory at its end
         bad = z.testzip() if path.stat().st_size < 64 * 2**20 else None
     if bad is not None:

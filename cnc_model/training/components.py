@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from cnc.base.errors import ModelUnavailableError
 from cnc.hub import resolve_pretrained
 from cnc_model.training.config import TrainConfig
-from triplets.errors import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
 BASE_KEY = "model.pretrained_model_name_or_path"

@@ -7,14 +7,17 @@ trains both, initialised from the two earlier runs (``model.local_fuser`` / ``mo
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cnc.base.errors import UserError
 from cnc.config import Seed, load_config
 from cnc.hub import TINY
-from triplets.quality import FilterConfig
+from cnc_model.training.run_storage import RunStorage
+from triplets.quality_filter import FilterConfig
 
 STAGES = ("local", "global", "joint")
 
@@ -155,10 +158,6 @@ TRACKER_PACKAGES: dict[str, tuple[str, str]] = {
 def check_tracker(report_to: str) -> None:
     """Fail in one line when the tracker ``train.report_to`` names is not installed (checked where training runs,
     not where a job is submitted)."""
-    import importlib.util
-
-    from cnc.base.errors import UserError
-
     if report_to in TRACKER_PACKAGES:
         module, how = TRACKER_PACKAGES[report_to]
         if importlib.util.find_spec(module) is None:
@@ -219,8 +218,6 @@ class TrainConfig(_Strict):
         return self.run_storage().local
 
     def run_storage(self):
-        from cnc_model.training.run_storage import RunStorage
-
         return RunStorage(self.output_dir, self.train.scratch_dir)
 
 

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from cnc.base.errors import UserError
+from cnc.base.location import resolve
 from cnc.identity import local_identity, model_identity
 from cnc_model.training.components import fuser_folder
 from cnc_model.training.config import TrainConfig
@@ -29,9 +30,6 @@ class ModelChangedError(UserError, ValueError):
 def _manifest_hashes(shards: list[str]) -> dict[str, str | None]:
     """sha256 of ``manifest.json`` of every build folder (local or URL) in ``data.train_shards`` (``None`` for
     globs, patterns, single tars and ``pipe:`` specs)."""
-    from cnc.base.errors import UserError
-    from cnc.base.location import resolve
-
     out: dict[str, str | None] = {}
     for entry in shards:
         out[entry] = None
@@ -68,8 +66,6 @@ def training_provenance(cfg: TrainConfig, base_resolved: str | None) -> dict:
 
 def write_checkpoint_provenance(checkpoint: Path, provenance: dict) -> None:
     """``checkpoint/provenance.json``."""
-    from cnc.base.location import resolve
-
     resolve(checkpoint / PROVENANCE_FILE).write_json(provenance, indent=2)
 
 

@@ -16,9 +16,13 @@ Usage::
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
+from cnc.base.location import resolve
 from cnc.config import config_dict
+from cnc.logs import setup_logging
+from cnc.ray_session import ray_session
 from cnc_model.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -28,7 +32,6 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     """Body of every Ray Train worker: rebuild the config, train, report the final step."""
     from ray import train as ray_train
 
-    from cnc.logs import setup_logging
     from cnc_model.training.trainer import train
 
     level = loop_config.get("log_level", "INFO")
@@ -76,13 +79,8 @@ def run_ray_training(cfg: TrainConfig, num_workers: int, use_gpu: bool, address:
     Returns:
         the ``ray.train.Result``; every worker reports ``global_step``, ``interrupted`` and ``last_loss``.
     """
-    import tempfile
-
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from cnc.base.location import resolve
-    from cnc.ray_session import ray_session
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")

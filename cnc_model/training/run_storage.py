@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -57,7 +58,6 @@ class RunStorage:
         """Names of the complete remote ``checkpoint-N`` folders, oldest first."""
         if not self.remote:
             return []
-        import re
 
         found = []
         for name, entry in self.loc.list().items():

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cnc.config import config_dict, config_hash, load_config, save_config
+from triplets.config import BuildConfig
+
 
 def synthetic_photos(folder: str | Path, n: int, seed: int = 0) -> Path:
     """``n`` 96x80 PNGs (a coloured rectangle on a coloured background) with ``.txt`` captions."""
@@ -31,10 +34,8 @@ def synthetic_photos(folder: str | Path, n: int, seed: int = 0) -> Path:
 def build_tiny_shards(out_dir: str | Path, n_images: int = 6, n_shards: int = 2, resolution: int = 64,
                       seed: int = 0) -> list[Path]:
     """Build ``n_images`` triplets with the tiny build config and split them over ``n_shards`` marked tars."""
-    from cnc.config import config_dict, config_hash, load_config, save_config
     from triplets.builder import TripletBuilder
     from triplets.card import write_card
-    from triplets.config import BuildConfig
     from triplets.readers import read_items
     from triplets.shardio import BuildOutput, ManifestHeader, ShardStats, encode_tar, write_manifest
     from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, shard_name

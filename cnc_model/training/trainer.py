@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from cnc.base.errors import UserError
 from cnc.config import config_dict, save_config
+from cnc.progress import StepProgress
 from cnc_model.training import checkpointing as ckpt
 from cnc_model.training import provenance as prov
 from cnc_model.training.components import Components, load_components, resolve_base
@@ -427,8 +428,6 @@ class Trainer:
     def _progress_bar(self, per_step: int):
         """A tqdm bar on a terminal; in job logs one line (step, loss, lr, samples/s, ETA) every
         ``train.progress_interval_s`` seconds or ``train.log_every`` steps (:class:`cnc.progress.StepProgress`)."""
-        from cnc.progress import StepProgress
-
         t = self.cfg.train
         return StepProgress(t.max_train_steps, initial=self.global_step, desc=f"train {self.cfg.stage}",
                             enabled=self.accelerator.is_local_main_process and t.progress_bar,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cnc_model.cli import sampling_prompts
 from cnc_model.compose import compose
 from cnc_model.pipeline_cnc import REFERENCE_NEGATIVE_PROMPT, REFERENCE_PROMPT_SUFFIX
+from cnc_model.sources import sampling_prompts
 from cnc_model.testing.tiny import randomize_zero_convs, tiny_cnc_pipeline
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import FAST_BUILD, REPO, TINY_CONFIG, make_photo_folder
+from tests.support import FAST_BUILD, REPO, TINY_CONFIG, make_photo_folder, make_sample
 
 TRAIN_TINY = REPO / "configs" / "train" / "tiny.yaml"
 
@@ -46,17 +46,9 @@ def _tar(path: Path, members) -> bytes:
 
 
 def _encoded_sample(key: str, r: int = 16) -> dict:
-    from triplets.sample import TripletSample, encode_sample
+    from triplets.sample import encode_sample
 
-    rng = np.random.default_rng(0)
-    meta = {"key": key, "source": "/x.jpg", "original_size": [r, r], "crop_box": [0, 0, r, r, 1.0], "resolution": r,
-            "seed": 0, "models": {}, "mask_area": 0.5, "fg_depth_range": [0.0, 1.0], "bg_depth_range": [0.0, 1.0],
-            "timings": {}, "version": "test"}
-    return encode_sample(TripletSample(
-        key=key, image=rng.integers(0, 255, (r, r, 3), dtype=np.uint8), mask=np.eye(r, dtype=np.uint8),
-        background=rng.integers(0, 255, (r, r, 3), dtype=np.uint8), fg_depth=np.zeros((r, r), np.uint16),
-        bg_depth=np.zeros((r, r), np.uint16), fg_emb=np.ones(8, np.float32), bg_emb=np.ones(8, np.float32),
-        caption="c", meta=meta))
+    return encode_sample(make_sample(key, size=r, caption="c"))
 
 
 @pytest.fixture(scope="module")

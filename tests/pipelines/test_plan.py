@@ -1,5 +1,6 @@
-"""The plan (:mod:`pipelines.plan`) of row-range inputs (tables, WebDataset tars): plan form and determinism, changed
-inputs refused, lazy items, object storage, and ``cnc build --plan-only`` on 1M rows."""
+"""The plan (:mod:`pipelines.plan`): item-list plans (pure, split by samples_per_shard, mismatches refused with a
+reason, operational keys outside the fingerprint) and row-range plans of tables and WebDataset tars (determinism,
+changed inputs refused, lazy items, object storage, ``cnc build --plan-only`` on 1M rows)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cnc.config import load_config
-from pipelines.plan import PlanMismatchError, plan_input, prepare_plan, shard_size
+from pipelines.plan import PlanMismatchError, fingerprint, make_plan, plan_input, prepare_plan, shard_size
 from tests.support import FAST_BUILD, REPO, TINY_CONFIG, make_photo_folder, table_rows
 from triplets.config import BuildConfig
 from triplets.readers import ReadOptions, detect_format, shard_items
@@ -172,3 +173,65 @@ def test_table_on_object_storage(s3_server, tmp_path):
     fs.put_file(str(tmp_path / "1.parquet"), "tables/t/part-1.parquet")
     with pytest.raises(PlanMismatchError, match="part-1.parquet changed"):
         prepare_plan(out, plan_input(_cfg(), src, "table"))
+
+
+def test_compile_is_operational():
+    """``compile`` is an operational key: switching it keeps the plan fingerprint (a build resumes with it)."""
+    from cnc.config import load_config
+    from pipelines.plan import content_config, fingerprint
+    from triplets.config import BuildConfig
+
+    off = load_config(BuildConfig, "configs/build/tiny.yaml", [])
+    on = load_config(BuildConfig, "configs/build/tiny.yaml", ["compile=reduce-overhead"])
+    assert on.compile == "reduce-overhead" and "compile" not in content_config(on)
+    assert fingerprint(on) == fingerprint(off)
+    with pytest.raises(Exception, match="compile"):
+        load_config(BuildConfig, "configs/build/tiny.yaml", ["compile=fast"])
+
+
+def _plain_cfg(**kw) -> BuildConfig:
+    return BuildConfig(samples_per_shard=2, **kw)
+
+
+def _items(n: int) -> list[dict]:
+    return [{"key": f"k{i}", "source": f"/in/k{i}.jpg", "caption": "", "mask_path": None, "mask_kind": None}
+            for i in range(n)]
+
+
+def test_plan_is_pure_and_split_by_samples_per_shard(tmp_path):
+    p1 = make_plan(_items(5), _plain_cfg(), "/in", "folder")
+    assert [len(s["items"]) for s in p1["shards"]] == [2, 2, 1]
+    assert [s["name"] for s in p1["shards"]] == ["000000", "000001", "000002"]
+    assert json.dumps(p1, sort_keys=True) == json.dumps(make_plan(_items(5), _plain_cfg(), "/in", "folder"), sort_keys=True)
+    prepare_plan(BuildOutput(str(tmp_path)), p1)
+    before = (tmp_path / "_cnc" / "plan.json").read_bytes()
+    prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(5), _plain_cfg(ray={"num_workers": 7}, device="cpu"), "/in", "folder"))
+    assert (tmp_path / "_cnc" / "plan.json").read_bytes() == before  # operational keys do not matter
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(cfg=dict(seed=1)), "seed: 0 -> 1"),
+    (dict(cfg=dict(samples_per_shard=3)), "samples_per_shard: 2 -> 3"),
+    (dict(n=6), "had 5 items, now 6"),
+    (dict(input="/other"), "another input"),
+])
+def test_plan_mismatch_is_refused_with_reason(tmp_path, change, message):
+    prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(5), _plain_cfg(), "/in", "folder"))
+    cfg = BuildConfig(**({"samples_per_shard": 2} | change.get("cfg", {})))
+    new = make_plan(_items(change.get("n", 5)), cfg, change.get("input", "/in"), "folder")
+    with pytest.raises(PlanMismatchError, match=message.replace("(", r"\(")):
+        prepare_plan(BuildOutput(str(tmp_path)), new)
+
+
+def test_non_empty_folder_without_plan_is_refused(tmp_path):
+    (tmp_path / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(PlanMismatchError, match="not empty"):
+        prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(1), _plain_cfg(), "/in", "folder"))
+    assert (tmp_path / "holiday.jpg").exists()
+
+
+def test_fingerprint_ignores_operational_keys_only():
+    base = fingerprint(_plain_cfg())
+    assert fingerprint(_plain_cfg(device="cuda", max_failure_fraction=0.5, ray={"num_workers": 3})) == base
+    assert fingerprint(_plain_cfg(batch_size=8)) != base
+    assert fingerprint(_plain_cfg(resolution=256)) != base

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
+from tests.support import make_sample
 from triplets.sample import (
     FIELDS,
     KEY_PATTERN,
-    REQUIRED_META,
     TripletSample,
     decode_sample,
     depth_to_float,
@@ -21,17 +21,7 @@ from triplets.sample import (
 
 
 def _sample(key="img_001", r=24, d=8, seed=0) -> TripletSample:
-    rng = np.random.default_rng(seed)
-    raw_fg, raw_bg = rng.normal(5, 2, (r, r)), rng.normal(-1, 0.3, (r, r))
-    fq, fr = quantize_depth(raw_fg)
-    bq, br = quantize_depth(raw_bg)
-    meta = {k: None for k in REQUIRED_META}
-    meta.update(key=key, fg_depth_range=list(fr), bg_depth_range=list(br), timings={}, models={"a": 1})
-    return TripletSample(
-        key=key, image=rng.integers(0, 256, (r, r, 3), dtype=np.uint8), mask=(rng.random((r, r)) > 0.5).astype(np.uint8),
-        background=rng.integers(0, 256, (r, r, 3), dtype=np.uint8), fg_depth=fq, bg_depth=bq,
-        fg_emb=rng.normal(size=d).astype(np.float32), bg_emb=rng.normal(size=d).astype(np.float32),
-        caption="a caption: with colon, ünïcode ✓", meta=meta)
+    return make_sample(key, seed, size=r, dim=d, caption="a caption: with colon, ünïcode ✓", meta={"models": {"a": 1}})
 
 
 def test_round_trip_is_bit_exact_for_masks_depths_embeddings_and_text():

@@ -121,11 +121,16 @@ def render_html(result, *, summary_rows: list[tuple[str, str]], tile: int | None
         sections.append(("failures", f"Failures by reason ({sum(s.failures.values())})", body + "</table>"))
     figs = _histograms(result, thresholds)
     if figs:
-        drawn = ", ".join(f"{name}{t.op}{t.value:g}" for name, ts in thresholds.items() for t in ts)
-        note = (f"<p>Filter thresholds drawn (dashed; the shaded side is removed, ≈ share from the bins): "
-                f"<code>{e(drawn)}</code></p>" if drawn else
-                "<p>Pass <code>--where 'SCORE&gt;=VALUE'</code> (as for <code>cnc filter</code>) to draw filter "
-                "thresholds and the share of samples each removes. Triangle: the mean.</p>")
+        drawn = [(n, t) for n, ts in thresholds.items() for t in ts]
+        shipped = ", ".join(f"{n}{t.op}{t.value:g}" for n, t in drawn if t.source == "shipped")
+        where = ", ".join(f"{n}{t.op}{t.value:g}" for n, t in drawn if t.source != "shipped")
+        note = ("<p>Dashed lines: filter thresholds, the side each removes shaded, with the share of samples it "
+                "removes (≈: read from the bins). "
+                + (f"Shipped thresholds (<code>cnc filter --recommended</code>): <code>{e(shipped)}</code>. "
+                   if shipped else "")
+                + (f"<code>--where</code>: <code>{e(where)}</code>. " if where else
+                   "Add your own with <code>--where 'SCORE&gt;=VALUE'</code> (as for <code>cnc filter</code>). ")
+                + "Triangle: the mean.</p>")
         sections.append(("histograms", "Histograms", note + "<div class='grid'>" + "".join(figs) + "</div>"))
     if result.worst:
         rows = _worst_rows(result.worst, cmap, size)

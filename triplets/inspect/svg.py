@@ -17,10 +17,12 @@ BAR, BAR_REMOVED, THRESHOLD, MEAN = "#5b7db1", "#d9a3a3", "#b00020", "#222"
 @dataclass(frozen=True)
 class Threshold:
     """A filter condition drawn on a histogram: ``op`` (``>=``, ``>``, ``<=``, ``<``, ``==``, ``!=``) and ``value``,
-    as in ``cnc filter --where`` / the trainer's ``data.filter``."""
+    as in ``cnc filter --where`` / the trainer's ``data.filter``; ``source``: ``shipped`` (the score's shipped
+    threshold) or ``--where`` (the user's)."""
 
     op: str
     value: float
+    source: str = "--where"
 
     def keeps_above(self) -> bool | None:
         """``True`` when the condition keeps values above the line, ``False`` below, ``None`` neither (``==``)."""
@@ -55,7 +57,8 @@ def svg_histogram(edges: Sequence[float], counts: Sequence[int], *, title: str, 
         better: ``high`` / ``low``: an arrow saying which end is good.
     """
     e = html.escape
-    left, right, top, bottom = 6, 6, 18, 40
+    left, right, top, bottom = 6, 6, 18, 18 + 11 * max(2, len(thresholds))
+    height = max(height, 70 + bottom)
     pw, ph = width - left - right, height - top - bottom
     lo, hi = float(edges[0]), float(edges[-1])
     peak = max(counts) if counts else 0
@@ -98,12 +101,16 @@ def svg_histogram(edges: Sequence[float], counts: Sequence[int], *, title: str, 
     for k, t in enumerate(thresholds):
         tx = x(t.value)
         share = removed_share(edges, counts, t)
-        label = f"{t.op}{t.value:g}" + ("" if share is None else f": removes ≈{share:.0%}")
-        anchor = "start" if tx < left + pw / 2 else "end"
+        shipped = t.source == "shipped"
+        label = (("shipped " if shipped else "--where ") + f"{t.op}{t.value:g}"
+                 + ("" if share is None else f": removes ≈{share:.0%}"))
+        dash, cls = ("2 2", "shipped") if shipped else ("5 2", "where")
         parts.append(f"<line x1='{tx:.1f}' y1='{top - 2}' x2='{tx:.1f}' y2='{axis_y}' stroke='{THRESHOLD}' "
-                     f"stroke-dasharray='4 2' stroke-width='1.5' class='threshold'/>"
-                     f"<text x='{tx + (3 if anchor == 'start' else -3):.1f}' y='{axis_y + 25 + 11 * (k % 2)}' "
-                     f"font-size='10' fill='{THRESHOLD}' text-anchor='{anchor}'>{e(label)}</text>")
+                     f"stroke-dasharray='{dash}' stroke-width='1.5' class='threshold {cls}'/>"
+                     f"<line x1='{left}' y1='{axis_y + 21 + 11 * k}' x2='{left + 12}' y2='{axis_y + 21 + 11 * k}' "
+                     f"stroke='{THRESHOLD}' stroke-dasharray='{dash}' stroke-width='1.5'/>"
+                     f"<text x='{left + 16}' y='{axis_y + 25 + 11 * k}' font-size='10' fill='{THRESHOLD}'>"
+                     f"{e(label)}</text>")
     parts.append("</svg>")
     return "".join(parts)
 

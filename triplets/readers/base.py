@@ -21,10 +21,12 @@ from pathlib import Path
 from cnc.base.errors import UserError
 from cnc.base.hashing import stream_sha256
 from cnc.base.location import Location, resolve
+from triplets.config import INPUT_FORMATS
 
 log = logging.getLogger("triplets.readers")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-FORMATS = ("folder", "coco", "webdataset", "pickapic", "table")
+#: The input formats, defined with the config key that selects them (``input_format``).
+FORMATS = INPUT_FORMATS
 #: File names of table inputs (:mod:`triplets.readers.table`).
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl")
 #: Per-item problems are logged one line each up to this many per kind, then summarised.

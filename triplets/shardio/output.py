@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -114,8 +115,6 @@ class BuildOutput:
         if self.loc.is_local:
             folder = self.loc.local_path()
         else:
-            import tempfile
-
             folder = Path(self.scratch_dir or tempfile.gettempdir()) / "cnc-staging"
         folder.mkdir(parents=True, exist_ok=True)
         return folder / temp_name(names.tar_name(shard))
@@ -277,7 +276,7 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        import fcntl
+        import fcntl  # lazy: POSIX only (the module imports on any platform)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -19,6 +19,7 @@ each) by the same computation for a whole batch:
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import numpy as np
@@ -85,8 +86,6 @@ class BatchedSam:
             use_sdpa_attention(self.sam)
 
     def _autocast(self):
-        import contextlib
-
         import torch
 
         if not self.autocast:

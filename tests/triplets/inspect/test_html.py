@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from cnc.cli import app
 from tests.triplets.inspect.test_inspect import make_sample
 from triplets.inspect.svg import Threshold, removed_share, svg_histogram
+from triplets.quality import QUALITY_VERSION, SCORES
 from triplets.shardio import write_shard
 
 N = 10
@@ -23,8 +24,8 @@ N = 10
 def _scored(i: int):
     """Sample ``i`` with removal = i / 10 (so ``removal>=0.5`` removes exactly 5 of 10) and depth_order = 1 - i/10."""
     s = make_sample(f"k{i:02d}", i)
-    s.meta["quality"] = {"version": 1,
-                         "removal": {"score": i / N, "changed": 1.0, "residual": 0.0, "clip_sim": 0.5},
+    s.meta["quality"] = {"version": QUALITY_VERSION,
+                         "removal": {"score": i / N, "changed": 1.0, "contrast": 0.0, "clip_sim": 0.5},
                          "depth": {"order": 1 - i / N, "margin": 0.1},
                          "mask": {"area": float(s.mask.mean()), "components": 1, "border": 0.0, "bbox_fill": 0.8}}
     return s
@@ -54,7 +55,9 @@ def test_removed_share_known_answers():
     assert removed_share(edges, counts, Threshold(">=", 0.55)) == pytest.approx(0.55)  # half a bin, spread evenly
     assert removed_share(edges, counts, Threshold("==", 0.5)) is None
     svg = svg_histogram(edges, counts, title="removal", thresholds=[Threshold(">=", 0.5)], better="high")
-    assert svg.startswith("<svg") and svg.count("class='threshold'") == 1 and "removes ≈50%" in svg
+    assert svg.startswith("<svg") and svg.count("class='threshold where'") == 1 and "removes ≈50%" in svg
+    shipped = svg_histogram(edges, counts, title="removal", thresholds=[Threshold(">=", 0.5, "shipped")])
+    assert "class='threshold shipped'" in shipped and "shipped &gt;=0.5: removes ≈50%" in shipped
 
 
 def test_page_is_compact_navigable_and_self_contained(report):
@@ -69,9 +72,12 @@ def test_page_is_compact_navigable_and_self_contained(report):
     srcs = re.findall(r"<img src='([^']{0,30})", page)
     assert srcs and all(s.startswith("data:image/jpeg;base64,") for s in srcs)
     assert len(srcs) == 6 * (N + len(_worst_keys(report)))  # six tiles per shown sample and per distinct worst one
-    # histograms: one per score with values (+ mask area and the depth margin), the two thresholds drawn
-    assert page.count("<svg") == 11 and page.count("class='threshold'") == 2
-    assert "&gt;=0.5: removes ≈50%" in page and "&gt;=0.8: removes ≈70%" in page  # keeps 1.0, 0.9, 0.8
+    # histograms: one per score with values (+ mask area and the depth margin); the --where thresholds and every
+    # shipped threshold (docs/build.md, "Quality scores") drawn
+    shipped = sum(sc.threshold is not None for sc in SCORES.values())
+    assert page.count("<svg") == 11 and page.count("class='threshold where'") == 2
+    assert page.count("class='threshold shipped'") == shipped
+    assert "--where &gt;=0.5: removes ≈50%" in page and "--where &gt;=0.8: removes ≈70%" in page  # keeps 1, .9, .8
 
 
 def _worst_keys(report) -> set[str]:

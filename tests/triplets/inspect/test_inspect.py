@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnc.cli import app
+from tests import support
 from triplets.inspect import (
     SheetLayout,
     Summary,
@@ -20,28 +21,16 @@ from triplets.inspect import (
     summarise,
     validate,
 )
-from triplets.sample import REQUIRED_META, TripletSample, encode_sample, quantize_depth
+from triplets.sample import TripletSample, encode_sample
 from triplets.shardio import resolve_shards, write_shard
 
 R = 32
 
 
 def make_sample(key: str, seed: int = 0, nearer: bool = True, caption: str = "a disk on random noise") -> TripletSample:
-    """A well-formed sample: a disk mask, fg disparity peaking inside it (or not), random embeddings."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:R, 0:R]
-    mask = (((xx - R / 2) ** 2 + (yy - R / 2) ** 2) < (R / 4) ** 2).astype(np.uint8)
-    image = rng.integers(0, 256, (R, R, 3), dtype=np.uint8)
-    fg_raw = (mask if nearer else 1 - mask) * 5.0 + rng.random((R, R))
-    bg_raw = rng.random((R, R))
-    fq, fr = quantize_depth(fg_raw)
-    bq, br = quantize_depth(bg_raw)
-    meta = {k: None for k in REQUIRED_META}
-    meta.update(key=key, source=f"/data/{key}.jpg", resolution=R, mask_area=float(mask.mean()),
-                fg_depth_range=list(fr), bg_depth_range=list(br), timings={}, models={"depth.model": "tiny"})
-    return TripletSample(key=key, image=image, mask=mask, background=rng.integers(0, 256, (R, R, 3), dtype=np.uint8),
-                         fg_depth=fq, bg_depth=bq, fg_emb=rng.normal(size=8).astype(np.float32),
-                         bg_emb=rng.normal(size=8).astype(np.float32), caption=caption, meta=meta)
+    """A well-formed sample (the shared factory): a disk mask, fg disparity peaking inside it (or not)."""
+    return support.make_sample(key, seed, size=R, nearer=nearer, caption=caption,
+                               meta={"models": {"depth.model": "tiny"}})
 
 
 def write_build(out, shards: list[list[TripletSample]], failures: dict[int, list[dict]] | None = None,

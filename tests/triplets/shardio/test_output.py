@@ -1,4 +1,5 @@
-"""Commit protocol, recovery and planning without Ray or models (fast)."""
+"""The exactly-once commit (:mod:`triplets.shardio.output`) without Ray or models: commit, a crash at each step,
+recovery, locks, resume checks, the legacy layout."""
 
 from __future__ import annotations
 
@@ -6,30 +7,19 @@ import json
 import os
 import random
 
-import numpy as np
 import pytest
 
 import cnc.base.location as location
 from cnc.base.errors import OutputBusyError
-from pipelines.plan import PlanMismatchError, fingerprint, make_plan, prepare_plan
-from triplets.config import BuildConfig
-from triplets.sample import TripletSample, encode_sample
-from triplets.shardio import BuildOutput, ShardStats, encode_tar, file_sha256, iter_samples, open_tar_writer, tar_keys
+from tests.support import make_sample
+from triplets.sample import TripletSample
+from triplets.shardio import BuildOutput, ShardStats, encode_tar, file_sha256, iter_samples
 
 FP = "f" * 16
 
 
 def _sample(key: str, seed: int = 0, r: int = 16) -> TripletSample:
-    rng = np.random.default_rng(seed)
-    return TripletSample(
-        key=key, image=rng.integers(0, 255, (r, r, 3), dtype=np.uint8), mask=(rng.random((r, r)) > 0.5).astype(np.uint8),
-        background=rng.integers(0, 255, (r, r, 3), dtype=np.uint8),
-        fg_depth=rng.integers(0, 65535, (r, r), dtype=np.uint16), bg_depth=rng.integers(0, 65535, (r, r), dtype=np.uint16),
-        fg_emb=rng.standard_normal(8).astype(np.float32), bg_emb=rng.standard_normal(8).astype(np.float32),
-        caption=f"caption {key}",
-        meta={"key": key, "source": f"/x/{key}.jpg", "original_size": [r, r], "crop_box": [0, 0, r, r, 1.0],
-              "resolution": r, "seed": seed, "models": {}, "mask_area": 0.5, "fg_depth_range": [0.0, 1.0],
-              "bg_depth_range": [0.0, 1.0], "timings": {}, "version": "test"})
+    return make_sample(key, seed, size=r, caption=f"caption {key}")
 
 
 def _write_shard(out, shard: int, keys: list[str], failures: list[dict] | None = None, crash_after: int | None = None):
@@ -66,29 +56,6 @@ def _write_shard(out, shard: int, keys: list[str], failures: list[dict] | None =
 
 def _recover(out, fp, sizes, verify=False):
     return BuildOutput(str(out)).recover(fp, sizes, verify)
-
-
-def test_streamed_tar_is_byte_identical_to_encode_tar(tmp_path):
-    samples = [_sample(f"k{i}", i) for i in range(3)]
-    path = tmp_path / "a.tar"
-    with open(path, "wb") as f:
-        tw = open_tar_writer(f)
-        for s in samples:
-            tw.write(encode_sample(s))
-        tw.close()
-    assert path.read_bytes() == encode_tar(samples)
-    assert tar_keys(str(path)) == ["k0", "k1", "k2"]
-
-    # the shard sink streams the same bytes and hashes them while writing: the marker's sha256 is the tar's
-    from pipelines.sink import ShardSink
-
-    with ShardSink(BuildOutput(str(tmp_path / "out")), 0) as sink:
-        for s in samples:
-            sink.write(encode_sample(s))
-        marker = sink.commit([], ShardStats(shard=0, name="000000", nsamples=3))
-    published = tmp_path / "out" / "000000.tar"
-    assert published.read_bytes() == encode_tar(samples)
-    assert marker.sha256 == file_sha256(published) and marker.bytes == published.stat().st_size
 
 
 def test_commit_then_recover_keeps_committed_shard(tmp_path):
@@ -152,69 +119,6 @@ def test_recover_rejects_marker_of_other_plan_or_size(tmp_path):
     assert not (tmp_path / "000000.tar").exists()
     _write_shard(tmp_path, 1, ["a"])
     assert _recover(tmp_path, FP, {1: 2}) == {}  # plan says 2 items
-
-
-def _cfg(**kw) -> BuildConfig:
-    return BuildConfig(samples_per_shard=2, **kw)
-
-
-def _items(n: int) -> list[dict]:
-    return [{"key": f"k{i}", "source": f"/in/k{i}.jpg", "caption": "", "mask_path": None, "mask_kind": None}
-            for i in range(n)]
-
-
-def test_plan_is_pure_and_split_by_samples_per_shard(tmp_path):
-    p1 = make_plan(_items(5), _cfg(), "/in", "folder")
-    assert [len(s["items"]) for s in p1["shards"]] == [2, 2, 1]
-    assert [s["name"] for s in p1["shards"]] == ["000000", "000001", "000002"]
-    assert json.dumps(p1, sort_keys=True) == json.dumps(make_plan(_items(5), _cfg(), "/in", "folder"), sort_keys=True)
-    prepare_plan(BuildOutput(str(tmp_path)), p1)
-    before = (tmp_path / "_cnc" / "plan.json").read_bytes()
-    prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(5), _cfg(ray={"num_workers": 7}, device="cpu"), "/in", "folder"))
-    assert (tmp_path / "_cnc" / "plan.json").read_bytes() == before  # operational keys do not matter
-
-
-@pytest.mark.parametrize("change, message", [
-    (dict(cfg=dict(seed=1)), "seed: 0 -> 1"),
-    (dict(cfg=dict(samples_per_shard=3)), "samples_per_shard: 2 -> 3"),
-    (dict(n=6), "had 5 items, now 6"),
-    (dict(input="/other"), "another input"),
-])
-def test_plan_mismatch_is_refused_with_reason(tmp_path, change, message):
-    prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(5), _cfg(), "/in", "folder"))
-    cfg = BuildConfig(**({"samples_per_shard": 2} | change.get("cfg", {})))
-    new = make_plan(_items(change.get("n", 5)), cfg, change.get("input", "/in"), "folder")
-    with pytest.raises(PlanMismatchError, match=message.replace("(", r"\(")):
-        prepare_plan(BuildOutput(str(tmp_path)), new)
-
-
-def test_non_empty_folder_without_plan_is_refused(tmp_path):
-    (tmp_path / "holiday.jpg").write_bytes(b"x")
-    with pytest.raises(PlanMismatchError, match="not empty"):
-        prepare_plan(BuildOutput(str(tmp_path)), make_plan(_items(1), _cfg(), "/in", "folder"))
-    assert (tmp_path / "holiday.jpg").exists()
-
-
-def test_fingerprint_ignores_operational_keys_only():
-    base = fingerprint(_cfg())
-    assert fingerprint(_cfg(device="cuda", max_failure_fraction=0.5, ray={"num_workers": 3})) == base
-    assert fingerprint(_cfg(batch_size=8)) != base
-    assert fingerprint(_cfg(resolution=256)) != base
-
-
-def test_plan_workers_rules():
-    from pipelines.scheduler import SchedulingError, plan_workers
-
-    cpu = _cfg()
-    assert plan_workers(cpu, {"CPU": 2}, 10) == (1, 0.0, 1)
-    assert plan_workers(cpu, {"CPU": 16}, 10) == (8, 0.0, 1)
-    assert plan_workers(cpu, {"CPU": 16}, 3) == (3, 0.0, 1)
-    assert plan_workers(cpu, {"CPU": 16, "GPU": 4}, 10) == (4, 1.0, 1)
-    half = _cfg(ray={"gpus_per_worker": 0.5, "torch_threads": 4})
-    assert plan_workers(half, {"CPU": 16, "GPU": 2}, 10) == (4, 0.5, 4)
-    assert plan_workers(_cfg(device="cpu"), {"CPU": 4, "GPU": 2}, 10) == (2, 0.0, 1)
-    with pytest.raises(SchedulingError, match="no GPU"):
-        plan_workers(_cfg(device="cuda"), {"CPU": 4}, 1)
 
 
 def test_output_lock_is_exclusive(tmp_path):

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from cnc.tiny import tiny_dpt
+from cnc.tiny import synthetic_photo, tiny_dpt
+from tests.support import DEPTH_MAX_ATOL, DEPTH_MEAN_ATOL
 from triplets.config import BuildConfig
 from triplets.stages.depth import DepthStage
+
+
+def _images(n: int, r: int = 64) -> np.ndarray:
+    return np.stack([synthetic_photo(i, r, r) for i in range(n)])
 
 
 def _rows(n=2, r=48, seed=0):
@@ -66,3 +71,19 @@ def test_reference_mode_config_and_bad_mode():
         BuildConfig(depth={"preprocess": "midas"})
     with pytest.raises(ValueError, match="unknown depth preprocess"):
         DepthStage(_tiny_dpt_path(), device="cpu", preprocess="midas")
+
+
+def test_depth_bf16_within_tolerance():
+    model, processor = tiny_dpt()
+    pixels = processor(images=list(_images(4)), return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        ref = model(pixel_values=pixels).predicted_depth.float()
+        low = model.to(torch.bfloat16)(pixel_values=pixels.to(torch.bfloat16)).predicted_depth.float()
+
+    def norm(x):
+        lo, hi = x.amin((1, 2), keepdim=True), x.amax((1, 2), keepdim=True)
+        return (x - lo) / (hi - lo)
+
+    diff = (norm(low) - norm(ref)).abs()
+    assert diff.mean() <= DEPTH_MEAN_ATOL and diff.max() <= DEPTH_MAX_ATOL, (diff.mean(), diff.max())
+    assert diff.max() > 0

@@ -12,26 +12,17 @@ import tarfile
 import numpy as np
 import pytest
 
+from tests import support
+from tests.support import synthetic_photo
 from triplets.inspect import inspect_shards, validate
 from triplets.inspect.render import contact_sheet
-from triplets.sample import TripletSample, encode_sample, quantize_depth, validate_sample
+from triplets.sample import TripletSample, encode_sample, validate_sample
 
 R = 32
 
 
 def make_sample(key: str, caption: str = "a disk") -> TripletSample:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:R, 0:R]
-    mask = (((xx - R / 2) ** 2 + (yy - R / 2) ** 2) < (R / 4) ** 2).astype(np.uint8)
-    fq, fr = quantize_depth(mask * 5.0 + rng.random((R, R)))
-    bq, br = quantize_depth(rng.random((R, R)))
-    meta = {"key": key, "source": f"/x/{key}.jpg", "original_size": [R, R], "crop_box": [0, 0, R, R, 1.0],
-            "resolution": R, "seed": 0, "models": {}, "mask_area": float(mask.mean()), "fg_depth_range": list(fr),
-            "bg_depth_range": list(br), "timings": {}, "version": "test"}
-    return TripletSample(key=key, image=rng.integers(0, 256, (R, R, 3), dtype=np.uint8), mask=mask,
-                         background=rng.integers(0, 256, (R, R, 3), dtype=np.uint8), fg_depth=fq, bg_depth=bq,
-                         fg_emb=rng.normal(size=8).astype(np.float32), bg_emb=rng.normal(size=8).astype(np.float32),
-                         caption=caption, meta=meta)
+    return support.make_sample(key, size=R, caption=caption, meta={"source": f"/x/{key}.jpg"})
 
 
 def _tar(path, members: list[tuple[str, bytes]], encoding: str = "utf-8") -> None:
@@ -138,3 +129,29 @@ def test_non_utf8_error_log_is_a_finding_not_a_crash(tmp_path):
     (tmp_path / "errors" / "000000.jsonl").write_bytes(b'{"stage": "decode", "reason": "x"}\n\xff\xfe\n[1]\n')
     result = validate(tmp_path)
     assert "line 2 is not a JSON object" in _messages(result) and "line 3" in _messages(result)
+
+
+def test_inspect_accepts_latent_member():
+    """``latent.npy`` is a known optional member: cnc inspect's validator does not warn about it."""
+    from types import SimpleNamespace
+
+    from triplets.inspect.validate import _check_sample
+    from triplets.sample import TripletSample, encode_sample
+
+    meta = {"key": "k", "source": "x", "original_size": [R, R], "crop_box": [0, 0, 1, 1, 1], "resolution": R,
+            "seed": 0, "models": {}, "mask_area": 0.25, "fg_depth_range": [0, 1], "bg_depth_range": [0, 1],
+            "timings": {}, "version": "t"}
+    img = synthetic_photo(0, R, R)
+    mask = np.zeros((R, R), np.uint8)
+    mask[8:24, 8:24] = 1
+    depth = np.zeros((R, R), np.uint16)
+    s = TripletSample(key="k", image=img, mask=mask, background=img, fg_depth=depth, bg_depth=depth,
+                      fg_emb=np.zeros(8, np.float32), bg_emb=np.zeros(8, np.float32), caption="", meta=meta,
+                      latent=np.zeros((2, 4, R // 8, R // 8), np.float16))
+    findings, summary = [], SimpleNamespace(add_sample=lambda sample: None)
+    _check_sample(encode_sample(s), True, summary, lambda msg, key, *a: findings.append(msg))
+    assert findings == []
+    bad = encode_sample(s)
+    bad["latent.npy"] = encode_sample(TripletSample(**{**s.__dict__, "latent": None}))["fg_emb.npy"]
+    _check_sample(bad, True, summary, lambda msg, key, *a: findings.append(msg))
+    assert findings and "latent.npy" in findings[0]

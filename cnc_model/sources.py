@@ -1,0 +1,82 @@
+"""Pipelines named on the command line (``cnc sample``, ``cnc eval``): described and loaded with one-line user errors,
+and the reference demo's prompt defaults. Below every CLI of ``cnc_model`` (they all import it, it imports none)."""
+
+from __future__ import annotations
+
+import json
+
+from cnc.base.errors import ModelUnavailableError, UserError
+from cnc.base.location import resolve
+from cnc.hub import resolve_all
+from cnc_model.loading import NotAPipelineError, Source, describe, load_pipeline
+
+
+def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, reference: bool) -> tuple[str, str]:
+    """Resolve the negative prompt and prompt suffix: explicit values win, else the reference demo's (or "")."""
+    from cnc_model.pipeline_cnc import REFERENCE_NEGATIVE_PROMPT, REFERENCE_PROMPT_SUFFIX  # diffusers: heavy
+
+    if negative_prompt is None:
+        negative_prompt = REFERENCE_NEGATIVE_PROMPT if reference else ""
+    if prompt_suffix is None:
+        prompt_suffix = REFERENCE_PROMPT_SUFFIX if reference else ""
+    return negative_prompt, prompt_suffix
+
+
+def load_source_pipeline(path: str, option: str = "PIPELINE", weights: str | None = None):
+    """:func:`cnc_model.loading.load_pipeline`; an unloadable folder, weights it does not hold or a missing base
+    model are a :class:`UserError` (one line)."""
+    return load_source(path, option, weights)[1]
+
+
+def describe_source(path: str, option: str = "PIPELINE", weights: str | None = None):
+    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures are a :class:`UserError` (one
+    line)."""
+    if not resolve(path).exists():
+        raise UserError(f"{option} {path} does not exist")
+    try:
+        return describe(path, weights)
+    except (NotAPipelineError, ModelUnavailableError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+
+
+def load_source(path, option: str = "PIPELINE", weights: str | None = None):
+    """``(Source, CnCPipeline)`` of ``path`` (a folder, or a :class:`~cnc_model.loading.Source` already described)
+    with the selected ``weights``; failures are a :class:`UserError` (one line)."""
+    source = path if isinstance(path, Source) else describe_source(path, option, weights)
+    try:
+        return source, load_pipeline(source)
+    except (NotAPipelineError, ModelUnavailableError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+
+
+def resolve_sampling_models(source, from_photos: bool, depth_model: str, sam_checkpoint: str | None,
+                            clip_model: str) -> dict[str, str]:
+    """Every model ``cnc sample`` (and, for the base model, ``cnc eval``) will load, checked up front
+    (:func:`cnc.hub.resolve_all`): the run's base model, and with --fg/--bg the depth model, SAM (with
+    --sam-checkpoint) and the CLIP model (when the pipeline has a global fuser but no image encoder). Option or config
+    key → local path (or a hub id the hub will serve).
+
+    Raises:
+        cnc.base.errors.ModelUnavailableError: one line per missing model.
+    """
+    models: dict[str, str] = {}
+    files: tuple[str, ...] = ()
+    if source.kind != "pipeline":
+        models["model.pretrained_model_name_or_path"] = source.config.model.pretrained_model_name_or_path
+    if from_photos:
+        models["--depth-model"] = depth_model
+        if sam_checkpoint is not None:
+            models["--sam-checkpoint"] = sam_checkpoint
+            files = ("--sam-checkpoint",)
+        if needs_image_encoder(source):
+            models["--clip-model"] = clip_model
+    return resolve_all(models, files=files, seed=getattr(source.config, "seed", 0) or 0)
+
+
+def needs_image_encoder(source) -> bool:
+    """Whether sampling from photos needs ``--clip-model``: a global fuser and no image encoder in the folder."""
+    if source.kind == "pipeline":
+        index = json.loads((source.path / "model_index.json").read_text())
+        return (index.get("global_fuser") or [None])[0] is not None and (index.get("image_encoder")
+                                                                          or [None])[0] is None
+    return bool(source.config.trains_global)
