@@ -157,6 +157,11 @@ def eval_command(
     num_processes: str = typer.Option(
         "auto", "--num-processes", help="Processes generating in parallel (one per GPU; on CPUs gloo): auto = every "
                                         "visible GPU on CUDA, else 1. Not needed under accelerate launch / torchrun."),
+    dtype: str = typer.Option("float32", "--dtype", help="Precision of the pipelines: float32, float16 or bfloat16."),
+    attention_fp32_logits: bool = typer.Option(
+        None, "--attention-fp32-logits/--no-attention-fp32-logits",
+        help="Attention logits and softmax in fp32 under --dtype float16/bfloat16 (the reference's precision). "
+             "Default: each run's model.attention_fp32_logits (off for other folders).", show_default=False),
 ) -> None:
     """Generate from held-out triplets and report FID, IS, CLIPScore, SSIM, LPIPS, depth MAE and region scores."""
     import torch
@@ -189,6 +194,11 @@ def eval_command(
         samples = load_samples(shards, n)
     except (UserError, ValueError, FileNotFoundError) as err:
         _fail(f"--shards: {str(err).splitlines()[0]}")
+    from cnc_model.sample_cli import _dtype
+    from triplets.conditions import compare_builds
+
+    torch_dtype = _dtype(dtype)
+    checks = [compare_builds(source.conditions_record(), list(shards)) for source in sources]
     # 2. several processes: start them (each checks the inputs again, cheaply) unless already launched
     if not _launched():
         count = _num_processes(num_processes, device)
@@ -203,14 +213,24 @@ def eval_command(
         device = str(state.device) if state.num_processes > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
     # 3. generate (every process its share) and score (the main process)
     labels = _labels(paths, [s.weights for s in sources])
-    pipes, held = {}, {}
-    for label, source in zip(labels, sources):
+    pipes, held, records = {}, {}, {}
+    for label, source, check in zip(labels, sources, checks):
         _, pipes[label] = load_source_or_fail(source)
         held[label] = source.weights
+        pipe = pipes[label]
+        if attention_fp32_logits is not None:
+            pipe.set_attention(fp32_logits=attention_fp32_logits)
+        pipe.to(dtype=torch_dtype)
+        if state.is_main_process:
+            (logger.warning if check["differences"] or not check["trained_known"] else logger.info)(
+                "%s: %s", label, check["line"])
+        records[label] = {"conditions": {k: v for k, v in check.items() if k != "line"},
+                          "attention": {"resize_mode": pipe.soft_guidance_resize,
+                                        "fp32_logits": pipe.attention_fp32_logits, "dtype": dtype}}
     settings = EvalSettings(n=n, steps=steps, seeds=seed_list, guidance_scale=guidance, batch_size=batch_size,
                             negative_prompt=negative_prompt, prompt_suffix=prompt_suffix, device=device,
                             progress=state.is_main_process)
-    report = evaluate(pipes, samples, settings, mm, output, weights=held, state=state)
+    report = evaluate(pipes, samples, settings, mm, output, weights=held, state=state, records=records)
     if report is None:  # not the main process
         return
     typer.echo((output / "metrics.md").read_text())

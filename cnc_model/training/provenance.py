@@ -1,8 +1,10 @@
 """What a training run started from: identities of the base model and the initial fusers, hashes of shard manifests.
 
 Recorded under ``provenance`` in ``OUTPUT/train_config.yaml`` and as ``provenance.json`` in every checkpoint.
-``--resume`` refuses a checkpoint whose base model identity differs from the one this run loads
-(:class:`ModelChangedError`, exit 2): fusers trained against other frozen weights do not fit them.
+``--resume`` refuses a checkpoint whose base model or frozen UNet (``model.unet``) identity differs from the one this
+run loads (:class:`ModelChangedError`, exit 2): fusers trained against other frozen weights do not fit them.
+``conditions`` records the build settings of the training shards (:func:`triplets.conditions.training_conditions`),
+which ``cnc sample`` / ``cnc eval`` make their conditions with by default.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from cnc.base.errors import UserError
 from cnc.identity import local_identity, model_identity
-from cnc_model.training.components import fuser_folder
+from cnc_model.training.components import UNET_KEY, fuser_folder, unet_folder
 from cnc_model.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -50,20 +52,43 @@ def _manifest_hashes(shards: list[str]) -> dict[str, str | None]:
 
 
 def training_provenance(cfg: TrainConfig, base_resolved: str | None) -> dict:
-    """``{"models": {key: identity record}, "shard_manifests": {entry: sha256 | None}}``.
+    """``{"models": {key: identity record}, "shard_manifests": {entry: sha256 | None}, "conditions": {...}}``.
 
     Args:
         cfg: the run's config.
         base_resolved: what the base model resolved to (``None`` when the caller injected components).
     """
+    from triplets.conditions import training_conditions
+
     m = cfg.model
     models: dict[str, dict | None] = {
         BASE_KEY: model_identity(m.pretrained_model_name_or_path, base_resolved) if base_resolved else None}
+    if m.unet:  # the frozen UNet replacing the base's unet/ (fails fast, one line, when it is not a UNet folder)
+        models[UNET_KEY] = {"id": m.unet, "revision": None, "identity": local_identity(unet_folder(m.unet, UNET_KEY))}
     for name, value in (("local_fuser", m.local_fuser), ("global_fuser", m.global_fuser)):
         if value:  # the fuser folder itself, also when the config names a run's output folder holding it
             folder = fuser_folder(value, name, f"model.{name}")
             models[f"model.{name}"] = {"id": value, "revision": None, "identity": local_identity(folder)}
-    return {"models": models, "shard_manifests": _manifest_hashes(cfg.data.train_shards)}
+    conditions = training_conditions(cfg.data.train_shards)
+    for note in conditions["notes"]:
+        logger.info("training conditions: %s", note)
+    return {"models": models, "shard_manifests": _manifest_hashes(cfg.data.train_shards), "conditions": conditions}
+
+
+def read_provenance(folder: Path) -> dict | None:
+    """The provenance of a run folder (``train_config.yaml``'s ``provenance``) or of a checkpoint folder (its
+    ``provenance.json``, else the run's); ``None`` when none is recorded."""
+    import yaml
+
+    folder = Path(folder)
+    path = folder / PROVENANCE_FILE
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    for config in (folder / "train_config.yaml", folder.parent / "train_config.yaml"):
+        if config.is_file():
+            data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            return data.get("provenance") if isinstance(data, dict) else None
+    return None
 
 
 def write_checkpoint_provenance(checkpoint: Path, provenance: dict) -> None:
@@ -83,10 +108,14 @@ def check_resume(checkpoint: Path, provenance: dict) -> None:
     if not path.is_file():
         logger.warning("%s records no model identities (older checkpoint): the base model is not checked", checkpoint)
         return
-    old = (json.loads(path.read_text(encoding="utf-8")).get("models") or {}).get(BASE_KEY) or {}
-    new = (provenance.get("models") or {}).get(BASE_KEY) or {}
-    a, b = old.get("identity"), new.get("identity")
-    if a and b and a != b:
-        raise ModelChangedError(f"checkpoint {checkpoint} was trained on {BASE_KEY} identity {a}, this run loads "
-                                f"{b} ({new.get('id')}); resume with the original base model or start a new "
-                                f"output_dir")
+    recorded = json.loads(path.read_text(encoding="utf-8")).get("models") or {}
+    current = provenance.get("models") or {}
+    for key in (BASE_KEY, UNET_KEY):
+        old, new = recorded.get(key) or {}, current.get(key) or {}
+        a, b = old.get("identity"), new.get("identity")
+        if key == UNET_KEY and (key in recorded) != (key in current):
+            a, b = a or "the base model's unet/", b or "the base model's unet/"
+        if a and b and a != b:
+            raise ModelChangedError(f"checkpoint {checkpoint} was trained on {key} identity {a}, this run loads "
+                                    f"{b} ({new.get('id')}); resume with the original model or start a new "
+                                    f"output_dir")
