@@ -126,6 +126,11 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     for key in ("fid", "inception_score", "clip_score", "ssim", "lpips", "depth_mae", "region_fg_margin"):
         assert isinstance(report[key], float), key
     assert report["weights"] == "ema" and report["models"]["exported"]["weights"] == "ema"
+    # the evaluation shards' build settings are checked against the training shards' (the same build here), also
+    # through the export, which carries the run's record
+    for block in report["models"].values():
+        assert block["conditions"]["trained_known"] and block["conditions"]["differences"] == [], block
+    assert "built with the training shards' settings" in proc.stderr
     assert "process 1/2: 1 of 2 batches" in proc_alone.stderr, proc_alone.stderr[-3000:]
     again = json.loads((alone / "metrics.json").read_text())
     assert again.pop("model") == "joint"
