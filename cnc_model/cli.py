@@ -11,18 +11,13 @@ from pathlib import Path
 
 import typer
 
+from cnc.base.errors import UserError
 from cnc_model.evaluation.cli import register as register_eval
 from cnc_model.loading import WEIGHTS_HELP
 from cnc_model.sample_cli import register as register_sample
 from cnc_model.train_cli import register as register_train
 
 logger = logging.getLogger(__name__)
-
-
-def _fail(message: str) -> None:
-    """Print one error line and exit with status 2."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 
 def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, reference: bool) -> tuple[str, str]:
@@ -38,27 +33,28 @@ def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, ref
 
 def load_pipeline_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
     """:func:`cnc_model.loading.load_pipeline`; an unloadable folder, weights it does not hold or a missing base
-    model exit 2 in one line."""
+    model are a :class:`UserError` (one line)."""
     return load_source_or_fail(path, option, weights)[1]
 
 
 def describe_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
-    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures exit 2 in one line."""
+    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures are a :class:`UserError` (one
+    line)."""
     from cnc.base.location import resolve
     from cnc_model.loading import NotAPipelineError, describe
     from triplets.errors import ModelUnavailableError
 
     if not resolve(path).exists():
-        _fail(f"{option} {path} does not exist")
+        raise UserError(f"{option} {path} does not exist")
     try:
         return describe(path, weights)
     except (NotAPipelineError, ModelUnavailableError) as err:
-        _fail(str(err).splitlines()[0])
+        raise UserError(str(err).splitlines()[0]) from None
 
 
 def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = None):
     """``(Source, CnCPipeline)`` of ``path`` (a folder, or a :class:`~cnc_model.loading.Source` already described)
-    with the selected ``weights``; failures exit 2 in one line."""
+    with the selected ``weights``; failures are a :class:`UserError` (one line)."""
     from cnc_model.loading import NotAPipelineError, Source, load_pipeline
     from triplets.errors import ModelUnavailableError
 
@@ -66,7 +62,7 @@ def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = No
     try:
         return source, load_pipeline(source)
     except (NotAPipelineError, ModelUnavailableError) as err:
-        _fail(str(err).splitlines()[0])
+        raise UserError(str(err).splitlines()[0]) from None
 
 
 def export(
@@ -82,29 +78,29 @@ def export(
     from triplets.errors import ModelUnavailableError
 
     if not resolve(source).exists():
-        _fail(f"{source} does not exist")
+        raise UserError(f"{source} does not exist")
     try:
         export_pipeline(source, output, weights=weights)
     except (NotAPipelineError, ModelUnavailableError) as err:
-        _fail(str(err).splitlines()[0])
+        raise UserError(str(err).splitlines()[0]) from None
     typer.echo(f"exported {source} -> {output}")
 
 
 def _load_shard_sample(spec: str):
-    """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (exits with one line when absent)."""
+    """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (a :class:`UserError` when absent)."""
     from cnc.base.location import resolve
     from triplets.sample import decode_sample
     from triplets.shardio import TarStream
 
     if "#" not in spec:
-        _fail(f"--shard-sample takes TAR#KEY, got {spec!r}")
+        raise UserError(f"--shard-sample takes TAR#KEY, got {spec!r}")
     tar, key = spec.rsplit("#", 1)
     if not resolve(tar).isfile():
-        _fail(f"shard not found: {tar}")
+        raise UserError(f"shard not found: {tar}")
     for raw in TarStream(tar).samples():
         if raw["__key__"] == key:
             return decode_sample(raw)
-    _fail(f"no sample with key {key!r} in {tar}")
+    raise UserError(f"no sample with key {key!r} in {tar}")
 
 
 def convert_reference(
@@ -135,7 +131,7 @@ def convert_reference(
         convert_reference_checkpoint(checkpoint, output_dir, base_model=base_model, check_base=check_base,
                                      seed=seed, save_unet=save_unet)
     except (ConversionError, FileNotFoundError) as err:
-        _fail(str(err))
+        raise UserError(str(err)) from None
     comparison = output_dir / UNET_COMPARISON
     if comparison.is_file():
         for copy, report in json.loads(comparison.read_text())["copies"].items():

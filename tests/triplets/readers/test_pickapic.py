@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from triplets.readers import InputError, detect_format, read_items, read_source_bytes
-from triplets.readers_pickapic import load_stopwords, read_pickapic
+from triplets.readers.pickapic import load_stopwords, read_pickapic
 from triplets.stages import LoadStage
 
 
@@ -114,7 +114,7 @@ def test_fsspec_url_and_bad_inputs(parquet_dir, tmp_path):
 def test_caption_is_cut_at_an_embedded_line_break():
     """The reference wrote ``uid:caption`` lines and its dataset kept the first line of a multi-line prompt (the rest
     has no ':' and is skipped); word count and stop words are judged on the whole prompt first."""
-    from triplets.readers_pickapic import keep_caption
+    from triplets.readers.pickapic import keep_caption
 
     words = frozenset({"girl"})
     assert keep_caption("a red fox\nin the snow: at night", words) == "a red fox"
