@@ -182,11 +182,13 @@ def sample(
 
         trained, notes = source.conditions()
         choice = choose_conditions(trained, config=config, overrides=[*shortcut, *overrides], notes=notes)
-        (logger.warning if choice.differences or choice.trained is None else logger.info)("%s", choice.line())
         try:
             maker = ConditionMaker(choice.settings, device=device, embeddings=_has_global_fuser(source))
         except ModelUnavailableError as err:
-            raise ModelUnavailableError(_name_options(err, options)) from None
+            why = ("\nthe model records no training conditions, so the default build settings were used: give the "
+                   "build config its shards were made with (-c BUILD_CONFIG)" if choice.origin == "default" else "")
+            raise ModelUnavailableError(_name_options(err, options) + why) from None
+        (logger.warning if choice.differences or choice.trained is None else logger.info)("%s", choice.line())
     _, pipe = load_source_or_fail(source)
     record: dict = {"model": str(source.path), "kind": source.kind, "weights": source.weights}
     if unet is not None:

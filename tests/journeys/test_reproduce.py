@@ -115,7 +115,7 @@ def _run_all(*calls, cwd, env) -> list[subprocess.CompletedProcess]:
 
 
 @pytest.mark.ray
-def test_the_reference_recipe_end_to_end(tmp_path):
+def test_the_reference_recipe_end_to_end(tmp_path, ray_local):
     from diffusers import UNet2DConditionModel
 
     from cnc.hub import resolve_pretrained
@@ -129,13 +129,15 @@ def test_the_reference_recipe_end_to_end(tmp_path):
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
 
-    # 1. the frozen UNet uni.ckpt holds (reported against the base), and the two builds
+    # 1. the frozen UNet uni.ckpt holds (reported against the base), and the two builds (on the session's local Ray:
+    #    two more Ray starts would double this test's cost)
+    ray_address = ["--address", ray_local.get_runtime_context().gcs_address]
     convert, *_ = _run_all(
         ["convert-reference", "checkpoints/uni.ckpt", "checkpoints/uni", "--base-model", sd, "--save-unet"],
         ["build", "-c", "build/reference-coco", "--input", "data/coco/annotations/captions_train2017.json",
-         "--output", "out/reference/coco", *TINY_BUILD],
+         "--output", "out/reference/coco", *TINY_BUILD, *ray_address],
         ["build", "-c", "build/reference-pickapic", "--input", "data/pickapic_v1/data/", "--output",
-         "out/reference/pickapic", *TINY_BUILD], cwd=work, env=env)
+         "out/reference/pickapic", *TINY_BUILD, *ray_address], cwd=work, env=env)
     assert "probably the EMA/non-EMA copy" in convert.stdout and (work / "checkpoints/uni/unet/config.json").is_file()
     pick = {r["__key__"]: r for t in sorted((work / "out/reference/pickapic").glob("*.tar"))
             for r in iter_raw_samples(str(t))}

@@ -100,6 +100,7 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     # 3. the exported checkpoint: a fresh interpreter loads it with exactly the stage's fusers
     card = (export / "local_fuser" / "README.md").read_text()
     assert "stage `joint`" in card and str(tiny_shards) in card and "steps: 1" in card and "weights: ema" in card
+    assert "## Conditions" in card and "- `depth.preprocess`: processor" in card  # the training shards' settings
     assert json.loads((export / "cnc_export.json").read_text())["weights"] == "ema"
     code = ("from cnc_model.pipeline_cnc import CnCPipeline\n"
             f"a = CnCPipeline.from_pretrained({str(export)!r})\n"

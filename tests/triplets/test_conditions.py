@@ -7,8 +7,7 @@ build`` (``reference_build``: Ray workers, ``sam`` + ``processor``; sampled with
 the DPT processor's resize rounds differently with another thread count, by at most one uint16 step) and, for the
 other combinations, the builder those workers run (:class:`~triplets.builder.TripletBuilder`, in this process).
 The recipe journey (tests/journeys/test_reproduce.py) checks ``cnc build`` -> ``cnc sample`` in fresh processes for
-the reference's ``u2net`` + ``reference`` settings. Tiny models, 64 px. (``u2net`` + ``processor`` is not run: the depth
-stage does not depend on the backend, and each preprocessing is covered.)
+the reference's ``u2net`` + ``reference`` settings. Tiny models, 64 px.
 
 What "bit-exact" rests on: the sampler calls the same stages on one (fg, bg) pair, i.e. the same model calls as a
 build with ``batch_size: 1``. A build with larger batches gives the same values whenever the models' per-image results
@@ -106,8 +105,8 @@ def test_cnc_build_and_cnc_sample_make_identical_conditions(reference_build, ass
             assert sampled["record"]["settings"]["segment"]["backend"] == "sam"
 
 
-@pytest.mark.parametrize("backend,preprocess", [("sam", "reference"), ("u2net", "reference"), ("dataset", "processor"),
-                                                ("dataset", "reference")])
+@pytest.mark.parametrize("backend,preprocess", [("sam", "reference"), ("u2net", "processor"), ("u2net", "reference"),
+                                                ("dataset", "processor"), ("dataset", "reference")])
 def test_builder_and_cnc_sample_make_identical_conditions(assets, tmp_path, backend, preprocess):
     from cnc.config import save_config
     from triplets.builder import TripletBuilder
