@@ -204,7 +204,12 @@ def sample(
         images = pipe([prompt or caption] * num_images, fg_depth=cond.fg_depth_float(), bg_depth=cond.bg_depth_float(),
                       mask=cond.mask.astype("float32"), fg_reference=torch.from_numpy(cond.fg_emb)[None],
                       bg_reference=torch.from_numpy(cond.bg_emb)[None], height=height, width=width, **common).images
-        record.update(origin=f"shard sample {shard_sample}")
+        from triplets.conditions import compare_builds
+
+        check = compare_builds(source.conditions_record(), [shard_sample.rsplit("#", 1)[0]])
+        (logger.warning if check["differences"] or not check["trained_known"] else logger.info)(
+            "%s", check["line"].replace("evaluation shards", "shard"))
+        record.update(origin=f"shard sample {shard_sample}", check={k: v for k, v in check.items() if k != "line"})
     else:
         from cnc_model.compose import compose
 

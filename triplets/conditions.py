@@ -374,7 +374,6 @@ def build_settings(entry: str, depth: int = 0) -> ConditionSettings | None:
     """The condition settings a build folder (local or URL) was built with: from its manifest's ``config`` or its
     ``_cnc/config.yaml``; a derived build (``cnc filter`` / ``cnc score``) is followed to its source. ``None`` when
     the entry is not a build folder (a glob, a tar, ``pipe:``) and its folder records nothing either."""
-    from cnc.base.errors import UserError as _UserError
     from cnc.base.location import resolve
     from triplets.shardio import BuildOutput
     from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE
@@ -401,7 +400,7 @@ def build_settings(entry: str, depth: int = 0) -> ConditionSettings | None:
             return ConditionSettings.from_build(BuildConfig.model_validate(yaml.safe_load(config_loc.read_bytes())))
         if isinstance(manifest.get("derived_from"), str):
             return build_settings(manifest["derived_from"], depth + 1)
-    except (_UserError, OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+    except (UserError, OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         log.warning("build settings of %s unreadable: %s", entry, str(exc).splitlines()[0])
     return None
 
@@ -451,9 +450,9 @@ def settings_from(value: dict | None) -> ConditionSettings | None:
         return None
 
 
-#: The reference implementation's conditions (``configs/build/reference-pickapic.yaml``; its demo samples with
-#: U²-Net masks on the fg photo and MiDaS without its transform), recorded by ``cnc convert-reference``.
 def reference_settings() -> ConditionSettings:
+    """The reference implementation's conditions (``configs/build/reference-pickapic.yaml``: its demo samples with
+    U²-Net masks on the fg photo and MiDaS without its transform), recorded by ``cnc convert-reference``."""
     from cnc.config import load_config
 
     return ConditionSettings.from_build(load_config(BuildConfig, "build/reference-pickapic"))

@@ -69,10 +69,41 @@ def training_provenance(cfg: TrainConfig, base_resolved: str | None) -> dict:
         if value:  # the fuser folder itself, also when the config names a run's output folder holding it
             folder = fuser_folder(value, name, f"model.{name}")
             models[f"model.{name}"] = {"id": value, "revision": None, "identity": local_identity(folder)}
+            if base_resolved:
+                check_fuser_base(folder, f"model.{name}", models)
     conditions = training_conditions(cfg.data.train_shards)
     for note in conditions["notes"]:
         logger.info("training conditions: %s", note)
     return {"models": models, "shard_manifests": _manifest_hashes(cfg.data.train_shards), "conditions": conditions}
+
+
+def frozen_unet(provenance: dict | None) -> tuple[str, str | None] | None:
+    """``(key, identity)`` of the frozen UNet a run trained against: ``model.unet`` when set, else the base model."""
+    models = (provenance or {}).get("models") or {}
+    for key in (UNET_KEY, BASE_KEY):
+        if models.get(key):
+            return key, models[key].get("identity")
+    return None
+
+
+def check_fuser_base(folder: Path, key: str, models: dict) -> None:
+    """A fuser that starts from another run must have been trained against the frozen UNet this run loads (the
+    reference's ``integrate`` step asserts the same frozen weights).
+
+    Raises:
+        ModelChangedError: the fuser's run recorded another identity for the same key (one line).
+    """
+    theirs = frozen_unet(read_provenance(folder.parent))  # the run (or checkpoint) the fuser folder belongs to
+    ours = frozen_unet({"models": models})
+    if theirs is None or ours is None or None in (theirs[1], ours[1]):
+        return
+    if theirs[0] != ours[0]:
+        logger.warning("%s was trained against %s %s, this run loads %s %s: make sure they are the same weights",
+                       key, theirs[0], theirs[1], ours[0], ours[1])
+    elif theirs[1] != ours[1]:
+        raise ModelChangedError(f"{key} {folder} was trained against {theirs[0]} identity {theirs[1]}, this run "
+                                f"loads {ours[1]}: its fuser does not fit another frozen UNet (set {theirs[0]} as "
+                                f"that run did)")
 
 
 def read_provenance(folder: Path) -> dict | None:
