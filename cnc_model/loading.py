@@ -351,23 +351,15 @@ def _conditions_section(source: Source) -> str:
     if not record:
         return ("## Conditions\n\nThe build settings of the training shards are not recorded; sample with the "
                 "build config the shards were made with (`cnc sample ... -c BUILD_CONFIG`).\n\n")
-    settings = record.get("sampling") or {}
-    lines = [f"- `{k}`: {v}" for k, v in _flat(settings).items()]
+    from triplets.conditions import settings_from
+
+    settings = settings_from(record.get("sampling"))
+    lines = [f"- `{k}`: {v}" for k, v in (settings.flat() if settings is not None else {}).items()]
     builds = "\n".join(f"- `{k}`: {'recorded' if v else 'unknown'}" for k, v in (record.get("builds") or {}).items())
     notes = "".join(f"- {n}\n" for n in record.get("notes") or [])
     return ("## Conditions\n\nSample with the conditions the fusers were trained on: `cnc sample` and `cnc eval` make "
             "them with these build settings by default (`triplets.conditions`); a different choice is reported and "
             f"recorded.\n\n{chr(10).join(lines)}\n\nBuilds:\n\n{builds}\n\n{notes}\n")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif k != "batch_size":
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _unet_section(source: Source) -> str:
