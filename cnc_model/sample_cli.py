@@ -173,6 +173,7 @@ def sample(
                   negative_prompt=negative_prompt, prompt_suffix=prompt_suffix, fg_depth_scale=fg_depth_scale,
                   bg_depth_scale=bg_depth_scale, generator=torch.Generator(device="cpu").manual_seed(seed),
                   attention_fp32_logits=attention_fp32_logits)
+    shard = _shard_conditions(shard_sample) if shard_sample is not None else None  # the inputs first, then models
     source = describe_or_fail(checkpoint_dir, weights=weights)
     shortcut, options = _shortcut_overrides(depth_model, image_encoder, sam_checkpoint)
     maker = choice = None
@@ -199,7 +200,7 @@ def sample(
     fp32 = pipe.attention_fp32_logits if attention_fp32_logits is None else attention_fp32_logits
     record["attention"] = {"resize_mode": pipe.soft_guidance_resize, "fp32_logits": fp32, "dtype": dtype}
     if shard_sample is not None:
-        cond, size, caption = _shard_conditions(shard_sample)
+        cond, size, caption = shard
         height, width = height or size, width or size
         images = pipe([prompt or caption] * num_images, fg_depth=cond.fg_depth_float(), bg_depth=cond.bg_depth_float(),
                       mask=cond.mask.astype("float32"), fg_reference=torch.from_numpy(cond.fg_emb)[None],
