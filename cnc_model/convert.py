@@ -557,8 +557,8 @@ def convert_reference_checkpoint(
     if save_unet and not has_unet:
         raise ConversionError(f"--save-unet: the checkpoint holds no {UNET_PREFIX}* weights")
     if layout == "unet" and not save_unet:
-        raise ConversionError(f"the checkpoint holds a UNet ({UNET_PREFIX}*) but no fuser: use --save-unet with "
-                              "--base-model to write its UNet")
+        raise ConversionError(f"not a CnC checkpoint: no fuser ('{LOCAL_PREFIX}*' / '{GLOBAL_PREFIX}*'), only a UNet "
+                              f"({UNET_PREFIX}*); --save-unet with --base-model writes that UNet")
     unet, own_unet, report = None, None, {}
     if base_model is not None:
         from diffusers import UNet2DConditionModel
