@@ -278,6 +278,15 @@ def test_save_unet_round_trips_and_samples_with_the_checkpoints_unet(parts, tmp_
         "equal"] is False
     refused = CliRunner().invoke(app, ["convert-reference", str(ckpt), str(tmp_path / "x"), "--base-model", str(base)])
     assert refused.exit_code == 2 and "--save-unet" in refused.output and "EMA/non-EMA" in refused.output
+    # a plain SD checkpoint (v1-5-pruned.ckpt: non-EMA + model_ema copies, no fuser): both compared, its UNet written
+    ldm = unet_state_dict_to_reference(unet.state_dict(), 2)
+    sd_ckpt = {**unet_state_dict_to_reference(own.state_dict(), 2), **_ema_flat(ldm), "betas": torch.zeros(3)}
+    convert_reference_checkpoint(sd_ckpt, tmp_path / "sd15", base_model=base, save_unet=True)
+    copies = json.loads((tmp_path / "sd15" / "unet_comparison.json").read_text())["copies"]
+    assert copies["model_ema"]["equal"] and not copies["model.diffusion_model"]["equal"]
+    assert not (tmp_path / "sd15" / "model_index.json").exists()
+    written = UNet2DConditionModel.from_pretrained(tmp_path / "sd15" / "unet").state_dict()
+    assert all(torch.equal(written[k], v) for k, v in own.state_dict().items())  # the non-EMA copy, as the reference
 
     # the reference formula: eps = UNet_ckpt(x_t, t, [text; lambda_f G_f(e_f); lambda_b G_b(e_b)] + local residuals),
     # soft guidance in every cross-attention -- on the checkpoint's own modules
