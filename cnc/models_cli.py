@@ -66,7 +66,9 @@ def config_models(name: str) -> list[ModelRef]:
         return refs
 
     cfg = load_config(BuildConfig, path)
-    return [ModelRef(k, v, is_file=k == "segment.sam_checkpoint") for k, v in cfg.model_ids().items()]
+    from triplets.conditions import FILE_KEYS
+
+    return [ModelRef(k, v, is_file=k in FILE_KEYS) for k, v in cfg.model_ids().items()]
 
 
 def _refs(configs: list[str] | None) -> list[ModelRef]:

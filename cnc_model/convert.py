@@ -44,15 +44,18 @@ because they share one LDM → diffusers mapping.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cnc.base.errors import UserError
+from cnc.identity import local_identity
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ _RESNET_RENAMES = (
 UNET_PREFIX = "model.diffusion_model."
 #: Uni-ControlNet's 21-channel (7 conditions x 3) depth-free stem, replaced by CnC's fg/bg stems.
 UNI_PRE_EXTRACTOR = "feature_extractor.pre_extractor."
-LAYOUTS = ("cnc", "local", "global", "uni")
+LAYOUTS = ("cnc", "local", "global", "uni", "unet")
 
 
 class ConversionError(UserError, ValueError):
@@ -195,26 +198,142 @@ def unet_state_dict_to_reference(state: Mapping[str, torch.Tensor], layers_per_b
     return out
 
 
+#: Relative L2 difference (||theirs - ours|| / ||ours|| over all tensors) under which two UNets of one layout are
+#: called "probably the EMA / non-EMA copy of the same model" (the two copies of one run differ slightly in every
+#: tensor; an unrelated UNet differs by ~100 %). A heuristic, measured on synthetic UNets only (docs/reproduce.md).
+EMA_COPY_RELATIVE = 0.1
+#: ... and in at least this share of the tensors (the two copies of one run differ in every trained tensor).
+EMA_COPY_TENSORS = 0.9
+EMA_PREFIX = "model_ema."
+
+
+def _block(key: str) -> str:
+    """``down_blocks.1.resnets.0.conv1.weight`` -> ``down_blocks.1``; ``conv_in.weight`` -> ``conv_in``."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+
+
+@dataclass
+class UNetComparison:
+    """A UNet compared tensor by tensor with a reference one (diffusers key names).
+
+    Attributes:
+        equal: every tensor present, same shape, bit-equal (in float32).
+        verdict: ``equal`` | ``differs: this is probably the EMA/non-EMA copy ...`` | ``differs: another UNet ...``
+            | ``differs in layout: ...``.
+        blocks: per top-level block (``conv_in``, ``time_embedding``, ``down_blocks.i``, ``mid_block``,
+            ``up_blocks.i``, ``conv_norm_out``, ``conv_out``): tensors, differing tensors, max |Δ|, relative L2 Δ.
+        max_abs_diff, relative_diff: over all tensors.
+        differing: keys of the differing tensors (``KEY (missing)`` / ``KEY (shape ...)`` included).
+    """
+
+    equal: bool
+    verdict: str
+    blocks: list[dict]
+    max_abs_diff: float
+    relative_diff: float
+    differing: list[str]
+
+    def as_dict(self) -> dict:
+        return {"equal": self.equal, "verdict": self.verdict, "max_abs_diff": self.max_abs_diff,
+                "relative_diff": self.relative_diff, "blocks": self.blocks, "differing": self.differing[:50],
+                "num_differing": len(self.differing)}
+
+    def table(self) -> str:
+        """Markdown: one row per block (max |Δ|, relative Δ, differing tensors)."""
+        rows = ["| block | tensors | differing | max abs diff | relative diff |", "|---|---|---|---|---|"]
+        rows += [f"| {b['block']} | {b['tensors']} | {b['differing']} | {b['max_abs_diff']:.3g} | "
+                 f"{b['relative_diff']:.3g} |" for b in self.blocks]
+        return "\n".join(rows)
+
+
+def compare_unet_states(theirs: Mapping[str, torch.Tensor], ours: Mapping[str, torch.Tensor]) -> UNetComparison:
+    """Compare UNet ``theirs`` with ``ours`` (both diffusers key names) tensor by tensor, in float32."""
+    blocks: dict[str, dict] = {}
+    differing, layout = [], []
+    total_sq = diff_sq = 0.0
+    max_abs = 0.0
+    for key, ref in ours.items():
+        b = blocks.setdefault(_block(key), {"block": _block(key), "tensors": 0, "differing": 0, "max_abs_diff": 0.0,
+                                            "_sq": 0.0, "_ref_sq": 0.0})
+        b["tensors"] += 1
+        other = theirs.get(key)
+        if other is None or other.shape != ref.shape:
+            note = "missing" if other is None else f"shape {tuple(other.shape)} vs {tuple(ref.shape)}"
+            differing.append(f"{key} ({note})")
+            layout.append(key)
+            b["differing"] += 1
+            continue
+        r, o = ref.detach().float(), other.detach().float()
+        ref_sq = float(r.pow(2).sum())
+        b["_ref_sq"] += ref_sq
+        total_sq += ref_sq
+        if torch.equal(o, r):
+            continue
+        d = (o - r).abs()
+        b["differing"] += 1
+        b["max_abs_diff"] = max(b["max_abs_diff"], float(d.max()))
+        b["_sq"] += float(d.pow(2).sum())
+        differing.append(key)
+    for b in blocks.values():
+        diff_sq += b["_sq"]
+        max_abs = max(max_abs, b["max_abs_diff"])
+        b["relative_diff"] = (b.pop("_sq") ** 0.5) / max(b.pop("_ref_sq") ** 0.5, 1e-30)
+    relative = diff_sq ** 0.5 / max(total_sq ** 0.5, 1e-30)
+    n = len(ours)
+    if not differing:
+        verdict = "equal"
+    elif layout:
+        verdict = f"differs in layout: {len(layout)} of {n} tensors missing or of another shape"
+    elif relative < EMA_COPY_RELATIVE and len(differing) >= EMA_COPY_TENSORS * n:
+        verdict = (f"differs: this is probably the EMA/non-EMA copy of the same model ({len(differing)} of {n} "
+                   f"tensors differ, max |diff| {max_abs:.3g}, relative {relative:.3g})")
+    elif relative < EMA_COPY_RELATIVE:
+        verdict = (f"differs: the same UNet with {len(differing)} of {n} tensors changed (max |diff| {max_abs:.3g}, "
+                   f"relative {relative:.3g})")
+    else:
+        verdict = (f"differs: another UNet ({len(differing)} of {n} tensors differ, max |diff| {max_abs:.3g}, "
+                   f"relative {relative:.3g})")
+    return UNetComparison(equal=not differing, verdict=verdict, blocks=list(blocks.values()), max_abs_diff=max_abs,
+                          relative_diff=relative, differing=differing)
+
+
+def checkpoint_unet_state(state: Mapping[str, torch.Tensor], unet_config: Mapping,
+                          ema: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's frozen UNet (``model.diffusion_model.*``; with ``ema`` its ``model_ema.*`` copy, as in
+    ``v1-5-pruned.ckpt``) in diffusers key names, mapped by diffusers' own ``convert_ldm_unet_checkpoint``."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    keys = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    if ema:
+        keys.update({k: v for k, v in state.items() if k.startswith(EMA_PREFIX)})
+    return convert_ldm_unet_checkpoint(keys, dict(unet_config), extract_ema=ema)
+
+
+def has_ema_unet(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint also holds an EMA copy of its UNet (``model_ema.*``, > 100 tensors, as diffusers)."""
+    return sum(k.startswith(EMA_PREFIX) for k in state) > 100
+
+
+def unet_report(state: Mapping[str, torch.Tensor], unet: torch.nn.Module) -> dict[str, UNetComparison]:
+    """The checkpoint's UNet copies compared with ``unet``: ``{"model.diffusion_model": ...}`` plus
+    ``{"model_ema": ...}`` when the checkpoint has an EMA copy (``{}`` when it holds no UNet)."""
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        return {}
+    ours = unet.state_dict()
+    report = {"model.diffusion_model": compare_unet_states(checkpoint_unet_state(state, unet.config), ours)}
+    if has_ema_unet(state):
+        report["model_ema"] = compare_unet_states(checkpoint_unet_state(state, unet.config, ema=True), ours)
+    return report
+
+
 def compare_base_unet(state: Mapping[str, torch.Tensor], unet: torch.nn.Module) -> list[str]:
     """Keys (diffusers names) where the checkpoint's ``model.diffusion_model.*`` differs from ``unet``.
 
-    The LDM keys are mapped with diffusers' ``convert_ldm_unet_checkpoint``; values are compared exactly in the base
-    UNet's dtype. Keys missing from the checkpoint are reported as ``KEY (missing)``. Returns ``[]`` when equal.
+    The LDM keys are mapped with diffusers' ``convert_ldm_unet_checkpoint``; values are compared exactly (float32).
+    Keys missing from the checkpoint are reported as ``KEY (missing)``. Returns ``[]`` when equal.
     """
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    ldm = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
-    converted = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
-    differ = []
-    for key, ref in unet.state_dict().items():
-        theirs = converted.get(key)
-        if theirs is None:
-            differ.append(f"{key} (missing)")
-        elif theirs.shape != ref.shape:
-            differ.append(f"{key} (shape {tuple(theirs.shape)} vs {tuple(ref.shape)})")
-        elif not torch.equal(theirs.to(ref.dtype), ref):
-            differ.append(key)
-    return differ
+    return compare_unet_states(checkpoint_unet_state(state, unet.config), unet.state_dict()).differing
 
 
 def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -252,7 +371,8 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
-    """``cnc`` (both fusers), ``local`` (stage 1), ``global`` (stage 2) or ``uni`` (Uni-ControlNet ``uni.ckpt``)."""
+    """``cnc`` (both fusers), ``local`` (stage 1), ``global`` (stage 2), ``uni`` (Uni-ControlNet ``uni.ckpt``) or
+    ``unet`` (no fuser: a Stable Diffusion checkpoint such as ``v1-5-pruned.ckpt``; only ``--save-unet`` applies)."""
     if any(k.startswith(LOCAL_PREFIX + UNI_PRE_EXTRACTOR) for k in state):
         return "uni"
     has_local = any(k.startswith(LOCAL_PREFIX) for k in state)
@@ -261,7 +381,9 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
         return "cnc"
     if has_local or has_global:
         return "local" if has_local else "global"
-    raise ConversionError(f"not a CnC checkpoint: no '{LOCAL_PREFIX}*' or '{GLOBAL_PREFIX}*' keys")
+    if any(k.startswith(UNET_PREFIX) for k in state):
+        return "unet"
+    raise ConversionError(f"not a CnC checkpoint: no '{LOCAL_PREFIX}*', '{GLOBAL_PREFIX}*' or '{UNET_PREFIX}*' keys")
 
 
 def split_reference_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -275,7 +397,7 @@ def split_reference_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict,
     local = {k[len(LOCAL_PREFIX):]: v for k, v in state.items() if k.startswith(LOCAL_PREFIX)}
     glob = {k[len(GLOBAL_PREFIX):]: v for k, v in state.items() if k.startswith(GLOBAL_PREFIX)}
     unknown = [k for k in state if not k.startswith((LOCAL_PREFIX, GLOBAL_PREFIX, *SD_PREFIXES))
-               and k not in SCHEDULE_KEYS]
+               and k not in SCHEDULE_KEYS and not (detect_layout(state) == "unet" and "." not in k)]
     if unknown:
         raise ConversionError(f"{len(unknown)} unmatched keys with unknown prefixes: {_preview(unknown)}")
     if detect_layout(state) == "uni":
@@ -369,21 +491,31 @@ def _base_config(unet) -> dict:
     return {k: v for k, v in derived.items() if not k.startswith("_")}
 
 
-def check_base_weights(state: Mapping[str, torch.Tensor], unet, base_name: str) -> None:
-    """Raise :class:`ConversionError` naming the keys where the checkpoint's frozen UNet differs from ``unet``.
+def check_base_weights(state: Mapping[str, torch.Tensor], unet, base_name: str) -> dict[str, UNetComparison]:
+    """Compare the checkpoint's frozen UNet with ``unet`` (:func:`unet_report`) and raise when it differs.
 
     Checkpoints without ``model.diffusion_model.*`` keys (a bare state dict of the fusers) pass with a log line.
+
+    Raises:
+        ConversionError: the verdict, the most different blocks and the ways on (``--save-unet`` / ``model.unet``:
+            the checkpoint's own UNet; ``--no-check-base``: the base's UNet anyway).
     """
-    if not any(k.startswith(UNET_PREFIX) for k in state):
+    report = unet_report(state, unet)
+    if not report:
         logger.info("checkpoint has no %s* weights: base UNet not compared", UNET_PREFIX)
-        return
-    differ = compare_base_unet(state, unet)
-    if differ:
+        return report
+    main = report["model.diffusion_model"]
+    if not main.equal:
+        worst = sorted(main.blocks, key=lambda b: -b["max_abs_diff"])[:3]
+        blocks = ", ".join(f"{b['block']} max |diff| {b['max_abs_diff']:.3g}" for b in worst if b["differing"])
         raise ConversionError(
-            f"the checkpoint's base UNet ({UNET_PREFIX}*) differs from {base_name} in {len(differ)} of "
-            f"{len(unet.state_dict())} tensors: {_preview(differ, 10)}; use the SD base it was trained on "
-            "(or --no-check-base to convert anyway)")
+            f"the checkpoint's base UNet ({UNET_PREFIX}*) differs from {base_name} in {len(main.differing)} of "
+            f"{len(unet.state_dict())} tensors: {_preview(main.differing, 10)} ({main.verdict.split(' (')[0]}; "
+            f"{blocks}). Use the UNet its fusers were trained against: "
+            "`cnc convert-reference CKPT -o OUT --base-model BASE --save-unet` writes it (OUT/unet; for training "
+            "model.unet=OUT/unet), or --no-check-base to pair the fusers with the base's UNet anyway")
     logger.info("checkpoint's base UNet equals %s", base_name)
+    return report
 
 
 def convert_reference_checkpoint(
@@ -393,25 +525,42 @@ def convert_reference_checkpoint(
     local_fuser_config: dict | None = None,
     check_base: bool = True,
     seed: int = 0,
+    save_unet: bool = False,
 ) -> Path:
-    """Convert a reference checkpoint (``cnc_v1.ckpt``, a stage-1 / stage-2 checkpoint or ``uni.ckpt``).
+    """Convert a reference checkpoint (``cnc_v1.ckpt``, a stage-1 / stage-2 checkpoint, ``uni.ckpt``, or, with
+    ``save_unet``, a plain SD checkpoint such as ``v1-5-pruned.ckpt``).
 
     Writes ``local_fuser/`` and/or ``global_fuser/`` (``save_pretrained``: config.json + safetensors), whichever the
     checkpoint holds. With ``base_model`` (a local diffusers SD 1.5 folder with ``vae``, ``text_encoder``,
     ``tokenizer``, ``unet`` and ``scheduler`` subfolders, or a hub id) the local fuser's architecture is derived from
-    the base UNet, the checkpoint's ``model.diffusion_model.*`` weights are compared with it (``check_base``), and a
-    complete :class:`~cnc_model.pipeline_cnc.CnCPipeline` folder is written (model_index.json, DDIM scheduler;
-    a missing fuser is ``None``), loadable with ``CnCPipeline.from_pretrained(output_dir)``. ``seed`` seeds the new
-    fg/bg depth stems of a ``uni.ckpt`` conversion.
+    the base UNet, the checkpoint's ``model.diffusion_model.*`` (and ``model_ema.*``, when present) is compared with
+    it tensor by tensor (:func:`unet_report`, written to ``unet_comparison.json``; a difference fails with
+    ``check_base`` unless ``save_unet``), and a complete :class:`~cnc_model.pipeline_cnc.CnCPipeline` folder is
+    written (model_index.json, DDIM scheduler; a missing fuser is ``None``; ``cnc_export.json`` records the source,
+    the UNet and the reference's condition settings), loadable with ``CnCPipeline.from_pretrained(output_dir)``.
+
+    ``save_unet`` (needs ``base_model``, whose UNet config it takes): the pipeline's ``unet/`` is **the checkpoint's
+    own** ``model.diffusion_model.*`` -- the UNet its fusers were trained against -- instead of the base's; for a
+    checkpoint without fusers only ``OUT/unet/`` is written. Training uses it as ``model.unet: OUT/unet``. ``seed``
+    seeds the new fg/bg depth stems of a ``uni.ckpt`` conversion.
 
     Raises:
         ConversionError: unmatched, missing or mis-shaped keys, or base weights that differ (named in the message).
     """
+    source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "a state dict"
     state = load_reference_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else dict(checkpoint)
     layout = detect_layout(state)
     local, glob = split_reference_state_dict(state)
     output_dir = Path(output_dir)
-    unet = None
+    has_unet = any(k.startswith(UNET_PREFIX) for k in state)
+    if save_unet and base_model is None:
+        raise ConversionError("--save-unet needs --base-model (the UNet's config is taken from the base model)")
+    if save_unet and not has_unet:
+        raise ConversionError(f"--save-unet: the checkpoint holds no {UNET_PREFIX}* weights")
+    if layout == "unet" and not save_unet:
+        raise ConversionError(f"not a CnC checkpoint: no fuser ('{LOCAL_PREFIX}*' / '{GLOBAL_PREFIX}*'), only a UNet "
+                              f"({UNET_PREFIX}*); --save-unet with --base-model writes that UNet")
+    unet, own_unet, report = None, None, {}
     if base_model is not None:
         from diffusers import UNet2DConditionModel
 
@@ -420,10 +569,25 @@ def convert_reference_checkpoint(
         except (OSError, ValueError) as err:
             raise ConversionError(f"base model '{base_model}' (--base-model) could not be loaded as a diffusers SD "
                                   f"folder or hub id: {str(err).splitlines()[0]}") from None
-        if check_base:
-            check_base_weights(state, unet, str(base_model))
+        if check_base and not save_unet:
+            report = check_base_weights(state, unet, str(base_model))
+        else:
+            report = unet_report(state, unet)
+        for copy, comparison in report.items():
+            logger.info("%s vs %s unet: %s\n%s", copy, base_model, comparison.verdict, comparison.table())
+        if save_unet:
+            own_unet = _own_unet(state, unet)
         if local_fuser_config is None:
             local_fuser_config = _base_config(unet)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if report:
+        (output_dir / UNET_COMPARISON).write_text(json.dumps(
+            {"base_model": str(base_model), "checkpoint": source,
+             "copies": {k: v.as_dict() for k, v in report.items()}}, indent=1))
+    if layout == "unet":
+        own_unet.save_pretrained(output_dir / "unet")
+        logger.info("wrote the checkpoint's own UNet to %s", output_dir / "unet")
+        return output_dir
     local_fuser = convert_local_fuser(local, local_fuser_config, seed=seed) if local else None
     cross_dim = (local_fuser.config.cross_attention_dim if local_fuser is not None
                  else unet.config.cross_attention_dim if unet is not None
@@ -437,12 +601,47 @@ def convert_reference_checkpoint(
                 module.save_pretrained(output_dir / name)
         logger.info("wrote the fusers to %s (no --base-model: SD parts not written)", output_dir)
         return output_dir
-    _save_pipeline(base_model, unet, local_fuser, global_fuser, output_dir)
+    _save_pipeline(base_model, own_unet if own_unet is not None else unet, local_fuser, global_fuser, output_dir)
+    _write_export_meta(output_dir, source, layout, local_fuser, global_fuser, report, own_unet is not None)
     return output_dir
 
 
+#: Written beside a conversion with ``--base-model``: the checkpoint's UNet copies vs the base UNet.
+UNET_COMPARISON = "unet_comparison.json"
+
+
+def _own_unet(state: Mapping[str, torch.Tensor], base_unet):
+    """A ``UNet2DConditionModel`` of the base's config holding the checkpoint's ``model.diffusion_model.*``."""
+    from diffusers import UNet2DConditionModel
+
+    converted = checkpoint_unet_state(state, base_unet.config)
+    own = UNet2DConditionModel.from_config(base_unet.config)
+    _load_exact(own, converted, f"the checkpoint's UNet ({UNET_PREFIX}*)")
+    return own
+
+
+def _write_export_meta(output_dir: Path, source: str, layout: str, local_fuser, global_fuser, report: dict,
+                       own_unet: bool) -> None:
+    """``cnc_export.json`` of a converted pipeline: what ``cnc sample`` needs to know (the reference's conditions,
+    which UNet the pipeline holds) and the comparison with the base UNet."""
+    from triplets.conditions import reference_settings
+
+    unet = None
+    if own_unet:
+        unet = {"id": f"{source} ({UNET_PREFIX}*)", "revision": None, "identity": local_identity(output_dir / "unet")}
+    main = report.get("model.diffusion_model")
+    meta = {"source": source, "kind": "reference", "layout": layout, "step": None, "stage": None, "weights": None,
+            "fusers": [n for n, m in (("local_fuser", local_fuser), ("global_fuser", global_fuser)) if m is not None],
+            "unet": unet, "unet_verdict": None if main is None else main.verdict,
+            "conditions": {"builds": {}, "sampling": reference_settings().model_dump(),
+                           "notes": ["the reference implementation's conditions (configs/build/reference-pickapic.yaml:"
+                                     " U²-Net masks, MiDaS input without its transform), as its demo samples"]},
+            "attention": {"resize_mode": "reference", "fp32_logits": True}}
+    (output_dir / "cnc_export.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
 def local_fuser_from_reference(path: str | Path, unet, conditioning_channels: int = 3, check_base: bool = True,
-                               seed: int = 0):
+                               seed: int = 0, base_name: str = "the base model"):
     """A ``LocalFuser`` for ``unet`` initialised from a reference checkpoint holding ``local_adapter.*`` (``uni.ckpt``
     or a stage-1 / CnC checkpoint), as the reference's ``init_local_fromuni``; the base UNet is checked first.
 
@@ -454,7 +653,7 @@ def local_fuser_from_reference(path: str | Path, unet, conditioning_channels: in
     if not local:
         raise ConversionError(f"{path} holds no '{LOCAL_PREFIX}*' weights (layout {detect_layout(state)!r})")
     if check_base:
-        check_base_weights(state, unet, "the base model")
+        check_base_weights(state, unet, base_name)
     config = dict(_base_config(unet), conditioning_channels=conditioning_channels)
     return convert_local_fuser(local, config, seed=seed)
 

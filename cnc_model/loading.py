@@ -85,12 +85,36 @@ class Source:
     step: int | None = None
     weights: str | None = None
     ema_decay: float | None = None
+    provenance: dict | None = None
+    meta: dict | None = None
 
     def fuser_folder(self, name: str) -> Path:
         """The folder of fuser ``name`` holding the selected weights (``ema_<name>/`` for a checkpoint's EMA)."""
         if self.kind == "checkpoint" and self.weights == "ema":
             return self.path / f"{EMA_PREFIX}{name}"
         return self.path / name
+
+    def conditions_record(self) -> dict | None:
+        """``{"builds", "sampling", "notes"}`` of the training shards' build settings
+        (:func:`triplets.conditions.training_conditions`): the run's provenance, or a pipeline folder's
+        ``cnc_export.json``; ``None`` when not recorded."""
+        if self.kind == "pipeline":
+            return (self.meta or {}).get("conditions")
+        return (self.provenance or {}).get("conditions")
+
+    def conditions(self):
+        """``(ConditionSettings | None, notes)``: the settings this model's conditions must be made with."""
+        from triplets.conditions import settings_from
+
+        record = self.conditions_record() or {}
+        return settings_from(record.get("sampling")), list(record.get("notes") or [])
+
+    def unet_record(self) -> dict | None:
+        """Identity record of the frozen UNet the fusers were trained against when it is not the base model's
+        ``unet/`` (``model.unet`` of a run; a pipeline folder's ``cnc_export.json`` ``unet``), else ``None``."""
+        if self.kind == "pipeline":
+            return (self.meta or {}).get("unet")
+        return ((self.provenance or {}).get("models") or {}).get("model.unet")
 
 
 #: Files of a checkpoint that sampling never needs (training state only).
@@ -153,8 +177,7 @@ def _select_weights(source: Source, requested: str | None) -> Source:
         raise WeightsUnavailableError(f"--weights takes {' or '.join(WEIGHTS)}, got {requested!r}")
     where = f"{source.kind} folder {source.path}"
     if source.kind == "pipeline":
-        meta = source.path / EXPORT_META
-        recorded = json.loads(meta.read_text()) if meta.is_file() else {}
+        recorded = source.meta or {}
         held = recorded.get("weights")
         if isinstance(recorded.get("step"), int):
             source.step = recorded["step"]  # an export knows the training step of its weights
@@ -196,13 +219,16 @@ def describe(path: str | Path, weights: str | None = None) -> Source:
         WeightsUnavailableError: the folder does not hold the ``weights`` asked for.
     """
     from cnc_model.training.config import load_train_config
+    from cnc_model.training.provenance import read_provenance
 
     p = localize(path)
     if (p / "model_index.json").is_file():
-        return _select_weights(Source("pipeline", p), weights)
+        meta = json.loads((p / EXPORT_META).read_text()) if (p / EXPORT_META).is_file() else None
+        return _select_weights(Source("pipeline", p, meta=meta), weights)
     if (p / ckpt.TRAINER_STATE).is_file() and (p.parent / "train_config.yaml").is_file():
         state = ckpt.read_json(p / ckpt.TRAINER_STATE)
-        source = Source("checkpoint", p, load_train_config(p.parent / "train_config.yaml"), int(state["global_step"]))
+        source = Source("checkpoint", p, load_train_config(p.parent / "train_config.yaml"), int(state["global_step"]),
+                        provenance=read_provenance(p))
         return _select_weights(source, weights)
     if (p / "train_config.yaml").is_file():
         cfg = load_train_config(p / "train_config.yaml")
@@ -212,7 +238,7 @@ def describe(path: str | Path, weights: str | None = None) -> Source:
             raise NotAPipelineError(f"run folder {p} has no final fuser weights (training unfinished?){hint}")
         latest = ckpt.find_latest_checkpoint(p)
         step = int(ckpt.read_json(latest / ckpt.TRAINER_STATE)["global_step"]) if latest else None
-        return _select_weights(Source("run", p, cfg, step), weights)
+        return _select_weights(Source("run", p, cfg, step, provenance=read_provenance(p)), weights)
     raise NotAPipelineError(f"{p} is not a CnC pipeline folder (model_index.json), a cnc train output folder "
                             f"(train_config.yaml) or a checkpoint-N folder")
 
@@ -279,10 +305,16 @@ def load_pipeline(path: str | Path | Source, *, weights: str | None = None, torc
     source = path if isinstance(path, Source) else describe(path, weights)
     if source.kind == "pipeline":
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        return CnCPipeline.from_pretrained(source.path, **kwargs)
+        pipe = CnCPipeline.from_pretrained(source.path, **kwargs)
+        attention = (source.meta or {}).get("attention") or {}
+        pipe.set_attention(resize_mode=attention.get("resize_mode", "reference"),
+                           fp32_logits=bool(attention.get("fp32_logits", False)))
+        return pipe
     base = _load_base(source.config)  # tiny: the run's seeded models; else from_pretrained (fail fast, one line)
     scheduler = _sampling_scheduler(base.pop("noise_scheduler"))
     pipe = CnCPipeline(scheduler=scheduler, **base, **_load_fusers(source))
+    m = source.config.model  # sample with the run's soft-guidance resize rule and attention precision
+    pipe.set_attention(resize_mode=m.soft_guidance_resize, fp32_logits=m.attention_fp32_logits)
     if torch_dtype is not None:
         pipe.to(dtype=torch_dtype)
     logger.info("loaded %s folder %s (stage %s, step %s, %s weights)", source.kind, source.path, source.config.stage,
@@ -307,8 +339,35 @@ def model_card(source: Source, fuser: str | None = None) -> str:
             f"{cfg.train.gradient_accumulation_steps} accumulation\n"
             f"- weights: {_weights_line(source)}\n"
             f"- resolution: {cfg.data.resolution}, seed {cfg.seed}, source: {source.kind} `{source.path}`\n\n"
-            f"## Training shards\n\n{shards}\n\n"
+            f"## Training shards\n\n{shards}\n\n{_conditions_section(source)}"
+            f"{_unet_section(source)}"
+            f"## Load\n\n```python\nfrom cnc_model.pipeline_cnc import CnCPipeline\n"
             f"## Config\n\n```yaml\n{yaml.safe_dump(config_dict(cfg), sort_keys=False)}```\n")
+
+
+def _conditions_section(source: Source) -> str:
+    """The model card's conditions: the build settings of the training shards, which sampling must reuse."""
+    record = source.conditions_record()
+    if not record:
+        return ("## Conditions\n\nThe build settings of the training shards are not recorded; sample with the "
+                "build config the shards were made with (`cnc sample ... -c BUILD_CONFIG`).\n\n")
+    from triplets.conditions import settings_from
+
+    settings = settings_from(record.get("sampling"))
+    lines = [f"- `{k}`: {v}" for k, v in (settings.flat() if settings is not None else {}).items()]
+    builds = "\n".join(f"- `{k}`: {'recorded' if v else 'unknown'}" for k, v in (record.get("builds") or {}).items())
+    notes = "".join(f"- {n}\n" for n in record.get("notes") or [])
+    return ("## Conditions\n\nSample with the conditions the fusers were trained on: `cnc sample` and `cnc eval` make "
+            "them with these build settings by default (`triplets.conditions`); a different choice is reported and "
+            f"recorded.\n\n{chr(10).join(lines)}\n\nBuilds:\n\n{builds}\n\n{notes}\n")
+
+
+def _unet_section(source: Source) -> str:
+    unet = source.unet_record()
+    if not unet:
+        return ""
+    return (f"## Frozen UNet\n\nThe fusers were trained against the UNet `{unet.get('id')}` (identity "
+            f"`{unet.get('identity')}`), not the base model's `unet/`.\n\n")
 
 
 def _weights_line(source: Source) -> str:
@@ -340,7 +399,9 @@ def export_pipeline(path: str | Path, output: str | Path, *, weights: str | None
             (out / name / MODEL_CARD).write_text(model_card(source, name))
     meta = {"source": str(source.path), "kind": source.kind, "step": source.step, "base_model": base,
             "stage": None if source.config is None else source.config.stage, "weights": source.weights,
-            "fusers": [n for n in FUSERS if getattr(pipe, n) is not None]}
+            "fusers": [n for n in FUSERS if getattr(pipe, n) is not None],
+            "conditions": source.conditions_record(), "unet": source.unet_record(),
+            "attention": {"resize_mode": pipe.soft_guidance_resize, "fp32_logits": pipe.attention_fp32_logits}}
     (out / EXPORT_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     logger.info("exported %s (%s weights) -> %s", source.path, source.weights, out)
     return out

@@ -84,6 +84,8 @@ class CnCPipeline(DiffusionPipeline):
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.soft_guidance_resize = "reference"
+        self.attention_fp32_logits = False
         self._install_soft_guidance()
 
     # ----------------------------------------------------------------------------------------------- setup helpers
@@ -98,7 +100,25 @@ class CnCPipeline(DiffusionPipeline):
     def _install_soft_guidance(self) -> None:
         tokens = self.global_fuser.config.tokens_per_reference if self.global_fuser is not None else 0
         install_soft_guidance(*self._attention_models(), num_text_tokens=self.num_text_tokens,
-                              tokens_per_reference=tokens)
+                              tokens_per_reference=tokens, resize_mode=self.soft_guidance_resize,
+                              fp32_logits=self.attention_fp32_logits)
+
+    def set_attention(self, resize_mode: str | None = None, fp32_logits: bool | None = None) -> None:
+        """Re-install the soft-guidance processors with ``resize_mode`` (``reference`` | ``nearest`` | ``area``, the
+        training config's ``model.soft_guidance_resize``) and/or ``fp32_logits`` (fp32 attention logits and softmax
+        in fp16/bf16 models, ``model.attention_fp32_logits``); ``None`` keeps the current value.
+        :func:`cnc_model.loading.load_pipeline` sets both from the run's config."""
+        if resize_mode is not None:
+            self.soft_guidance_resize = resize_mode
+        if fp32_logits is not None:
+            self.attention_fp32_logits = bool(fp32_logits)
+        self._install_soft_guidance()
+
+    def set_unet(self, unet) -> None:
+        """Replace the frozen UNet (e.g. by the one a reference checkpoint holds, ``cnc convert-reference
+        --save-unet``) and install the soft-guidance processors on it."""
+        self.register_modules(unet=unet)
+        self._install_soft_guidance()
 
     def _ensure_soft_guidance(self) -> None:
         if not all(has_soft_guidance(m) for m in self._attention_models()):
@@ -226,6 +246,7 @@ class CnCPipeline(DiffusionPipeline):
         fg_depth_scale: float = 1.0,
         bg_depth_scale: float = 1.0,
         prompt_suffix: str = "",
+        attention_fp32_logits: bool | None = None,
     ) -> CnCPipelineOutput | tuple:
         """Generate images.
 
@@ -247,9 +268,22 @@ class CnCPipeline(DiffusionPipeline):
                 multiplied by its factor and clamped to [0, 1] (after the mask is derived).
             prompt_suffix: appended to every prompt (not to the negative prompt); the reference demo uses
                 :data:`REFERENCE_PROMPT_SUFFIX`.
+            attention_fp32_logits: for this call, compute attention logits and softmax in fp32 when the pipeline
+                runs in fp16/bf16 (the reference's ``_ATTN_PRECISION = "fp32"``; a no-op in fp32); ``None`` = the
+                pipeline's setting (:meth:`set_attention`; a run's ``model.attention_fp32_logits``).
         """
         # 1. inputs
         self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale)
+        if attention_fp32_logits is not None and bool(attention_fp32_logits) != self.attention_fp32_logits:
+            kept = self.attention_fp32_logits
+            self.set_attention(fp32_logits=attention_fp32_logits)
+            try:
+                return self.__call__(
+                    prompt, fg_depth, bg_depth, mask, fg_reference, bg_reference, fg_scale, bg_scale, negative_prompt,
+                    num_inference_steps, guidance_scale, generator, height, width, output_type, return_dict, latents,
+                    eta, local_scale, fg_depth_scale, bg_depth_scale, prompt_suffix)
+            finally:
+                self.set_attention(fp32_logits=kept)
         self._ensure_soft_guidance()
         device = self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

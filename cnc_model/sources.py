@@ -10,6 +10,18 @@ from cnc.base.location import resolve
 from cnc.hub import resolve_all
 from cnc_model.loading import NotAPipelineError, Source, describe, load_pipeline
 
+#: ``--dtype`` of ``cnc sample`` / ``cnc eval``.
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def pipeline_dtype(name: str):
+    """The torch dtype of ``--dtype NAME`` (one of :data:`DTYPES`; else a :class:`UserError`)."""
+    import torch  # lazy: torch is heavy and `cnc --help` stays fast
+
+    if name not in DTYPES:
+        raise UserError(f"--dtype takes {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
 
 def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, reference: bool) -> tuple[str, str]:
     """Resolve the negative prompt and prompt suffix: explicit values win, else the reference demo's (or "")."""

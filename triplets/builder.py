@@ -17,20 +17,18 @@ import time
 import numpy as np
 
 import cnc
-from cnc.hub import TINY, resolve_all
 from cnc.identity import model_identity
-from cnc.tiny_store import TINY_SAM_TYPE
 from triplets.batch import ensure_status
+from triplets.conditions import FILE_KEYS, condition_stages, resolve_condition_models
 from triplets.config import BuildConfig
 from triplets.quality import QualityScorer, QualityStage
 from triplets.sample import TripletSample
-from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, SegmentStage
+from triplets.stages import InpaintStage, LoadStage
 from triplets.stages.latents import LatentStage
 
 log = logging.getLogger(__name__)
 STAGE_NAMES = ("decode", "segment", "inpaint", "depth", "embed", "quality", "latents")
-#: Config keys naming a single local checkpoint file (no hub ids).
-FILE_KEYS = ("segment.sam_checkpoint", "segment.u2net_checkpoint")
+__all__ = ["FILE_KEYS", "STAGE_NAMES", "TripletBuilder", "model_identities", "resolve_models"]
 #: Item columns handed to the stages.
 ITEM_COLUMNS = ("key", "source", "caption", "mask_path", "mask_kind")
 
@@ -41,7 +39,7 @@ def resolve_models(cfg: BuildConfig) -> dict[str, str]:
     Raises:
         ModelUnavailableError: one line per missing model, each naming the model and its config key.
     """
-    return resolve_all(cfg.model_ids(), files=FILE_KEYS, seed=cfg.seed)
+    return resolve_condition_models(cfg.model_ids(), cfg.seed)
 
 
 def model_identities(cfg: BuildConfig, resolved: dict[str, str]) -> dict[str, dict]:
@@ -64,22 +62,11 @@ class TripletBuilder:
         self._init_args = (cfg, resolved, device)
         dev = device or cfg.device
         common = dict(device=dev, dtype=cfg.dtype)
-        seg = cfg.segment
-        seg_kwargs = dict(backend=seg.backend, min_area=seg.min_area, max_area=seg.max_area)
-        if seg.backend == "sam":
-            sam_type = TINY_SAM_TYPE if seg.sam_checkpoint == TINY else seg.sam_model_type
-            seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=sam_type,
-                              saliency_model=resolved["segment.saliency_model"], prior_quantile=seg.prior_quantile,
-                              **common)
-        elif seg.backend == "u2net":
-            seg_kwargs.update(u2net_checkpoint=resolved["segment.u2net_checkpoint"],
-                              u2net_threshold=seg.u2net_threshold, **common)
         ip = cfg.inpaint
         self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels)
-        segment = SegmentStage(**seg_kwargs)
-        depth = DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, preprocess=cfg.depth.preprocess,
-                           image_disparity=self._image_disparity_mode(resolved), **common)
-        embed = EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common)
+        # the condition stages: the same function builds them for cnc sample / compose (triplets.conditions)
+        segment, depth, embed = condition_stages(cfg, resolved, dev,
+                                                 image_disparity=self._image_disparity_mode(resolved))
         self.model_stages = [
             segment,
             InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,

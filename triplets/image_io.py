@@ -104,25 +104,33 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
     return np.asarray(_to_rgb(img), dtype=np.uint8).copy()
 
 
-def resize_center_crop(image: np.ndarray, resolution: int, *, nearest: bool = False) -> tuple[np.ndarray, CropBox]:
-    """Resize the short side to ``resolution`` (bicubic, or nearest for label maps) and centre-crop a square.
+def resize_center_crop(image: np.ndarray, resolution: int | tuple[int, int], *,
+                       nearest: bool = False) -> tuple[np.ndarray, CropBox]:
+    """Resize the image to cover the output (bicubic, or nearest for label maps) and centre-crop it.
+
+    The one crop geometry of the project: the build crops every field with it (a square ``resolution``: the short
+    side becomes ``resolution``) and ``cnc sample`` / :func:`cnc_model.compose.compose` crop their photos with it, so a
+    photo sampled at the build resolution is exactly the image the build saw.
 
     Args:
         image: ``(H, W, C)`` or ``(H, W)`` uint8.
-        resolution: output side in pixels.
+        resolution: output side in pixels, or ``(height, width)``; the image is scaled by
+            ``max(height / H, width / W)`` (for a square output: the short side becomes ``resolution``).
         nearest: nearest-neighbour resampling (for masks / label maps; never invents labels).
 
     Returns:
-        ``(resolution, resolution[, C])`` uint8 array and the :class:`CropBox`.
+        ``(height, width[, C])`` uint8 array and the :class:`CropBox`.
     """
+    out_h, out_w = (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]),
+                                                                               int(resolution[1]))
     h, w = image.shape[:2]
-    scale = resolution / min(h, w)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = resolution / min(h, w) if isinstance(resolution, int) else max(out_h / h, out_w / w)
+    new_w, new_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
     pil = Image.fromarray(image)
     pil = pil.resize((new_w, new_h), Image.NEAREST if nearest else Image.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    pil = pil.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(pil, dtype=np.uint8).copy(), CropBox(scale, left, top, resolution, resolution)
+    left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+    pil = pil.crop((left, top, left + out_w, top + out_h))
+    return np.asarray(pil, dtype=np.uint8).copy(), CropBox(scale, left, top, out_w, out_h)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:

@@ -33,7 +33,7 @@ from cnc.base.location import resolve
 from cnc.options import Weights, choice_enum, deprecated_alias, value_of
 from cnc_model.evaluation.trackers import check_report_to, report_metrics, source_record
 from cnc_model.loading import WEIGHTS_HELP
-from cnc_model.sources import describe_source, load_source, resolve_sampling_models, sampling_prompts
+from cnc_model.sources import describe_source, load_source, pipeline_dtype, resolve_sampling_models, sampling_prompts
 
 logger = logging.getLogger(__name__)
 #: ``--report-to``: the trackers of ``train.report_to``.
@@ -166,6 +166,11 @@ def eval_command(
                                        "training step."),
     regenerate: bool = typer.Option(False, "--regenerate", help="Generate every image again (default: reuse the "
                                     "images of an earlier run into --output made with the same settings)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Precision of the pipelines: float32, float16 or bfloat16."),
+    attention_fp32_logits: bool = typer.Option(
+        None, "--attention-fp32-logits/--no-attention-fp32-logits",
+        help="Attention logits and softmax in fp32 under --dtype float16/bfloat16 (the reference's precision). "
+             "Default: each run's model.attention_fp32_logits (off for other folders).", show_default=False),
 ) -> None:
     """Generate from held-out triplets and report FID, IS, CLIPScore, SSIM, LPIPS, depth MAE and region scores."""
     import torch
@@ -201,6 +206,10 @@ def eval_command(
         samples = load_samples(shards, n)
     except (UserError, ValueError, FileNotFoundError) as err:
         raise UserError(f"--shards: {str(err).splitlines()[0]}") from None
+    from triplets.conditions import compare_builds  # lazy: torch / transformers
+
+    torch_dtype = pipeline_dtype(dtype)
+    checks = [compare_builds(source.conditions_record(), list(shards)) for source in sources]
     # 2. several processes: start them (each checks the inputs again, cheaply) unless already launched
     if not _launched():
         count = _num_processes(workers, device)
@@ -222,10 +231,21 @@ def eval_command(
     from triplets.shardio import resolve_shards  # fsspec: heavy
 
     urls = resolve_shards(shards, committed_only=True)
-    for label, source in zip(labels, sources):
+    for label, source, check in zip(labels, sources, checks):
         _, pipes[label] = load_source(source)
         held[label] = source.weights
-        records[label] = settings.generation_record(samples, source_record(source), urls)
+        pipe = pipes[label]
+        if attention_fp32_logits is not None:
+            pipe.set_attention(fp32_logits=attention_fp32_logits)
+        pipe.to(dtype=torch_dtype)
+        if state.is_main_process:
+            (logger.warning if check["differences"] or not check["trained_known"] else logger.info)(
+                "%s: %s", label, check["line"])
+        # what determines the images (a rerun reuses them only when this is unchanged), with the conditions check
+        records[label] = {**settings.generation_record(samples, source_record(source), urls),
+                          "conditions": {k: v for k, v in check.items() if k != "line"},
+                          "attention": {"resize_mode": pipe.soft_guidance_resize,
+                                        "fp32_logits": pipe.attention_fp32_logits, "dtype": dtype}}
     report = evaluate(pipes, samples, settings, mm, output, weights=held, state=state, records=records)
     if report is None:  # not the main process
         return

@@ -251,6 +251,11 @@ def make_grid(samples: Sequence, generated: dict[str, np.ndarray], seeds: Sequen
     return labelled_grid(["I (held out)", "fg depth", "bg depth", "mask M", *generated], rows, (w, h), footer=footer)
 
 
+def report_keys() -> set[str]:
+    """Per-model keys that are not records (``n``, ``weights``, the metrics)."""
+    return {"n", "weights", *METRICS}
+
+
 def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSettings, metric_models: MetricModels,
              output: str | Path, *, weights: dict[str, str | None] | None = None, state=None,
              records: dict[str, dict] | None = None) -> dict | None:
@@ -263,6 +268,8 @@ def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSett
         pipelines: ``{label: CnCPipeline}`` (one or two).
         samples: :class:`triplets.sample.TripletSample` list (one resolution).
         weights: ``{label: "ema" | "raw" | None}``: which fuser weights each pipeline holds (recorded as is).
+        records: ``{label: {key: value}}`` recorded per model as is (``cnc eval``: ``conditions`` -- the evaluation
+            shards' build settings against the model's training ones -- and ``attention``).
         state: the ``accelerate.PartialState`` (default: the current one; a single process when not launched).
         records: ``{label: generation record}`` (:meth:`EvalSettings.generation_record`): images already in
             ``images/<label>/`` under the same record are reused.
@@ -283,13 +290,15 @@ def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSett
     for label, images in generated.items():
         logger.info("scoring %s (%d images)", label, len(images))
         scores = {k: _round(v) for k, v in suite.evaluate(images, repeated).items()}
-        results[label] = {"n": len(images), "weights": weights.get(label), **scores}
+        results[label] = {"n": len(images), "weights": weights.get(label), **(records or {}).get(label, {}),
+                          **scores}
     first = next(iter(results.values()))
     report = {"n": first["n"], "samples": len(samples), "seeds": list(settings.seeds), "steps": settings.steps,
               "guidance_scale": settings.guidance_scale, "negative_prompt": settings.negative_prompt,
               "prompt_suffix": settings.prompt_suffix, "metric_models": metric_models.kind(),
               "metric_networks": metric_models.describe(),
-              "weights": first["weights"], **{k: first[k] for k in METRICS}}
+              "weights": first["weights"], **{k: first[k] for k in METRICS},
+              **{k: v for k, v in first.items() if k not in report_keys()}}
     if len(results) > 1:
         report["models"] = results
     else:

@@ -20,6 +20,7 @@ from cnc_model.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 BASE_KEY = "model.pretrained_model_name_or_path"
+UNET_KEY = "model.unet"
 
 
 @dataclass
@@ -60,16 +61,46 @@ def _load_base(cfg: TrainConfig) -> dict:
     path = resolve_base(cfg)
     kw = dict(revision=m.revision) if path == m.pretrained_model_name_or_path else {}
     try:
-        return dict(
+        parts = dict(
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
             text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=m.variant, **kw),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, **kw),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=m.variant, **kw),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
         )
+        if m.unet is None:
+            parts["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=m.variant, **kw)
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(f"model '{m.pretrained_model_name_or_path}' (config key {BASE_KEY}) could not be "
                                     f"loaded as a diffusers Stable Diffusion folder: {exc}".splitlines()[0]) from None
+    if m.unet is not None:
+        parts["unet"] = load_unet_folder(m.unet, UNET_KEY)
+    return parts
+
+
+def unet_folder(path: str, key: str) -> Path:
+    """A saved diffusers UNet folder (``config.json`` + weights), or a folder holding one in ``unet/`` (a pipeline
+    or ``cnc convert-reference`` output); one clear line otherwise."""
+    p = Path(path).expanduser()
+    for candidate in (p, p / "unet"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ModelUnavailableError(f"UNet '{path}' (config key {key}) is not a saved diffusers UNet folder (no "
+                                f"config.json in it or in unet/); write one with `cnc convert-reference CKPT -o OUT "
+                                f"--base-model SD --save-unet`")
+
+
+def load_unet_folder(path: str, key: str):
+    """``UNet2DConditionModel.from_pretrained`` of :func:`unet_folder`; failures are one line naming ``key``."""
+    from diffusers import UNet2DConditionModel
+
+    folder = unet_folder(path, key)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(f"UNet '{path}' (config key {key}) could not be loaded: "
+                                    f"{str(exc).splitlines()[0]}") from None
+    logger.info("frozen UNet from %s (%s)", folder, key)
+    return unet
 
 
 def fuser_folder(path: str, name: str, key: str) -> Path:
@@ -99,8 +130,10 @@ def build_local_fuser(cfg: TrainConfig, unet):
             raise ModelUnavailableError(f"local fuser init checkpoint '{path}' (config key model.local_fuser_init) "
                                         "not found; give the path of uni.ckpt or use 'from_unet'")
         try:
-            fuser = local_fuser_from_reference(path, unet, conditioning_channels=cfg.data.depth_channels,
-                                               seed=cfg.seed)
+            fuser = local_fuser_from_reference(
+                path, unet, conditioning_channels=cfg.data.depth_channels, seed=cfg.seed,
+                base_name=f"model.unet {cfg.model.unet}" if cfg.model.unet else
+                f"{BASE_KEY} {cfg.model.pretrained_model_name_or_path}")
         except ConversionError as err:
             raise ModelUnavailableError(f"model.local_fuser_init: {err}") from None
         logger.info("local fuser initialised from the reference checkpoint %s", path)

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnc.base.errors import UserError
-from cnc.config import Seed, load_config
+from cnc.config import ConfigError, Seed, load_config
 from cnc.hub import TINY
 from cnc_model.training.run_storage import RunStorage
 from triplets.quality_filter import FilterConfig
@@ -35,6 +35,11 @@ class ModelConfig(_Strict):
                     "'tiny' = seeded random tiny models (tests, demo)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of the base model")
     variant: str | None = Field(None, description="weights variant of the base model, e.g. fp16")
+    unet: str | None = Field(
+        None, description="a saved diffusers UNet folder (config.json + weights) used as the frozen UNet instead of "
+                          "the base model's unet/: e.g. the UNet a reference checkpoint holds, written by `cnc "
+                          "convert-reference CKPT -o OUT --base-model SD --save-unet` (OUT/unet), so the fusers train "
+                          "against exactly the UNet the reference's fusers were trained against")
     local_fuser: str | None = Field(
         None, description="folder with a saved LocalFuser (config.json + safetensors) to start from; "
                           "default: LocalFuser.from_unet(unet)")
@@ -117,7 +122,13 @@ class TrainLoopConfig(_Strict):
 
     train_batch_size: int = Field(4, ge=1, description="per process (reference: 4 per GPU)")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_train_steps: int = Field(100_000, ge=1, description="optimizer steps")
+    max_train_steps: int = Field(100_000, ge=1, description="optimizer steps (derived from num_train_epochs when that "
+                                                            "is set)")
+    num_train_epochs: float | None = Field(
+        None, gt=0, description="run length in epochs of the training shards (data.epoch_samples, default the "
+                                "markers' sample counts) instead of steps: max_train_steps = ceil(epochs x batches "
+                                "per epoch and process / gradient_accumulation_steps), resolved when training starts "
+                                "and recorded in OUTPUT/train_config.yaml (the reference trained 30/30/9 epochs)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "bf16", description="dtype of the frozen VAE / text encoder / UNet and autocast; trainables stay fp32")
     gradient_checkpointing: bool = Field(True, description="recompute activations in the backward pass (less "
@@ -222,5 +233,17 @@ class TrainConfig(_Strict):
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a ``configs/train/*.yaml`` file with ``key.sub=value`` overrides (:func:`cnc.config.load_config`)."""
-    return load_config(TrainConfig, path, overrides)
+    """Read a ``configs/train/*.yaml`` file with ``key.sub=value`` overrides (:func:`cnc.config.load_config`).
+
+    Raises:
+        ConfigError: also when an override sets ``train.max_train_steps`` while ``train.num_train_epochs`` decides
+            the length (it would be ignored): set ``train.num_train_epochs=null`` with it.
+    """
+
+    cfg = load_config(TrainConfig, path, overrides)
+    if cfg.train.num_train_epochs is not None and any(o.split("=", 1)[0].strip() == "train.max_train_steps"
+                                                      for o in overrides or []):
+        raise ConfigError(f"train.num_train_epochs={cfg.train.num_train_epochs:g} sets the run length, so "
+                          "train.max_train_steps would be ignored: add --set train.num_train_epochs=null to train by "
+                          "steps")
+    return cfg

@@ -18,6 +18,7 @@ share the accelerator state.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import signal
 import threading
@@ -107,6 +108,7 @@ class Trainer:
         # 2. data: pre-flight check, fixed validation samples, loader (before anything is created: a wrong shard
         # path must not leave an empty output_dir behind)
         self._setup_data()
+        cfg = self.cfg  # train.num_train_epochs resolved into train.max_train_steps
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg.model_copy(update={"provenance": self.provenance}), out / "train_config.yaml")
@@ -173,6 +175,22 @@ class Trainer:
             pin_memory=acc.device.type == "cuda", quality_filter=cfg.data.filter.build(), compact=True)
         logger.info("data: %d shards, %d batches of %d per process and epoch, dropout %s", len(urls),
                     self.loader.batches_per_epoch, cfg.train.train_batch_size, dropout)
+        self._resolve_length()
+
+    def _resolve_length(self) -> None:
+        """``train.num_train_epochs`` → ``train.max_train_steps`` (this run's data, batch and processes), written into
+        the config the run saves; without it the configured steps stand."""
+        t = self.cfg.train
+        if t.num_train_epochs is None:
+            return
+
+        steps = max(1, math.ceil(t.num_train_epochs * self.loader.batches_per_epoch / t.gradient_accumulation_steps))
+        if "max_train_steps" in t.model_fields_set and t.max_train_steps != steps:
+            logger.info("train.max_train_steps=%d replaced by train.num_train_epochs", t.max_train_steps)
+        logger.info("train.num_train_epochs=%g: %d optimizer steps (%d batches of %d per process and epoch, %d "
+                    "processes, accumulation %d)", t.num_train_epochs, steps, self.loader.batches_per_epoch,
+                    t.train_batch_size, self.accelerator.num_processes, t.gradient_accumulation_steps)
+        self.cfg = self.cfg.model_copy(update={"train": t.model_copy(update={"max_train_steps": steps})})
 
     def _setup_models(self, comps: Components) -> None:
         from cnc_model.attention import install_soft_guidance

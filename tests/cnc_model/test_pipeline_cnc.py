@@ -121,26 +121,45 @@ def test_reinstalls_processors_if_replaced(pipe):
     assert all(isinstance(p, SoftGuidanceAttnProcessor) for p in pipe.unet.attn_processors.values())
 
 
-def test_compose_with_callables(pipe):
-    calls = []
+def test_compose_makes_the_builds_conditions(pipe):
+    """compose() = the build's crop geometry + segment / depth / embed stages (triplets.conditions), then the pipeline
+    on exactly those conditions."""
+    from cnc.config import load_config
+    from triplets.conditions import ConditionMaker, ConditionSettings
+    from triplets.config import BuildConfig
 
-    def depth(images):
-        calls.append(images.copy())
-        return images.mean(-1).astype(np.float32) / 255.0
+    settings = ConditionSettings.from_build(load_config(BuildConfig, "build/tiny", ["resolution=64"]))
+    maker = ConditionMaker(settings, device="cpu")
+    fg, bg = np.asarray(_photo(0, 80, 120)), np.asarray(_photo(1, 50, 70))
+    res = compose(pipe, fg, bg, "low", maker, num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0))
+    direct = maker(fg, bg, 64)
+    assert res.images.shape == (1, 64, 64, 3) and res.mask.shape == (64, 64) and res.mask.dtype == np.uint8
+    for name in ("mask", "fg_depth", "bg_depth", "fg_image", "fg_emb", "bg_emb"):
+        np.testing.assert_array_equal(getattr(res.conditions, name), getattr(direct, name), err_msg=name)
+    expected = pipe("low", fg_depth=direct.fg_depth_float(), bg_depth=direct.bg_depth_float(),
+                    mask=direct.mask.astype(np.float32), fg_reference=direct.fg_emb, bg_reference=direct.bg_emb,
+                    num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(res.images, expected)
 
-    def segment(images):
-        m = np.zeros(images.shape[:3], dtype=np.uint8)
-        m[:, 16:48, 16:48] = 1
-        return m
 
-    res = compose(pipe, _photo(0, 80, 80), _photo(1, 50, 70), "low", depth, segment, height=64, width=64,
-                  num_inference_steps=2, generator=torch.Generator().manual_seed(0))
-    assert res.images[0].size == (64, 64) and res.mask.sum() == 32 * 32
-    assert res.fg_depth.shape == res.bg_depth.shape == (64, 64)
-    fg_input = calls[0][0]  # fg depth is computed from fg * mask (reference "v2")
-    assert fg_input[:16].max() == 0 and fg_input[16:48, 16:48].max() > 0
-    res2 = compose(pipe, _photo(0), _photo(1), "low", depth, None, height=64, width=64, num_inference_steps=2)
-    assert res2.mask.dtype == np.uint8 and res2.mask.shape == (64, 64)
+def test_attention_fp32_logits_is_a_call_argument():
+    """``attention_fp32_logits=True`` on one call = the pipeline set to fp32 logits; it changes a bf16 pipeline's
+    images and is off again after the call (the run's setting stays the default)."""
+    p = tiny_cnc_pipeline()
+    randomize_zero_convs(p.local_fuser)
+    p.to(dtype=torch.bfloat16)
+    mask = np.ones((64, 96), np.float32)
+    mask[:, :48] = 0
+    emb = torch.randn(TINY_IMAGE_EMBED_DIM)
+    kw = dict(mask=mask, fg_reference=emb, bg_reference=-emb)
+    on = _run(p, attention_fp32_logits=True, **kw).images
+    assert not p.attention_fp32_logits
+    off = _run(p, **kw).images
+    p.set_attention(fp32_logits=True)
+    np.testing.assert_array_equal(_run(p, **kw).images, on)
+    assert np.abs(on - off).max() > 0
 
 
 def test_optional_fusers_sample_one_training_stage(tmp_path):

@@ -52,18 +52,23 @@ def test_reference_prompt_defaults_are_switchable():
 
 
 def test_compose_takes_separate_fg_and_bg_exemplars(pipe):
+    from cnc.config import load_config
+    from triplets.conditions import ConditionMaker, ConditionSettings
+    from triplets.config import BuildConfig
+
     rng = np.random.default_rng(3)
     photo = lambda: Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))  # noqa: E731
     fg, bg, other = photo(), photo(), photo()
-
-    def depth(images):
-        return np.asarray(images, np.float32).mean(-1) / 255.0
-
-    kw = dict(height=64, width=64, num_inference_steps=2, output_type="np")
-    same = compose(pipe, fg, bg, "low", depth, generator=torch.Generator().manual_seed(0), **kw).images
-    explicit = compose(pipe, fg, bg, "low", depth, fg_reference=fg, bg_reference=bg,
+    maker = ConditionMaker(ConditionSettings.from_build(load_config(BuildConfig, "build/tiny", ["resolution=64"])),
+                           device="cpu")
+    kw = dict(num_inference_steps=2, output_type="np")
+    same = compose(pipe, fg, bg, "low", maker, generator=torch.Generator().manual_seed(0), **kw).images
+    explicit = compose(pipe, fg, bg, "low", maker, fg_reference=fg, bg_reference=bg,
                        generator=torch.Generator().manual_seed(0), **kw).images
     np.testing.assert_array_equal(same, explicit)  # default exemplars = the two photos
-    swapped = compose(pipe, fg, bg, "low", depth, fg_reference=other, generator=torch.Generator().manual_seed(0),
-                      **kw).images
-    assert np.abs(same - swapped).max() > 1e-6  # appearance from another image, depth unchanged
+    swapped = compose(pipe, fg, bg, "low", maker, fg_reference=other, generator=torch.Generator().manual_seed(0),
+                      **kw)
+    assert np.abs(same - swapped.images).max() > 1e-6  # appearance from another image, depth unchanged
+    direct = maker(fg, bg, 64)
+    np.testing.assert_array_equal(swapped.conditions.fg_depth, direct.fg_depth)
+    assert not np.array_equal(swapped.conditions.fg_emb, direct.fg_emb)

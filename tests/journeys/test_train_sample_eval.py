@@ -105,6 +105,7 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     # 3. the exported checkpoint: a fresh interpreter loads it with exactly the stage's fusers
     card = (export / "local_fuser" / "README.md").read_text()
     assert "stage `joint`" in card and str(tiny_shards) in card and "steps: 1" in card and "weights: ema" in card
+    assert "## Conditions" in card and "- `depth.preprocess`: processor" in card  # the training shards' settings
     assert json.loads((export / "cnc_export.json").read_text())["weights"] == "ema"
     code = ("from cnc_model.pipeline_cnc import CnCPipeline\n"
             f"a = CnCPipeline.from_pretrained({str(export)!r})\n"
@@ -140,6 +141,11 @@ def test_train_sample_export_evaluate(tiny_shards, tmp_path, env):
     for key in ("fid", "inception_score", "clip_score", "ssim", "lpips", "depth_mae", "region_fg_margin"):
         assert isinstance(report[key], float), key
     assert report["weights"] == "ema" and report["models"]["exported"]["weights"] == "ema"
+    # the evaluation shards' build settings are checked against the training shards' (the same build here), also
+    # through the export, which carries the run's record
+    for block in report["models"].values():
+        assert block["conditions"]["trained_known"] and block["conditions"]["differences"] == [], block
+    assert "built with the training shards' settings" in proc.stderr
     assert "process 1/2: 1 of 2 batches" in proc_alone.stderr, proc_alone.stderr[-3000:]
     again = json.loads((alone / "metrics.json").read_text())
     assert again.pop("model") == "joint"

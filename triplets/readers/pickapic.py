@@ -4,9 +4,10 @@ Input path: one ``.parquet`` file, a folder of them, a glob, or the same as an f
 ``hf://datasets/yuvalkirstain/pickapic_v1/data/``...). Files are read in sorted name order. Each row is a pair of
 generated images for one prompt; the reference's rules (``data/parse_pickapic.py``) are applied in its order:
 
-1. caption = the prompt with every ``:`` removed (nothing else changed);
+1. caption = the prompt with every ``:`` removed;
 2. drop the row when the caption has fewer than 3 whitespace-separated words, or when any of its lower-cased words
-   is in the stop-list (exact word match);
+   is in the stop-list (exact word match); a kept caption is cut at its first line break (``\n``, ``\r``) and
+   loses its trailing whitespace -- what the reference's caption file gave its dataset (:func:`keep_caption`);
 3. keep the preferred image: ``jpg_0`` if ``label_0 > label_1``, else ``jpg_1`` (**ties -> image 1**);
 4. de-duplicate by the kept image's uid (``image_0_uid`` / ``image_1_uid``): the first row wins.
 
@@ -43,6 +44,8 @@ SIDECAR_STOPWORDS = "stopwords.txt"
 MIN_WORDS = 3
 _CELL = re.compile(r"(?P<file>.+\.parquet)#(?P<column>[A-Za-z0-9_]+)/(?P<row>\d+)")
 _COLUMNS = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid"]
+#: Line breaks of Python's text-mode reading (universal newlines), as the reference read its caption file.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 #: Columns that make a parquet file a Pick-a-Pic v1 file rather than a generic table (format detection).
 SIGNATURE_COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1")
 
@@ -91,12 +94,18 @@ def _find_stopwords(folder: str) -> str | None:
 
 
 def keep_caption(caption: str, stopwords: frozenset[str]) -> str | None:
-    """The reference's caption rule: ``:`` removed; ``None`` (drop) for < 3 words or any stop word."""
+    """The reference's caption rule: ``:`` removed; ``None`` (drop) for < 3 words or any stop word (both judged on
+    the whole prompt); a kept caption is cut at its first line break and loses its trailing whitespace.
+
+    The cut is what the reference's captions were: ``parse_pickapic.py`` writes ``uid:caption`` lines, so a prompt
+    with an embedded ``\n`` / ``\r`` spans several lines, and its dataset (``line.strip()``, ``line.split(":")``)
+    keeps the first line as the caption and skips the rest (no ``:`` left in them).
+    """
     caption = caption.replace(":", "")
     words = caption.split()
     if len(words) < MIN_WORDS or stopwords.intersection(caption.lower().split()):
         return None
-    return caption
+    return _LINE_BREAK.split(caption, maxsplit=1)[0].rstrip()
 
 
 def preferred_image(label_0: float, label_1: float) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from triplets.errors import SampleError
-from triplets.image_io import decode_image, decode_png, image_size, resize_center_crop
+from triplets.image_io import CropBox, decode_image, decode_png, image_size, resize_center_crop
 from triplets.readers import read_source_bytes
 from triplets.stages.base import Stage
 
@@ -32,8 +32,53 @@ def dataset_mask_from_labels(labels: np.ndarray, kind: str) -> np.ndarray:
     return (labels > (127 if labels.dtype == np.uint8 else 32767)).astype(np.uint8)
 
 
+def load_photo(data: bytes, size: int | tuple[int, int], *, mask_data: bytes | None = None,
+               mask_kind: str | None = None, max_pixels: int = 64_000_000,
+               min_side: int = 0) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], CropBox]:
+    """Decode a photo (and its dataset mask) and crop both with the build's geometry.
+
+    The one decode + crop of the project: the ``load`` stage runs it on every source, ``cnc sample`` and
+    :func:`cnc_model.compose.compose` on their photos (so a photo sampled at the build resolution is the image the
+    build saw, bit for bit).
+
+    Args:
+        data: encoded image bytes.
+        size: output side (square, as the build) or ``(height, width)``.
+        mask_data / mask_kind: encoded dataset mask (PNG at the image's size) and its rule
+            (:func:`dataset_mask_from_labels`: ``binary`` or ``cocostuff``).
+
+    Returns:
+        ``(image (h, w, 3) uint8, mask (h, w) uint8 {0,1} or None, original (W, H), CropBox)``.
+
+    Raises:
+        SampleError: (stage ``decode``) undecodable, too large or too small inputs, a mask of another size.
+    """
+    img = decode_image(data, max_pixels=max_pixels, min_side=min_side)
+    h, w = img.shape[:2]
+    out, box = resize_center_crop(img, size)
+    if mask_data is None:
+        return out, None, (w, h), box
+    try:
+        mw, mh = image_size(mask_data)  # header only: the size checks come before a full decode
+    except ValueError as exc:
+        raise SampleError("decode", f"dataset mask unreadable: {exc}") from None
+    if mw * mh > max_pixels:
+        raise SampleError("decode", f"dataset mask {mw}x{mh}={mw * mh} pixels is over the limit of "
+                                    f"{max_pixels} (max_pixels)")
+    if (mh, mw) != (h, w):
+        raise SampleError("decode", f"dataset mask size {mw}x{mh} != image {w}x{h}")
+    try:
+        labels = decode_png(mask_data)
+    except ValueError as exc:
+        raise SampleError("decode", f"dataset mask unreadable: {exc}") from None
+    # threshold at the stored bit depth, then resize the {0,1} mask (a uint8 cast of 16-bit labels wraps)
+    binary = dataset_mask_from_labels(labels, mask_kind or "binary")
+    mask, _ = resize_center_crop(binary, size, nearest=True)
+    return out, mask, (w, h), box
+
+
 class LoadStage(Stage):
-    """Decode + resize/centre-crop every field to ``resolution``."""
+    """Decode + resize/centre-crop every field to ``resolution`` (:func:`load_photo`)."""
 
     name = "decode"
 
@@ -45,31 +90,19 @@ class LoadStage(Stage):
             data = read_source_bytes(row["source"])
         except OSError as exc:
             raise SampleError("decode", f"cannot read source: {exc}") from None
-        img = decode_image(data, max_pixels=self.max_pixels, min_side=self.min_side)
-        h, w = img.shape[:2]
-        out, box = resize_center_crop(img, self.resolution)
-        mask = np.zeros(out.shape[:2], np.uint8)
-        has_mask = False
+        mask_data = None
         if row.get("mask_path"):
             try:
-                encoded = read_source_bytes(row["mask_path"])
-                mw, mh = image_size(encoded)  # header only: the size checks come before a full decode
-            except (OSError, ValueError) as exc:
+                mask_data = read_source_bytes(row["mask_path"])
+            except OSError as exc:
                 raise SampleError("decode", f"dataset mask unreadable: {exc}") from None
-            if mw * mh > self.max_pixels:
-                raise SampleError("decode", f"dataset mask {mw}x{mh}={mw * mh} pixels is over the limit of "
-                                            f"{self.max_pixels} (max_pixels)")
-            if (mh, mw) != (h, w):
-                raise SampleError("decode", f"dataset mask size {mw}x{mh} != image {w}x{h}")
-            try:
-                labels = decode_png(encoded)
-            except ValueError as exc:
-                raise SampleError("decode", f"dataset mask unreadable: {exc}") from None
-            # threshold at the stored bit depth, then resize the {0,1} mask (a uint8 cast of 16-bit labels wraps)
-            binary = dataset_mask_from_labels(labels, row.get("mask_kind") or "binary")
-            mask, _ = resize_center_crop(binary, self.resolution, nearest=True)
-            has_mask = True
-        return out, mask, has_mask, (w, h), box.as_list()
+        out, mask, size, box = load_photo(data, self.resolution, mask_data=mask_data,
+                                          mask_kind=row.get("mask_kind"), max_pixels=self.max_pixels,
+                                          min_side=self.min_side)
+        has_mask = mask is not None
+        if mask is None:
+            mask = np.zeros(out.shape[:2], np.uint8)
+        return out, mask, has_mask, size, box.as_list()
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
         n = len(rows["key"])

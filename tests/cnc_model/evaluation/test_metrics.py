@@ -132,6 +132,6 @@ def test_model_labels_and_process_counts():
     assert _labels(["x/c", "y/c"], ["ema", "ema"]) == ["c-A", "c-B"]
     assert _num_processes("auto", "cpu") == 1 and _num_processes("3", "cpu") == 3  # CPU processes: gloo
     for bad in ("0", "two"):
-        with pytest.raises(UserError, match=f"--num-processes takes a positive integer or auto, got '{bad}'") as err:
+        with pytest.raises(UserError, match=f"--workers takes a positive integer or auto, got '{bad}'") as err:
             _num_processes(bad, "cpu")
         assert err.value.exit_code == 2

@@ -109,3 +109,18 @@ def test_fsspec_url_and_bad_inputs(parquet_dir, tmp_path):
         read_items(str(tmp_path / "other.parquet"))
     with pytest.raises(InputError, match="does not exist"):
         read_items(str(tmp_path / "nope"), "pickapic")
+
+
+def test_caption_is_cut_at_an_embedded_line_break():
+    """The reference wrote ``uid:caption`` lines and its dataset kept the first line of a multi-line prompt (the rest
+    has no ':' and is skipped); word count and stop words are judged on the whole prompt first."""
+    from triplets.readers.pickapic import keep_caption
+
+    words = frozenset({"girl"})
+    assert keep_caption("a red fox\nin the snow: at night", words) == "a red fox"
+    assert keep_caption("a red fox  \r\nsecond line", words) == "a red fox"
+    assert keep_caption("a fox\rold mac line", words) == "a fox"
+    assert keep_caption("fox\nin the snow", words) == "fox"  # 4 words in the prompt: kept, then cut
+    assert keep_caption("a red fox\na girl", words) is None  # a stop word after the break still drops the row
+    assert keep_caption("\nleading break, three words", words) == ""  # as the reference: an empty caption
+    assert keep_caption(" a red fox ", words) == " a red fox"  # leading space kept (the reference's line had uid:)
