@@ -137,7 +137,7 @@ def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: d
             "bytes": sum(m["bytes"] for m in shards), "failures_by_stage": dict(sorted(by_stage.items())),
             "failures_by_reason": dict(by_reason.most_common(100)),
             "gpu_or_model_seconds": round(sum(v for m in shards for k, v in m.get("stage_seconds", {}).items()
-                                              if k not in ("decode", "encode", "write")), 3),
+                                              if k not in ("fetch", "decode", "encode", "write")), 3),
         },
     }
     output.file(MANIFEST_FILE).write_json(manifest)

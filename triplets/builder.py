@@ -64,12 +64,21 @@ class TripletBuilder:
         cfg: the build config.
         resolved: output of :func:`resolve_models` (computed here when omitted).
         device: overrides ``cfg.device`` (Ray workers pass their GPU).
+        load_models: ``False``: no model stage (a CPU worker of ``ray.pools: split`` decodes and assembles only).
     """
 
-    def __init__(self, cfg: BuildConfig, resolved: dict[str, str] | None = None, device: str | None = None):
+    def __init__(self, cfg: BuildConfig, resolved: dict[str, str] | None = None, device: str | None = None,
+                 load_models: bool = True):
         self.cfg = cfg
         resolved = resolved or resolve_models(cfg)
-        self._init_args = (cfg, resolved, device)
+        self._init_args = (cfg, resolved, device, load_models)
+        self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels, cfg.fetch.model_dump(mode="json"))
+        self.models = model_identities(cfg, resolved)
+        self.model_stages = []
+        if load_models:
+            self._load_models(cfg, resolved, device)
+
+    def _load_models(self, cfg: BuildConfig, resolved: dict[str, str], device: str | None) -> None:
         dev = device or cfg.device
         common = dict(device=dev, dtype=cfg.dtype)
         seg = cfg.segment
@@ -83,7 +92,6 @@ class TripletBuilder:
             seg_kwargs.update(u2net_checkpoint=resolved["segment.u2net_checkpoint"],
                               u2net_threshold=seg.u2net_threshold, **common)
         ip = cfg.inpaint
-        self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels)
         segment = SegmentStage(**seg_kwargs)
         depth = DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, preprocess=cfg.depth.preprocess,
                            **common)
@@ -105,7 +113,6 @@ class TripletBuilder:
             self.model_stages.append(LatentStage(inpaint.pipe.vae, cfg.latents.resolution or cfg.resolution))
         for stage in self.model_stages:
             stage.batch_size = cfg.stage_batch_size(stage.name)
-        self.models = model_identities(cfg, resolved)
 
     def __reduce__(self):
         """Pickle by the constructor arguments: the receiver loads every model once, and the quality stage shares
@@ -117,9 +124,17 @@ class TripletBuilder:
         """Every stage in order: load, then the model stages."""
         return [self.load, *self.model_stages]
 
-    def decode(self, items: list[dict]) -> dict:
-        """Reader items → a decoded batch (``image``, ``dataset_mask``... see :mod:`triplets.stages.load`)."""
-        return self.load(ensure_status({k: [it.get(k) for it in items] for k in ITEM_COLUMNS}))
+    def decode(self, items: list[dict], fetched: list[tuple] | None = None) -> dict:
+        """Reader items → a decoded batch (``image``, ``dataset_mask``... see :mod:`triplets.stages.load`).
+
+        ``fetched``: the items' bytes already read (:meth:`triplets.fetch.Fetcher.map_items`), else read here.
+        """
+        rows = {k: [it.get(k) for it in items] for k in ITEM_COLUMNS}
+        if fetched is not None:
+            rows["fetched"] = list(fetched)
+        batch = self.load(ensure_status(rows))
+        batch.pop("fetched", None)  # bytes stay here: the decoded pixels travel on
+        return batch
 
     def run_models(self, batch: dict, seconds: collections.Counter | None = None) -> dict:
         """The model stages on a decoded batch; adds each stage's wall time to ``seconds[stage.name]``."""

@@ -101,6 +101,43 @@ class LatentsConfig(_Strict):
                                                            "top-level batch_size)")
 
 
+#: ``X-Robots-Tag`` directives that opt an image out by default (img2dataset's default list).
+DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+
+
+class FetchConfig(_Strict):
+    """Reading source images (``triplets.fetch``): web URLs concurrently with timeouts, retries and opt-outs;
+    object stores and files in a bounded thread pool. Operational: not part of the plan fingerprint."""
+
+    concurrency: int = Field(32, ge=1, le=1024, description="HTTP(S) requests in flight per worker")
+    object_store_concurrency: int = Field(8, ge=1, le=256, description="reads of s3://, gs://, local files and tar "
+                                                                        "members in flight per worker")
+    lookahead: int = Field(0, ge=0, description="items fetched ahead of decoding per worker (memory: up to "
+                                                "lookahead x max_bytes); 0 = 4 x concurrency")
+    connect_timeout_s: float = Field(5.0, gt=0, description="HTTP: longest wait for a TCP/TLS connection")
+    read_timeout_s: float = Field(10.0, gt=0, description="HTTP: longest wait for the next bytes of an answer")
+    deadline_s: float = Field(30.0, gt=0, description="HTTP: total time one URL may take, retries included; a URL "
+                                                      "still unanswered then fails with 'deadline'")
+    retries: int = Field(2, ge=0, le=10, description="HTTP: retries after a timeout, a dropped connection, a 5xx or "
+                                                    "a 429 answer")
+    backoff_s: float = Field(1.0, ge=0, description="HTTP: wait before retry n = backoff_s x 2^(n-1) x [0.5, 1.5) "
+                                                    "(jitter), or the server's Retry-After when it sends one")
+    max_bytes: int = Field(50_000_000, ge=1, description="HTTP: larger answers fail ('too large') without being "
+                                                         "read further")
+    user_agent: str | None = Field(None, description="HTTP User-Agent (default: cnc/<version> ...)")
+    disallowed_header_directives: list[str] = Field(
+        list(DISALLOWED_DIRECTIVES), description="HTTP: skip images whose X-Robots-Tag carries one of these "
+                                                 "directives (for every robot, or for 'cnc:'); [] = fetch everything")
+
+    @field_validator("disallowed_header_directives")
+    @classmethod
+    def _directives(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(d.strip().lower() for d in v if d.strip()))
+
+    def effective_lookahead(self) -> int:
+        return self.lookahead or 4 * self.concurrency
+
+
 class RayConfig(_Strict):
     """Ray execution (pipelines)."""
 
@@ -110,6 +147,15 @@ class RayConfig(_Strict):
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     encode_threads: int = Field(4, ge=1, description="threads of a worker's writer encoding JPEG/PNG in parallel "
                                                      "(tar bytes do not depend on it)")
+    pools: Literal["single", "split"] = Field(
+        "single", description="single: one worker per GPU fetches, decodes, runs the models, encodes and writes; "
+                              "split: model workers (one per GPU) run only the models, CPU workers on any node do "
+                              "the rest (pipelines.pools; docs/cluster.md)")
+    cpu_workers: int = Field(0, ge=0, description="split: CPU workers (fetch, decode, encode, write, commit); 0 = "
+                                                  "the CPUs the model workers leave free / cpus_per_cpu_worker")
+    cpus_per_cpu_worker: float = Field(1.0, gt=0, description="split: Ray CPUs of one CPU worker")
+    batches_in_flight: int = Field(2, ge=1, description="split: decoded batches a CPU worker keeps queued at the "
+                                                        "model workers")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
     progress_interval_s: float = Field(5.0, gt=0)
     worker_start_timeout_s: float = Field(
@@ -177,6 +223,7 @@ class BuildConfig(_Strict):
     embed: EmbedConfig = EmbedConfig()
     quality: QualityConfig = QualityConfig()
     latents: LatentsConfig = LatentsConfig()
+    fetch: FetchConfig = FetchConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
 

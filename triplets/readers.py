@@ -626,7 +626,10 @@ def _open_tar_index(tar: str) -> dict[str, tuple[int, int]]:
 
 
 def read_source_bytes(source: str) -> bytes:
-    """Bytes of a file path, a ``TAR#MEMBER`` or a ``PARQUET#COLUMN/ROW`` (Pick-a-Pic) reference.
+    """Bytes of a file path, a URL, a ``TAR#MEMBER`` or a ``PARQUET#COLUMN/ROW`` (Pick-a-Pic) reference.
+
+    HTTP(S) URLs go through :func:`triplets.fetch.fetch_url` (default ``fetch:`` settings); the shard worker reads
+    its items through a :class:`triplets.fetch.Fetcher` instead, many at once.
 
     Raises:
         OSError: unreadable, or a tar member that is missing or cut short (truncated tar).
@@ -650,6 +653,10 @@ def read_source_bytes(source: str) -> bytes:
             raise OSError(f"tar member {member!r} is truncated ({len(data)} of {size} bytes)")
         return data
     if is_url(source):
+        from triplets.fetch import fetch_url, is_http
+
+        if is_http(source):  # timeouts, retries, size limit and opt-outs (triplets.fetch), never a bare GET
+            return fetch_url(source)
         try:
             return resolve(source).read_bytes()
         except UserError as exc:

@@ -1,6 +1,9 @@
 """``load``: read, decode and geometrically normalise the source image (CPU only).
 
-Input rows: ``key``, ``source``, ``caption``, ``mask_path``, ``mask_kind`` (the reader's items).
+Input rows: ``key``, ``source``, ``caption``, ``mask_path``, ``mask_kind`` (the reader's items), and optionally
+``fetched``: ``(image, mask)`` :class:`~triplets.fetch.Fetched` pairs already read (the shard worker streams a
+whole shard through the stage's :class:`~triplets.fetch.Fetcher` ahead of decoding); without it the stage reads the
+batch's sources itself through the same fetcher. A source that cannot be read fails with stage ``fetch``.
 Output columns: ``image`` ``(N, R, R, 3)`` uint8, ``dataset_mask`` ``(N, R, R)`` uint8 {0,1}
 (all zeros and ``has_dataset_mask`` False when the item has none), ``original_size`` ``(N, 2)``
 int (W, H), ``crop_box`` ``(N, 5)`` float (left, top, width, height, scale).
@@ -11,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from triplets.errors import SampleError
+from triplets.fetch import Fetched, Fetcher
 from triplets.image_io import decode_image, decode_png, image_size, resize_center_crop
-from triplets.readers import read_source_bytes
 from triplets.stages.base import Stage
 
 #: COCO-Stuff label ids 0..90 are things (0 = person); 91..181 stuff; 255 unlabeled.
@@ -37,24 +40,27 @@ class LoadStage(Stage):
 
     name = "decode"
 
-    def __init__(self, resolution: int = 512, min_side: int = 256, max_pixels: int = 64_000_000):
+    def __init__(self, resolution: int = 512, min_side: int = 256, max_pixels: int = 64_000_000,
+                 fetch: dict | None = None):
         self.resolution, self.min_side, self.max_pixels = resolution, min_side, max_pixels
+        self.fetcher = Fetcher(fetch)  # the build's ``fetch:`` section (dict); threads start on first read
 
-    def _load_one(self, row: dict) -> tuple:
-        try:
-            data = read_source_bytes(row["source"])
-        except OSError as exc:
-            raise SampleError("decode", f"cannot read source: {exc}") from None
-        img = decode_image(data, max_pixels=self.max_pixels, min_side=self.min_side)
+    def _load_one(self, row: dict, fetched: tuple[Fetched, Fetched | None]) -> tuple:
+        image_bytes, mask_bytes = fetched
+        if not image_bytes.ok:
+            raise SampleError("fetch", image_bytes.reason)
+        img = decode_image(image_bytes.data, max_pixels=self.max_pixels, min_side=self.min_side)
         h, w = img.shape[:2]
         out, box = resize_center_crop(img, self.resolution)
         mask = np.zeros(out.shape[:2], np.uint8)
         has_mask = False
         if row.get("mask_path"):
+            if mask_bytes is None or not mask_bytes.ok:
+                raise SampleError("fetch", f"dataset mask: {mask_bytes.reason if mask_bytes else 'not read'}")
+            encoded = mask_bytes.data
             try:
-                encoded = read_source_bytes(row["mask_path"])
                 mw, mh = image_size(encoded)  # header only: the size checks come before a full decode
-            except (OSError, ValueError) as exc:
+            except ValueError as exc:
                 raise SampleError("decode", f"dataset mask unreadable: {exc}") from None
             if mw * mh > self.max_pixels:
                 raise SampleError("decode", f"dataset mask {mw}x{mh}={mw * mh} pixels is over the limit of "
@@ -77,13 +83,14 @@ class LoadStage(Stage):
         cols = {"image": np.zeros((n, r, r, 3), np.uint8), "dataset_mask": np.zeros((n, r, r), np.uint8),
                 "has_dataset_mask": np.zeros(n, bool), "original_size": np.zeros((n, 2), np.int64),
                 "crop_box": np.zeros((n, 5), np.float64)}
-        failures: dict[int, str] = {}
-        for i in range(n):
-            row = {k: v[i] for k, v in rows.items()}
+        failures: dict[int, str | tuple[str, str]] = {}
+        items = [{k: v[i] for k, v in rows.items() if k != "fetched"} for i in range(n)]
+        fetched = rows["fetched"] if "fetched" in rows else list(self.fetcher.map_items(items))
+        for i, row in enumerate(items):
             try:
-                img, mask, has_mask, size, box = self._load_one(row)
+                img, mask, has_mask, size, box = self._load_one(row, fetched[i])
             except SampleError as exc:
-                failures[i] = exc.reason
+                failures[i] = exc.reason if exc.stage == self.name else (exc.stage, exc.reason)
                 continue
             cols["image"][i], cols["dataset_mask"][i], cols["has_dataset_mask"][i] = img, mask, has_mask
             cols["original_size"][i], cols["crop_box"][i] = size, box
