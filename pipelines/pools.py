@@ -115,6 +115,10 @@ class ModelWorker:
         """Where this model worker runs (answers once the models are loaded)."""
         return dict(self.info)
 
+    def identities(self) -> dict:
+        """The loaded models' identities (:func:`triplets.builder.model_identities`), for the CPU workers."""
+        return self.builder.models
+
     def run_models(self, batch: dict) -> tuple[dict, dict]:
         return run_models(self.builder, batch, self.delay_s)
 

@@ -105,7 +105,12 @@ class ShardWorker:
 
         t0 = time.perf_counter()
         self.cfg = BuildConfig.model_validate(cfg)
-        self.builder = TripletBuilder(self.cfg, resolved, load_models=not model_workers)
+        identities = None
+        if model_workers:  # no weights needed here: the identities come from a model worker
+            import ray
+
+            identities = ray.get(model_workers[index % len(model_workers)].identities.remote())
+        self.builder = TripletBuilder(self.cfg, resolved, load_models=not model_workers, identities=identities)
         self.fault = FaultInjection(fault_injection)
         self.models = RemoteModels(model_workers, self.cfg.ray.batches_in_flight, index) if model_workers \
             else LocalModels(self.builder, self.fault.model_delay)

@@ -65,15 +65,18 @@ class TripletBuilder:
         resolved: output of :func:`resolve_models` (computed here when omitted).
         device: overrides ``cfg.device`` (Ray workers pass their GPU).
         load_models: ``False``: no model stage (a CPU worker of ``ray.pools: split`` decodes and assembles only).
+        identities: the models' identities recorded in every sample (default: computed from ``resolved`` here; a
+            CPU worker takes them from a model worker, whose node holds the weights).
     """
 
     def __init__(self, cfg: BuildConfig, resolved: dict[str, str] | None = None, device: str | None = None,
-                 load_models: bool = True):
+                 load_models: bool = True, identities: dict | None = None):
         self.cfg = cfg
         resolved = resolved or resolve_models(cfg)
-        self._init_args = (cfg, resolved, device, load_models)
-        self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels, cfg.fetch.model_dump(mode="json"))
-        self.models = model_identities(cfg, resolved)
+        self._init_args = (cfg, resolved, device, load_models, identities)
+        self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels, cfg.fetch.model_dump(mode="json"),
+                              cfg.ray.decode_threads)
+        self.models = identities or model_identities(cfg, resolved)
         self.model_stages = []
         if load_models:
             self._load_models(cfg, resolved, device)

@@ -112,8 +112,10 @@ class FetchConfig(_Strict):
     concurrency: int = Field(32, ge=1, le=1024, description="HTTP(S) requests in flight per worker")
     object_store_concurrency: int = Field(8, ge=1, le=256, description="reads of s3://, gs://, local files and tar "
                                                                         "members in flight per worker")
-    lookahead: int = Field(0, ge=0, description="items fetched ahead of decoding per worker (memory: up to "
-                                                "lookahead x max_bytes); 0 = 4 x concurrency")
+    lookahead: int = Field(2048, ge=1, description="most items fetched ahead of decoding per worker (a URL that "
+                                                   "hangs stops nothing behind it until this or buffer_mb is reached)")
+    buffer_mb: int = Field(256, ge=1, description="most MB fetched ahead of decoding per worker (plus up to "
+                                                  "concurrency x max_bytes being received)")
     connect_timeout_s: float = Field(5.0, gt=0, description="HTTP: longest wait for a TCP/TLS connection")
     read_timeout_s: float = Field(10.0, gt=0, description="HTTP: longest wait for the next bytes of an answer")
     deadline_s: float = Field(30.0, gt=0, description="HTTP: total time one URL may take, retries included; a URL "
@@ -134,9 +136,6 @@ class FetchConfig(_Strict):
     def _directives(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(d.strip().lower() for d in v if d.strip()))
 
-    def effective_lookahead(self) -> int:
-        return self.lookahead or 4 * self.concurrency
-
 
 class RayConfig(_Strict):
     """Ray execution (pipelines)."""
@@ -156,6 +155,8 @@ class RayConfig(_Strict):
     cpus_per_cpu_worker: float = Field(1.0, gt=0, description="split: Ray CPUs of one CPU worker")
     batches_in_flight: int = Field(2, ge=1, description="split: decoded batches a CPU worker keeps queued at the "
                                                         "model workers")
+    decode_threads: int = Field(2, ge=1, description="threads of a worker decoding and resizing a batch's images "
+                                                     "in parallel (pixels do not depend on it)")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
     progress_interval_s: float = Field(5.0, gt=0)
     worker_start_timeout_s: float = Field(

@@ -15,7 +15,8 @@ One :class:`Fetcher` per worker process (the load stage owns it) serves every sh
   (:func:`triplets.readers.read_source_bytes`) on a pool of ``fetch.object_store_concurrency`` threads.
 
 :meth:`Fetcher.map_items` streams a shard's items in plan order while keeping up to ``fetch.lookahead`` items in
-flight, so one hanging URL delays its shard by at most one deadline while the items behind it are fetched.
+flight (bounded in items and in bytes held), so one hanging URL delays its shard by at most one deadline while the
+items behind it are fetched.
 Failures are values (:class:`Fetched` with a ``reason``), never exceptions: the load stage quarantines the item with
 stage ``fetch`` and that reason (``HTTP 404``, ``timeout: ...``, ``deadline: ...``, ``too large: ...``,
 ``opted out: X-Robots-Tag noai``...). Decoding stays the project's safe decoder (:mod:`triplets.image_io`).
@@ -143,6 +144,12 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text[:limit]
 
 
+def _deadline_reason(cfg: FetchConfig, attempts: int, last: str | None) -> str:
+    """The reason of a URL that used up its deadline (stable text: reasons are counted per value)."""
+    return f"deadline: no complete answer within fetch.deadline_s={cfg.deadline_s:g} s ({attempts} attempt(s)" \
+           + (f"; last: {last})" if last else ")")
+
+
 class _HttpClient:
     """aiohttp on a private event-loop thread; at most ``concurrency`` URLs in flight."""
 
@@ -178,10 +185,8 @@ class _HttpClient:
             try:
                 data = await asyncio.wait_for(self._attempts(url, t0, state), cfg.deadline_s)
             except asyncio.TimeoutError:
-                last = f"; last: {state['last']}" if state["last"] else ""
-                reason = f"deadline: no complete answer within fetch.deadline_s={cfg.deadline_s:g} s " \
-                         f"({state['attempts']} attempt(s){last})"
-                return Fetched(None, reason, state["attempts"], time.monotonic() - t0)
+                return Fetched(None, _deadline_reason(cfg, state["attempts"], state["last"]), state["attempts"],
+                               time.monotonic() - t0)
             except _Fail as exc:
                 return Fetched(None, exc.reason, state["attempts"], time.monotonic() - t0)
             return Fetched(data, None, state["attempts"], time.monotonic() - t0)
@@ -200,8 +205,10 @@ class _HttpClient:
                 wait = exc.retry_after if exc.retry_after is not None else \
                     cfg.backoff_s * 2 ** (n - 1) * (0.5 + self.random.random())
                 if time.monotonic() - t0 + wait >= cfg.deadline_s:
-                    raise _Fail(f"{exc.reason}; retry in {wait:.3g} s would pass fetch.deadline_s="
-                                f"{cfg.deadline_s:g} s ({n} attempt(s))") from None
+                    if exc.retry_after is not None:
+                        raise _Fail(f"{exc.reason}; Retry-After {wait:g} s is past fetch.deadline_s="
+                                    f"{cfg.deadline_s:g} s ({n} attempt(s))") from None
+                    raise _Fail(_deadline_reason(cfg, n, exc.reason)) from None
                 await asyncio.sleep(wait)
 
     async def _get(self, url: str) -> bytes:
@@ -307,28 +314,61 @@ class Fetcher:
         """Read one source now (blocking)."""
         return self.submit(source).result()
 
-    def map_items(self, items: Iterable[dict], lookahead: int | None = None) -> Iterator[tuple]:
-        """``(image Fetched, mask Fetched | None)`` per reader item, in order, with at most ``lookahead`` items
-        (default ``fetch.lookahead``) in flight. Closing the iterator early cancels what is still pending."""
-        window = max(1, lookahead or self.cfg.effective_lookahead())
+    def map_items(self, items: Iterable[dict], lookahead: int | None = None,
+                  buffer_bytes: int | None = None) -> Iterator[tuple]:
+        """``(image Fetched, mask Fetched | None)`` per reader item, in order.
+
+        Items are started ahead of the consumer while fewer than ``lookahead`` (default ``fetch.lookahead``) are
+        pending, fewer than ``fetch.concurrency`` reads are running and the bytes fetched but not yet consumed stay
+        under ``buffer_bytes`` (default ``fetch.buffer_mb``); a URL that hangs holds no bytes, so the items behind it
+        keep being fetched until a bound is reached.
+        Closing the iterator early cancels what is still pending.
+        """
+        max_items = max(1, lookahead or self.cfg.lookahead)
+        budget = buffer_bytes or self.cfg.buffer_mb * 1_000_000
+        max_running = max(self.cfg.concurrency, self.cfg.object_store_concurrency)
         pending: collections.deque = collections.deque()
         todo = iter(items)
+        more = True
+        count = {"bytes": 0, "running": 0}  # bytes finished and not yet consumed; reads started and not finished
+        cond = threading.Condition()
 
-        def start(item: dict) -> tuple:
-            mask = item.get("mask_path")
-            return self.submit(item.get("source") or ""), (self.submit(mask) if mask else None)
+        def finished(fut: concurrent.futures.Future) -> None:
+            with cond:
+                count["running"] -= 1
+                if not fut.cancelled() and fut.exception() is None:
+                    count["bytes"] += len(fut.result().data or b"")
+                cond.notify_all()
+
+        def fill() -> None:
+            nonlocal more
+            while more and len(pending) < max_items and count["bytes"] < budget and count["running"] < max_running:
+                item = next(todo, None)
+                if item is None:
+                    more = False
+                    break
+                mask = item.get("mask_path")
+                futures = (self.submit(item.get("source") or ""), self.submit(mask) if mask else None)
+                for f in futures:
+                    if f is not None:
+                        count["running"] += 1
+                        f.add_done_callback(finished)
+                pending.append(futures)
 
         try:
-            for item in todo:
-                pending.append(start(item))
-                if len(pending) >= window:
-                    break
+            with cond:
+                fill()
             while pending:
-                image, mask = pending.popleft()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append(start(nxt))
-                yield image.result(), (mask.result() if mask is not None else None)
+                futures = [f for f in pending[0] if f is not None]
+                with cond:
+                    while not all(f.done() for f in futures):
+                        fill()
+                        cond.wait(timeout=1.0)
+                    image, mask = pending.popleft()
+                    got = image.result(), (mask.result() if mask is not None else None)
+                    count["bytes"] -= sum(len(g.data or b"") for g in got if g is not None)
+                    fill()
+                yield got
         finally:
             for futures in pending:
                 for f in futures:

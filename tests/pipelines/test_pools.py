@@ -35,12 +35,12 @@ def test_cpu_workers_fill_the_cpus_the_model_workers_leave():
 
 @pytest.mark.ray
 def test_split_pools_write_the_same_bytes_exactly_once(reference_build, tmp_path):
-    """One model worker + two CPU workers (half a CPU each) on the session's 2-CPU Ray; a CPU worker dies after
-    its first batch of shard 1: the shard is retried, every item lands once, the tars equal the one-actor build's."""
+    """One model worker + two CPU workers (half a CPU each) on the session's 2-CPU Ray: every item lands once and the
+    tars equal the one-actor build's (``reference_build``: 2 single workers)."""
     ref, _, src, photos = reference_build
     cfg = _cfg("ray.pools=split", "ray.num_workers=1", "ray.cpu_workers=2", "ray.cpus_per_cpu_worker=0.5")
     out = tmp_path / "split"
-    result = run_build(cfg, str(src), out, progress=False, fault_injection={"kill_shard": 1})
+    result = run_build(cfg, str(src), out, progress=False)
     assert result.exit_code == 0 and result.shards_lost == []
     keys = [s.key for tar in sorted(out.glob("*.tar")) for s in iter_samples(str(tar))]
     errs = [json.loads(line)["key"] for f in sorted((out / "_cnc" / "errors").glob("*.jsonl"))
@@ -48,6 +48,6 @@ def test_split_pools_write_the_same_bytes_exactly_once(reference_build, tmp_path
     assert sorted(keys) == sorted(photos["good"]) and sorted(errs) == sorted(photos["bad"])
     assert _shas(out) == _shas(ref)
     markers = [json.loads(p.read_text()) for p in sorted((out / "_cnc").glob("*_stats.json"))]
-    assert markers[1]["attempt"] >= 1  # the killed shard was retried
+    assert len({m["worker"]["pid"] for m in markers}) == 2  # both CPU workers built shards
     for m in markers:  # the shard worker loaded no model; the model stages ran (on the model worker)
         assert m["worker"]["model_stages"] == 0 and m["stage_seconds"]["inpaint"] > 0

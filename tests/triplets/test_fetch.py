@@ -93,7 +93,13 @@ def test_retry_after_past_the_deadline_fails_at_once(web):
         got = f.fetch(url)
     finally:
         f.close()
-    assert got.attempts == 1 and got.reason.startswith("HTTP 503; retry in 3.6e+03 s would pass fetch.deadline_s=5")
+    assert got.reason == "HTTP 503; Retry-After 3600 s is past fetch.deadline_s=5 s (1 attempt(s))"
+    f = Fetcher({**FAST, "backoff_s": 100})  # our own backoff past the deadline: a deadline failure at once
+    try:
+        got = f.fetch(web.route("/down.jpg", (503, {}, b"")))
+    finally:
+        f.close()
+    assert got.reason == "deadline: no complete answer within fetch.deadline_s=5 s (1 attempt(s); last: HTTP 503)"
 
 
 def test_a_silent_server_costs_at_most_the_deadline(web):
@@ -140,6 +146,26 @@ def test_hanging_url_does_not_stall_the_items_behind_it():
             f.close()
     assert first[0].reason.startswith("deadline:") and [g.data for g, _ in rest] == [b"ok"] * 6
     assert all(web.hits(f"/{i}.jpg") == 1 for i in range(6))
+
+
+def test_read_ahead_stops_at_the_byte_budget():
+    """Behind a hanging URL, items are fetched until the unconsumed bytes reach the budget, then no more."""
+    with WebServer() as web:
+        hang = web.route("/hang.jpg", HANG)
+        items = [{"key": "a", "source": hang}] + [
+            {"key": f"b{i}", "source": web.route(f"/{i}.jpg", (200, JPG, b"x" * 1000))} for i in range(10)]
+        f = Fetcher({**FAST, "read_timeout_s": 30, "deadline_s": 1.5, "retries": 0, "concurrency": 2,
+                     "object_store_concurrency": 2})
+        try:
+            stream = f.map_items(items, lookahead=100, buffer_bytes=2500)
+            first = next(stream)  # returns after the deadline
+            seen = sorted(p for p, _ in web.requests)
+            rest = list(stream)
+        finally:
+            f.close()
+    assert first[0].reason.startswith("deadline:")
+    assert seen == ["/0.jpg", "/1.jpg", "/2.jpg", "/hang.jpg"]  # 3 x 1000 bytes >= 2500: no fourth image
+    assert len(rest) == 10 and all(g.data == b"x" * 1000 for g, _ in rest)
 
 
 def test_files_and_missing_files_go_through_the_pool(tmp_path):

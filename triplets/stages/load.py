@@ -11,6 +11,8 @@ int (W, H), ``crop_box`` ``(N, 5)`` float (left, top, width, height, scale).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from triplets.errors import SampleError
@@ -41,9 +43,17 @@ class LoadStage(Stage):
     name = "decode"
 
     def __init__(self, resolution: int = 512, min_side: int = 256, max_pixels: int = 64_000_000,
-                 fetch: dict | None = None):
+                 fetch: dict | None = None, decode_threads: int = 1):
         self.resolution, self.min_side, self.max_pixels = resolution, min_side, max_pixels
         self.fetcher = Fetcher(fetch)  # the build's ``fetch:`` section (dict); threads start on first read
+        self.decode_threads = max(1, decode_threads)  # rows decoded at once (PIL releases the GIL); same pixels
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _try_one(self, row: dict, fetched: tuple) -> tuple | SampleError:
+        try:
+            return self._load_one(row, fetched)
+        except SampleError as exc:
+            return exc
 
     def _load_one(self, row: dict, fetched: tuple[Fetched, Fetched | None]) -> tuple:
         image_bytes, mask_bytes = fetched
@@ -86,12 +96,17 @@ class LoadStage(Stage):
         failures: dict[int, str | tuple[str, str]] = {}
         items = [{k: v[i] for k, v in rows.items() if k != "fetched"} for i in range(n)]
         fetched = rows["fetched"] if "fetched" in rows else list(self.fetcher.map_items(items))
-        for i, row in enumerate(items):
-            try:
-                img, mask, has_mask, size, box = self._load_one(row, fetched[i])
-            except SampleError as exc:
-                failures[i] = exc.reason if exc.stage == self.name else (exc.stage, exc.reason)
+        if self.decode_threads > 1 and n > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.decode_threads, "cnc-decode-row")
+            results = list(self._pool.map(self._try_one, items, fetched))
+        else:
+            results = [self._try_one(row, f) for row, f in zip(items, fetched)]
+        for i, got in enumerate(results):
+            if isinstance(got, SampleError):
+                failures[i] = got.reason if got.stage == self.name else (got.stage, got.reason)
                 continue
+            img, mask, has_mask, size, box = got
             cols["image"][i], cols["dataset_mask"][i], cols["has_dataset_mask"][i] = img, mask, has_mask
             cols["original_size"][i], cols["crop_box"][i] = size, box
         return cols, failures
