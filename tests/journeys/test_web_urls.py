@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.support import FAST_BUILD, HANG, REPO, TINY_CONFIG, WebServer, jpeg_bytes
+from tests.support import FAST_BUILD, HANG, REPO, TINY_CONFIG, WebServer, photo_bytes
 
 JPG = {"Content-Type": "image/jpeg"}
 
@@ -21,13 +21,13 @@ JPG = {"Content-Type": "image/jpeg"}
 @pytest.mark.ray
 def test_build_from_web_urls(tmp_path):
     with WebServer() as web:
-        rows = [(f"good{i}", web.route(f"/good{i}.jpg", (200, JPG, jpeg_bytes(i)))) for i in range(3)]
+        rows = [(f"good{i}", web.route(f"/good{i}.jpg", (200, JPG, photo_bytes(i)))) for i in range(3)]
         rows += [
             ("missing", web.url + "/missing.jpg"),
             ("text", web.route("/text.jpg", (200, {"Content-Type": "text/plain"}, b"not an image"))),
             ("silent", web.route("/silent.jpg", HANG)),
-            ("optout", web.route("/optout.jpg", (200, {**JPG, "X-Robots-Tag": "noai, noimageai"}, jpeg_bytes(7)))),
-            ("flaky", web.route("/flaky.jpg", (503, {}, b""), (503, {}, b""), (200, JPG, jpeg_bytes(8)))),
+            ("optout", web.route("/optout.jpg", (200, {**JPG, "X-Robots-Tag": "noai, noimageai"}, photo_bytes(7)))),
+            ("flaky", web.route("/flaky.jpg", (503, {}, b""), (503, {}, b""), (200, JPG, photo_bytes(8)))),
         ]
         table = tmp_path / "urls.jsonl"
         table.write_text("".join(json.dumps({"key": k, "url": u, "caption": f"photo {k}"}) + "\n" for k, u in rows))

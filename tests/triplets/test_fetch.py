@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import cnc
-from tests.support import HANG, WebServer, jpeg_bytes
+from tests.support import HANG, WebServer, photo_bytes
 from triplets.fetch import Fetcher, opt_out, retry_after_seconds
 
 FAST = {"connect_timeout_s": 1, "read_timeout_s": 0.5, "deadline_s": 5, "retries": 2, "backoff_s": 0.01}
@@ -38,7 +38,7 @@ def test_retry_after_seconds_and_dates():
 
 
 def test_answers_become_bytes_or_reasons(web):
-    img = jpeg_bytes(0)
+    img = photo_bytes(0)
     urls = {
         "good": web.route("/good.jpg", (200, JPG, img)),
         "missing": web.route("/missing.jpg", (404, {}, b"no")),
@@ -68,7 +68,7 @@ def test_answers_become_bytes_or_reasons(web):
 
 
 def test_retries_on_5xx_and_429_then_answer(web):
-    img = jpeg_bytes(1)
+    img = photo_bytes(1)
     flaky = web.route("/flaky.jpg", (503, {}, b""), (500, {}, b""), (200, JPG, img))
     slow_down = web.route("/429.jpg", (429, {"Retry-After": "1"}, b""), (200, JPG, img))
     broken = web.route("/broken.jpg", (503, {}, b""))
