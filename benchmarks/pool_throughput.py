@@ -181,7 +181,7 @@ def main() -> None:
     from build_throughput import cpu_scaling, machine
 
     from cnc.config import load_config
-    from pipelines.ray_session import init_local_ray
+    from cnc.ray_session import init_local_ray
     from triplets.config import BuildConfig
 
     work = Path(tempfile.mkdtemp(prefix="cnc-pools-"))

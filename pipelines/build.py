@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 from cnc.base.location import check_writable_output
 from cnc.config import config_dict, save_config
+from cnc.ray_session import Interrupted, interrupt_on_sigterm, ray_session
 from pipelines.plan import absolute_input, plan_input, plan_summary, prepare_plan, shard_size
-from pipelines.ray_session import Interrupted, interrupt_on_sigterm, ray_session
 from pipelines.scheduler import ShardScheduler
 from triplets.card import write_card
 from triplets.config import BuildConfig

@@ -16,7 +16,7 @@ from tests.support import FAST_BUILD, TINY_CONFIG, make_photo_folder
 def ray_local():
     """One local Ray (2 CPUs, 127.0.0.1 only, no dashboard) for the whole session."""
     ray = pytest.importorskip("ray")
-    from pipelines.ray_session import init_local_ray
+    from cnc.ray_session import init_local_ray
 
     if not ray.is_initialized():
         init_local_ray(num_cpus=2, object_store_memory=200 * 2**20)
