@@ -172,6 +172,7 @@ def main() -> None:
     p.add_argument("--deadline-s", type=float, default=4)
     p.add_argument("--ray-data", action="store_true", help="also run the Ray Data pipeline")
     p.add_argument("--designs", nargs="+", default=["single", "split"])
+    p.add_argument("--set", action="append", default=[], help="extra config overrides (a.b=value), every design")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -193,7 +194,7 @@ def main() -> None:
                      f"samples_per_shard={args.samples_per_shard}", f"batch_size={args.batch_size}",
                      "max_failure_fraction=1", f"ray.cpus_per_worker={args.model_cpus}", "ray.torch_threads=1",
                      f"fetch.deadline_s={args.deadline_s}", "fetch.read_timeout_s=2", "fetch.retries=0",
-                     f"ray.cpu_workers={args.cpu_workers}", "ray.cpus_per_cpu_worker=0.5"]
+                     f"ray.cpu_workers={args.cpu_workers}", "ray.cpus_per_cpu_worker=0.5", *args.set]
         if args.input == "web":
             from fetch_throughput import start_server
 

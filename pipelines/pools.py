@@ -1,4 +1,5 @@
-"""Where a shard's model stages run: in the shard worker, or on a pool of model workers (``ray.pools``).
+"""Where a shard's model stages run: in the shard worker, or on a pool of model workers (``ray.pools``; ``auto``,
+the default, picks ``split`` on GPU clusters with CPUs to spare and ``single`` otherwise: :func:`choose_pools`).
 
 * ``single`` (:class:`LocalModels`): one actor per GPU fetches, decodes, runs the models, encodes and writes; its
   prefetch and writer threads overlap with the models on that GPU node's CPUs.
@@ -123,6 +124,17 @@ class ModelWorker:
         return run_models(self.builder, batch, self.delay_s)
 
 
+def choose_pools(cfg, resources: dict, model_workers: int, gpus_per_worker: float) -> str:
+    """``single`` or ``split`` for this build: ``ray.pools``, or for ``auto`` split when the model workers use GPUs
+    and the cluster has CPUs left for at least one CPU worker (measured better: docs/benchmarks.md), else single
+    (without GPUs the models run on CPUs anyway, and splitting only adds transfers)."""
+    rc = cfg.ray
+    if rc.pools != "auto":
+        return rc.pools
+    free = float(resources.get("CPU", 0)) - model_workers * rc.cpus_per_worker
+    return "split" if gpus_per_worker > 0 and free + 1e-9 >= rc.cpus_per_cpu_worker else "single"
+
+
 def plan_cpu_workers(cfg, resources: dict, model_workers: int, nshards: int) -> int:
     """CPU workers of a split build: ``ray.cpu_workers``, else the CPUs the model workers leave free divided by
     ``ray.cpus_per_cpu_worker`` (at least one), never more than shards to build."""
@@ -159,4 +171,5 @@ def start_model_workers(cfg, resolved: dict, n: int, gpus: float, threads: int, 
     return actors
 
 
-__all__ = ["LocalModels", "ModelWorker", "RemoteModels", "plan_cpu_workers", "run_models", "start_model_workers"]
+__all__ = ["LocalModels", "ModelWorker", "RemoteModels", "choose_pools", "plan_cpu_workers", "run_models",
+           "start_model_workers"]

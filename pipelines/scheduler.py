@@ -120,21 +120,25 @@ class ShardScheduler:
     def _start(self, nshards: int) -> None:
         import ray
 
+        from pipelines.pools import choose_pools
         from pipelines.worker import ShardWorker
 
         rc = self.cfg.ray
-        split = rc.pools == "split"
-        nworkers, gpus, threads = plan_workers(self.cfg, ray.cluster_resources(),
-                                               nshards * rc.batches_in_flight if split else nshards)
+        resources = ray.cluster_resources()
+        nworkers, gpus, threads = plan_workers(self.cfg, resources, nshards)
+        split = choose_pools(self.cfg, resources, nworkers, gpus) == "split"
+        if split:  # a shard's batches spread over every model worker: not capped by the shard count
+            nworkers, gpus, threads = plan_workers(self.cfg, resources, nshards * rc.batches_in_flight)
         check_placeable(ray.nodes(), rc.cpus_per_worker, gpus)
-        log.info("starting %d %sworker(s): %s GPU, %s CPU, %d torch thread(s) each", nworkers,
-                 "model " if split else "", gpus, rc.cpus_per_worker, threads)
+        log.info("ray.pools=%s -> %s; starting %d %sworker(s): %s GPU, %s CPU, %d torch thread(s) each", rc.pools,
+                 "split" if split else "single", nworkers, "model " if split else "", gpus, rc.cpus_per_worker,
+                 threads)
         cpus, worker_gpus = rc.cpus_per_worker, gpus
         if split:  # model workers run the models; the shard workers below do the rest on CPUs (pipelines.pools)
             from pipelines.pools import plan_cpu_workers, start_model_workers
 
             self.model_actors = start_model_workers(self.cfg, self.resolved, nworkers, gpus, threads, self.fault)
-            nworkers = plan_cpu_workers(self.cfg, ray.cluster_resources(), len(self.model_actors), nshards)
+            nworkers = plan_cpu_workers(self.cfg, resources, len(self.model_actors), nshards)
             cpus, worker_gpus, threads = rc.cpus_per_cpu_worker, 0.0, 1
             check_placeable(ray.nodes(), cpus, 0.0)
             log.info("starting %d CPU worker(s): %s CPU each, %d batch(es) in flight each", nworkers, cpus,

@@ -146,10 +146,11 @@ class RayConfig(_Strict):
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     encode_threads: int = Field(4, ge=1, description="threads of a worker's writer encoding JPEG/PNG in parallel "
                                                      "(tar bytes do not depend on it)")
-    pools: Literal["single", "split"] = Field(
-        "single", description="single: one worker per GPU fetches, decodes, runs the models, encodes and writes; "
-                              "split: model workers (one per GPU) run only the models, CPU workers on any node do "
-                              "the rest (pipelines.pools; docs/cluster.md)")
+    pools: Literal["auto", "single", "split"] = Field(
+        "auto", description="single: one worker per GPU fetches, decodes, runs the models, encodes and writes; "
+                            "split: model workers (one per GPU) run only the models, CPU workers on any node do the "
+                            "rest (pipelines.pools; docs/cluster.md); auto: split when the models run on GPUs and "
+                            "CPUs are left for at least one CPU worker, else single")
     cpu_workers: int = Field(0, ge=0, description="split: CPU workers (fetch, decode, encode, write, commit); 0 = "
                                                   "the CPUs the model workers leave free / cpus_per_cpu_worker")
     cpus_per_cpu_worker: float = Field(1.0, gt=0, description="split: Ray CPUs of one CPU worker")

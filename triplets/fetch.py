@@ -32,6 +32,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timezone
@@ -261,6 +262,9 @@ class _HttpClient:
                 await self._session.close()
 
         if self.loop.is_running():
+            if threading.current_thread() is self.thread:  # (a finalizer running on the loop's own thread)
+                self.loop.stop()
+                return
             try:
                 asyncio.run_coroutine_threadsafe(_close(), self.loop).result(timeout=5)
             except Exception:  # noqa: BLE001 - closing is best effort
@@ -305,8 +309,9 @@ class Fetcher:
             if is_http(source):
                 if self._http is None:
                     self._http = _HttpClient(self.cfg)
+                    weakref.finalize(self, self._http.close)  # a dropped Fetcher leaves no event-loop thread behind
                 return self._http.submit(source)
-            if self._pool is None:
+            if self._pool is None:  # its idle threads end when the pool is garbage-collected
                 self._pool = concurrent.futures.ThreadPoolExecutor(self.cfg.object_store_concurrency, "cnc-read")
             return self._pool.submit(_read_other, source)
 

@@ -33,6 +33,17 @@ def test_cpu_workers_fill_the_cpus_the_model_workers_leave():
     assert plan_cpu_workers(_cfg("ray.cpu_workers=7"), {"CPU": 2}, model_workers=1, nshards=9) == 7
 
 
+def test_auto_pools_split_only_gpu_clusters_with_cpus_to_spare():
+    from pipelines.pools import choose_pools
+
+    cfg = _cfg()  # ray.pools: auto
+    assert choose_pools(cfg, {"CPU": 32, "GPU": 4}, model_workers=4, gpus_per_worker=1.0) == "split"
+    assert choose_pools(cfg, {"CPU": 4, "GPU": 4}, model_workers=4, gpus_per_worker=1.0) == "single"  # no CPU left
+    assert choose_pools(cfg, {"CPU": 32}, model_workers=16, gpus_per_worker=0.0) == "single"  # models on CPUs
+    assert choose_pools(_cfg("ray.pools=split"), {"CPU": 2}, model_workers=1, gpus_per_worker=0.0) == "split"
+    assert choose_pools(_cfg("ray.pools=single"), {"CPU": 32, "GPU": 4}, 4, 1.0) == "single"
+
+
 @pytest.mark.ray
 def test_split_pools_write_the_same_bytes_exactly_once(reference_build, tmp_path):
     """One model worker + two CPU workers (half a CPU each) on the session's 2-CPU Ray: every item lands once and the
