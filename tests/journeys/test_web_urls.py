@@ -32,8 +32,8 @@ def test_build_from_web_urls(tmp_path):
         table = tmp_path / "urls.jsonl"
         table.write_text("".join(json.dumps({"key": k, "url": u, "caption": f"photo {k}"}) + "\n" for k, u in rows))
         out = tmp_path / "build"
-        sets = FAST_BUILD + ["max_failure_fraction=0.6", "fetch.read_timeout_s=1", "fetch.deadline_s=4",
-                             "fetch.retries=2", "fetch.backoff_s=0.05"]
+        sets = FAST_BUILD + ["ray.num_workers=1", "samples_per_shard=5", "max_failure_fraction=0.6",
+                             "fetch.read_timeout_s=0.5", "fetch.deadline_s=3", "fetch.retries=2", "fetch.backoff_s=0.05"]
         proc = subprocess.run([sys.executable, "-m", "cnc.cli", "build", "--config", str(TINY_CONFIG), "--input",
                                str(table), "--output", str(out), *[a for s in sets for a in ("--set", s)]],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
