@@ -29,6 +29,7 @@ import collections
 import concurrent.futures
 import email.utils
 import logging
+import os
 import random
 import threading
 import time
@@ -140,11 +141,6 @@ class _Fail(Exception):
         self.reason = reason
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:limit]
-
-
 def _deadline_reason(cfg: FetchConfig, attempts: int, last: str | None) -> str:
     """The reason of a URL that used up its deadline (stable text: reasons are counted per value)."""
     return f"deadline: no complete answer within fetch.deadline_s={cfg.deadline_s:g} s ({attempts} attempt(s)" \
@@ -207,8 +203,8 @@ class _HttpClient:
                     cfg.backoff_s * 2 ** (n - 1) * (0.5 + self.random.random())
                 if time.monotonic() - t0 + wait >= cfg.deadline_s:
                     if exc.retry_after is not None:
-                        raise _Fail(f"{exc.reason}; Retry-After {wait:g} s is past fetch.deadline_s="
-                                    f"{cfg.deadline_s:g} s ({n} attempt(s))") from None
+                        raise _Fail(f"{exc.reason}; its Retry-After is past fetch.deadline_s={cfg.deadline_s:g} s "
+                                    f"({n} attempt(s))") from None
                     raise _Fail(_deadline_reason(cfg, n, exc.reason)) from None
                 await asyncio.sleep(wait)
 
@@ -228,7 +224,7 @@ class _HttpClient:
                     raise _Fail(f"opted out: X-Robots-Tag {directive}")
                 length = resp.content_length
                 if length is not None and length > cfg.max_bytes:
-                    raise _Fail(f"too large: Content-Length {length} > fetch.max_bytes={cfg.max_bytes}")
+                    raise _Fail(f"too large: Content-Length over fetch.max_bytes={cfg.max_bytes}")
                 buf = bytearray()
                 async for chunk in resp.content.iter_chunked(1 << 16):
                     buf += chunk
@@ -242,19 +238,25 @@ class _HttpClient:
                 from None
         except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
             raise _Retry(f"timeout: no data for fetch.read_timeout_s={cfg.read_timeout_s:g} s") from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionResetError) \
-                as exc:
-            raise _Retry(f"connection dropped: {_short(exc)}") from None
-        except aiohttp.ClientConnectorDNSError as exc:
-            raise _Fail(f"unknown host: {_short(exc)}") from None
+        # reasons name no host (the error row has the URL): equal failures count under one reason
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionResetError):
+            raise _Retry("connection dropped") from None
+        except aiohttp.ClientConnectorDNSError:
+            raise _Fail("unknown host") from None
+        except aiohttp.ClientConnectorCertificateError:
+            raise _Fail("TLS certificate not trusted") from None
+        except (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError):
+            raise _Fail("TLS error") from None
         except aiohttp.ClientConnectorError as exc:
-            raise _Fail(f"connection failed: {_short(exc)}") from None
+            errno = getattr(exc.os_error, "errno", None)  # (its strerror may name the address)
+            raise _Fail(f"connection failed: {os.strerror(errno) if errno else type(exc.os_error).__name__}") \
+                from None
         except aiohttp.TooManyRedirects:
             raise _Fail("too many redirects") from None
-        except (aiohttp.InvalidURL, ValueError) as exc:
-            raise _Fail(f"invalid URL: {_short(exc)}") from None
+        except (aiohttp.InvalidURL, ValueError):
+            raise _Fail("invalid URL") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise _Fail(f"{type(exc).__name__}: {_short(exc)}") from None
+            raise _Fail(type(exc).__name__) from None
 
     def close(self) -> None:
         async def _close():

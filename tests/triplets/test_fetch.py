@@ -55,7 +55,7 @@ def test_answers_become_bytes_or_reasons(web):
     assert got["good"].data == img and got["good"].attempts == 1 and got["redirect"].data == img
     assert got["missing"].reason == "HTTP 404" and got["missing"].attempts == 1  # a 4xx is not retried
     assert got["optout"].reason == "opted out: X-Robots-Tag noai" and got["optout"].data is None
-    assert got["big"].reason == "too large: Content-Length 9000 > fetch.max_bytes=8000"
+    assert got["big"].reason == "too large: Content-Length over fetch.max_bytes=8000"
     assert got["unsized"].reason == "too large: over fetch.max_bytes=8000 bytes"  # counted while streaming
     agent = web.requests[0][1]["User-Agent"]
     assert agent.startswith(f"cnc/{cnc.__version__} ") and all(h["User-Agent"] == agent for _, h in web.requests)
@@ -86,6 +86,23 @@ def test_retries_on_5xx_and_429_then_answer(web):
         f.close()
 
 
+def test_unreachable_hosts_and_bad_urls_get_host_free_reasons():
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    f = Fetcher(FAST)
+    try:
+        refused = f.fetch(f"http://127.0.0.1:{port}/a.jpg")
+        bad = f.fetch("http://[::1/a.jpg")
+    finally:
+        f.close()
+    assert refused.reason == "connection failed: Connection refused" and refused.attempts == 1
+    assert bad.reason == "invalid URL"
+
+
 def test_retry_after_past_the_deadline_fails_at_once(web):
     url = web.route("/later.jpg", (503, {"Retry-After": "3600"}, b""))
     f = Fetcher(FAST)
@@ -93,7 +110,7 @@ def test_retry_after_past_the_deadline_fails_at_once(web):
         got = f.fetch(url)
     finally:
         f.close()
-    assert got.reason == "HTTP 503; Retry-After 3600 s is past fetch.deadline_s=5 s (1 attempt(s))"
+    assert got.reason == "HTTP 503; its Retry-After is past fetch.deadline_s=5 s (1 attempt(s))"
     f = Fetcher({**FAST, "backoff_s": 100})  # our own backoff past the deadline: a deadline failure at once
     try:
         got = f.fetch(web.route("/down.jpg", (503, {}, b"")))
