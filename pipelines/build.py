@@ -91,7 +91,7 @@ def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: d
             "bytes": sum(m.bytes for m in shards), "failures_by_stage": dict(sorted(failed.by_stage.items())),
             "failures_by_reason": dict(failed.by_reason.most_common(100)),
             "gpu_or_model_seconds": round(sum(v for m in shards for k, v in (m.stage_seconds or {}).items()
-                                              if k not in ("decode", "encode", "write")), 3),
+                                              if k not in ("fetch", "decode", "encode", "write")), 3),
         },
     })
 

@@ -52,8 +52,9 @@ TABLE_PLAN_VERSION = 2
 #: Top-level config keys that do not change shard contents (left out of the fingerprint).
 #: ``batch_size`` stays in: batched convolutions round differently, so it changes tar bytes. ``allow_outside_input``
 #: only changes which items are read, which the plan's ``items_sha256`` already compares.
+#: ``fetch`` (timeouts, retries, opt-outs) only changes which web images fail, never a sample's bytes.
 OPERATIONAL_KEYS: tuple[str, ...] = ("ray", "device", "max_failure_fraction", "input_format", "storage",
-                                     "allow_outside_input", "input_hash", "compile")
+                                     "allow_outside_input", "input_hash", "compile", "fetch")
 
 
 class PlanMismatchError(UserError, ValueError):

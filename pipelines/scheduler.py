@@ -3,7 +3,8 @@
 :class:`ShardScheduler` owns everything about running shards on Ray and nothing about what a shard is:
 
 * **sizing** (:func:`plan_workers`): one worker per GPU share, or per CPU pair without GPUs; a request that no node
-  of the cluster can host fails at once (:class:`SchedulingError`) instead of waiting forever;
+  of the cluster can host fails at once (:class:`SchedulingError`) instead of waiting forever; with
+  ``ray.pools: split`` those are model workers and the shards go to CPU workers (:mod:`pipelines.pools`);
 * **start-up**: workers load their models; none ready after ``ray.worker_start_timeout_s`` is an error; every
   worker checks it sees the driver's output (shared-storage probe) before any shard is assigned;
 * **assignment and retries**: idle workers take the next shard; a shard whose worker dies is retried
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from cnc.base.errors import UserError
 from cnc.ray_session import Interrupted
 from pipelines.plan import shard_size
+from pipelines.pools import ModelWorker, choose_pools, plan_cpu_workers
 from pipelines.progress import BuildProgress
 from triplets.config import BuildConfig
 
@@ -32,6 +34,28 @@ log = logging.getLogger(__name__)
 
 class SchedulingError(UserError):
     """No worker can be placed or started on this cluster with the configured resources."""
+
+
+def start_model_workers(cfg, resolved: dict, n: int, gpus: float, threads: int, fault: dict | None) -> list:
+    """(``ray.pools: split``) Start ``n`` :class:`~pipelines.pools.ModelWorker` actors (``gpus`` GPU and
+    ``ray.cpus_per_worker`` CPUs each); returns their handles once one of them has loaded its models.
+
+    Raises:
+        pipelines.scheduler.SchedulingError: none ready within ``ray.worker_start_timeout_s``.
+    """
+    import ray  # lazy: ray is heavy; the driver imports it once a build starts
+
+    rc = cfg.ray
+    actor_cls = ray.remote(ModelWorker).options(num_cpus=rc.cpus_per_worker, num_gpus=gpus, max_restarts=-1,
+                                               max_task_retries=0)
+    cfg_json = cfg.model_dump(mode="json")
+    actors = [actor_cls.remote(cfg_json, resolved, threads, fault) for _ in range(n)]
+    ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=1, timeout=rc.worker_start_timeout_s)
+    if not ready:
+        raise SchedulingError(f"no model worker started within ray.worker_start_timeout_s="
+                              f"{rc.worker_start_timeout_s:g} s (resources busy, or the models fail to load: see the "
+                              f"Ray logs)")
+    return actors
 
 
 def plan_workers(cfg: BuildConfig, resources: dict, nshards: int) -> tuple[int, float, int]:
@@ -113,6 +137,7 @@ class ShardScheduler:
         self.cfg, self.resolved, self.fingerprint = cfg, resolved, fingerprint
         self.output, self.probe, self.fault = output, probe, fault
         self.actors: list = []
+        self.model_actors: list = []  # ray.pools: split (pipelines.pools)
         self.tracker = None
 
     def _start(self, nshards: int) -> None:
@@ -121,18 +146,32 @@ class ShardScheduler:
         from pipelines.worker import ShardWorker
 
         rc = self.cfg.ray
-        nworkers, gpus, threads = plan_workers(self.cfg, ray.cluster_resources(), nshards)
+        resources = ray.cluster_resources()
+        nworkers, gpus, threads = plan_workers(self.cfg, resources, nshards)
+        split = choose_pools(self.cfg, resources, nworkers, gpus) == "split"
+        if split:  # a shard's batches spread over every model worker: not capped by the shard count
+            nworkers, gpus, threads = plan_workers(self.cfg, resources, nshards * rc.batches_in_flight)
         check_placeable(ray.nodes(), rc.cpus_per_worker, gpus)
-        log.info("starting %d worker(s): %s GPU, %s CPU, %d torch thread(s) each", nworkers, gpus,
-                 rc.cpus_per_worker, threads)
+        log.info("ray.pools=%s -> %s; starting %d %sworker(s): %s GPU, %s CPU, %d torch thread(s) each", rc.pools,
+                 "split" if split else "single", nworkers, "model " if split else "", gpus, rc.cpus_per_worker,
+                 threads)
+        cpus, worker_gpus = rc.cpus_per_worker, gpus
+        if split:  # model workers run the models; the shard workers below do the rest on CPUs (pipelines.pools)
+            self.model_actors = start_model_workers(self.cfg, self.resolved, nworkers, gpus, threads, self.fault)
+            nworkers = plan_cpu_workers(self.cfg, resources, len(self.model_actors), nshards)
+            cpus, worker_gpus, threads = rc.cpus_per_cpu_worker, 0.0, 1
+            check_placeable(ray.nodes(), cpus, 0.0)
+            log.info("starting %d CPU worker(s): %s CPU each, %d batch(es) in flight each", nworkers, cpus,
+                     rc.batches_in_flight)
         tracker_name = f"cnc-build-progress-{uuid.uuid4().hex[:12]}"
         self.tracker = ray.remote(num_cpus=0)(ProgressTracker).options(name=tracker_name).remote()
         ray.get(self.tracker.totals.remote())  # registered before any worker looks it up by name
-        actor_cls = ray.remote(ShardWorker).options(num_cpus=rc.cpus_per_worker, num_gpus=gpus, max_restarts=-1,
+        actor_cls = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=worker_gpus, max_restarts=-1,
                                                    max_task_retries=0)
         cfg_json = self.cfg.model_dump(mode="json")
         self.actors = [actor_cls.remote(cfg_json, self.resolved, self.fingerprint, threads, tracker_name,
-                                        self.fault, self.output) for _ in range(nworkers)]
+                                        self.fault, self.output, self.model_actors or None, i)
+                       for i in range(nworkers)]
         checks = {a.check_output.remote(self.probe): a for a in self.actors}
         ready, _ = ray.wait(list(checks), num_returns=1, timeout=rc.worker_start_timeout_s)
         if not ready:
@@ -215,10 +254,10 @@ class ShardScheduler:
         """Kill every actor of this scheduler (idempotent)."""
         import ray
 
-        for actor in [*self.actors, self.tracker]:
+        for actor in [*self.actors, *self.model_actors, self.tracker]:
             if actor is not None:
                 try:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
-        self.actors, self.tracker = [], None
+        self.actors, self.model_actors, self.tracker = [], [], None

@@ -4,8 +4,10 @@
 in-process). It loads :class:`~triplets.builder.TripletBuilder` once and builds a shard spec in batches through a
 three-step pipeline so CPU work never stalls the models::
 
-    prefetch thread   builder.decode(batch i+1)        read, decode, resize
-    caller thread     builder.run_models(batch i)      segment → inpaint → depth → embed → quality (the GPU stages)
+    fetch             the shard's sources, ``fetch.lookahead`` ahead, concurrently (:mod:`triplets.fetch`)
+    prefetch thread   builder.decode(batch i+1)        decode, resize (the bytes come from the fetch stream)
+    caller thread     builder.run_models(batch i)      segment → inpaint → depth → embed → quality (the GPU stages),
+                      here or on model workers (``ray.pools: split``, :mod:`pipelines.pools`)
     writer thread     builder.assemble(batch i-1) with its quality statistics, then encode, both on the
                       ``ray.encode_threads`` encode threads, and append, in plan order, to the shard's
                       :class:`~pipelines.sink.ShardSink`
@@ -27,6 +29,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cnc.logs import quiet_library_progress
+from pipelines.faults import FaultInjection
+from pipelines.pools import LocalModels, RemoteModels
 from pipelines.sink import ShardSink
 from triplets.config import BuildConfig
 from triplets.readers import ReadOptions, shard_items
@@ -34,31 +38,6 @@ from triplets.shardio import BuildOutput, ShardMarker, ShardStats, TarStream, ch
 from triplets.shardio.records import count_failures
 
 log = logging.getLogger(__name__)
-
-
-class FaultInjection:
-    """Test-only fault hooks (``CNC_TEST_FAULT_INJECTION`` JSON or ``run_build(fault_injection=...)``).
-
-    Keys: ``kill_shard`` (id) + ``kill_after_batches`` (default 1): the worker process calls
-    ``os._exit(1)`` after that many batches of that shard on its first attempt, as a crash
-    would. ``batch_delay_s``: sleep after every batch (slows a build down for kill tests).
-    ``hide_probe``: the worker looks for the shared-storage probe under another name, as a worker on a node
-    without the driver's folder would.
-    """
-
-    def __init__(self, spec: dict | None):
-        spec = spec or {}
-        self.kill_shard = spec.get("kill_shard")
-        self.kill_after = int(spec.get("kill_after_batches", 1))
-        self.delay = float(spec.get("batch_delay_s", 0.0))
-        self.hide_probe = bool(spec.get("hide_probe", False))
-
-    def after_batch(self, shard: int, attempt: int, batches_done: int) -> None:
-        if self.delay:
-            time.sleep(self.delay)
-        if self.kill_shard == shard and attempt == 0 and batches_done >= self.kill_after:
-            log.warning("fault injection: killing worker pid %d in shard %d", os.getpid(), shard)
-            os._exit(1)
 
 
 class ShardWorker:
@@ -73,10 +52,14 @@ class ShardWorker:
             not a handle, so the actor's constructor arguments stay out of the object store (restarts
             must not depend on them, ray-project/ray#53727).
         fault_injection: test-only hooks, see :class:`FaultInjection`.
+        model_workers: ``ray.pools: split``: the :class:`~pipelines.pools.ModelWorker` handles that run the model
+            stages; this worker then loads no model and does the CPU work only (see :mod:`pipelines.pools`).
+        index: this worker's number (the first model worker it sends to).
     """
 
     def __init__(self, cfg: dict, resolved: dict[str, str], fingerprint: str, torch_threads: int = 1,
-                 progress: str | Any = None, fault_injection: dict | None = None, output: str | None = None):
+                 progress: str | Any = None, fault_injection: dict | None = None, output: str | None = None,
+                 model_workers: list | None = None, index: int = 0):
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
@@ -87,7 +70,15 @@ class ShardWorker:
         t0 = time.perf_counter()
         self.cfg = BuildConfig.model_validate(cfg)
         self.read_options = ReadOptions.from_config(self.cfg)
-        self.builder = TripletBuilder(self.cfg, resolved)
+        identities = None
+        if model_workers:  # no weights needed here: the identities come from a model worker
+            import ray
+
+            identities = ray.get(model_workers[index % len(model_workers)].identities.remote())
+        self.builder = TripletBuilder(self.cfg, resolved, load_models=not model_workers, identities=identities)
+        self.fault = FaultInjection(fault_injection)
+        self.models = RemoteModels(model_workers, self.cfg.ray.batches_in_flight, index) if model_workers \
+            else LocalModels(self.builder, self.fault.model_delay)
         self.fingerprint = fingerprint
         self.output = BuildOutput(output, self.cfg.storage.scratch_dir) if output is not None else None
         if isinstance(progress, str):
@@ -95,9 +86,9 @@ class ShardWorker:
 
             progress = ray.get_actor(progress)
         self.progress = progress
-        self.fault = FaultInjection(fault_injection)
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "device": self._device(),
-                     "torch_threads": torch.get_num_threads(), "load_seconds": round(time.perf_counter() - t0, 3)}
+                     "torch_threads": torch.get_num_threads(), "load_seconds": round(time.perf_counter() - t0, 3),
+                     "model_stages": len(self.builder.model_stages)}  # 0: the models run on model workers
         self.info.update(self._ray_ids())
         log.info("worker %s ready in %.1f s", self.info, self.info["load_seconds"])
 
@@ -165,39 +156,58 @@ class ShardWorker:
 
     def _stream(self, sink: ShardSink, shard: int, attempt: int, items: list[dict], reused_keys: set[str],
                 reused_iter: Iterator[dict]) -> tuple[list[dict], collections.Counter]:
-        """Decode (prefetch thread) → models (this thread) → encode + write (writer thread), batch by batch.
+        """Fetch + decode (prefetch thread) → models → encode + write (writer thread), batch by batch.
 
-        Returns ``(failure rows, seconds per stage)``.
+        The shard's bytes are fetched ahead of decoding by the load stage's :class:`~triplets.fetch.Fetcher`
+        (``fetch.lookahead`` items in flight). The models run on :attr:`models`: here, one batch at a time, or on
+        model workers (``ray.pools: split``) with ``ray.batches_in_flight`` batches queued there; results are
+        assembled and written in plan order either way. Returns ``(failure rows, seconds per stage)``.
         """
         todo = [it for it in items if it["key"] not in reused_keys]
         bs = self.cfg.batch_size
         batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
         stage_seconds: collections.Counter = collections.Counter()
         failures: list[dict] = []
-        order, pending_write = iter(items), None
-        with ThreadPoolExecutor(1, "cnc-decode") as decoder, ThreadPoolExecutor(1, "cnc-write") as writer, \
-                ThreadPoolExecutor(self.cfg.ray.encode_threads, "cnc-encode") as encoder:
-            next_decoded = decoder.submit(self._decode, batches[0]) if batches else None
-            for b, chunk in enumerate(batches):
-                batch, decode_s = next_decoded.result()
-                stage_seconds["decode"] += decode_s
-                next_decoded = decoder.submit(self._decode, batches[b + 1]) if b + 1 < len(batches) else None
-                batch = self.builder.run_models(batch, stage_seconds)
+        order = iter(items)
+        fetched = self.builder.load.fetcher.map_items(todo)
+        try:
+            with ThreadPoolExecutor(1, "cnc-decode") as decoder, ThreadPoolExecutor(1, "cnc-write") as writer, \
+                    ThreadPoolExecutor(self.cfg.ray.encode_threads, "cnc-encode") as encoder:
+                queued: collections.deque = collections.deque()  # (batch index, items, model handle), oldest first
+                pending_write = None
+                next_decoded = decoder.submit(self._decode, batches[0], fetched) if batches else None
+                for b in range(len(batches)):
+                    batch, fetch_s, decode_s = next_decoded.result()
+                    stage_seconds["fetch"] += fetch_s
+                    stage_seconds["decode"] += decode_s
+                    if b + 1 < len(batches):
+                        next_decoded = decoder.submit(self._decode, batches[b + 1], fetched)
+                    queued.append((b, batches[b], self.models.submit(batch)))
+                    while queued and (len(queued) > self.models.depth or b + 1 == len(batches)):
+                        done, chunk, handle = queued.popleft()
+                        batch, model_seconds = self.models.result(handle)
+                        stage_seconds.update(model_seconds)
+                        if pending_write is not None:
+                            self._collect(pending_write, failures, stage_seconds)
+                        pending_write = writer.submit(self._assemble_and_write, sink, order, reused_iter,
+                                                      [it["key"] for it in chunk], batch, encoder)
+                        self._report(shard, attempt, len(reused_keys) + sum(len(c) for c in batches[:done + 1]),
+                                     len(failures))
+                        self.fault.after_batch(shard, attempt, done + 1)
                 if pending_write is not None:
                     self._collect(pending_write, failures, stage_seconds)
-                pending_write = writer.submit(self._assemble_and_write, sink, order, reused_iter,
-                                              [it["key"] for it in chunk], batch, encoder)
-                self._report(shard, attempt, len(reused_keys) + sum(len(c) for c in batches[:b + 1]), len(failures))
-                self.fault.after_batch(shard, attempt, b + 1)
-            if pending_write is not None:
-                self._collect(pending_write, failures, stage_seconds)
+        finally:
+            fetched.close()  # the decode thread is done: cancels what is still being fetched (after an error)
         self._write(sink, order, reused_iter, [], [])  # reused samples after the last computed one
         return failures, stage_seconds
 
-    def _decode(self, chunk: list[dict]) -> tuple[dict, float]:
+    def _decode(self, chunk: list[dict], fetched: Iterator[tuple]) -> tuple[dict, float, float]:
+        """``(decoded batch, seconds waiting for the bytes, seconds decoding)`` of ``chunk`` (decode thread)."""
         t = time.perf_counter()
-        batch = self.builder.decode(chunk)
-        return batch, time.perf_counter() - t
+        got = [next(fetched) for _ in chunk]
+        t_fetch = time.perf_counter()
+        batch = self.builder.decode(chunk, got)
+        return batch, t_fetch - t, time.perf_counter() - t_fetch
 
     @staticmethod
     def _collect(future, failures: list[dict], stage_seconds: collections.Counter) -> int:

@@ -354,3 +354,96 @@ def train_cli_app():
     app.command("noop")(lambda: None)
     wrap_commands(app)  # the CLI's one user-error contract: UserError -> exit 2, one line
     return app
+
+
+#: A scripted response that never answers (the connection is accepted, no byte is ever sent).
+HANG = "hang"
+
+
+class WebServer:
+    """A scripted HTTP server on 127.0.0.1 (a free port) for URL-input tests, in a background thread.
+
+    ``route(path, *responses)``: each request of ``path`` takes the next response (the last one repeats); a
+    response is ``(status, headers, body)`` or :data:`HANG`. Unrouted paths answer 404. ``requests`` records
+    ``(path, headers)`` of every request (``request_times`` when it came), ``max_in_flight`` the most requests
+    handled at once; ``delay_s`` delays every answer.
+    """
+
+    def __init__(self, delay_s: float = 0.0):
+        import collections
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.routes: dict[str, collections.deque] = {}
+        self.requests: list[tuple[str, dict]] = []
+        self.request_times: list[float] = []  # time.monotonic() of each request
+        self.in_flight = self.max_in_flight = 0
+        self.delay_s = delay_s
+        self.stop_event = threading.Event()
+        lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                with lock:
+                    server.requests.append((self.path, dict(self.headers)))
+                    server.request_times.append(time.monotonic())
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    queue = server.routes.get(self.path)
+                    response = (queue.popleft() if len(queue) > 1 else queue[0]) if queue else (404, {}, b"")
+                try:
+                    if response == HANG:
+                        server.stop_event.wait()
+                        return
+                    if server.delay_s:
+                        server.stop_event.wait(server.delay_s)
+                    status, headers, body = response
+                    self.send_response(status)
+                    for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                        if v is not None:  # {"Content-Length": None}: no length, the body ends with the connection
+                            self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(body)
+                finally:
+                    with lock:
+                        server.in_flight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def route(self, path: str, *responses) -> str:
+        """Script ``path``; returns its URL."""
+        import collections
+
+        self.routes[path] = collections.deque(responses)
+        return self.url + path
+
+    def hits(self, path: str) -> int:
+        return sum(p == path for p, _ in self.requests)
+
+    def __enter__(self) -> WebServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def photo_bytes(seed: int, h: int = 96, w: int = 120) -> bytes:
+    """A synthetic photo (:func:`cnc.tiny.synthetic_photo`: a salient blob on a textured background) as JPEG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_photo(seed, h, w)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()

@@ -54,16 +54,31 @@ class TripletBuilder:
         cfg: the build config.
         resolved: output of :func:`resolve_models` (computed here when omitted).
         device: overrides ``cfg.device`` (Ray workers pass their GPU).
+        load_models: ``False``: no model stage (a CPU worker of ``ray.pools: split`` decodes and assembles only).
+        identities: the models' identities recorded in every sample (default: computed from ``resolved`` here; a
+            CPU worker takes them from a model worker, whose node holds the weights).
     """
 
-    def __init__(self, cfg: BuildConfig, resolved: dict[str, str] | None = None, device: str | None = None):
+    def __init__(self, cfg: BuildConfig, resolved: dict[str, str] | None = None, device: str | None = None,
+                 load_models: bool = True, identities: dict | None = None):
         self.cfg = cfg
         resolved = resolved or resolve_models(cfg)
-        self._init_args = (cfg, resolved, device)
+        self._init_args = (cfg, resolved, device, load_models, identities)
+        self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels, cfg.fetch.model_dump(mode="json"),
+                              cfg.ray.decode_threads)
+        self.models = identities or model_identities(cfg, resolved)
+        self.model_stages = []
+        self.quality = None
+        if load_models:
+            self._load_models(cfg, resolved, device)
+        elif cfg.quality.enabled:  # a CPU worker of ``ray.pools: split`` computes the model-free statistics
+            self.quality = QualityScorer(None, None, cfg.inpaint.dilation_px, cfg.quality.change_floor,
+                                         cfg.depth.preprocess)
+
+    def _load_models(self, cfg: BuildConfig, resolved: dict[str, str], device: str | None) -> None:
         dev = device or cfg.device
         common = dict(device=dev, dtype=cfg.dtype)
         ip = cfg.inpaint
-        self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels)
         # the condition stages: the same function builds them for cnc sample / compose (triplets.conditions)
         segment, depth, embed = condition_stages(cfg, resolved, dev,
                                                  image_disparity=self._image_disparity_mode(resolved))
@@ -75,7 +90,6 @@ class TripletBuilder:
             depth,
             embed,
         ]
-        self.quality = None
         if cfg.quality.enabled:  # the build's own CLIP instance and depth maps, never a second copy or pass
             self.quality = QualityScorer(embed.embedder if cfg.quality.clip_sim else None, None, ip.dilation_px,
                                          cfg.quality.change_floor, cfg.depth.preprocess)
@@ -86,7 +100,6 @@ class TripletBuilder:
             self.model_stages.append(LatentStage(inpaint.pipe.vae, cfg.latents.resolution or cfg.resolution))
         for stage in self.model_stages:
             stage.batch_size = cfg.stage_batch_size(stage.name)
-        self.models = model_identities(cfg, resolved)
 
     def _image_disparity_mode(self, resolved: dict[str, str]) -> str:
         """How the depth stage provides D(I) for the quality scores: ``reuse`` the ``sam`` prior's pass when it is
@@ -108,9 +121,17 @@ class TripletBuilder:
         """Every stage in order: load, then the model stages."""
         return [self.load, *self.model_stages]
 
-    def decode(self, items: list[dict]) -> dict:
-        """Reader items → a decoded batch (``image``, ``dataset_mask``... see :mod:`triplets.stages.load`)."""
-        return self.load(ensure_status({k: [it.get(k) for it in items] for k in ITEM_COLUMNS}))
+    def decode(self, items: list[dict], fetched: list[tuple] | None = None) -> dict:
+        """Reader items → a decoded batch (``image``, ``dataset_mask``... see :mod:`triplets.stages.load`).
+
+        ``fetched``: the items' bytes already read (:meth:`triplets.fetch.Fetcher.map_items`), else read here.
+        """
+        rows = {k: [it.get(k) for it in items] for k in ITEM_COLUMNS}
+        if fetched is not None:
+            rows["fetched"] = list(fetched)
+        batch = self.load(ensure_status(rows))
+        batch.pop("fetched", None)  # bytes stay here: the decoded pixels travel on
+        return batch
 
     def run_models(self, batch: dict, seconds: collections.Counter | None = None) -> dict:
         """The model stages on a decoded batch; adds each stage's wall time to ``seconds[stage.name]``."""

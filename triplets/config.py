@@ -124,6 +124,42 @@ class LatentsConfig(_Strict):
                                                            "top-level batch_size)")
 
 
+#: ``X-Robots-Tag`` directives that opt an image out by default (img2dataset's default list).
+DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+
+
+class FetchConfig(_Strict):
+    """Reading source images (``triplets.fetch``): web URLs concurrently with timeouts, retries and opt-outs;
+    object stores and files in a bounded thread pool. Operational: not part of the plan fingerprint."""
+
+    concurrency: int = Field(32, ge=1, le=1024, description="HTTP(S) requests in flight per worker")
+    object_store_concurrency: int = Field(8, ge=1, le=256, description="reads of s3://, gs://, local files and tar "
+                                                                        "members in flight per worker")
+    lookahead: int = Field(2048, ge=1, description="most items fetched ahead of decoding per worker (a URL that "
+                                                   "hangs stops nothing behind it until this or buffer_mb is reached)")
+    buffer_mb: int = Field(256, ge=1, description="most MB fetched ahead of decoding per worker (plus up to "
+                                                  "concurrency x max_bytes being received)")
+    connect_timeout_s: float = Field(5.0, gt=0, description="HTTP: longest wait for a TCP/TLS connection")
+    read_timeout_s: float = Field(10.0, gt=0, description="HTTP: longest wait for the next bytes of an answer")
+    deadline_s: float = Field(30.0, gt=0, description="HTTP: total time one URL may take, retries included; a URL "
+                                                      "still unanswered then fails with 'deadline'")
+    retries: int = Field(2, ge=0, le=10, description="HTTP: retries after a timeout, a dropped connection, a 5xx or "
+                                                    "a 429 answer")
+    backoff_s: float = Field(1.0, ge=0, description="HTTP: wait before retry n = backoff_s x 2^(n-1) x [0.5, 1.5) "
+                                                    "(jitter), or the server's Retry-After when it sends one")
+    max_bytes: int = Field(50_000_000, ge=1, description="HTTP: larger answers fail ('too large') without being "
+                                                         "read further")
+    user_agent: str | None = Field(None, description="HTTP User-Agent (default: cnc/<version> ...)")
+    disallowed_header_directives: list[str] = Field(
+        list(DISALLOWED_DIRECTIVES), description="HTTP: skip images whose X-Robots-Tag carries one of these "
+                                                 "directives (for every robot, or for 'cnc:'); [] = fetch everything")
+
+    @field_validator("disallowed_header_directives")
+    @classmethod
+    def _directives(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(d.strip().lower() for d in v if d.strip()))
+
+
 class RayConfig(_Strict):
     """Ray execution (pipelines)."""
 
@@ -133,6 +169,18 @@ class RayConfig(_Strict):
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     encode_threads: int = Field(4, ge=1, description="threads of a worker's writer encoding JPEG/PNG in parallel "
                                                      "(tar bytes do not depend on it)")
+    pools: Literal["auto", "single", "split"] = Field(
+        "auto", description="single: one worker per GPU fetches, decodes, runs the models, encodes and writes; "
+                            "split: model workers (one per GPU) run only the models, CPU workers on any node do the "
+                            "rest (pipelines.pools; docs/cluster.md); auto: split when the models run on GPUs and "
+                            "CPUs are left for at least one CPU worker, else single")
+    cpu_workers: int = Field(0, ge=0, description="split: CPU workers (fetch, decode, encode, write, commit); 0 = "
+                                                  "the CPUs the model workers leave free / cpus_per_cpu_worker")
+    cpus_per_cpu_worker: float = Field(1.0, gt=0, description="split: Ray CPUs of one CPU worker")
+    batches_in_flight: int = Field(2, ge=1, description="split: decoded batches a CPU worker keeps queued at the "
+                                                        "model workers")
+    decode_threads: int = Field(2, ge=1, description="threads of a worker decoding and resizing a batch's images "
+                                                     "in parallel (pixels do not depend on it)")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
     progress_interval_s: float = Field(5.0, gt=0, description="off a terminal: a progress log line this often")
     worker_start_timeout_s: float = Field(
@@ -202,6 +250,7 @@ class BuildConfig(_Strict):
     embed: EmbedConfig = EmbedConfig()
     quality: QualityConfig = QualityConfig()
     latents: LatentsConfig = LatentsConfig()
+    fetch: FetchConfig = FetchConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from cnc.base.errors import UserError
 from cnc.base.location import is_url, resolve
+from triplets.fetch import fetch_url, is_http
 from triplets.readers import coco, folder, pickapic, table, webdataset
 from triplets.readers.base import (
     FORMATS,
@@ -127,6 +128,10 @@ def shard_items(spec: dict, options: ReadOptions) -> list[dict]:
 def read_source_bytes(source: str) -> bytes:
     """Bytes of a file path or URL, a ``TAR#MEMBER`` or a ``PARQUET#COLUMN/ROW`` (Pick-a-Pic) reference.
 
+    HTTP(S) URLs go through :func:`triplets.fetch.fetch_url` (default ``fetch:`` settings: timeouts, retries, size
+    limit, opt-outs); the shard worker reads its items through a :class:`triplets.fetch.Fetcher` instead, many at
+    once.
+
     Raises:
         OSError: unreadable, or a tar member that is missing or cut short (truncated tar).
     """
@@ -137,6 +142,8 @@ def read_source_bytes(source: str) -> bytes:
     if webdataset.is_member_source(source):
         return webdataset.read_member(source)
     if is_url(source):
+        if is_http(source):  # never a bare GET without timeouts
+            return fetch_url(source)
         try:
             return resolve(source).read_bytes()
         except UserError as exc:

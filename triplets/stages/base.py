@@ -50,7 +50,8 @@ class Stage:
 
     :meth:`process` gets the healthy rows and returns ``(columns, failures)`` where ``columns``
     maps column names to arrays over those rows and ``failures`` maps a row position (within
-    the healthy subset) to a reason.
+    the healthy subset) to a reason (or to ``(stage, reason)`` when the failure belongs to another step, as the
+    load stage's ``fetch`` failures).
     """
 
     name = "stage"
@@ -104,8 +105,8 @@ class Stage:
         columns, failures = self.process(take(batch, idx))
         for col, values in columns.items():
             put(batch, col, idx, values)
-        for pos, reason in failures.items():
-            fail(batch, idx[pos], self.name, reason)
+        for pos, reason in failures.items():  # a reason, or (stage, reason) for a failure of an earlier step
+            fail(batch, idx[pos], *(reason if isinstance(reason, tuple) else (self.name, reason)))
 
     def _fail_row(self, batch: dict, i: int, exc: Exception) -> None:
         if isinstance(exc, SampleError):

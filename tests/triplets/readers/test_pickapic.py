@@ -78,7 +78,7 @@ def test_cells_are_the_image_bytes_and_load(parquet_dir):
     assert abs(int(cols["image"][0].mean()) - 0) <= 2 and abs(int(cols["image"][1].mean()) - 15) <= 2
     _, fails = LoadStage(resolution=32, min_side=16).process(
         {k: [v[0]] for k, v in rows.items()} | {"source": [f"{parquet_dir}/train-00000.parquet#jpg_0/99"]})
-    assert "cannot read source" in fails[0] and "out of range" in fails[0]
+    assert fails[0][0] == "fetch" and "cannot read source" in fails[0][1] and "out of range" in fails[0][1]
 
 
 def test_stopword_files(parquet_dir, tmp_path):
