@@ -51,7 +51,7 @@ TABLE_PLAN_VERSION = 2
 #: ``batch_size`` stays in: batched convolutions round differently, so it changes tar bytes. ``allow_outside_input``
 #: only changes which items are read, which the plan's ``items_sha256`` already compares.
 OPERATIONAL_KEYS: tuple[str, ...] = ("ray", "device", "max_failure_fraction", "input_format", "storage",
-                                     "allow_outside_input", "input_hash", "compile")
+                                     "allow_outside_input", "input_hash", "compile", "channels_last")
 
 
 class PlanMismatchError(UserError, ValueError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class TripletBuilder:
             sam_type = TINY_SAM_TYPE if seg.sam_checkpoint == TINY else seg.sam_model_type
             seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=sam_type,
                               saliency_model=resolved["segment.saliency_model"], prior_quantile=seg.prior_quantile,
-                              **common)
+                              sam_attention=seg.sam_attention, sam_precision=seg.sam_precision, **common)
         elif seg.backend == "u2net":
             seg_kwargs.update(u2net_checkpoint=resolved["segment.u2net_checkpoint"],
                               u2net_threshold=seg.u2net_threshold, **common)
@@ -92,7 +93,7 @@ class TripletBuilder:
             segment,
             InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,
                          ip.guidance_scale, ip.strength, ip.dilation_px, ip.paste_back, base_seed=cfg.seed,
-                         compile_mode=cfg.compile, **common),
+                         compile_mode=cfg.compile, channels_last=cfg.channels_last, **common),
             depth,
             embed,
         ]
@@ -103,8 +104,11 @@ class TripletBuilder:
         if cfg.latents.enabled:  # the inpainting pipeline's VAE, not a second copy
             inpaint = self.model_stages[1]
             self.model_stages.append(LatentStage(inpaint.pipe.vae, cfg.latents.resolution or cfg.resolution))
+        # per-image host work of the stages (priors, prompts...) in parallel, off the one model thread
+        self.host_pool = ThreadPoolExecutor(cfg.ray.encode_threads, "cnc-host") if cfg.ray.encode_threads > 1 else None
         for stage in self.model_stages:
             stage.batch_size = cfg.stage_batch_size(stage.name)
+            stage.host_pool = self.host_pool
         self.models = model_identities(cfg, resolved)
 
     def __reduce__(self):

@@ -28,6 +28,14 @@ class SegmentConfig(_Strict):
     sam_checkpoint: str = Field("tiny", description="local path of a segment-anything .pth checkpoint, or 'tiny'")
     sam_model_type: str = Field("vit_h", description="segment-anything registry name: vit_h | vit_l | vit_b")
     saliency_model: str = Field("Intel/dpt-large", description="DPT used for the saliency prior (sam backend)")
+    sam_attention: Literal["bias", "folded"] = Field(
+        "bias", description="SAM image-encoder attention: 'bias' = SDPA with the relative-position bias as a dense "
+                            "mask (memory-efficient kernel); 'folded' = the bias folded into q·k, no mask (flash "
+                            "attention eligible; same logits within float rounding). "
+                            "benchmarks/gpu_check.sh measures both (variant sam-folded)")
+    sam_precision: Literal["autocast", "weights"] = Field(
+        "autocast", description="with a reduced dtype: 'autocast' = fp32 SAM weights under autocast; 'weights' = the "
+                                "image encoder's weights in that dtype (variant sam-fp16-weights)")
     prior_quantile: float = Field(0.85, gt=0, lt=1, description="disparity quantile defining the near region")
     u2net_checkpoint: str = Field(
         "checkpoints/u2net.pth",
@@ -109,7 +117,9 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     encode_threads: int = Field(4, ge=1, description="threads of a worker's writer encoding JPEG/PNG in parallel "
-                                                     "(tar bytes do not depend on it)")
+                                                     "(tar bytes do not depend on it); as many again run the "
+                                                     "stages' per-image host work (saliency priors, SAM prompts) "
+                                                     "off the model thread (1 = inline)")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
     progress_interval_s: float = Field(5.0, gt=0)
     worker_start_timeout_s: float = Field(
@@ -163,6 +173,10 @@ class BuildConfig(_Strict):
         "off", description="torch.compile the inpainting UNet (≈ 80 % of a triplet's FLOPs) with this mode; "
                            "compiles once per batch shape at start-up, outputs change within float rounding "
                            "(operational: not part of the plan fingerprint); measured in benchmarks/gpu_suite.py")
+    channels_last: bool = Field(
+        False, description="store the inpainting UNet's weights and activations channels-last (NHWC: tensor-core "
+                           "convolutions without layout transposes); outputs change within float rounding "
+                           "(operational); measured by benchmarks/gpu_check.sh (variant channels-last)")
     input_format: Literal["auto", "folder", "coco", "webdataset", "pickapic", "table"] = "auto"
     input_hash: bool = Field(
         False, description="table inputs: fingerprint every input file by a sha256 of its content (reads every "

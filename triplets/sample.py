@@ -73,22 +73,46 @@ def make_key(source_id: str) -> str:
 
 
 def quantize_depth(depth: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    """Min-max normalise one raw disparity map and quantise it to uint16.
+    """Min-max normalise one raw disparity map and quantise it to uint16 (:func:`quantize_depth_batch` of one map).
 
     Args:
         depth: ``(H, W)`` float raw disparity (any range; near = large).
 
     Returns:
         ``(H, W)`` uint16 in [0, 65535] and the raw ``(min, max)``. A constant map gives zeros.
+
+    Raises:
+        ValueError: the map has a non-finite value.
     """
-    d = np.asarray(depth, dtype=np.float64)
-    if not np.isfinite(d).all():
+    q, ranges, finite = quantize_depth_batch(np.asarray(depth)[None])
+    if not finite[0]:
         raise ValueError("depth map has non-finite values")
-    lo, hi = float(d.min()), float(d.max())
-    if hi <= lo:
-        return np.zeros(d.shape, np.uint16), (lo, hi)
-    q = np.round((d - lo) / (hi - lo) * DEPTH_MAX)
-    return q.astype(np.uint16), (lo, hi)
+    return q[0], (float(ranges[0, 0]), float(ranges[0, 1]))
+
+
+def quantize_depth_batch(depth) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Min-max normalise every raw disparity map of a batch and quantise it to uint16, where the maps are.
+
+    ``q = round((d - min) / (max - min) · 65535)`` per map, in float64 (round half to even), on the maps' device: a
+    batch on the GPU is quantised there and only uint16-range integers come back (the float64 arithmetic is exact
+    IEEE on every device, so the result does not depend on where it ran).
+
+    Args:
+        depth: ``(N, H, W)`` float raw disparity, a NumPy array or a torch tensor on any device.
+
+    Returns:
+        ``(q (N, H, W) uint16, ranges (N, 2) float64 raw [min, max], finite (N,) bool)``; a constant map gives zeros,
+        a map with a non-finite value ``finite`` False (its ``q`` is meaningless).
+    """
+    import torch
+
+    d = torch.as_tensor(depth).to(torch.float64)
+    flat = d.flatten(1)
+    lo, hi = flat.amin(1), flat.amax(1)
+    finite = torch.isfinite(flat).all(1)
+    q = torch.round((d - lo[:, None, None]) / (hi - lo)[:, None, None] * DEPTH_MAX)
+    q = torch.where(((hi > lo) & finite)[:, None, None], q, 0.0).to(torch.int32)
+    return (q.cpu().numpy().astype(np.uint16), torch.stack([lo, hi], 1).cpu().numpy(), finite.cpu().numpy())
 
 
 def depth_to_float(depth_u16: np.ndarray, depth_range: tuple[float, float] | None = None) -> np.ndarray:
