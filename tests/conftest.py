@@ -125,3 +125,14 @@ def s3_server():
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()  # cached clients point at the stopped server
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for the module (a shared CPU machine: two threads spin against other load), restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
