@@ -26,6 +26,7 @@ from triplets.errors import ModelUnavailableError
 from triplets.quality import QualityScorer, QualityStage, saliency_of
 from triplets.sample import TripletSample
 from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, SegmentStage
+from triplets.stages.base import resolve_device
 from triplets.stages.latents import LatentStage
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,11 @@ class TripletBuilder:
         if cfg.latents.enabled:  # the inpainting pipeline's VAE, not a second copy
             inpaint = self.model_stages[1]
             self.model_stages.append(LatentStage(inpaint.pipe.vae, cfg.latents.resolution or cfg.resolution))
-        # per-image host work of the stages (priors, prompts...) in parallel, off the one model thread
-        self.host_pool = ThreadPoolExecutor(cfg.ray.encode_threads, "cnc-host") if cfg.ray.encode_threads > 1 else None
+        # per-image host work of the stages (priors, prompts...) in parallel while the accelerator waits for it; on a
+        # CPU the models themselves use the cores, so it stays inline there
+        on_accelerator = resolve_device(dev) != "cpu"
+        self.host_pool = (ThreadPoolExecutor(cfg.ray.encode_threads, "cnc-host")
+                          if cfg.ray.encode_threads > 1 and on_accelerator else None)
         for stage in self.model_stages:
             stage.batch_size = cfg.stage_batch_size(stage.name)
             stage.host_pool = self.host_pool

@@ -117,9 +117,9 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     encode_threads: int = Field(4, ge=1, description="threads of a worker's writer encoding JPEG/PNG in parallel "
-                                                     "(tar bytes do not depend on it); as many again run the "
-                                                     "stages' per-image host work (saliency priors, SAM prompts) "
-                                                     "off the model thread (1 = inline)")
+                                                     "(tar bytes do not depend on it); on a GPU as many again run "
+                                                     "the stages' per-image host work (saliency priors, SAM prompts) "
+                                                     "in parallel (1 = inline)")
     max_shard_retries: int = Field(2, ge=0, description="retries of a shard whose worker died")
     progress_interval_s: float = Field(5.0, gt=0)
     worker_start_timeout_s: float = Field(
