@@ -93,9 +93,10 @@ def quantize_depth(depth: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
 def quantize_depth_batch(depth) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Min-max normalise every raw disparity map of a batch and quantise it to uint16, where the maps are.
 
-    ``q = round((d - min) / (max - min) · 65535)`` per map, in float64 (round half to even), on the maps' device: a
-    batch on the GPU is quantised there and only uint16-range integers come back (the float64 arithmetic is exact
-    IEEE on every device, so the result does not depend on where it ran).
+    ``q = round((d - min) / (max - min) · 65535)`` per map, in float64 (round half to even). Maps on an accelerator
+    are quantised there (:func:`_quantize_on_device`) and only 16-bit integers come back to the host, instead of
+    float32 maps and host work between model calls; NumPy arrays and CPU tensors are quantised by NumPy (faster
+    than torch on a CPU). Both give the same bits (float64 IEEE arithmetic; ``tests/triplets/test_sample.py``).
 
     Args:
         depth: ``(N, H, W)`` float raw disparity, a NumPy array or a torch tensor on any device.
@@ -104,15 +105,31 @@ def quantize_depth_batch(depth) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ``(q (N, H, W) uint16, ranges (N, 2) float64 raw [min, max], finite (N,) bool)``; a constant map gives zeros,
         a map with a non-finite value ``finite`` False (its ``q`` is meaningless).
     """
+    if not isinstance(depth, np.ndarray) and depth.device.type != "cpu":
+        return _quantize_on_device(depth)
+    d = np.asarray(depth, dtype=np.float64)
+    flat = d.reshape(len(d), -1)
+    finite = np.isfinite(flat).all(1)
+    lo, hi = flat.min(1, initial=np.inf), flat.max(1, initial=-np.inf)
+    q = np.zeros(d.shape, np.uint16)
+    for i in np.flatnonzero(finite & (hi > lo)):
+        q[i] = np.round((d[i] - lo[i]) / (hi[i] - lo[i]) * DEPTH_MAX)
+    return q, np.stack([lo, hi], 1), finite
+
+
+def _quantize_on_device(depth) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`quantize_depth_batch` on the tensor's device; the result crosses to the host as int16 (2 bytes per
+    pixel: ``q - 32768``, whose bits are ``q`` with the top bit flipped)."""
     import torch
 
-    d = torch.as_tensor(depth).to(torch.float64)
+    d = depth.to(torch.float64)
     flat = d.flatten(1)
     lo, hi = flat.amin(1), flat.amax(1)
     finite = torch.isfinite(flat).all(1)
     q = torch.round((d - lo[:, None, None]) / (hi - lo)[:, None, None] * DEPTH_MAX)
-    q = torch.where(((hi > lo) & finite)[:, None, None], q, 0.0).to(torch.int32)
-    return (q.cpu().numpy().astype(np.uint16), torch.stack([lo, hi], 1).cpu().numpy(), finite.cpu().numpy())
+    q = torch.where(((hi > lo) & finite)[:, None, None], q, 0.0)
+    shifted = (q.to(torch.int32) - 32768).to(torch.int16).cpu().numpy()
+    return shifted.view(np.uint16) ^ np.uint16(0x8000), torch.stack([lo, hi], 1).cpu().numpy(), finite.cpu().numpy()
 
 
 def depth_to_float(depth_u16: np.ndarray, depth_range: tuple[float, float] | None = None) -> np.ndarray:

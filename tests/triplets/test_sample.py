@@ -104,8 +104,12 @@ def test_batched_quantisation_equals_the_float64_formula_bit_for_bit():
         assert np.array_equal(quantize_depth(maps[i])[0], want)
     import torch
 
-    q_t, ranges_t, _ = quantize_depth_batch(torch.from_numpy(maps))  # a tensor input gives the same
-    assert np.array_equal(q_t, q) and np.array_equal(ranges_t[[0, 1, 3, 4]], ranges[[0, 1, 3, 4]])
+    from triplets.sample import _quantize_on_device
+
+    for got in (quantize_depth_batch(torch.from_numpy(maps)), _quantize_on_device(torch.from_numpy(maps))):
+        q_t, ranges_t, finite_t = got  # a tensor, and the on-device path (run here on the CPU): the same bits
+        assert q_t.dtype == np.uint16 and np.array_equal(q_t[[0, 1, 3, 4]], q[[0, 1, 3, 4]])
+        assert np.array_equal(ranges_t[[0, 1, 3, 4]], ranges[[0, 1, 3, 4]]) and np.array_equal(finite_t, finite)
 
 
 def test_validate_and_encode_reject_malformed_samples():

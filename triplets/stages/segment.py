@@ -119,20 +119,34 @@ def select_candidates(masks, scores, min_area: float, max_area: float) -> tuple[
     Returns:
         ``(chosen (N, H, W) uint8 {0,1}, found (N,) bool)`` on the host; rows without an in-bounds candidate are zeros
         with ``found`` False. Candidates are tried by descending score (ties: lower index first), areas in float64
-        (exact, as ``mask.mean()`` in NumPy), so the choice is the one a per-image NumPy loop makes; only the chosen
-        masks leave the device.
+        (exact, as ``mask.mean()`` in NumPy). On an accelerator the choice is made there and only the chosen masks
+        are copied back (:func:`_select_on_device`); CPU tensors go through NumPy (faster there). Same choice.
     """
+    if masks.device.type != "cpu":
+        return _select_on_device(masks, scores, min_area, max_area)
+    cands, scores = masks.numpy(), scores.numpy()
+    chosen, found = np.zeros((len(cands),) + cands.shape[2:], np.uint8), np.zeros(len(cands), bool)
+    for i in range(len(cands)):
+        for j in np.argsort(-scores[i], kind="stable"):
+            if min_area <= float(cands[i, j].mean()) <= max_area:
+                chosen[i], found[i] = cands[i, j], True
+                break
+    return chosen, found
+
+
+def _select_on_device(masks, scores, min_area: float, max_area: float) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     n, _, h, w = masks.shape
-    area = masks.flatten(2).sum(-1).to(torch.float64) / (h * w)  # (N, K)
+    area = torch.count_nonzero(masks.flatten(2), dim=-1).to(torch.float64) / (h * w)  # (N, K), exact
     ok = (area >= min_area) & (area <= max_area)
     order = torch.sort(-scores, dim=1, stable=True).indices  # (N, K) best first
     ok_sorted = ok.gather(1, order)
     first = ok_sorted.to(torch.uint8).argmax(1)  # the first in-bounds one in score order
     pick = order.gather(1, first[:, None])[:, 0]
-    chosen = masks[torch.arange(n, device=masks.device), pick] & ok_sorted.any(1)[:, None, None]
-    return chosen.to(torch.uint8).cpu().numpy(), ok_sorted.any(1).cpu().numpy()
+    found = ok_sorted.any(1)
+    chosen = masks[torch.arange(n, device=masks.device), pick] & found[:, None, None]
+    return chosen.to(torch.uint8).cpu().numpy(), found.cpu().numpy()
 
 
 def sam_architectures() -> dict[str, Callable]:

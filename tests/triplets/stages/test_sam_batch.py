@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnc.tiny import synthetic_photo, tiny_sam
 from triplets.stages.sam_batch import BatchedSam, _folded_forward, decode_masks, use_sdpa_attention
-from triplets.stages.segment import select_candidates
+from triplets.stages.segment import _select_on_device, select_candidates
 
 R = 64
 
@@ -141,10 +141,11 @@ def test_candidate_choice_on_the_device_equals_the_numpy_loop():
     cands[0, :, :, :] = False
     cands[0, 1, :4, :4] = True  # area 16/256 = 0.0625: exactly on a bound below
     for lo, hi in [(0.01, 0.95), (0.0625, 0.5)]:
-        got, found = select_candidates(torch.from_numpy(cands), torch.from_numpy(scores), lo, hi)
         want, want_found = _numpy_choice(cands, scores, lo, hi)
-        assert np.array_equal(found, want_found) and np.array_equal(got, want)
-        assert found.any() and not found.all()
+        for select in (select_candidates, _select_on_device):  # the accelerator path, run here on the CPU
+            got, found = select(torch.from_numpy(cands), torch.from_numpy(scores), lo, hi)
+            assert np.array_equal(found, want_found) and np.array_equal(got, want)
+            assert got.dtype == np.uint8 and found.any() and not found.all()
 
 
 def test_segment_stage_host_pool_gives_the_same_masks():
