@@ -470,9 +470,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads of every run (0: torch's default)")
     p.add_argument("--writer", action="store_true", help="only the writer: encode ms/sample at --resolution with "
                                                           "1, 2 and 4 encode threads")
+    p.add_argument("--flops", action="store_true", help="only the FLOP table of the published architectures at "
+                                                         "--resolution / --steps (meta device: no GPU, no weights)")
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.flops:
+        from cnc.config import load_config
+        from triplets.config import BuildConfig
+        from triplets.flops import published_models, triplet_flops
+
+        cfg = load_config(BuildConfig, REPO / "configs" / "build" / "default.yaml",
+                          [f"resolution={args.resolution}", f"inpaint.num_inference_steps={args.steps}"])
+        table = triplet_flops(cfg, published_models(cfg))
+        print(table.markdown())
+        if args.out:
+            Path(args.out).write_text(json.dumps(table.as_dict(), indent=1))
+        return table.as_dict()
     if args.writer:
         ms = writer_bench(args.resolution)
         print(f"writer encode ms/sample at {args.resolution} px ({os.cpu_count()} CPUs): "
