@@ -19,8 +19,9 @@
 #   loader   benchmarks/loader_transfer.py, when >= 35 s are left -> loader.json
 # After every phase summary.json + summary.md are rewritten (benchmarks/gpu_summary.py), so a run stopped at any
 # point keeps what it measured; nvidia-smi is sampled every 500 ms -> smi.csv, phase marks -> phases.csv.
-# Knobs: TOTAL_S, OUT, PYTHON, SITE, WHL, PHASES="suite train micro loader", VARIANTS (suite), IMAGES (32),
-# TRAIN_BATCH (4), MODELS_DIR (/dev/shm when >= 14 GB free, else /tmp), CPU_SMOKE=1.
+# Knobs: TOTAL_S, OUT, PYTHON, SITE, WHL, PHASES="suite train micro loader", VARIANTS (suite; in order of interest,
+# the ones the budget does not cover are listed as skipped: a second call `PHASES=suite VARIANTS="..."` measures
+# them), IMAGES (32), TRAIN_BATCH (4), MODELS_DIR (/dev/shm when >= 14 GB free, else /tmp), CPU_SMOKE=1.
 set -u
 T0=$(date +%s)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -184,8 +185,8 @@ else
     if [ "${SHM_FREE:-0}" -ge 14 ]; then MODELS_DIR=/dev/shm/cnc-bench-models; else MODELS_DIR=/tmp/cnc-bench-models; fi
   fi
   SUITE_ARGS=(--images "$IMAGES" --models-dir "$MODELS_DIR"
-              --variants ${VARIANTS:-batch8 batch16 stock-pndm channels-last sam-folded sam-fp16-weights host-inline \
-                                    batch16+channels-last+sam-folded+sam-fp16-weights two-workers})
+              --variants ${VARIANTS:-batch16+channels-last+sam-folded+sam-fp16-weights stock-pndm+host-inline batch16 \
+                                    channels-last sam-folded sam-fp16-weights batch8 two-workers})
   TRAIN_ARGS=(--size real --steps 3 --warmup 1 --batch "${TRAIN_BATCH:-4}"
               --settings project reference project-latents project-checkpointing project-no-checkpointing
                          project-foreach)

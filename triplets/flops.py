@@ -199,10 +199,12 @@ def _shape(*dims: int) -> str:
     return "×".join(str(d) for d in dims)
 
 
-def _meta(*shape: int):
+def _meta(*shape: int, like=None):
+    """A meta tensor of ``shape`` in the floating dtype of ``like``'s parameters (fp32 without ``like``)."""
     import torch
 
-    return torch.zeros(*shape, device="meta")
+    dtype = next(iter(like.parameters())).dtype if like is not None else torch.float32
+    return torch.zeros(*shape, device="meta", dtype=dtype)
 
 
 def _on_meta(model):
@@ -220,7 +222,7 @@ def unet_call(unet, latent_hw: tuple[int, int]) -> tuple[int, str]:
 
     unet = _on_meta(unet)
     c = unet.config
-    x, ctx = _meta(1, c.in_channels, *latent_hw), _meta(1, TEXT_TOKENS, c.cross_attention_dim)
+    x, ctx = _meta(1, c.in_channels, *latent_hw, like=unet), _meta(1, TEXT_TOKENS, c.cross_attention_dim, like=unet)
     flops, _ = count_flops(unet, x, torch.tensor(500, device="meta"), encoder_hidden_states=ctx)
     return flops, f"{_shape(1, c.in_channels, *latent_hw)} + {TEXT_TOKENS} tokens"
 
@@ -229,7 +231,8 @@ def vae_encode_call(vae, hw: tuple[int, int]) -> tuple[int, str]:
     from cnc.flops import count_flops
 
     vae = _on_meta(vae)
-    return count_flops(vae.encode, _meta(1, vae.config.in_channels, *hw))[0], _shape(1, vae.config.in_channels, *hw)
+    x = _meta(1, vae.config.in_channels, *hw, like=vae)
+    return count_flops(vae.encode, x)[0], _shape(1, vae.config.in_channels, *hw)
 
 
 def vae_decode_call(vae, latent_hw: tuple[int, int]) -> tuple[int, str]:
@@ -237,7 +240,7 @@ def vae_decode_call(vae, latent_hw: tuple[int, int]) -> tuple[int, str]:
 
     vae = _on_meta(vae)
     ch = vae.config.latent_channels
-    return count_flops(vae.decode, _meta(1, ch, *latent_hw))[0], _shape(1, ch, *latent_hw)
+    return count_flops(vae.decode, _meta(1, ch, *latent_hw, like=vae))[0], _shape(1, ch, *latent_hw)
 
 
 def pixel_model_call(model, hw: tuple[int, int]) -> tuple[int, str]:
@@ -245,13 +248,14 @@ def pixel_model_call(model, hw: tuple[int, int]) -> tuple[int, str]:
     from cnc.flops import count_flops
 
     model = _on_meta(model)
-    return count_flops(lambda x: model(pixel_values=x), _meta(1, 3, *hw))[0], _shape(1, 3, *hw)
+    return count_flops(lambda x: model(pixel_values=x), _meta(1, 3, *hw, like=model))[0], _shape(1, 3, *hw)
 
 
 def u2net_call(net, hw: tuple[int, int]) -> tuple[int, str]:
     from cnc.flops import count_flops
 
-    return count_flops(_on_meta(net), _meta(1, 3, *hw))[0], _shape(1, 3, *hw)
+    net = _on_meta(net)
+    return count_flops(net, _meta(1, 3, *hw, like=net))[0], _shape(1, 3, *hw)
 
 
 def sam_encoder_call(sam) -> tuple[int, str]:
@@ -259,7 +263,7 @@ def sam_encoder_call(sam) -> tuple[int, str]:
 
     sam = _on_meta(sam)
     s = sam.image_encoder.img_size
-    return count_flops(sam.image_encoder, _meta(1, 3, s, s))[0], _shape(1, 3, s, s)
+    return count_flops(sam.image_encoder, _meta(1, 3, s, s, like=sam.image_encoder))[0], _shape(1, 3, s, s)
 
 
 def sam_decoder_call(sam) -> tuple[int, str]:
@@ -281,7 +285,8 @@ def sam_decoder_call(sam) -> tuple[int, str]:
 
     def run():
         sparse, dense = pe(points=(coords, labels), boxes=box, masks=None)
-        sam.mask_decoder(image_embeddings=_meta(1, c, *pe.image_embedding_size), image_pe=image_pe.to("meta"),
+        sam.mask_decoder(image_embeddings=_meta(1, c, *pe.image_embedding_size, like=sam.mask_decoder),
+                         image_pe=image_pe.to("meta"),
                          sparse_prompt_embeddings=sparse.to("meta"), dense_prompt_embeddings=dense.to("meta"),
                          multimask_output=True)
 
