@@ -279,10 +279,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models-dir", type=Path, help="the suite's real-size models (for the inpainting stage)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        print("gpu_micro needs a CUDA GPU (torch.cuda.is_available() is False); --tiny runs the CPU path")
+        raise SystemExit(2)
     m = Micro(args.out, args.budget_s, args.tiny)
     if args.tiny:
-        import torch
-
         torch.set_num_threads(1)
     for part in (matmul, unet, lambda m: inpaint_syncs(m, args.models_dir), sam):
         if m.left() < 10:
