@@ -278,8 +278,8 @@ def run_project(name: str, cfg, resolved: dict, items: list[dict], out: Path, wo
     seconds = time.perf_counter() - t0
     stage_s: collections.Counter = collections.Counter()
     for m in markers:
-        stage_s.update(m["stage_seconds"])
-    ok = sum(m["nsamples"] for m in markers)
+        stage_s.update(m.stage_seconds or {})
+    ok = sum(m.nsamples for m in markers)
     pool.clear()  # the models of this run are freed before the next run loads its own
     return _result(name, clock, len(items), ok, seconds, {
         "load_s": round(load_s, 1), "warmup_s": round(warmup_s, 1), "batch_size": cfg.batch_size,

@@ -10,7 +10,7 @@
   ``ray.max_shard_retries`` times; a worker that fails that many shards in a row leaves the pool;
 * **progress**: a ``num_cpus=0`` tracker actor collects per-batch counts, shown by :class:`BuildProgress`;
 * **teardown**: every actor is killed at the end, after an error and after SIGINT/SIGTERM
-  (:class:`~pipelines.ray_session.Interrupted`), so in-flight shards are abandoned uncommitted.
+  (:class:`~cnc.ray_session.Interrupted`), so in-flight shards are abandoned uncommitted.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from cnc.base.errors import UserError
+from cnc.ray_session import Interrupted
 from pipelines.plan import shard_size
 from pipelines.progress import BuildProgress
-from pipelines.ray_session import Interrupted
 from triplets.config import BuildConfig
 
 log = logging.getLogger(__name__)
