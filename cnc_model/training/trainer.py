@@ -221,7 +221,7 @@ class Trainer:
         decision = checkpointing_decision(acc.device, step, self.params,
                                           "adamw8bit" if self.cfg.optim.use_8bit_adam else "adamw")
         if acc.num_processes > 1:
-            needed = acc.reduce(torch.tensor(float(decision.enabled), device=acc.device), "max").item() > 0
+            needed = acc.reduce(torch.tensor(float(decision.enabled), device=acc.device), "sum").item() > 0
             if needed != decision.enabled:
                 decision = CheckpointingDecision(needed, "another process needs it", decision.peak_bytes,
                                                  decision.optimizer_state_bytes, decision.budget_bytes)
@@ -249,9 +249,6 @@ class Trainer:
             lr *= (self.cfg.train.gradient_accumulation_steps * self.cfg.train.train_batch_size
                    * self.accelerator.num_processes)
         cls, extra = torch.optim.AdamW, {}
-        fused = o.fused if o.fused is not None else torch.device(self.accelerator.device).type == "cuda"
-        if fused and not o.use_8bit_adam:
-            extra["fused"] = True
         if o.use_8bit_adam:
             try:
                 import bitsandbytes as bnb
@@ -259,6 +256,8 @@ class Trainer:
                 raise ImportError("optim.use_8bit_adam needs bitsandbytes: pip install bitsandbytes "
                                   "(or pip install 'cnc[bnb]'), or set optim.use_8bit_adam=false") from None
             cls = bnb.optim.PagedAdamW8bit if self.accelerator.num_processes > 1 else bnb.optim.AdamW8bit
+        elif o.fused if o.fused is not None else torch.device(self.accelerator.device).type == "cuda":
+            extra["fused"] = True  # one kernel per step (auto: on CUDA)
         return cls(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
                    eps=o.adam_epsilon, **extra)
 
