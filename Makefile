@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench clean
+.PHONY: help install demo test lint bench gpu-check gpu-wheels clean
 
 help: ## List the targets.
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,14 @@ test: lint ## Lint, then run the test suite (no network, CPU only).
 
 bench: install ## CPU throughput benchmark of the shard builder (tiny models).
 	$(BIN)/python benchmarks/build_throughput.py
+
+gpu-check: ## On a bare GPU machine: every GPU measurement in one run (<= 7 min; results in gpu-results/).
+	bash benchmarks/gpu_check.sh
+
+gpu-wheels: ## Download the wheels gpu-check installs on the GPU image (Python 3.12) into .whl/ (needs pip access).
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+	  --platform any -d .whl $$(grep -v '^#' benchmarks/gpu_wheels.txt | awk 'NF {print $$1}')
 
 clean: ## Remove build outputs (keeps .venv).
 	rm -rf out .pytest_cache

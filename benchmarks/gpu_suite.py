@@ -15,16 +15,21 @@ Runs, on the same items and the same work (every run attempts every item in ever
   encode + write in one thread; TF32 flags recorded as found;
 * **project**: the config as shipped (``dtype: auto``, batch sizes, encode threads) through
   :class:`pipelines.worker.ShardWorker` (prefetch thread, model thread, writer thread with its encode pool);
-* optional **variants** (``--variants batch16 batch32 two-workers compile compile-reduce-overhead``), each skipped
-  when the remaining ``--budget-s`` would not cover it (estimated from the project run, + 150 s for a compilation);
-  ``compile*`` is the shipped setting with ``compile: <mode>`` (torch.compile of the inpainting UNet; its compilation
-  is in the run's ``warmup_s``, not in its triplets/s).
+* **variants** (``--variants``; names joined by ``+`` combine, e.g. ``batch16+channels-last``), each skipped when the
+  remaining ``--budget-s`` would not cover it (estimated from the project run, + 150 s for a compilation):
+  :data:`VARIANTS` lists them: the candidates the shipped defaults do not use yet (batch sizes, ``channels_last``,
+  ``torch.compile``, SAM's folded attention and fp16 weights, two model sets per GPU) and the "before" of each
+  change the shipped defaults already made (``stock-pndm``: the host-syncing scheduler; ``host-inline``: per-image
+  host work on the model thread).
 
 Per run: triplets/s and the ratio to the reference; items attempted/succeeded/failed per stage; per stage the
 GPU-stream milliseconds between CUDA events around the stage call (GPU) and the CPU milliseconds of the model thread
 inside it (``time.thread_time``); peak GPU memory (reset before each run); MFU = triplets/s × FLOP per triplet /
-peak, with 45.7 TFLOP per 512² triplet for the real models (the issue's count; the tiny path counts its own FLOPs
-with ``torch.utils.flop_counter``) and the peak a bf16 matmul (fp32 on CPU) reaches, measured in the same run.
+peak. FLOP per triplet is counted model by model on the models this run loaded (:mod:`triplets.flops`: each model's
+FLOPs counted by ``torch.utils.flop_counter`` on a meta copy at the input size it runs at, times its calls per
+triplet; the table is in the JSON under ``flops``); the peak is what a bf16 8192² matmul reaches (fp32 512² on
+CPU), measured in the same run. ``batch_choice`` names the batch size with the best triplets/s among the project
+run and the ``batchN`` variants.
 """
 
 from __future__ import annotations
@@ -42,10 +47,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gpu_suite")
-#: FLOP per 512² triplet of the real models (issue 15: UNet 0.677 T × 52, VAE 1.08 + 2.48, SAM ViT-H 5.96, DPT-L
-#: 0.211 × 3, CLIP-L 0.156 × 2); the quality stage is not counted.
-REAL_FLOP_PER_TRIPLET = 45.7e12
 STAGES = ("segment", "inpaint", "depth", "embed", "quality")
+
+
+def _stock_pndm(worker) -> None:
+    from diffusers import PNDMScheduler
+
+    for stage in worker.builder.model_stages:
+        if stage.name == "inpaint":
+            stage.pipe.scheduler = PNDMScheduler.from_config(stage.pipe.scheduler.config)
+
+
+def _host_inline(worker) -> None:
+    for stage in worker.builder.model_stages:
+        stage.host_pool = None
+
+
+#: Variant name → (config overrides, a hook applied to each loaded worker or None, what it measures).
+VARIANTS: dict[str, tuple[list[str], object, str]] = {
+    "channels-last": (["channels_last=true"], None, "inpainting UNet in NHWC"),
+    "compile": (["compile=default"], None, "torch.compile of the UNet (default mode)"),
+    "compile-reduce-overhead": (["compile=reduce-overhead"], None, "torch.compile, CUDA graphs"),
+    "compile-max-autotune": (["compile=max-autotune"], None, "torch.compile, autotuned kernels"),
+    "sam-folded": (["segment.sam_attention=folded"], None, "SAM attention without the dense bias (flash)"),
+    "sam-fp16-weights": (["segment.sam_precision=weights"], None, "SAM image encoder in fp16 weights"),
+    "stock-pndm": ([], _stock_pndm, "before: diffusers' PNDM with two host syncs per step"),
+    "host-inline": ([], _host_inline, "before: per-image host work on the model thread"),
+}
 
 
 # -- measurement -----------------------------------------------------------------------------------------------
@@ -134,27 +162,20 @@ def matmul_peak(seconds: float = 2.0) -> tuple[float, str]:
     return 2 * n**3 * reps / (time.perf_counter() - t0), str(dtype).replace("torch.", "")
 
 
-def count_flops(builder, items: list[dict]) -> float:
-    """FLOP per triplet of the model stages (``torch.utils.flop_counter``) over ``items`` (tiny path)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def flop_table(cfg, builder):
+    """:class:`triplets.flops.FlopTable` of ``cfg`` with the models ``builder`` loaded."""
+    from triplets.flops import models_of_builder, triplet_flops
 
-    with FlopCounterMode(display=False) as counter:
-        builder.run_models(builder.decode(items))
-    return counter.get_total_flops() / max(1, len(items))
-
-
-def real_flop_per_triplet(steps: int = 25, resolution: int = 512) -> float:
-    """:data:`REAL_FLOP_PER_TRIPLET` for another step count (PNDM: steps + 1 UNet evaluations, × 2 for CFG) and
-    resolution (everything but SAM, which always runs at 1024², scales with the pixel count; approximate)."""
-    unet = 0.677e12 * 2 * (steps + 1)
-    rest = REAL_FLOP_PER_TRIPLET - 0.677e12 * 52 - 5.96e12
-    return (unet + rest) * (resolution / 512) ** 2 + 5.96e12
+    return triplet_flops(cfg, models_of_builder(builder))
 
 
 # -- runs ------------------------------------------------------------------------------------------------------
 def _reset_memory() -> None:
+    import gc
+
     import torch
 
+    gc.collect()
     if _cuda():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -180,12 +201,12 @@ def _result(name: str, clock: StageClock, n_items: int, n_ok: int, seconds: floa
     }
 
 
-def run_reference(cfg, resolved: dict, items: list[dict], out: Path) -> dict:
+def run_reference(cfg, resolved: dict, items: list[dict], out: Path, builder=None) -> dict:
     """fp32, batch 1, stage-major; encode + write in one thread."""
     from triplets.builder import TripletBuilder
     from triplets.shardio import write_shard
 
-    builder = TripletBuilder(cfg, resolved)
+    builder = builder or TripletBuilder(cfg, resolved)
     builder.run_batch(items[:1])  # warm-up: lazy init, cuDNN autotune
     _reset_memory()
     clock = StageClock()
@@ -220,11 +241,17 @@ def _worker(cfg, resolved: dict, out: Path, clock: StageClock):
     return worker
 
 
-def run_project(name: str, cfg, resolved: dict, items: list[dict], out: Path, workers: int = 1) -> dict:
+def run_project(name: str, cfg, resolved: dict, items: list[dict], out: Path, workers: int = 1, hook=None) -> dict:
     """The shipped path: ``ShardWorker.build_shard`` (prefetch, model and writer threads); ``workers`` model sets
-    in threads of this process, one shard each (what ``ray.gpus_per_worker: 0.5`` runs as two actors)."""
+    in threads of this process, one shard each (what ``ray.gpus_per_worker: 0.5`` runs as two actors); ``hook(worker)``
+    changes each loaded worker (a variant)."""
     clock = StageClock()
+    t_load = time.perf_counter()
     pool = [_worker(cfg, resolved, out / f"w{w}", clock) for w in range(workers)]
+    load_s = time.perf_counter() - t_load
+    for w in pool:
+        if hook is not None:
+            hook(w)
     t_warm = time.perf_counter()
     for w in pool:
         w.builder.run_batch(items[:cfg.batch_size])  # warm-up (and, with compile, the compilation)
@@ -253,8 +280,10 @@ def run_project(name: str, cfg, resolved: dict, items: list[dict], out: Path, wo
     for m in markers:
         stage_s.update(m.stage_seconds or {})
     ok = sum(m.nsamples for m in markers)
+    pool.clear()  # the models of this run are freed before the next run loads its own
     return _result(name, clock, len(items), ok, seconds, {
-        "warmup_s": round(warmup_s, 1), "decode_ms_per_item": round(1000 * stage_s["decode"] / len(items), 2),
+        "load_s": round(load_s, 1), "warmup_s": round(warmup_s, 1), "batch_size": cfg.batch_size,
+        "decode_ms_per_item": round(1000 * stage_s["decode"] / len(items), 2),
         "encode_ms_per_item": round(1000 * stage_s["encode"] / len(items), 2),
         "write_ms_per_item": round(1000 * stage_s["write"] / len(items), 2)})
 
@@ -274,6 +303,49 @@ def configs(args: argparse.Namespace, models: dict[str, str]):
     return ref, project
 
 
+def variant_config(base, variant: str):
+    """``(config, hook, workers)`` of a variant name (``+`` combines; see :data:`VARIANTS`, ``batchN``,
+    ``two-workers``)."""
+    from cnc.config import apply_overrides
+    from triplets.config import BuildConfig
+
+    overrides, hooks, workers = [], [], 1
+    for part in variant.split("+"):
+        if part.startswith("batch") and part[5:].isdigit():
+            overrides.append(f"batch_size={int(part[5:])}")
+        elif part == "two-workers":
+            workers = 2
+        elif part in VARIANTS:
+            overrides += VARIANTS[part][0]
+            if VARIANTS[part][1] is not None:
+                hooks.append(VARIANTS[part][1])
+        else:
+            raise ValueError(f"unknown variant {part!r}: batchN, two-workers, {', '.join(VARIANTS)}")
+    cfg = BuildConfig.model_validate(apply_overrides(base.model_dump(mode="json"), overrides))
+
+    def hook(worker) -> None:
+        for h in hooks:
+            h(worker)
+
+    return cfg, hook, workers
+
+
+def batch_choice(runs: list[dict], shipped: int) -> dict:
+    """The batch size of the fastest run among the project run and the ``batchN`` variants (plain batch changes
+    only), and whether it beats the shipped one by more than 5 % (else the default stays)."""
+    plain = {r["batch_size"]: r["triplets_per_s"] for r in runs
+             if r.get("variant", "").startswith("batch") and "+" not in r.get("variant", "")}
+    project = next((r for r in runs if r["run"].startswith("project")), None)
+    if project is not None:
+        plain.setdefault(project["batch_size"], project["triplets_per_s"])
+    if not plain:
+        return {}
+    best = max(plain, key=plain.get)
+    gain = plain[best] / plain.get(shipped, plain[best]) - 1
+    return {"measured": {str(k): round(v, 4) for k, v in sorted(plain.items())}, "best": best, "shipped": shipped,
+            "gain_over_shipped": round(gain, 4), "change_default": best != shipped and gain > 0.05}
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
     from build_throughput import synthetic_photos, write_real_size_models
@@ -288,6 +360,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {} if args.tiny else write_real_size_models(Path(args.models_dir))
+    models_s = round(time.perf_counter() - t_start, 1)
     work = Path(tempfile.mkdtemp(prefix="cnc-gpu-suite-"))
     try:
         src = synthetic_photos(work / "photos", args.images, size=(args.resolution + 16, args.resolution + 32))
@@ -295,62 +368,57 @@ def run(args: argparse.Namespace) -> dict:
         ref_cfg, proj_cfg = configs(args, models)
         resolved = resolve_models(proj_cfg)
         peak, peak_dtype = matmul_peak(0.5 if args.tiny else 3.0)
-        if args.tiny:
-            flop = count_flops(TripletBuilder(ref_cfg, resolved), items[:2])
-        else:
-            flop = real_flop_per_triplet(args.steps, args.resolution)
-        runs = [run_reference(ref_cfg, resolved, items, work)]
-        _save_partial(args, runs, flop, peak)
+        ref_builder = TripletBuilder(ref_cfg, resolved)
+        table = flop_table(proj_cfg, ref_builder)  # the models of this run, at the project's settings
+        flop = table.total
+        head = {"flop_per_triplet": flop, "matmul_peak_flops": peak, "flops": table.as_dict(), "models_s": models_s}
+        runs = [run_reference(ref_cfg, resolved, items, work, ref_builder)]
+        del ref_builder
+        _save_partial(args, runs, head)
         runs.append(run_project(f"project: as shipped (dtype {proj_cfg.dtype}, batch {proj_cfg.batch_size})",
                                 proj_cfg, resolved, items, work / "project"))
-        _save_partial(args, runs, flop, peak)
-        per_run = runs[-1]["seconds"]
+        _save_partial(args, runs, head)
+        per_run = runs[-1]["seconds"] + runs[-1]["load_s"] + runs[-1]["warmup_s"]
         failed_variants: dict[str, str] = {}
+        skipped: list[str] = []
         for variant in args.variants:
-            compile_s = 150 if variant.startswith("compile") and not args.tiny else 0  # a real UNet's compilation
-            if time.perf_counter() - t_start + 2.5 * per_run + compile_s > args.budget_s:
+            compile_s = 150 if "compile" in variant and not args.tiny else 0  # a real UNet's compilation
+            if time.perf_counter() - t_start + 1.5 * per_run + compile_s > args.budget_s:
                 log.warning("variant %s skipped: the --budget-s of %.0f s would be exceeded", variant, args.budget_s)
+                skipped.append(variant)
                 continue
             try:
-                if variant.startswith("batch"):
-                    cfg = proj_cfg.model_copy(update={"batch_size": int(variant[5:])})
-                    runs.append(run_project(f"variant: batch {cfg.batch_size}", cfg, resolved, items, work / variant))
-                elif variant in ("compile", "compile-reduce-overhead", "compile-max-autotune"):
-                    mode = variant.partition("-")[2] or "default"
-                    cfg = proj_cfg.model_copy(update={"compile": mode})
-                    runs.append(run_project(f"variant: torch.compile UNet ({mode})", cfg, resolved, items,
-                                            work / variant))
-                elif variant == "two-workers":
-                    runs.append(run_project("variant: two model sets per device", proj_cfg, resolved, items,
-                                            work / variant, workers=2))
-                else:
-                    log.warning("unknown variant %s (batchN | two-workers | compile[-reduce-overhead|-max-autotune])",
-                                variant)
+                cfg, hook, workers = variant_config(proj_cfg, variant)
+                what = "; ".join(VARIANTS[p][2] if p in VARIANTS else p for p in variant.split("+"))
+                runs.append(run_project(f"variant {variant}: {what}", cfg, resolved, items, work / variant,
+                                        workers=workers, hook=hook))
+                runs[-1]["variant"] = variant
             except Exception as exc:  # noqa: BLE001 - a failed optional variant must not lose the other runs
                 log.exception("variant %s failed", variant)
                 failed_variants[variant] = f"{type(exc).__name__}: {exc}"[:500]
-            _save_partial(args, runs, flop, peak)
+            _save_partial(args, runs, head)
         base = runs[0]["triplets_per_s"] or float("nan")
         for r in runs:
             r["ratio_to_reference"] = round(r["triplets_per_s"] / base, 3)
             r["mfu"] = round(r["triplets_per_s"] * flop / peak, 5)
         return {
             "device": torch.cuda.get_device_name(0) if _cuda() and not args.tiny else "cpu",
-            "tiny": args.tiny, "images": args.images, "resolution": args.resolution, "steps": args.steps,
-            "flop_per_triplet": flop, "matmul_peak_flops": peak, "matmul_peak_dtype": peak_dtype,
+            "tiny": args.tiny, "images": args.images, "resolution": args.resolution, "steps": args.steps, **head,
+            "matmul_peak_dtype": peak_dtype,
             "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "runs": runs,
+            "batch_choice": batch_choice(runs, proj_cfg.batch_size),
             "seconds": round(time.perf_counter() - t_start, 1), "failed_variants": failed_variants,
+            "skipped_variants": skipped,
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _save_partial(args: argparse.Namespace, runs: list[dict], flop: float, peak: float) -> None:
+def _save_partial(args: argparse.Namespace, runs: list[dict], head: dict) -> None:
     """The runs so far (``"partial": true``), so a suite stopped by a time limit still leaves its measurements."""
     if args.out:
-        Path(args.out).write_text(json.dumps({"partial": True, "flop_per_triplet": flop, "matmul_peak_flops": peak,
-                                              "runs": runs}, indent=1, default=float))
+        Path(args.out).write_text(json.dumps({"partial": True, **head, "runs": runs}, indent=1, default=float))
 
 
 def writer_bench(resolution: int = 512, samples: int = 16, threads: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:
@@ -395,16 +463,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=25, help="inpainting steps (the reference: 25)")
     p.add_argument("--variants", nargs="*", default=[],
-                   help="batch16 batch32 two-workers compile compile-reduce-overhead (in this order of cost)")
+                   help="batchN, two-workers and " + ", ".join(VARIANTS) + "; '+' combines (batch16+channels-last)")
     p.add_argument("--budget-s", type=float, default=420.0, help="variants are skipped past this many seconds")
     p.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "cnc-bench-models"),
                    help="where the random real-size models are written once (~9 GB, reused)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of every run (0: torch's default)")
     p.add_argument("--writer", action="store_true", help="only the writer: encode ms/sample at --resolution with "
                                                           "1, 2 and 4 encode threads")
+    p.add_argument("--flops", action="store_true", help="only the FLOP table of the published architectures at "
+                                                         "--resolution / --steps (meta device: no GPU, no weights)")
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.flops:
+        from cnc.config import load_config
+        from triplets.config import BuildConfig
+        from triplets.flops import published_models, triplet_flops
+
+        cfg = load_config(BuildConfig, REPO / "configs" / "build" / "default.yaml",
+                          [f"resolution={args.resolution}", f"inpaint.num_inference_steps={args.steps}"])
+        table = triplet_flops(cfg, published_models(cfg))
+        print(table.markdown())
+        if args.out:
+            Path(args.out).write_text(json.dumps(table.as_dict(), indent=1))
+        return table.as_dict()
     if args.writer:
         ms = writer_bench(args.resolution)
         print(f"writer encode ms/sample at {args.resolution} px ({os.cpu_count()} CPUs): "

@@ -8,15 +8,20 @@ One training step = what :meth:`cnc_model.training.trainer.Trainer.compute_loss`
 global fuser, local fuser, frozen UNet with the encoder under no_grad, ε-MSE) + backward + AdamW step, on synthetic
 batches (random images, depths, masks, embeddings; data loading excluded). Settings:
 
-* ``project``: frozen VAE / text encoder / UNet in bf16 (fp16 on GPUs without bf16), fuser weights fp32 under
-  autocast, SDPA (fused kernels), gradient checkpointing;
-* ``project-latents``: ``project`` with ``data.use_latents`` (latents drawn from stored VAE moments, as from shards
-  built with ``latents.enabled``; no VAE encode per step);
-* ``project-no-checkpointing``: ``project`` without gradient checkpointing (``train.gradient_checkpointing:
-  false``: ~18 % fewer FLOPs per step, more activation memory; what decides whether a GPU needs it);
+* ``project``: the shipped defaults: frozen VAE / text encoder / UNet in bf16 (fp16 on GPUs without bf16), fuser
+  weights fp32 under autocast, SDPA (fused kernels), gradient checkpointing ``auto`` (decided by the trainer's own
+  measured probe, :mod:`cnc_model.training.memory`; the row says which), AdamW fused on CUDA (``optim.fused``);
+* ``project-latents``: ``project`` with latents in the batch (drawn from stored VAE moments, as from shards built with
+  ``latents.enabled``, which ``data.use_latents: null`` uses by default; no VAE encode per step);
+* ``project-checkpointing`` / ``project-no-checkpointing``: ``project`` with ``train.gradient_checkpointing`` forced
+  on / off (~18 % more FLOPs per step for less activation memory);
+* ``project-foreach``: ``project`` with ``optim.fused: false`` (AdamW's multi-tensor foreach kernels);
 * ``project-fp32``: the same in fp32 (what CPUs run fastest);
 * ``reference``: fp32 everywhere and attention through the unfused "math" kernel (materialised Q·K logits, as the
-  reference's einsum + softmax), gradient checkpointing on (``use_checkpoint: True``).
+  reference's einsum + softmax), gradient checkpointing on (``use_checkpoint: True``), AdamW not fused.
+
+FLOPs per image (``flop_per_image``) are counted with ``torch.utils.flop_counter`` on one step of the same setting
+on the meta device (forward, recomputation and backward; not the optimizer) and give the row's TFLOP/s.
 
 ``--size real`` builds the SD 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text tower from their published configs,
 random weights, no download) + ``LocalFuser.from_unet`` + ``GlobalFuser(768, 768, 4)``; ``--size tiny`` the test
@@ -37,33 +42,23 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = ("project", "project-latents", "project-no-checkpointing", "project-fp32", "reference")
+SETTINGS = ("project", "project-latents", "project-checkpointing", "project-no-checkpointing", "project-foreach",
+            "project-fp32", "reference")
+MIXED = ("project", "project-latents", "project-checkpointing", "project-no-checkpointing", "project-foreach")
 
 
 def real_components(seed: int = 0) -> dict:
-    """SD 1.5 architecture with random weights (published configs) + the two CnC fusers, all fp32."""
+    """SD 1.5 architecture with random weights (:mod:`cnc.architectures`) + the two CnC fusers, all fp32."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
+    from cnc import architectures as arch
     from cnc.tiny import tiny_tokenizer
     from cnc_model.models.global_fuser import GlobalFuser
     from cnc_model.models.local_fuser import LocalFuser
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(  # stable-diffusion-v1-5 unet/config.json
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(  # vae/config.json
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4)
-    text = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14 text tower (text_encoder/config.json)
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-        max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu"))
-    return dict(vae=vae, text_encoder=text, tokenizer=tiny_tokenizer(), unet=unet,
+    unet = arch.sd_unet()
+    return dict(vae=arch.sd_vae(), text_encoder=arch.clip_text(), tokenizer=tiny_tokenizer(), unet=unet,
                 noise_scheduler=_training_scheduler(), local_fuser=LocalFuser.from_unet(unet),
                 global_fuser=GlobalFuser(768, 768, 4))
 
@@ -100,8 +95,9 @@ def synthetic_batch(batch: int, resolution: int, embed_dim: int, tokenizer) -> d
             "input_ids": tokenize(tokenizer, ["a photo of a cat on a sofa"] * batch)}
 
 
-def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, steps: int, warmup: int) -> dict:
-    """One measurement in this process (called through a subprocess by :func:`main`)."""
+def _setup(size: str, setting: str, stage: str, device):
+    """Components, trainer (only ``compute_loss`` and ``_make_optimizer`` are used), trainable parameters, weight
+    dtype, for ``setting`` on ``device`` (``meta``: weightless, for counting FLOPs)."""
     import torch
 
     from cnc_model.attention import install_soft_guidance
@@ -109,13 +105,10 @@ def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, st
     from cnc_model.training.config import TrainConfig
     from cnc_model.training.trainer import Trainer
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    mixed = setting in ("project", "project-latents", "project-no-checkpointing")
+    cuda = device.type == "cuda"
     wdt = torch.float32
-    if mixed:
+    if setting in MIXED:
         wdt = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
-    t0 = time.perf_counter()
     with device:  # random initialisation on the GPU: seconds instead of a minute for the real size
         comps = Components(**(real_components() if size == "real" else tiny_components()))
     if stage == "local":
@@ -129,38 +122,79 @@ def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, st
         m.to(device=device, dtype=torch.float32).train().requires_grad_(True)
     n_tokens = comps.global_fuser.config.tokens_per_reference if comps.global_fuser is not None else 0
     install_soft_guidance(comps.unet, comps.local_fuser, num_text_tokens=77, tokens_per_reference=n_tokens)
-    if setting != "project-no-checkpointing":
-        comps.unet.enable_gradient_checkpointing()
-        if comps.local_fuser is not None:
-            comps.local_fuser.enable_gradient_checkpointing()
-    build_s = time.perf_counter() - t0
-
-    cfg = TrainConfig(stage=stage, output_dir="/tmp/unused", data={"use_latents": setting == "project-latents"})
-    trainer = Trainer(cfg, comps)  # only compute_loss is used: give it what it reads
-    trainer.accelerator = SimpleNamespace(device=device)
+    checkpointing = {"project-checkpointing": True, "project-no-checkpointing": False, "reference": True}.get(
+        setting, "auto")
+    cfg = TrainConfig(stage=stage, output_dir="/tmp/unused", data={"use_latents": None},
+                      optim={"fused": False if setting in ("project-foreach", "reference") else None},
+                      train={"gradient_checkpointing": checkpointing})
+    trainer = Trainer(cfg, comps)
+    trainer.accelerator = SimpleNamespace(device=device, num_processes=1)
     trainer.weight_dtype, trainer.models = wdt, trainables
     params = [p for m in trainables.values() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    return comps, trainer, params, wdt
+
+
+def _data(comps, size: str, setting: str, batch: int, resolution: int, device) -> dict:
+    import torch
+
     embed_dim = comps.global_fuser.config.image_embed_dim if comps.global_fuser is not None else 32
     data = synthetic_batch(batch, resolution, embed_dim if size == "tiny" else 768, comps.tokenizer)
     if setting == "project-latents":  # what shards built with latents.enabled hold: (B, 2, C, R/8, R/8) float16
         factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
         data["latent_dist"] = torch.randn(batch, 2, comps.vae.config.latent_channels, resolution // factor,
                                           resolution // factor).half()
+    if device.type == "meta":
+        data = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    return data
+
+
+def flop_per_image(size: str, setting: str, stage: str, batch: int, resolution: int, checkpointing: bool) -> float:
+    """FLOPs of one training step per image (forward, recomputation, backward; counted on the meta device)."""
+    import torch
+
+    from cnc.flops import FlopCounting
+    from cnc_model.training.trainer import enable_checkpointing
+
+    device = torch.device("meta")
+    comps, trainer, params, wdt = _setup(size, setting, stage, device)
+    if checkpointing:
+        enable_checkpointing(comps)
+    data = _data(comps, size, setting, batch, resolution, device)
+    with FlopCounting() as c:
+        trainer.compute_loss(data).backward()
+    return c.total / batch
+
+
+def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, steps: int, warmup: int) -> dict:
+    """One measurement in this process (called through a subprocess by :func:`main`)."""
+    import torch
+
+    from cnc_model.training.memory import checkpointing_decision
+    from cnc_model.training.trainer import enable_checkpointing
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    mixed = setting in MIXED
+    t0 = time.perf_counter()
+    comps, trainer, params, wdt = _setup(size, setting, stage, device)
+    build_s = time.perf_counter() - t0
+    optimizer = trainer._make_optimizer(params)
+    data = _data(comps, size, setting, batch, resolution, device)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kernel = sdpa_kernel(SDPBackend.MATH) if setting == "reference" else None
 
-    def step() -> float:
+    def loss() -> torch.Tensor:
         autocast = torch.autocast(device.type, dtype=wdt) if mixed else torch.autocast(device.type, enabled=False)
         with autocast:
-            loss = trainer.compute_loss(data)
-        loss.backward()
+            return trainer.compute_loss(data)
+
+    def step() -> None:  # no host sync inside (the trainer keeps losses on the device too)
+        loss().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
 
     def timed(n: int) -> float:
         if cuda:
@@ -175,6 +209,18 @@ def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, st
     if kernel is not None:
         kernel.__enter__()
     try:
+        ckpt = trainer.cfg.train.gradient_checkpointing
+        if ckpt == "auto":  # the trainer's decision: a measured step without checkpointing
+            def probe() -> None:
+                loss().backward()
+                optimizer.zero_grad(set_to_none=True)
+
+            decision = checkpointing_decision(device, probe, params)
+            ckpt, reason = decision.enabled, decision.reason
+        else:
+            reason = "forced by the setting"
+        if ckpt:
+            enable_checkpointing(comps)
         timed(warmup)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -186,25 +232,30 @@ def run_one(size: str, setting: str, stage: str, batch: int, resolution: int, st
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     n_train = sum(p.numel() for p in params)
     n_frozen = sum(p.numel() for m in (comps.vae, comps.text_encoder, comps.unet) for p in m.parameters())
+    flops = flop_per_image(size, setting, stage, batch, resolution, bool(ckpt))
+    images_per_s = batch * steps / seconds
     return {"size": size, "setting": setting, "stage": stage, "device": torch.cuda.get_device_name() if cuda else
             f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "batch": batch, "resolution": resolution, "steps": steps, "step_s": seconds / steps,
-            "images_per_s": batch * steps / seconds, "peak_gb": peak / 2**30, "peak_kind": "cuda allocated" if cuda
+            "images_per_s": images_per_s, "peak_gb": peak / 2**30, "peak_kind": "cuda allocated" if cuda
             else "process RSS", "trainable_params_m": n_train / 1e6, "frozen_params_m": n_frozen / 1e6,
-            "dtype": str(wdt).replace("torch.", ""), "build_s": build_s}
+            "dtype": str(wdt).replace("torch.", ""), "build_s": build_s, "gradient_checkpointing": bool(ckpt),
+            "checkpointing_reason": reason, "fused_adamw": bool(optimizer.defaults.get("fused")),
+            "flop_per_image": flops, "tflops": flops * images_per_s / 1e12}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| size | setting | stage | device | batch × res | s/step | images/s | peak memory | vs reference |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = ("| size | setting | stage | device | batch × res | checkpointing / fused AdamW | s/step | images/s | "
+            "TFLOP/s | peak memory | vs reference |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         ref = next((x for x in rows if x["size"] == r["size"] and x["setting"] == "reference"), None)
         speed = f"{r['images_per_s'] / ref['images_per_s']:.2f}× speed, {r['peak_gb'] / ref['peak_gb']:.2f}× mem" \
             if ref and ref is not r else "1×"
+        ckpt = f"{'on' if r['gradient_checkpointing'] else 'off'} / {'yes' if r['fused_adamw'] else 'no'}"
         lines.append(f"| {r['size']} | {r['setting']} ({r['dtype']}) | {r['stage']} | {r['device']} | "
-                     f"{r['batch']} × {r['resolution']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} | "
-                     f"{r['peak_gb']:.2f} GB ({r['peak_kind']}) | {speed} |")
+                     f"{r['batch']} × {r['resolution']} | {ckpt} | {r['step_s']:.3f} | {r['images_per_s']:.2f} | "
+                     f"{r['tflops']:.3g} | {r['peak_gb']:.2f} GB ({r['peak_kind']}) | {speed} |")
     return "\n".join(lines)
 
 

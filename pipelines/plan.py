@@ -54,7 +54,7 @@ TABLE_PLAN_VERSION = 2
 #: only changes which items are read, which the plan's ``items_sha256`` already compares.
 #: ``fetch`` (timeouts, retries, opt-outs) only changes which web images fail, never a sample's bytes.
 OPERATIONAL_KEYS: tuple[str, ...] = ("ray", "device", "max_failure_fraction", "input_format", "storage",
-                                     "allow_outside_input", "input_hash", "compile", "fetch")
+                                     "allow_outside_input", "input_hash", "compile", "fetch", "channels_last")
 
 
 class PlanMismatchError(UserError, ValueError):

@@ -195,3 +195,14 @@ def photo_table(tmp_path_factory) -> tuple[Path, dict]:
     pq.write_table(pa.table(table_rows(keys[:6], f"{base}/images/")), root / "part-00000.parquet", row_group_size=4)
     pq.write_table(pa.table(table_rows(keys[6:], f"{base}/images/")), root / "part-00001.parquet", row_group_size=4)
     return root, photos
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for the module (a shared CPU machine: two threads spin against other load), restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

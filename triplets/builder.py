@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from triplets.config import BuildConfig
 from triplets.quality import QualityScorer, QualityStage
 from triplets.sample import TripletSample
 from triplets.stages import InpaintStage, LoadStage
+from triplets.stages.base import resolve_device
 from triplets.stages.latents import LatentStage
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class TripletBuilder:
         self.models = identities or model_identities(cfg, resolved)
         self.model_stages = []
         self.quality = None
+        self.host_pool = None
         if load_models:
             self._load_models(cfg, resolved, device)
         elif cfg.quality.enabled:  # a CPU worker of ``ray.pools: split`` computes the model-free statistics
@@ -86,7 +89,7 @@ class TripletBuilder:
             segment,
             InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,
                          ip.guidance_scale, ip.strength, ip.dilation_px, ip.paste_back, base_seed=cfg.seed,
-                         compile_mode=cfg.compile, **common),
+                         compile_mode=cfg.compile, channels_last=cfg.channels_last, **common),
             depth,
             embed,
         ]
@@ -98,8 +101,14 @@ class TripletBuilder:
         if cfg.latents.enabled:  # the inpainting pipeline's VAE, not a second copy
             inpaint = self.model_stages[1]
             self.model_stages.append(LatentStage(inpaint.pipe.vae, cfg.latents.resolution or cfg.resolution))
+        # per-image host work of the stages (priors, prompts...) in parallel while the accelerator waits for it; on a
+        # CPU the models themselves use the cores, so it stays inline there
+        on_accelerator = resolve_device(dev) != "cpu"
+        self.host_pool = (ThreadPoolExecutor(cfg.ray.encode_threads, "cnc-host")
+                          if cfg.ray.encode_threads > 1 and on_accelerator else None)
         for stage in self.model_stages:
             stage.batch_size = cfg.stage_batch_size(stage.name)
+            stage.host_pool = self.host_pool
 
     def _image_disparity_mode(self, resolved: dict[str, str]) -> str:
         """How the depth stage provides D(I) for the quality scores: ``reuse`` the ``sam`` prior's pass when it is

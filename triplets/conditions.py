@@ -151,7 +151,7 @@ def condition_stages(cfg: BuildConfig | ConditionSettings, resolved: dict[str, s
         sam_type = TINY_SAM_TYPE if seg.sam_checkpoint == TINY else seg.sam_model_type
         seg_kwargs.update(sam_checkpoint=resolved["segment.sam_checkpoint"], sam_model_type=sam_type,
                           saliency_model=resolved["segment.saliency_model"], prior_quantile=seg.prior_quantile,
-                          **common)
+                          sam_attention=seg.sam_attention, sam_precision=seg.sam_precision, **common)
     elif seg.backend == "u2net":
         seg_kwargs.update(u2net_checkpoint=resolved["segment.u2net_checkpoint"],
                           u2net_threshold=seg.u2net_threshold, **common)

@@ -31,6 +31,14 @@ class SegmentConfig(_Strict):
     sam_checkpoint: str = Field("tiny", description="local path of a segment-anything .pth checkpoint, or 'tiny'")
     sam_model_type: str = Field("vit_h", description="segment-anything registry name: vit_h | vit_l | vit_b")
     saliency_model: str = Field("Intel/dpt-large", description="DPT used for the saliency prior (sam backend)")
+    sam_attention: Literal["bias", "folded"] = Field(
+        "bias", description="SAM image-encoder attention: 'bias' = SDPA with the relative-position bias as a dense "
+                            "mask (memory-efficient kernel); 'folded' = the bias folded into q·k, no mask (flash "
+                            "attention eligible; same logits within float rounding). "
+                            "benchmarks/gpu_check.sh measures both (variant sam-folded)")
+    sam_precision: Literal["autocast", "weights"] = Field(
+        "autocast", description="with a reduced dtype: 'autocast' = fp32 SAM weights under autocast; 'weights' = the "
+                                "image encoder's weights in that dtype (variant sam-fp16-weights)")
     prior_quantile: float = Field(0.85, gt=0, lt=1, description="disparity quantile defining the near region")
     u2net_checkpoint: str = Field(
         "checkpoints/u2net.pth",
@@ -168,7 +176,9 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a model worker reserves in Ray")
     torch_threads: int = Field(0, ge=0, description="torch threads per worker, 0 = cpus_per_worker")
     encode_threads: int = Field(4, ge=1, description="threads of a worker's writer encoding JPEG/PNG in parallel "
-                                                     "(tar bytes do not depend on it)")
+                                                     "(tar bytes do not depend on it); on a GPU as many again run "
+                                                     "the stages' per-image host work (saliency priors, SAM prompts) "
+                                                     "in parallel (1 = inline)")
     pools: Literal["auto", "single", "split"] = Field(
         "auto", description="single: one worker per GPU fetches, decodes, runs the models, encodes and writes; "
                             "split: model workers (one per GPU) run only the models, CPU workers on any node do the "
@@ -235,6 +245,10 @@ class BuildConfig(_Strict):
         "off", description="torch.compile the inpainting UNet (≈ 80 % of a triplet's FLOPs) with this mode; "
                            "compiles once per batch shape at start-up, outputs change within float rounding "
                            "(operational: not part of the plan fingerprint); measured in benchmarks/gpu_suite.py")
+    channels_last: bool = Field(
+        False, description="store the inpainting UNet's weights and activations channels-last (NHWC: tensor-core "
+                           "convolutions without layout transposes); outputs change within float rounding "
+                           "(operational); measured by benchmarks/gpu_check.sh (variant channels-last)")
     input_format: Literal[("auto", *INPUT_FORMATS)] = Field(
         "auto", description="the input's format (cnc build --input-format); auto = detected from the path")
     input_hash: bool = Field(

@@ -85,9 +85,11 @@ class DataConfig(_Strict):
                                           "(0.1 for local/joint, 0 for global)")
     drop_embedding_prob: float | None = Field(None, ge=0, le=1, description="each CLIP embedding; null = stage "
                                               "default (0.1 for global/joint, 0 for local)")
-    use_latents: bool = Field(False, description="sample the image latents from the shards' latent.npy (build "
-                                                 "option latents.enabled, at data.resolution) instead of encoding "
-                                                 "every image with the VAE at every step; same distribution")
+    use_latents: bool | None = Field(
+        None, description="sample the image latents from the shards' latent.npy (build option latents.enabled, at "
+                          "data.resolution) instead of encoding every image with the VAE at every step (same "
+                          "distribution up to float16 storage); null = auto: from latent.npy for every batch whose "
+                          "samples all carry it at the training size, else encoded; true = required; false = never")
     preflight_shards: int = Field(2, ge=0, description="shards validated before training (0 = skip)")
     preflight_strict: bool = Field(False, description="also fail on shard-level problems (truncated tar...)")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="thresholds on the samples' quality "
@@ -111,6 +113,9 @@ class OptimConfig(_Strict):
     adam_beta2: float = Field(0.999, description="AdamW beta2")
     adam_epsilon: float = Field(1e-8, description="AdamW epsilon")
     use_8bit_adam: bool = Field(False, description="bitsandbytes AdamW8bit (pip install bitsandbytes)")
+    fused: bool | None = Field(None, description="torch AdamW's fused kernel (one kernel per step instead of one per "
+                                                 "tensor group: same update, less memory traffic); null = auto: fused "
+                                                 "on CUDA, foreach elsewhere")
     max_grad_norm: float | None = Field(1.0, description="clip over all trainable parameters; null = off "
                                                          "(reference: off)")
     lr_scheduler: str = Field("constant", description="diffusers get_scheduler name")
@@ -131,8 +136,10 @@ class TrainLoopConfig(_Strict):
                                 "and recorded in OUTPUT/train_config.yaml (the reference trained 30/30/9 epochs)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "bf16", description="dtype of the frozen VAE / text encoder / UNet and autocast; trainables stay fp32")
-    gradient_checkpointing: bool = Field(True, description="recompute activations in the backward pass (less "
-                                                            "memory, more time)")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute UNet-decoder and local-fuser activations in the backward pass (≈ 18 % more "
+                            "FLOPs, less memory); auto = off when a measured step without it fits the GPU's memory "
+                            "(cnc_model.training.memory), on otherwise; off on a CPU")
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs")
     set_grads_to_none: bool = Field(True, description="zero_grad(set_to_none=True)")
     use_ema: bool = Field(False, description="keep EMA copies of the fusers (ema_<fuser>/ in checkpoints; the "

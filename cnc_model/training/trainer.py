@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +136,7 @@ class Trainer:
         self.params = [p for m in self.models.values() for p in m.parameters()]
         ckpt.register_fuser_hooks(acc, self.trainable_names)
         self.ema = self._make_ema()
+        self._decide_checkpointing()
 
         # 5. resume, trackers
         self.resume()
@@ -152,6 +153,7 @@ class Trainer:
         if not cfg.data.train_shards:
             raise ValueError("data.train_shards is empty: set it to a build output folder, glob or shard URLs")
         urls = resolve_shards(cfg.data.train_shards, committed_only=True)
+        self.shard_urls = urls
         if cfg.data.preflight_shards:
             data.preflight_check(urls, max_shards=cfg.data.preflight_shards, strict=cfg.data.preflight_strict)
         first = data.first_samples(urls, 1)
@@ -214,10 +216,50 @@ class Trainer:
         install_soft_guidance(comps.unet, comps.local_fuser, num_text_tokens=comps.tokenizer.model_max_length,
                               tokens_per_reference=n_tokens, resize_mode=cfg.model.soft_guidance_resize,
                               fp32_logits=cfg.model.attention_fp32_logits)
-        if cfg.train.gradient_checkpointing:
-            comps.unet.enable_gradient_checkpointing()  # the decoder is on the gradient path
-            if comps.local_fuser is not None:
-                comps.local_fuser.enable_gradient_checkpointing()
+        if cfg.train.gradient_checkpointing is True:
+            enable_checkpointing(comps)
+
+    def _decide_checkpointing(self) -> None:
+        """``train.gradient_checkpointing: auto``: one forward + backward of a real batch without checkpointing,
+        measured on the device (:mod:`cnc_model.training.memory`); every process follows the most demanding one."""
+        from cnc_model.training.memory import CheckpointingDecision, checkpointing_decision
+
+        setting, acc = self.cfg.train.gradient_checkpointing, self.accelerator
+        if setting != "auto":
+            self.checkpointing = CheckpointingDecision(bool(setting), "set in the config")
+            return
+
+        def step() -> None:  # what _micro_step runs, without the optimizer step, gradient sync or RNG draws
+            batch = self._probe_batch()
+            with ExitStack() as stack, torch.random.fork_rng(devices=self._rng_devices()):
+                for m in self.models.values():
+                    stack.enter_context(acc.no_sync(m))
+                acc.backward(self.compute_loss(batch))
+            self.optimizer.zero_grad(set_to_none=True)
+
+        decision = checkpointing_decision(acc.device, step, self.params,
+                                          "adamw8bit" if self.cfg.optim.use_8bit_adam else "adamw")
+        if acc.num_processes > 1:
+            needed = acc.reduce(torch.tensor(float(decision.enabled), device=acc.device), "sum").item() > 0
+            if needed != decision.enabled:
+                decision = CheckpointingDecision(needed, "another process needs it", decision.peak_bytes,
+                                                 decision.optimizer_state_bytes, decision.budget_bytes)
+        if decision.enabled:
+            enable_checkpointing(self.components)
+        logger.info("gradient checkpointing %s (auto): %s", "on" if decision.enabled else "off", decision.reason)
+        self.checkpointing = decision
+
+    def _probe_batch(self) -> dict:
+        """A batch of the loader's shape and fields from the first samples (the data stream is not touched)."""
+        from cnc_model import data
+
+        samples = data.first_samples(self.shard_urls, self.cfg.train.train_batch_size)
+        samples = (samples * self.cfg.train.train_batch_size)[:self.cfg.train.train_batch_size]
+        return data.collate([data.sample_to_tensors(s, self.resolution, self.cfg.data.depth_channels, compact=True)
+                             for s in samples], self.components.tokenizer, self.cfg.data.depth_channels)
+
+    def _rng_devices(self) -> list:
+        return [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
 
     def _make_optimizer(self, params):
         o = self.cfg.optim
@@ -225,7 +267,7 @@ class Trainer:
         if o.scale_lr:
             lr *= (self.cfg.train.gradient_accumulation_steps * self.cfg.train.train_batch_size
                    * self.accelerator.num_processes)
-        cls = torch.optim.AdamW
+        cls, extra = torch.optim.AdamW, {}
         if o.use_8bit_adam:
             try:
                 import bitsandbytes as bnb
@@ -233,8 +275,10 @@ class Trainer:
                 raise ImportError("optim.use_8bit_adam needs bitsandbytes: pip install bitsandbytes "
                                   "(or pip install 'cnc[bnb]'), or set optim.use_8bit_adam=false") from None
             cls = bnb.optim.PagedAdamW8bit if self.accelerator.num_processes > 1 else bnb.optim.AdamW8bit
+        elif o.fused if o.fused is not None else torch.device(self.accelerator.device).type == "cuda":
+            extra["fused"] = True  # one kernel per step (auto: on CUDA)
         return cls(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
-                   eps=o.adam_epsilon)
+                   eps=o.adam_epsilon, **extra)
 
     def _make_ema(self) -> dict:
         if not self.cfg.train.use_ema:
@@ -278,20 +322,22 @@ class Trainer:
 
     def image_latents(self, batch: dict) -> torch.Tensor:
         """Unscaled VAE latents ``(B, 4, R/8, R/8)`` float32 of the batch's images: drawn from the shards' stored
-        distribution with ``data.use_latents`` (:func:`cnc_model.data.sample_latents`), else encoded now."""
+        distribution (:func:`cnc_model.data.sample_latents`) when ``data.use_latents`` is true, or when it is null
+        (auto) and the batch carries it at the training size; else encoded now."""
         from cnc_model.data import TrainingDataError, sample_latents
 
-        comps, dev = self.components, self.accelerator.device
-        if self.cfg.data.use_latents:
-            dist = batch.get("latent_dist")
-            factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-            want = tuple(s // factor for s in batch["pixel_values"].shape[-2:])
+        comps, dev, mode = self.components, self.accelerator.device, self.cfg.data.use_latents
+        dist = batch.get("latent_dist")
+        factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+        want = tuple(s // factor for s in batch["pixel_values"].shape[-2:])
+        if mode:
             if dist is None:
                 raise TrainingDataError("data.use_latents: the shards have no latent.npy (build them with "
                                         "latents.enabled: true, latents.resolution = data.resolution)")
             if tuple(dist.shape[-2:]) != want:
                 raise TrainingDataError(f"data.use_latents: latent.npy is {tuple(dist.shape[-2:])}, the training "
                                         f"resolution needs {want} (build with latents.resolution = data.resolution)")
+        if mode or (mode is None and dist is not None and tuple(dist.shape[-2:]) == want):
             return sample_latents(dist.to(dev))
         pixels = batch["pixel_values"].to(dev, dtype=self.weight_dtype)
         return torch.cat([comps.vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(8)]).float()
@@ -616,6 +662,13 @@ class Trainer:
             return self._stop
         flag = torch.tensor(float(self._stop), device=acc.device)
         return bool(acc.reduce(flag, "sum").item() > 0)
+
+
+def enable_checkpointing(comps: Components) -> None:
+    """Gradient checkpointing of the modules on the gradient path: the frozen UNet (its decoder) and the local fuser."""
+    comps.unet.enable_gradient_checkpointing()
+    if comps.local_fuser is not None:
+        comps.local_fuser.enable_gradient_checkpointing()
 
 
 def _reset_accelerator_state() -> None:

@@ -74,6 +74,34 @@ def test_depth_quantisation_keeps_raw_range_recoverable():
         quantize_depth(np.array([[np.nan, 1.0]]))
 
 
+def test_batched_quantisation_equals_the_float64_formula_bit_for_bit():
+    """The batch quantiser (run where the maps are: the GPU in a build) gives NumPy's float64 result exactly, map by
+    map; constant maps give zeros and non-finite maps are flagged, without disturbing their neighbours."""
+    from triplets.sample import quantize_depth_batch
+
+    rng = np.random.default_rng(0)
+    maps = (rng.standard_normal((5, 33, 31)) * rng.choice([1e-3, 1.0, 1e4], (5, 1, 1))).astype(np.float32)
+    maps[1] = 7.0  # constant
+    maps[2, 3, 4] = np.nan
+    maps[3] = np.round(maps[3] * 4) / 4  # ties at .5 after scaling are possible
+    q, ranges, finite = quantize_depth_batch(maps)
+    assert q.dtype == np.uint16 and ranges.dtype == np.float64 and list(finite) == [True, True, False, True, True]
+    for i in (0, 1, 3, 4):
+        d = maps[i].astype(np.float64)
+        lo, hi = d.min(), d.max()
+        want = np.zeros(d.shape, np.uint16) if hi <= lo else np.round((d - lo) / (hi - lo) * 65535).astype(np.uint16)
+        assert np.array_equal(q[i], want) and tuple(ranges[i]) == (lo, hi)
+        assert np.array_equal(quantize_depth(maps[i])[0], want)
+    import torch
+
+    from triplets.sample import _quantize_on_device
+
+    for got in (quantize_depth_batch(torch.from_numpy(maps)), _quantize_on_device(torch.from_numpy(maps))):
+        q_t, ranges_t, finite_t = got  # a tensor, and the on-device path (run here on the CPU): the same bits
+        assert q_t.dtype == np.uint16 and np.array_equal(q_t[[0, 1, 3, 4]], q[[0, 1, 3, 4]])
+        assert np.array_equal(ranges_t[[0, 1, 3, 4]], ranges[[0, 1, 3, 4]]) and np.array_equal(finite_t, finite)
+
+
 def test_validate_and_encode_reject_malformed_samples():
     s = _sample()
     s.mask = s.mask * 255  # not {0,1}

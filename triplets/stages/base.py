@@ -57,6 +57,8 @@ class Stage:
     name = "stage"
     #: Rows per model call (``None``: the whole batch). Set by the builder from ``<stage>.batch_size``.
     batch_size: int | None = None
+    #: Threads for per-image host work (NumPy/OpenCV between model calls), set by the builder; ``None``: inline.
+    host_pool = None
 
     def __new__(cls, *args, **kwargs):
         obj = super().__new__(cls)
@@ -68,6 +70,14 @@ class Stage:
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def host_map(self, fn, *iterables) -> list:
+        """``list(map(fn, *iterables))``, on :attr:`host_pool`'s threads when there is one (same results, in order):
+        per-image host work of a batch runs in parallel instead of one image after the other on the model thread
+        while the device waits (NumPy and OpenCV release the GIL)."""
+        if self.host_pool is None:
+            return list(map(fn, *iterables))
+        return list(self.host_pool.map(fn, *iterables))
 
     def empty(self, batch: dict) -> dict:
         """Zero-filled output columns for a batch with no healthy row (keeps schemas stable)."""

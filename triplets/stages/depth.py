@@ -3,7 +3,9 @@
 Uses transformers ``DPTForDepthEstimation`` with its own ``DPTImageProcessor`` (the reference
 skipped the processor; its torchvision resize/normalisation runs on the model's device, on the uint8 batch moved there
 once), predicts relative inverse depth (near = large), resizes it back to the
-image size (bicubic) and min-max normalises **each map** to uint16 (raw range kept).
+image size (bicubic) and min-max normalises **each map** to uint16 (raw range kept) on the model's device
+(:func:`triplets.sample.quantize_depth_batch`: only uint16-range integers come back to the host). I_f = I⊙M and the
+concatenation with I_b are formed on the device too.
 
 ``preprocess`` selects the model input:
 
@@ -20,7 +22,7 @@ import weakref
 
 import numpy as np
 
-from triplets.sample import quantize_depth
+from triplets.sample import quantize_depth_batch
 from triplets.stages.base import Stage, resolve_device, resolve_dtype
 
 PREPROCESS_MODES = ("processor", "reference")
@@ -52,12 +54,18 @@ class DPTDepth:
         self.model_id = model
 
     def __call__(self, images: np.ndarray, preprocess: str = "processor") -> np.ndarray:
+        return self.disparity(images, preprocess).cpu().numpy().astype(np.float32)
+
+    def disparity(self, images, preprocess: str = "processor"):
+        """:meth:`__call__` with the result left on the device: ``(N, H, W)`` float32 tensor. ``images`` may also be a
+        ``(N, H, W, 3)`` uint8 tensor (on the device already)."""
         import torch
 
         check_preprocess(preprocess)
         n, h, w = images.shape[:3]
         with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)  # uint8
+            batch = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+            batch = batch.to(self.device).permute(0, 3, 1, 2)  # uint8
             if preprocess == "reference":
                 pixels = batch.float() / 255.0
             else:  # the processor's resize and mean/std as tensor ops on the model's device
@@ -65,7 +73,7 @@ class DPTDepth:
             pred = self.model(pixel_values=pixels.to(self.device, self.dtype)).predicted_depth
             pred = torch.nn.functional.interpolate(pred[:, None].float(), size=(h, w), mode="bicubic",
                                                    align_corners=False)[:, 0]
-        return pred.cpu().numpy().astype(np.float32)
+        return pred
 
 
 _SHARED: weakref.WeakValueDictionary[tuple, DPTDepth] = weakref.WeakValueDictionary()
@@ -109,24 +117,27 @@ class DepthStage(Stage):
         self.image_disparity = image_disparity
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
-        image, mask, bg = rows["image"], rows["mask"], rows["background"]
-        n = len(image)
-        fg = image * mask[..., None]
+        import torch  # lazy: torch is heavy
+
+        dev = self.estimator.device
+        n = len(rows["image"])
         want = self.image_disparity == "compute" or (
             self.image_disparity == "reuse" and "image_disparity" not in rows)
-        raw = self.estimator(np.concatenate([fg, bg, image] if want else [fg, bg], axis=0), self.preprocess)
-        cols = {"fg_depth": np.zeros(mask.shape, np.uint16), "bg_depth": np.zeros(mask.shape, np.uint16),
-                "fg_depth_range": np.zeros((n, 2)), "bg_depth_range": np.zeros((n, 2))}
-        for i in range(n):
-            fq, fr = quantize_depth(raw[i])
-            bq, br = quantize_depth(raw[n + i])
-            if self.mask_foreground_depth:
-                fq = fq * mask[i].astype(np.uint16)
-            cols["fg_depth"][i], cols["fg_depth_range"][i] = fq, fr
-            cols["bg_depth"][i], cols["bg_depth_range"][i] = bq, br
+        with torch.inference_mode():
+            image, mask, bg = (torch.from_numpy(np.ascontiguousarray(rows[k])).to(dev)
+                               for k in ("image", "mask", "background"))
+            # one DPT pass over I_f, I_b (and I when the quality scores need D(I) and nothing computed it yet)
+            raw = self.estimator.disparity(torch.cat([image * mask[..., None], bg, *([image] if want else [])]),
+                                           self.preprocess)
+            q, ranges, finite = quantize_depth_batch(raw[:2 * n])
+            disparity = raw[2 * n:].float().cpu().numpy() if want else None
+        fq = q[:n] * rows["mask"].astype(np.uint16) if self.mask_foreground_depth else q[:n]
+        cols = {"fg_depth": fq, "bg_depth": q[n:], "fg_depth_range": ranges[:n], "bg_depth_range": ranges[n:]}
         if want:
-            cols["image_disparity"] = raw[2 * n:].astype(np.float32)
-        return cols, {}
+            cols["image_disparity"] = disparity
+        failures = {i: "ValueError: depth map has non-finite values" for i in range(n)
+                    if not (finite[i] and finite[n + i])}
+        return cols, failures
 
     def empty(self, batch: dict) -> dict:
         n = len(batch["key"])

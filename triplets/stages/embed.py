@@ -25,11 +25,13 @@ class CLIPImageEmbedder:
         self.model.to(self.device, self.dtype).eval()
         self.dim = int(self.model.config.projection_dim)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images) -> np.ndarray:
+        """``images``: ``(N, H, W, 3)`` uint8, a NumPy array or a tensor (on the device already)."""
         import torch
 
         with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)  # uint8
+            batch = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+            batch = batch.to(self.device).permute(0, 3, 1, 2)  # uint8
             inputs = self.processor(images=list(batch), return_tensors="pt", device=self.device)
             out = self.model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype)).image_embeds
         return out.float().cpu().numpy().astype(np.float32)
@@ -48,10 +50,15 @@ class EmbedStage(Stage):
         self.fg_source = fg_source
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
-        image, bg = rows["image"], rows["background"]
-        fg = image if self.fg_source == "image" else image * rows["mask"][..., None]
-        emb = self.embedder(np.concatenate([fg, bg], axis=0))
-        n = len(image)
+        import torch
+
+        dev = self.embedder.device
+        with torch.inference_mode():  # I_f and the concatenation formed on the device, not copied on the host
+            image, bg = (torch.from_numpy(np.ascontiguousarray(rows[k])).to(dev) for k in ("image", "background"))
+            if self.fg_source == "foreground":
+                image = image * torch.from_numpy(np.ascontiguousarray(rows["mask"])).to(dev)[..., None]
+            emb = self.embedder(torch.cat([image, bg]))
+        n = len(rows["image"])
         return {"fg_emb": emb[:n], "bg_emb": emb[n:]}, {}
 
     def empty(self, batch: dict) -> dict:

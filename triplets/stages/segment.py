@@ -5,13 +5,16 @@ U²-Net or BiRefNet). Every backend maps ``(rows) → masks``; the stage then ch
 masks covering less than ``min_area`` of the image fail with ``empty mask``, more than
 ``max_area`` with ``near-full mask`` (a per-sample reason, not a crash).
 
-``sam`` — segment-anything SAM (batched, :mod:`triplets.stages.sam_batch`; fp16/bf16 autocast on GPU per ``dtype``,
-fp32 on CPU) prompted from a saliency prior. The prior is the
+``sam`` — segment-anything SAM (batched, :mod:`triplets.stages.sam_batch`; fp16/bf16 on GPU per ``dtype``, fp32 on
+CPU; ``segment.sam_attention`` / ``segment.sam_precision`` select its attention kernel and weight precision)
+prompted from a saliency prior. The prior is the
 DPT disparity of the image (near = large): pixels above the ``prior_quantile`` of the map form
 the "near" region; its largest connected component is the most prominent near object. SAM
 gets that component's bounding box plus one positive point (the component pixel of highest
 disparity) and returns three candidates; the best-scoring candidate whose area is within
-bounds wins. If none is, the prior component itself is used (``mask_source = "prior"``).
+bounds wins (chosen on the device: only the chosen mask comes back to the host). If none is, the prior component
+itself is used (``mask_source = "prior"``). The priors and prompts (NumPy/OpenCV per image) run on the builder's host
+thread pool when it has one (``Stage.host_map``), not one after the other on the model thread.
 
 ``dataset`` — masks supplied with the input (COCO-Stuff thing classes, or ``masks/`` PNGs);
 rows without one fail with ``no dataset mask``.
@@ -77,7 +80,8 @@ class SamSegmenter:
 
     def __init__(self, sam_checkpoint: str, sam_model_type: str = "vit_h", saliency_model: str = "Intel/dpt-large",
                  prior_quantile: float = 0.85, min_area: float = 0.01, max_area: float = 0.95,
-                 device: str = "auto", dtype: str = "auto", **_: object):
+                 device: str = "auto", dtype: str = "auto", sam_attention: str = "bias",
+                 sam_precision: str = "autocast", **_: object):
         from triplets.stages.depth import shared_dpt
         from triplets.stages.sam_batch import BatchedSam
 
@@ -86,9 +90,15 @@ class SamSegmenter:
         if sam_model_type not in models:
             raise ValueError(f"segment.sam_model_type {sam_model_type!r} unknown; valid: {list(models)}")
         sam = _load_sam(models[sam_model_type], sam_checkpoint)
-        self.sam = BatchedSam(sam, self.device, resolve_dtype(dtype, self.device))
+        self.sam = BatchedSam(sam, self.device, resolve_dtype(dtype, self.device), attention=sam_attention,
+                              precision=sam_precision)
         self.prior_depth = shared_dpt(saliency_model, device, dtype)
         self.quantile, self.min_area, self.max_area = prior_quantile, min_area, max_area
+        self.host_map = map  # the segment stage hands its host pool's map in (SegmentStage.host_map)
+
+    def _prior_and_prompt(self, disparity: np.ndarray):
+        prior = saliency_prior(disparity, self.quantile)
+        return prior, prior_prompt(prior, disparity)
 
     def __call__(self, rows: dict) -> tuple[np.ndarray, list[str]]:
         masks, sources, _ = self.segment(rows)
@@ -99,20 +109,51 @@ class SamSegmenter:
         disparity of I, which the depth and quality stages reuse instead of running DPT on I again."""
         images = rows["image"]
         disparity = self.prior_depth(images)
-        priors = [saliency_prior(d, self.quantile) for d in disparity]
-        prompts = [prior_prompt(p, d) for p, d in zip(priors, disparity)]
-        cands, scores = self.sam(images, np.stack([b for b, _ in prompts]), np.concatenate([p for _, p in prompts]))
-        masks, sources = np.zeros(images.shape[:3], np.uint8), []
-        for i, prior in enumerate(priors):
-            chosen, source = prior, "prior"
-            for j in np.argsort(-scores[i], kind="stable"):
-                area = float(cands[i, j].mean())
-                if self.min_area <= area <= self.max_area:
-                    chosen, source = cands[i, j].astype(np.uint8), "sam"
-                    break
-            masks[i] = chosen
-            sources.append(source)
-        return masks, sources, {"image_disparity": np.asarray(disparity, np.float32)}
+        priors, prompts = zip(*self.host_map(self._prior_and_prompt, list(disparity)))
+        cands, scores = self.sam.predict(images, np.stack([b for b, _ in prompts]),
+                                         np.concatenate([p for _, p in prompts]))
+        chosen, found = select_candidates(cands, scores, self.min_area, self.max_area)
+        masks = np.where(found[:, None, None], chosen, np.stack(priors)).astype(np.uint8)
+        return masks, ["sam" if f else "prior" for f in found], {"image_disparity": np.asarray(disparity, np.float32)}
+
+
+def select_candidates(masks, scores, min_area: float, max_area: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the best-scoring candidate whose area (fraction of pixels) is within ``[min_area, max_area]``.
+
+    Args:
+        masks: ``(N, K, H, W)`` bool tensor (on any device); ``scores`` ``(N, K)`` float tensor.
+
+    Returns:
+        ``(chosen (N, H, W) uint8 {0,1}, found (N,) bool)`` on the host; rows without an in-bounds candidate are zeros
+        with ``found`` False. Candidates are tried by descending score (ties: lower index first), areas in float64
+        (exact, as ``mask.mean()`` in NumPy). On an accelerator the choice is made there and only the chosen masks
+        are copied back (:func:`_select_on_device`); CPU tensors go through NumPy (faster there). Same choice.
+    """
+    if masks.device.type != "cpu":
+        return _select_on_device(masks, scores, min_area, max_area)
+    cands, scores = masks.numpy(), scores.numpy()
+    chosen, found = np.zeros((len(cands),) + cands.shape[2:], np.uint8), np.zeros(len(cands), bool)
+    for i in range(len(cands)):
+        for j in np.argsort(-scores[i], kind="stable"):
+            if min_area <= float(cands[i, j].mean()) <= max_area:
+                chosen[i], found[i] = cands[i, j], True
+                break
+    return chosen, found
+
+
+def _select_on_device(masks, scores, min_area: float, max_area: float) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    n, _, h, w = masks.shape
+    area = torch.count_nonzero(masks.flatten(2), dim=-1).to(torch.float64) / (h * w)  # (N, K), exact
+    ok = (area >= min_area) & (area <= max_area)
+    order = torch.sort(-scores, dim=1, stable=True).indices  # (N, K) best first
+    ok_sorted = ok.gather(1, order)
+    first = ok_sorted.to(torch.uint8).argmax(1)  # the first in-bounds one in score order
+    pick = order.gather(1, first[:, None])[:, 0]
+    found = ok_sorted.any(1)
+    chosen = masks[torch.arange(n, device=masks.device), pick] & found[:, None, None]
+    return chosen.to(torch.uint8).cpu().numpy(), found.cpu().numpy()
 
 
 def sam_architectures() -> dict[str, Callable]:
@@ -155,6 +196,8 @@ class SegmentStage(Stage):
         self.backend = backend
         self.segmenter = SEGMENTERS[backend](min_area=min_area, max_area=max_area, **backend_kwargs)
         self.min_area, self.max_area = min_area, max_area
+        if hasattr(self.segmenter, "host_map"):
+            self.segmenter.host_map = self.host_map
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
         if hasattr(self.segmenter, "segment"):

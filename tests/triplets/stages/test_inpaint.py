@@ -59,3 +59,28 @@ def _reference_inpaint(stage, images, masks, keys):
                    num_inference_steps=stage.steps, generator=gens, output_type="np").images
     bg = np.clip(np.round(np.asarray(out, np.float32) * 255), 0, 255).astype(np.uint8)
     return np.where(dilated[..., None] > 0, bg, images)
+
+
+def test_channels_last_is_operational_and_within_rounding(inpaint_stage):
+    """``channels_last`` stores the inpainting UNet NHWC (measured by benchmarks/gpu_check.sh); the backgrounds stay
+    within float rounding of the default layout and the plan fingerprint is unchanged."""
+    from cnc.config import load_config
+    from cnc.hub import TINY, resolve_pretrained
+    from pipelines.plan import fingerprint
+    from triplets.builder import TripletBuilder
+    from triplets.config import BuildConfig
+    from triplets.stages.inpaint import InpaintStage
+
+    nhwc = InpaintStage(resolve_pretrained(TINY, "inpaint.model"), num_inference_steps=2, device="cpu",
+                        channels_last=True)
+    assert nhwc.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    rows = {"image": _images(2), "mask": _masks(2), "key": np.array(["a", "b"], dtype=object)}
+    a = inpaint_stage.process(rows)[0]["background"].astype(int)
+    b = nhwc.process(rows)[0]["background"].astype(int)
+    assert np.abs(a - b).max() <= 2
+    off = load_config(BuildConfig, "configs/build/tiny.yaml", [])
+    on = load_config(BuildConfig, "configs/build/tiny.yaml", ["channels_last=true"])
+    assert fingerprint(on) == fingerprint(off)
+    builder = TripletBuilder(on.model_copy(update={"device": "cpu", "quality": off.quality.model_copy(
+        update={"enabled": False})}))
+    assert builder.model_stages[1].pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
