@@ -170,9 +170,11 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
 
     Raises:
         cnc.base.errors.UserError: a model cannot be found, the output holds a build of another input/config or is
-            held by another build, the input cannot be read, no worker can be placed (before any work).
+            held by another build, the input cannot be read, the cluster at ``address`` does not answer within
+            ``ray.connect_timeout_s``, no worker can be placed (before any work).
     """
     t0 = time.perf_counter()
+    _check_cluster(address, cfg.ray.connect_timeout_s)
     resolved, out, plan = _plan(cfg, input, output)  # 1. fail fast + 2. plan
     if fault_injection is None and os.environ.get(FAULT_ENV):
         fault_injection = json.loads(os.environ[FAULT_ENV])
@@ -189,16 +191,17 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
         log.info("%d of %d shards committed; building %d%s", len(committed), len(sizes), len(todo),
                  " (incl. shards with failures, --retry-failed)" if retry_failed else "")
         built: dict[int, dict] = {}
+        reasons: dict[int, str] = {}
         interrupted = None
         if todo:  # 4. build
             probe = out.write_probe()
             try:
                 # ours before Ray starts, and again after ray.init() installed Ray's own SIGTERM handler
-                with interrupt_on_sigterm(), ray_session(address), interrupt_on_sigterm():
+                with interrupt_on_sigterm(), ray_session(address, cfg.ray.connect_timeout_s), interrupt_on_sigterm():
                     scheduler = ShardScheduler(cfg, resolved, plan["fingerprint"], out.url, probe, fault_injection)
                     specs = {s["shard"]: s for s in plan["shards"]}
                     done = scheduler.run(specs, todo, progress)
-                built, interrupted = done.markers, done.interrupted
+                built, interrupted, reasons = done.markers, done.interrupted, done.reasons
             except Interrupted as exc:  # arrived while Ray was starting or stopping
                 interrupted = exc
             except SystemExit as exc:  # Ray's own SIGTERM handler (active inside ray.init) exits with the signal
@@ -210,12 +213,25 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
             out.remove_temp_files()  # leftovers of attempts whose worker died (all workers are gone now)
         markers = {s: m for s, m in out.markers().items() if s in sizes}
         write_manifest(out, cfg, plan, markers)  # 5. manifest
-    result = _result(out, cfg, plan, markers, built, len(sizes) - len(todo), time.perf_counter() - t0)
+    result = _result(out, cfg, plan, markers, built, len(sizes) - len(todo), time.perf_counter() - t0, reasons)
     if interrupted is not None:
         result.interrupted = interrupted.signum
         log.error("build interrupted by %s: %d of %d shards committed; rerun the same command to resume",
                   interrupted, result.shards_committed, result.shards_total)
     return result
+
+
+def _check_cluster(address: str | None, timeout_s: float) -> None:
+    """Refuse an unreachable ``--address`` (or ``$RAY_ADDRESS``) in one line before any work (exit 2)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return
+    import ray
+
+    from pipelines.ray_session import connect_address
+
+    if not ray.is_initialized():
+        connect_address(address, timeout_s)
 
 
 def _plan(cfg: BuildConfig, input: str, output: str) -> tuple[dict, BuildOutput, dict]:
@@ -274,7 +290,9 @@ def run_plan_only(cfg: BuildConfig, input: str, output: str, *, allow_model_chan
 
 
 def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, dict], built: dict[int, dict],
-            skipped: int, seconds: float) -> BuildResult:
+            skipped: int, seconds: float, reasons: dict[int, str] | None = None) -> BuildResult:
+    """The totals of ``out``; ``reasons``: why a shard of this run was left uncommitted (one line each, counted
+    per sample in ``failures_by_reason``)."""
     sizes = {s["shard"]: shard_size(s) for s in plan["shards"]}
     uncommitted = sorted(set(sizes) - set(markers))
     by_stage: collections.Counter = collections.Counter()
@@ -286,8 +304,10 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, d
     for m in built.values():
         stage_s.update(m.get("stage_seconds", {}))
     missing = sum(sizes[s] for s in uncommitted)
-    if missing:
-        by_reason["shard not committed (worker died or not built)"] += missing
+    for s in uncommitted:
+        why = (reasons or {}).get(s)
+        by_reason[f"shard not committed: {why}" if why else "shard not committed (worker died or not built)"] += \
+            sizes[s]
     result = BuildResult(
         output=out.url, items_total=plan["num_items"], shards_total=len(sizes), shards_committed=len(markers),
         shards_built=len(built), shards_skipped=skipped, shards_lost=uncommitted,
@@ -308,7 +328,8 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, d
                   out.loc.child(out.layout.errors_dir).url)
     if uncommitted:
         log.error("%d shard(s) not committed: %s; rerun the same command to retry them", len(uncommitted),
-                  ", ".join(map(shard_name, uncommitted[:10])))
+                  ", ".join(shard_name(s) + (f" ({reasons[s]})" if reasons and s in reasons else "")
+                            for s in uncommitted[:10]))
     return result
 
 
