@@ -114,6 +114,9 @@ class RayConfig(_Strict):
     progress_interval_s: float = Field(5.0, gt=0)
     worker_start_timeout_s: float = Field(
         900.0, gt=0, description="give up when no worker has started (loaded its models) after this long")
+    connect_timeout_s: float = Field(
+        60.0, gt=0, description="--address/$RAY_ADDRESS: refuse in one line when the cluster does not accept a "
+                                "connection within this many seconds")
 
 
 class StorageConfig(_Strict):
