@@ -43,24 +43,32 @@ def _root(
 
 def user_errors_exit_2(fn):
     """Wrap a command: a :class:`~cnc.base.errors.UserError` becomes one ``error: ...`` line per problem on stderr
-    and exit status 2.
+    and exit status 2; a :class:`~cnc.base.errors.RunError` or an ``OSError`` with an errno (a full disk under the
+    driver's own writes) one ``error:`` line and exit status 1 (the traceback only with ``--verbose``).
 
     This is the one place where user errors meet the command line (every command is wrapped by
     :func:`_register_all`), so no command prints a traceback for input the user controls.
     """
     import functools
+    import logging
 
-    from cnc.base.errors import UserError
+    from cnc.base.errors import RunError, UserError, os_error_text
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             _refuse_urls_in_local_paths(kwargs)
             return fn(*args, **kwargs)
-        except UserError as exc:
+        except (UserError, RunError) as exc:
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 typer.echo(f"error: {line}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # the disk or store failed under a write: one line (errno, path), exit 1
+            if exc.errno is None:
+                raise
+            logging.getLogger("cnc").debug("OSError", exc_info=True)  # the traceback with --verbose
+            typer.echo(f"error: {os_error_text(exc)}", err=True)
+            raise typer.Exit(RunError.exit_code) from None
 
     return wrapper
 

@@ -12,6 +12,7 @@ Heavy imports happen inside the command so ``cnc --help`` stays fast.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import typer
@@ -33,7 +34,11 @@ def train_command(
     ray_address: str = typer.Option(None, "--ray-address", hidden=True, help="Deprecated alias of --address."),
     gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Ray workers take one GPU each."),
 ) -> None:
-    """Train the local fuser, the global fuser, or both (stage from the config)."""
+    """Train the local fuser, the global fuser, or both (stage from the config).
+
+    Exit status: 0 done; 2 a bad config/input (one line); 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint
+    (continue with --resume latest); 1 any other failure.
+    """
     from cnc.base.location import check_writable_output
     from cnc.options import deprecated_alias
     from cnc_model.training.config import check_tracker, load_train_config
@@ -58,6 +63,8 @@ def train_command(
     result = train(cfg)
     state = "interrupted" if result.interrupted else "finished"
     typer.echo(f"training {state} at step {result.global_step}; outputs in {cfg.output_dir}")
+    if result.interrupted:  # 128 + signal, as the build and every shell: a preempted job is not a success
+        raise typer.Exit(128 + (result.signal or signal.SIGTERM))
 
 
 def register(app: typer.Typer) -> None:
