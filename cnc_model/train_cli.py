@@ -33,6 +33,9 @@ def train_command(
     ray_workers: int = typer.Option(None, "--ray-workers", hidden=True, help="Deprecated alias of --workers."),
     ray_address: str = typer.Option(None, "--ray-address", hidden=True, help="Deprecated alias of --address."),
     gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Ray workers take one GPU each."),
+    max_failures: int = typer.Option(3, "--max-failures", min=0,
+                                     help="Ray Train: restarts after a worker or node is lost, each resuming from the "
+                                          "last checkpoint of this run."),
 ) -> None:
     """Train the local fuser, the global fuser, or both (stage from the config).
 
@@ -55,7 +58,7 @@ def train_command(
     if ray_workers > 0:
         from cnc_model.training.ray_train import run_ray_training
 
-        run_ray_training(cfg, num_workers=ray_workers, use_gpu=gpu, address=ray_address)
+        run_ray_training(cfg, num_workers=ray_workers, use_gpu=gpu, address=ray_address, max_failures=max_failures)
         typer.echo(f"ray training finished; outputs in {cfg.output_dir}")
         return
     from cnc_model.training.trainer import train

@@ -1,11 +1,13 @@
 """A real multi-node Ray cluster on 127.0.0.1 for tests: one head, N worker nodes, each node its own process group.
 
 Every node is started by a small launcher process (``python -m tests.ray_cluster head|worker ...``) in a new
-session, so the node's raylet, GCS (head), agents and every worker process it spawns share that one process group:
-killing a node is ``os.killpg(pgid, SIGKILL)`` — what losing a machine (spot preemption, OOM kill of the raylet)
-looks like to the rest of the cluster. Teardown signals only our own groups, never other Ray instances.
+session, so the node's raylet, GCS (head), agents and every worker process it spawns share that one session (Ray
+gives each worker process its own process group, not its own session): killing a node is SIGKILL to every process
+of the session at once — what losing a machine (spot preemption, a kernel panic) looks like to the rest of the
+cluster. Teardown signals only our own sessions, never other Ray instances.
 
-All nodes stay on 127.0.0.1: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray from rewriting the loopback address
+Token authentication is on, with a token of the cluster's own (in :attr:`LocalCluster.env`, which every driver of
+a test uses; jobs inherit it from the head). All nodes stay on 127.0.0.1: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray from rewriting the loopback address
 to the machine's routable one (see :mod:`pipelines.ray_session`), and every port is chosen here.
 ``ray start --address`` refuses to add a worker node in that mode, so the launcher starts the node the way
 ``ray.cluster_utils.Cluster.add_node`` does (``ray._private.node.Node``), but in its own process.
@@ -35,16 +37,30 @@ SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, 
 CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def _listened(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` (an IPv6 dual-stack listener included)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """``n`` distinct TCP ports on 127.0.0.1 that nothing listens on (other Ray instances on the machine listen on
+    v4-mapped IPv6 sockets, which an IPv4 ``bind(0)`` does not always see)."""
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)  # held until all are chosen: no duplicates
+            port = s.getsockname()[1]
+            if not _listened(port):
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
     return ports
 
 
@@ -75,7 +91,12 @@ def _run_node(args: argparse.Namespace) -> None:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, _stop)
-    if not head:  # registered with the GCS and its object store up, as ray.cluster_utils.Cluster waits for
+    if head:  # what `ray start --head` records: the Jobs API resolves its drivers' RAY_ADDRESS ("auto") from it; without
+        # it Ray looks for *any* GCS process on the machine and may hand a job another user's cluster
+        import ray._private.utils
+
+        ray._private.utils.write_ray_address(node.gcs_address, args.temp_dir)
+    else:  # registered with the GCS and its object store up, as ray.cluster_utils.Cluster waits for
         import ray._private.services
 
         ray._private.services.wait_for_node(node.gcs_address, node.plasma_store_socket_name, 120)
@@ -100,33 +121,43 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # -- the test side ----------------------------------------------------------------------------------------------
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def session_pids(sid: int) -> list[int]:
+    """Every live process of session ``sid`` (a node: its launcher leads the session; Ray puts each worker process
+    in a process group of its own, but they stay in the session)."""
+    import psutil
 
-
-def _stop_group(pgid: int, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
-    """``sig`` to process group ``pgid``, then SIGKILL whatever is left after ``grace`` seconds."""
-    for s, g in ((sig, grace), (signal.SIGKILL, 5.0)):
-        if not _group_alive(pgid):
-            return
+    pids = []
+    for p in psutil.process_iter(["pid"]):
         try:
-            os.killpg(pgid, s)
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return pids
+
+
+def _signal_session(sid: int, sig: int) -> None:
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, sig)
         except ProcessLookupError:
+            pass
+
+
+def _stop_session(sid: int, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    """``sig`` to every process of session ``sid``, then SIGKILL whatever is left after ``grace`` seconds."""
+    for s, g in ((sig, grace), (signal.SIGKILL, 10.0)):
+        if not session_pids(sid):
             return
+        _signal_session(sid, s)
         deadline = time.monotonic() + g
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while session_pids(sid) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
 @dataclass
 class NodeProcess:
-    """One node: its launcher's process (also the process group id) and Ray node id."""
+    """One node: its launcher's process (the leader of the node's session: ``pgid`` = session id) and Ray node id."""
 
     proc: subprocess.Popen
     node_id: str
@@ -148,8 +179,12 @@ class LocalCluster:
     def __init__(self, dashboard: bool = False, timeout: float = 180.0):
         self.tmp = tempfile.mkdtemp(prefix="cnc-rc-", dir="/tmp")  # short: Ray's unix sockets live under it
         self.timeout = timeout
-        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        self.env.update(CLUSTER_ENV)
+        import secrets
+
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+        # token auth with a token of this cluster's own: never the user's ~/.ray/auth_token, which any other Ray on
+        # the machine may (re)generate while the tests run
+        self.env.update(CLUSTER_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
         self.port, self.dashboard_port = free_ports(2)
         if not dashboard:
             self.dashboard_port = 0
@@ -166,7 +201,11 @@ class LocalCluster:
     def _start(self, role: str, *args: str) -> NodeProcess:
         ready = Path(self.tmp) / f"{role}-{len(self.workers)}-{time.monotonic_ns()}.json"
         log = open(Path(self.tmp) / f"{ready.stem}.log", "w")  # noqa: SIM115 - owned by the process
-        proc = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster", role, "--temp-dir", self.tmp,
+        # a temp folder per node, as on separate machines: nodes sharing one would also share the session's
+        # runtime_resources/ (job working_dir packages), and one node's runtime-env agent replaces files another
+        # node's processes are importing
+        temp = self.tmp if role == "head" else tempfile.mkdtemp(prefix="w", dir=self.tmp)
+        proc = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster", role, "--temp-dir", temp,
                                  "--ready", str(ready), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 cwd=Path(__file__).resolve().parents[1])
@@ -174,7 +213,7 @@ class LocalCluster:
         deadline = time.monotonic() + self.timeout
         while not ready.is_file():
             if proc.poll() is not None or time.monotonic() > deadline:
-                _stop_group(proc.pid, signal.SIGKILL)
+                _stop_session(proc.pid, signal.SIGKILL)
                 raise RuntimeError(f"Ray {role} node did not start:\n"
                                    + Path(self.tmp, f"{ready.stem}.log").read_text()[-3000:])
             time.sleep(0.2)
@@ -190,7 +229,7 @@ class LocalCluster:
         return node
 
     def alive_workers(self) -> list[NodeProcess]:
-        return [w for w in self.workers if w.proc.poll() is None and _group_alive(w.pgid)]
+        return [w for w in self.workers if w.proc.poll() is None]
 
     def ensure_workers(self, n: int, num_cpus: int = 1) -> list[NodeProcess]:
         """Top the cluster up to ``n`` live worker nodes (after a test killed some)."""
@@ -199,13 +238,25 @@ class LocalCluster:
             self.add_worker(num_cpus)
         return self.workers
 
+    def node_running(self, title: str) -> NodeProcess | None:
+        """The live worker node one of whose processes has ``title`` in its command line (Ray names its worker
+        processes after the actor: ``ray::ShardWorker``, ``ray::RayTrainWorker``), or ``None``."""
+        import psutil
+
+        sessions = {w.pgid: w for w in self.alive_workers()}
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if title in " ".join(p.info["cmdline"] or []) and os.getsid(p.pid) in sessions:
+                    return sessions[os.getsid(p.pid)]
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return None
+
     def kill_worker(self, node: NodeProcess) -> None:
-        """SIGKILL the node's whole process group: raylet, agents, every worker process — a lost machine."""
-        os.killpg(node.pgid, signal.SIGKILL)
+        """SIGKILL every process of the node at once (raylet, agents, worker processes): a lost machine."""
+        _signal_session(node.pgid, signal.SIGKILL)
         node.proc.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _group_alive(node.pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _stop_session(node.pgid, signal.SIGKILL)  # anything that was being forked at that moment
         self.workers = [w for w in self.workers if w is not node]
 
     def shutdown(self) -> None:
@@ -213,7 +264,7 @@ class LocalCluster:
         import shutil
 
         for node in [*self.workers, self.head]:
-            _stop_group(node.pgid)
+            _stop_session(node.pgid)
         self.workers = []
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -17,7 +17,9 @@ share the accelerator state.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
 import signal
 import threading
@@ -38,6 +40,8 @@ from cnc_model.training.components import Components, load_components, resolve_b
 from cnc_model.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
+#: Test-only fault injection (JSON): ``{"step_delay_s": S}`` sleeps S seconds after every optimizer step (kill tests).
+FAULT_ENV = "CNC_TEST_FAULT_INJECTION"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -73,6 +77,7 @@ class Trainer:
         self.global_step = 0
         self._stop = False
         self._stop_signal: int | None = None  # the first SIGINT/SIGTERM this process received
+        self._step_delay = float(json.loads(os.environ.get(FAULT_ENV) or "{}").get("step_delay_s", 0.0))
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -343,6 +348,8 @@ class Trainer:
                     self._log(window, per_step)
                 if self.step_callback is not None:
                     self.step_callback(self, self.global_step)
+                if self._step_delay:
+                    time.sleep(self._step_delay)
                 stop = self._stop_requested()  # agreed by all ranks: they all leave after the same step
                 if stop:
                     break

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -86,12 +87,12 @@ def _retried_elsewhere(markers: dict[str, dict], lost_node: str) -> list[dict]:
     return retried
 
 
-def _kill_busy_worker(cluster: LocalCluster, node_ids_seen) -> str:
-    """Kill one worker node that has built (so it holds a shard worker); returns its node id."""
-    alive = {w.node_id: w for w in cluster.workers}
-    victim = next(n for n in node_ids_seen() if n in alive)
-    cluster.kill_worker(alive[victim])
-    return victim
+def _kill_a_shard_worker_node(cluster: LocalCluster) -> str:
+    """Kill a worker node that runs a shard worker (each node holds one); returns its Ray node id."""
+    victim = cluster.node_running("ShardWorker")
+    assert victim is not None, "no node runs a shard worker"
+    cluster.kill_worker(victim)
+    return victim.node_id
 
 
 def test_build_survives_losing_a_worker_node(cluster, two_workers, tmp_path):
@@ -114,7 +115,7 @@ def test_build_survives_losing_a_worker_node(cluster, two_workers, tmp_path):
     t0 = time.monotonic()
     proc = start_driver(cmd, tmp_path / "driver.log", lambda: len(markers()) >= 1, cwd=tmp_path,
                         env=_env(cluster, CNC_TEST_FAULT_INJECTION=SLOW), timeout=400)
-    lost = _kill_busy_worker(cluster, lambda: [m["worker"]["node_id"] for m in markers().values()])
+    lost = _kill_a_shard_worker_node(cluster)
     assert proc.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-4000:]
     log = (tmp_path / "driver.log").read_text()
     print(f"build with a lost node: {time.monotonic() - t0:.0f} s")  # noqa: T201 - reported duration
@@ -126,3 +127,85 @@ def test_build_survives_losing_a_worker_node(cluster, two_workers, tmp_path):
                         json.loads((meta / "manifest.json").read_text()), keys)
     leftovers = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or ".probe" in p.name]
     assert leftovers == []  # no partial object, no probe
+
+
+def test_submitted_build_to_s3_survives_losing_a_worker_node(cluster, two_workers, s3_server, tmp_path):
+    """`cnc submit build` (the driver runs as a Ray job on the head) writing to s3:// on the moto server."""
+    import s3fs
+
+    src = tmp_path / "photos"
+    keys = make_photo_folder(src, N_IMAGES, bad=(), seed=50)["good"]
+    out = s3_server.bucket("node-loss") + "/build"
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+
+    def objects(suffix: str) -> dict[str, bytes]:
+        found = {}
+        fs.invalidate_cache()
+        for p in fs.find(out.removeprefix("s3://") + "/"):
+            if p.endswith(suffix):
+                try:
+                    found[p.split("/build/", 1)[1]] = fs.cat_file(p)
+                except FileNotFoundError:  # replaced between the listing and the read
+                    pass
+        return found
+
+    def markers() -> dict[str, dict]:
+        return {n.removeprefix("_cnc/").removesuffix("_stats.json"): json.loads(b)
+                for n, b in objects("_stats.json").items()}
+
+    cmd = [sys.executable, "-m", "cnc.cli", "submit", "build", *_build_args(src, out), "--python", sys.executable,
+           "--env", f"CNC_TEST_FAULT_INJECTION={SLOW}", "--address", cluster.jobs_url, "--wait"]
+    t0 = time.monotonic()
+    proc = start_driver(cmd, tmp_path / "submit.log", lambda: len(markers()) >= 1, cwd=tmp_path, env=_env(cluster),
+                        timeout=400, poll_s=1.0)
+    lost = _kill_a_shard_worker_node(cluster)
+    assert proc.wait(timeout=400) == 0, (tmp_path / "submit.log").read_text()[-4000:]
+    print(f"submitted S3 build with a lost node: {time.monotonic() - t0:.0f} s")  # noqa: T201 - reported duration
+    log = (tmp_path / "submit.log").read_text()
+    assert ": SUCCEEDED" in log and "Traceback" not in log, log[-3000:]
+    found = markers()
+    assert _retried_elsewhere(found, lost), log[-3000:]
+    everything = objects("")
+    assert not [n for n in everything if n.endswith(".tmp") or ".probe" in n]  # no partial object
+    _check_exactly_once({n: b for n, b in everything.items() if n.endswith(".tar")}, found,
+                        json.loads(everything["_cnc/manifest.json"]), keys)
+
+
+def _train_args(shards: Path, out: Path) -> list[str]:
+    sets = [f"data.train_shards={shards}", f"output_dir={out}", "train.max_train_steps=8",
+            "train.checkpointing_steps=2", "train.checkpoints_total_limit=10", "validation.num_samples=0",
+            "train.progress_bar=false", "train.report_to=none", "data.preflight_shards=0", "train.log_every=1"]
+    return ["train", "--config", str(REPO / "configs" / "train" / "tiny.yaml"), *[a for o in sets for a in ("--set", o)]]
+
+
+def test_ray_train_resumes_from_the_last_checkpoint_after_losing_its_node(cluster, two_workers, tiny_shards,
+                                                                          tmp_path):
+    """One Ray Train worker; its node dies after checkpoint-2: Ray Train restarts it on the other node, it resumes
+    from the newest checkpoint and ends with the weights of an uninterrupted run (same seed, data order, RNG)."""
+    from safetensors.torch import load_file
+
+    out, straight = tmp_path / "ray", tmp_path / "straight"
+    # the uninterrupted reference, in a plain process at the same time (1 torch thread, as a 1-CPU Ray worker)
+    ref = subprocess.Popen([sys.executable, "-m", "cnc.cli", *_train_args(tiny_shards, straight)], cwd=tmp_path,
+                           env=_env(cluster, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                           stderr=open(tmp_path / "straight.log", "w"))  # noqa: SIM115
+    cmd = [sys.executable, "-m", "cnc.cli", *_train_args(tiny_shards, out), "--workers", "1", "--no-gpu",
+           "--address", cluster.address]
+    t0 = time.monotonic()
+    proc = start_driver(cmd, tmp_path / "driver.log", lambda: (out / "checkpoint-2" / "trainer_state.json").is_file(),
+                        cwd=tmp_path, env=_env(cluster, CNC_TEST_FAULT_INJECTION=json.dumps({"step_delay_s": 2.0})),
+                        timeout=400)
+    victim = cluster.node_running("RayTrainWorker")
+    assert victim is not None, "no node runs the Ray Train worker"
+    cluster.kill_worker(victim)
+    assert proc.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    print(f"Ray Train with a lost node: {time.monotonic() - t0:.0f} s")  # noqa: T201 - reported duration
+    log = (tmp_path / "driver.log").read_text()
+    assert "resuming from the last checkpoint of this run" in log and "resumed from" in log, log[-4000:]
+    assert ref.wait(timeout=400) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
+    a = load_file(out / "local_fuser" / "diffusion_pytorch_model.safetensors")
+    b = load_file(straight / "local_fuser" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
