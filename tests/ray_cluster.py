@@ -82,7 +82,7 @@ def _run_node(args: argparse.Namespace) -> None:
                       dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port or None,
                       ray_client_server_port=client, _system_config=SYSTEM_CONFIG)
     else:
-        params.update(gcs_address=args.address, include_log_monitor=False)
+        params.update(gcs_address=args.address)  # its own log monitor: its own temp dir (see LocalCluster._start)
     node = ray._private.node.Node(ray._private.parameter.RayParams(**params), head=head, shutdown_at_exit=False,
                                   spawn_reaper=False)
 

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cnc.config import Seed, load_config
+from cnc.config import FINITE_FLOATS, MAX_RESOLUTION, GuidanceScale, Seed, Steps, load_config
 from cnc.hub import TINY
 from triplets.quality import FilterConfig
 
@@ -20,7 +20,7 @@ STAGES = ("local", "global", "joint")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **FINITE_FLOATS)
 
 
 class ModelConfig(_Strict):
@@ -63,8 +63,8 @@ class DataConfig(_Strict):
 
     train_shards: list[str] = Field(default_factory=list, description="shard paths / globs / brace patterns / "
                                     "build folders / remote URLs")
-    resolution: int | None = Field(512, ge=8, description="training size; samples of another size are resized; "
-                                                          "null = as stored")
+    resolution: int | None = Field(512, ge=8, le=MAX_RESOLUTION, description="training size; samples of another "
+                                                                            "size are resized; null = as stored")
     shuffle_buffer: int = Field(1000, ge=0)
     num_workers: int = Field(4, ge=0, description="DataLoader workers per process")
     epoch_samples: int | None = Field(None, ge=1, description="nominal epoch (default: marker counts)")
@@ -166,8 +166,8 @@ class ValidationConfig(_Strict):
 
     steps: int = Field(1000, ge=0, description="every N optimizer steps (0 = only at the end)")
     num_samples: int = Field(4, ge=0, description="0 = no validation")
-    num_inference_steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
+    num_inference_steps: Steps = 20
+    guidance_scale: GuidanceScale = 7.5
     seed: Seed = 0
     shards: list[str] = Field(default_factory=list, description="default: data.train_shards")
 

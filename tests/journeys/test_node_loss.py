@@ -196,6 +196,7 @@ def test_ray_train_resumes_from_the_last_checkpoint_after_losing_its_node(cluste
     proc = start_driver(cmd, tmp_path / "driver.log", lambda: (out / "checkpoint-2" / "trainer_state.json").is_file(),
                         cwd=tmp_path, env=_env(cluster, CNC_TEST_FAULT_INJECTION=json.dumps({"step_delay_s": 2.0})),
                         timeout=400)
+    first = (out / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns
     victim = cluster.node_running("RayTrainWorker")
     assert victim is not None, "no node runs the Ray Train worker"
     cluster.kill_worker(victim)
@@ -203,6 +204,7 @@ def test_ray_train_resumes_from_the_last_checkpoint_after_losing_its_node(cluste
     print(f"Ray Train with a lost node: {time.monotonic() - t0:.0f} s")  # noqa: T201 - reported duration
     log = (tmp_path / "driver.log").read_text()
     assert "resuming from the last checkpoint of this run" in log and "resumed from" in log, log[-4000:]
+    assert (out / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns == first  # not trained again from 0
     assert ref.wait(timeout=400) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
     a = load_file(out / "local_fuser" / "diffusion_pytorch_model.safetensors")
