@@ -11,14 +11,14 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cnc.config import Seed
+from cnc.config import FINITE_FLOATS, MAX_RESOLUTION, GuidanceScale, Seed, Steps
 
 #: Devices a build runs on (``auto`` = CUDA when present).
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **FINITE_FLOATS)
 
 
 class SegmentConfig(_Strict):
@@ -47,10 +47,11 @@ class InpaintConfig(_Strict):
     model: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"
     prompt: str = "empty scenery, ultra detailed, no people"
     negative_prompt: str = "low resolution, worst quality, low quality"
-    num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = 10.0
+    num_inference_steps: Steps = 25
+    guidance_scale: GuidanceScale = 10.0
     strength: float = Field(1.0, gt=0, le=1)
-    dilation_px: int = Field(50, ge=0, description="square dilation of M at 512 px; scaled with the resolution")
+    dilation_px: int = Field(50, ge=0, le=512, description="square dilation of M at 512 px; scaled with the "
+                                                           "resolution")
     batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
                                                            "top-level batch_size)")
     paste_back: bool = Field(True, description="keep I's pixels outside the dilated mask")
@@ -95,8 +96,9 @@ class LatentsConfig(_Strict):
 
     enabled: bool = Field(False, description="store latent.npy (mean and log-variance, float16) in every sample; the "
                                              "trainer's data.use_latents samples from it instead of encoding")
-    resolution: int | None = Field(None, ge=8, description="side the VAE encodes I at (the trainer's "
-                                                           "data.resolution); default: resolution")
+    resolution: int | None = Field(None, ge=8, le=MAX_RESOLUTION, description="side the VAE encodes I at (the "
+                                                                              "trainer's data.resolution); default: "
+                                                                              "resolution")
     batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
                                                            "top-level batch_size)")
 
@@ -147,7 +149,8 @@ class BuildConfig(_Strict):
 
     CONFIG_KIND: ClassVar[str] = "build"  # shipped configs named without a folder are looked up in build/
 
-    resolution: int = Field(512, ge=16, description="side of the square crop of every field")
+    resolution: int = Field(512, ge=16, le=MAX_RESOLUTION, description="side of the square crop of every field "
+                                                                       f"(at most {MAX_RESOLUTION})")
     min_side: int = Field(256, ge=1, description="images whose short side is smaller fail")
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit")
     jpeg_quality: int = Field(95, ge=50, le=100)

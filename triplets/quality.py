@@ -397,7 +397,7 @@ class FilterConfig(BaseModel):
     Every threshold is off (``null``) by default; a sample whose score is undefined fails a threshold on it.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN threshold would drop every sample
 
     min_removal: float | None = Field(None, description="removal score >= this (0 = object still there, 1 = gone)")
     max_removal_residual: float | None = Field(None, description="saliency contrast left in M <= this")
