@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
 import platform
@@ -147,17 +146,19 @@ def ray_build(config: Path, src: Path, out: Path, overrides: list[str], workers:
     e2e = time.perf_counter() - t0
     if code != 0:
         raise SystemExit(f"cnc build failed with exit code {code}")
-    markers = [json.loads(p.read_text()) for p in out.glob("_cnc/*_stats.json")]
+    from triplets.shardio import BuildOutput
+
+    markers = list(BuildOutput(str(out)).markers().values())
     per_worker: dict = collections.defaultdict(lambda: [0, 0.0])
     for m in markers:  # shards run one after the other inside a worker: busy time = sum of shard seconds
-        per_worker[m["worker"]["pid"]][0] += m["nitems"]
-        per_worker[m["worker"]["pid"]][1] += m["seconds"]
-    items = sum(m["nitems"] for m in markers)
+        per_worker[m.worker["pid"]][0] += m.nitems
+        per_worker[m.worker["pid"]][1] += m.seconds
+    items = sum(m.nitems for m in markers)
     rate = sum(n / s for n, s in per_worker.values())  # all workers busy, model loading excluded
-    window = max(m["finished_at"] for m in markers) - min(m["started_at"] for m in markers)
-    load = max(m["worker"]["load_seconds"] for m in markers)
+    window = max(m.finished_at for m in markers) - min(m.started_at for m in markers)
+    load = max(m.worker["load_seconds"] for m in markers)
     return {"items": items, "steady_s": items / rate, "window_s": window, "e2e_s": e2e, "load_s": load,
-            "workers_used": len(per_worker), "cpu_s": sum(m["cpu_seconds"] for m in markers)}
+            "workers_used": len(per_worker), "cpu_s": sum(m.cpu_seconds for m in markers)}
 
 
 def shas(folder: Path) -> dict[str, str]:

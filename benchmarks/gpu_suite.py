@@ -251,8 +251,8 @@ def run_project(name: str, cfg, resolved: dict, items: list[dict], out: Path, wo
     seconds = time.perf_counter() - t0
     stage_s: collections.Counter = collections.Counter()
     for m in markers:
-        stage_s.update(m["stage_seconds"])
-    ok = sum(m["nsamples"] for m in markers)
+        stage_s.update(m.stage_seconds or {})
+    ok = sum(m.nsamples for m in markers)
     return _result(name, clock, len(items), ok, seconds, {
         "warmup_s": round(warmup_s, 1), "decode_ms_per_item": round(1000 * stage_s["decode"] / len(items), 2),
         "encode_ms_per_item": round(1000 * stage_s["encode"] / len(items), 2),

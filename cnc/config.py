@@ -10,7 +10,6 @@ links there) and can be named instead of given as a path: ``default``, ``tiny``,
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -19,6 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from cnc.base.errors import UserError
+from cnc.base.hashing import json_sha256
 from cnc.base.location import Location, resolve
 
 T = TypeVar("T", bound=BaseModel)
@@ -151,8 +151,7 @@ def config_dict(cfg: BaseModel) -> dict:
 
 def config_hash(cfg: BaseModel | dict) -> str:
     """Stable sha256 of a config's canonical JSON (first 16 hex)."""
-    d = config_dict(cfg) if isinstance(cfg, BaseModel) else cfg
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return json_sha256(config_dict(cfg) if isinstance(cfg, BaseModel) else cfg)[:16]
 
 
 def save_config(cfg: BaseModel, path: str | Path | Location) -> Location:

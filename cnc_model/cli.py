@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from cnc.base.errors import UserError
 from cnc.hub import TINY
 from cnc_model.evaluation.cli import register as register_eval
 from cnc_model.loading import WEIGHTS_HELP
@@ -19,29 +20,23 @@ from cnc_model.train_cli import register as register_train
 logger = logging.getLogger(__name__)
 
 
-def _fail(message: str) -> None:
-    """Print one error line and exit with status 2."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
-
-
 def _looks_local(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
-def _load_or_fail(spec: str, what: str, option: str, loader):
-    """``loader(spec)``; any failure to find the model becomes one clear line naming it and the option."""
+def _load_model(spec: str, what: str, option: str, loader):
+    """``loader(spec)``; any failure to find the model is a :class:`UserError` naming it and the option."""
     hint = f"{what} '{spec}' not found; pass {option} with a local folder or Hugging Face id"
     if spec == TINY:
         from cnc.tiny_store import KIND_OF_KEY, materialize
 
         spec = str(materialize(KIND_OF_KEY[option]))
     if _looks_local(spec) and not Path(spec).expanduser().exists():
-        _fail(hint)
+        raise UserError(hint)
     try:
         return loader(str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec)
     except Exception as err:  # noqa: BLE001 - any load failure is reported as one line
-        _fail(f"{hint} ({type(err).__name__})")
+        raise UserError(f"{hint} ({type(err).__name__})") from None
 
 
 def _sheet(tiles, height: int, width: int):
@@ -112,10 +107,10 @@ def sample(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if shard_sample is None and (fg is None or bg is None):
-        _fail("give --fg and --bg photos, or --shard-sample TAR#KEY")
+        raise UserError("give --fg and --bg photos, or --shard-sample TAR#KEY")
     for path in [*((fg, bg) if shard_sample is None else ()), *(p for p in (fg_ref, bg_ref) if p is not None)]:
         if not path.is_file():
-            _fail(f"image not found: {path}")
+            raise UserError(f"image not found: {path}")
     negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     common = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, fg_scale=fg_scale,
@@ -134,8 +129,8 @@ def sample(
         from cnc_model.compose import DPTDepthEstimator, SamSaliencySegmenter, compose
 
         if prompt is None:
-            _fail("--prompt is required with --fg/--bg")
-        depth = _load_or_fail(depth_model, "depth model", "--depth-model", lambda s: DPTDepthEstimator(s, device))
+            raise UserError("--prompt is required with --fg/--bg")
+        depth = _load_model(depth_model, "depth model", "--depth-model", lambda s: DPTDepthEstimator(s, device))
         segmenter = None
         if sam_checkpoint is not None:
             from cnc.hub import resolve_pretrained
@@ -146,12 +141,12 @@ def sample(
                 sam_path = resolve_pretrained(sam_checkpoint, "--sam-checkpoint", is_file=True)
                 saliency = resolve_pretrained(depth_model, "--depth-model")
             except ModelUnavailableError as err:
-                _fail(str(err))
+                raise UserError(str(err)) from None
             segmenter = SamSaliencySegmenter(sam_path, saliency, device=device,
                                              sam_model_type=TINY_SAM_TYPE if sam_checkpoint == TINY else "vit_h")
         pipe = load_pipeline_or_fail(checkpoint_dir, weights=weights)
         if pipe.global_fuser is not None and (pipe.image_encoder is None or pipe.feature_extractor is None):
-            encoder, processor = _load_or_fail(image_encoder, "image encoder", "--image-encoder", _image_encoder)
+            encoder, processor = _load_model(image_encoder, "image encoder", "--image-encoder", _image_encoder)
             pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
         pipe.to(device)
         refs = {k: None if p is None else Image.open(p)
@@ -191,27 +186,28 @@ def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, ref
 
 def load_pipeline_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
     """:func:`cnc_model.loading.load_pipeline`; an unloadable folder, weights it does not hold or a missing base
-    model exit 2 in one line."""
+    model are a :class:`UserError` (one line)."""
     return load_source_or_fail(path, option, weights)[1]
 
 
 def describe_or_fail(path: str, option: str = "PIPELINE", weights: str | None = None):
-    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures exit 2 in one line."""
+    """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures are a :class:`UserError` (one
+    line)."""
     from cnc.base.location import resolve
     from cnc_model.loading import NotAPipelineError, describe
     from triplets.errors import ModelUnavailableError
 
     if not resolve(path).exists():
-        _fail(f"{option} {path} does not exist")
+        raise UserError(f"{option} {path} does not exist")
     try:
         return describe(path, weights)
     except (NotAPipelineError, ModelUnavailableError) as err:
-        _fail(str(err).splitlines()[0])
+        raise UserError(str(err).splitlines()[0]) from None
 
 
 def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = None):
     """``(Source, CnCPipeline)`` of ``path`` (a folder, or a :class:`~cnc_model.loading.Source` already described)
-    with the selected ``weights``; failures exit 2 in one line."""
+    with the selected ``weights``; failures are a :class:`UserError` (one line)."""
     from cnc_model.loading import NotAPipelineError, Source, load_pipeline
     from triplets.errors import ModelUnavailableError
 
@@ -219,7 +215,7 @@ def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = No
     try:
         return source, load_pipeline(source)
     except (NotAPipelineError, ModelUnavailableError) as err:
-        _fail(str(err).splitlines()[0])
+        raise UserError(str(err).splitlines()[0]) from None
 
 
 def export(
@@ -235,29 +231,29 @@ def export(
     from triplets.errors import ModelUnavailableError
 
     if not resolve(source).exists():
-        _fail(f"{source} does not exist")
+        raise UserError(f"{source} does not exist")
     try:
         export_pipeline(source, output, weights=weights)
     except (NotAPipelineError, ModelUnavailableError) as err:
-        _fail(str(err).splitlines()[0])
+        raise UserError(str(err).splitlines()[0]) from None
     typer.echo(f"exported {source} -> {output}")
 
 
 def _load_shard_sample(spec: str):
-    """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (exits with one line when absent)."""
+    """``TAR#KEY`` → the decoded :class:`triplets.sample.TripletSample` (a :class:`UserError` when absent)."""
     from cnc.base.location import resolve
     from triplets.sample import decode_sample
     from triplets.shardio import TarStream
 
     if "#" not in spec:
-        _fail(f"--shard-sample takes TAR#KEY, got {spec!r}")
+        raise UserError(f"--shard-sample takes TAR#KEY, got {spec!r}")
     tar, key = spec.rsplit("#", 1)
     if not resolve(tar).isfile():
-        _fail(f"shard not found: {tar}")
+        raise UserError(f"shard not found: {tar}")
     for raw in TarStream(tar).samples():
         if raw["__key__"] == key:
             return decode_sample(raw)
-    _fail(f"no sample with key {key!r} in {tar}")
+    raise UserError(f"no sample with key {key!r} in {tar}")
 
 
 def convert_reference(
@@ -280,7 +276,7 @@ def convert_reference(
         convert_reference_checkpoint(checkpoint, output_dir, base_model=base_model, check_base=check_base,
                                      seed=seed)
     except (ConversionError, FileNotFoundError) as err:
-        _fail(str(err))
+        raise UserError(str(err)) from None
     typer.echo(f"converted {checkpoint} -> {output_dir}")
 
 

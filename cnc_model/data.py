@@ -64,8 +64,9 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cnc.base.errors import UserError
+from cnc.base.location import resolve
 from triplets.sample import TripletSample, decode_sample, validate_sample
-from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards
+from triplets.shardio import ShardReadError, TarStream, load_marker, resolve_shards
 from triplets.shardio.names import marker_candidates
 
 logger = logging.getLogger(__name__)
@@ -82,18 +83,16 @@ class TrainingDataError(UserError, ValueError):
 
 def count_marked_samples(urls: Sequence[str]) -> int | None:
     """Sum of ``nsamples`` in the shards' ``_stats.json`` markers; ``None`` if any marker is missing/unreadable."""
-    import json
-
     total = 0
     for url in urls:
         for candidate in marker_candidates(url):  # _cnc/ first, then beside the tar (legacy layout)
             try:
-                with open_stream(candidate) as f:
-                    marker = json.loads(f.read())
-                total += int(marker.get("nsamples", marker.get("count")))
-                break
-            except Exception:  # noqa: BLE001 - any missing/odd marker means "unknown"
+                marker = load_marker(resolve(candidate))
+            except Exception:  # noqa: BLE001 - any unreadable marker (or a pipe: shard) means "unknown"
                 continue
+            if marker is not None and marker.nsamples is not None:
+                total += marker.nsamples
+                break
         else:
             return None
     return total

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import typer
 
+from cnc.base.errors import UserError
 from cnc.config import ConfigError, parse_override
 
 jobs_app = typer.Typer(help="Inspect and control Ray jobs (Ray Jobs API).", no_args_is_help=True)
@@ -35,17 +36,11 @@ class Target(str, Enum):
     k8s = "k8s"
 
 
-def _fail(message: str, code: int = 2) -> None:
-    """Print one error line and exit."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=code)
-
-
 def _env(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         if "=" not in item:
-            _fail(f"--env {item!r} must look like KEY=VALUE")
+            raise UserError(f"--env {item!r} must look like KEY=VALUE")
         key, value = item.split("=", 1)
         out[key] = value
     return out
@@ -70,7 +65,7 @@ def _client(address: str | None):
         raise  # one line, exit 2 (cnc.cli)
     except Exception as err:  # noqa: BLE001 - connection refused, bad URL
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        _fail(f"cannot use the Ray Jobs API at {resolve_address(address)}: {first}")
+        raise UserError(f"cannot use the Ray Jobs API at {resolve_address(address)}: {first}") from None
 
 
 def _write(text: str) -> None:
@@ -134,7 +129,7 @@ def submit(
                                 entrypoint_template=entrypoint, entrypoint_num_cpus=num_cpus,
                                 entrypoint_num_gpus=num_gpus)
     except ConfigError as err:
-        _fail(str(err))
+        raise UserError(str(err)) from None
     if dry_run:
         typer.echo(json.dumps(request.describe(), indent=2))
         return
@@ -142,7 +137,7 @@ def submit(
     try:
         result = submit_job(client, request)
     except RuntimeError as err:
-        _fail(f"submission of {attempt_id(request.run_id, 1)} failed: {err}")
+        raise UserError(f"submission of {attempt_id(request.run_id, 1)} failed: {err}") from None
     if result.action == "attached":
         typer.echo(f"{result.submission_id} is already {result.previous_status}; attaching instead of resubmitting")
     else:
@@ -168,7 +163,7 @@ def status(
     try:
         info = client.get_job_info(submission_id)
     except RuntimeError as err:
-        _fail(str(err))
+        raise UserError(str(err)) from None
     if as_json:
         typer.echo(json.dumps(info.dict(), default=str, indent=2))
         return
@@ -194,7 +189,7 @@ def logs(
             return
         info = _follow(client, submission_id)
     except RuntimeError as err:
-        _fail(str(err))
+        raise UserError(str(err)) from None
     raise typer.Exit(code=exit_code(info))
 
 
@@ -217,7 +212,7 @@ def stop(
             info = wait_job(client, submission_id, timeout_s=timeout)
             typer.echo(f"{submission_id}: {getattr(info.status, 'value', info.status)}")
     except (RuntimeError, TimeoutError) as err:
-        _fail(str(err))
+        raise UserError(str(err)) from None
 
 
 @jobs_app.command("list")
@@ -280,8 +275,8 @@ def render_job(
     from jobs.render_slurm import SlurmOptions, render_slurm
 
     if output and output.endswith((".sbatch", ".sh", ".yaml", ".yml")) and out_file is None:
-        _fail(f"--output/-o is the job's output location, not the file to write ({output!r}): use "
-              f"--output-file {output}")
+        raise UserError(f"--output/-o is the job's output location, not the file to write ({output!r}): use "
+                        f"--output-file {output}")
     gpus = gpus_per_node if gpus_per_node is not None else (1 if target is Target.k8s else 0)
     n_workers = 0 if kind is Kind.build else (workers if workers is not None else nodes * (gpus or 1))
     extra = ["--retry-failed"] if retry_failed else []
@@ -301,7 +296,7 @@ def render_job(
                               active_deadline_s=active_deadline, python=python)
             text = render_k8s(spec, opts, entrypoint_template=entrypoint)
     except ConfigError as err:
-        _fail(str(err))
+        raise UserError(str(err)) from None
     if out_file is None:
         _write(text)
         return

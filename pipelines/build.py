@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 
 from cnc.base.location import check_writable_output
 from cnc.config import config_dict, save_config
+from cnc.ray_session import Interrupted, interrupt_on_sigterm, ray_session
 from pipelines.plan import absolute_input, plan_input, plan_summary, prepare_plan, shard_size
-from pipelines.ray_session import Interrupted, interrupt_on_sigterm, ray_session
 from pipelines.scheduler import ShardScheduler
+from triplets.card import write_card
 from triplets.config import BuildConfig
-from triplets.shardio import BuildOutput
+from triplets.shardio import BuildOutput, FailureTotals, ManifestHeader, ShardMarker
+from triplets.shardio import write_manifest as write_manifest_file
 from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, shard_name
 
 log = logging.getLogger(__name__)
@@ -96,33 +98,24 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, dict]) -> dict:
+def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, ShardMarker]) -> dict:
     """Rewrite ``manifest.json`` (atomically) from the committed markers, and the dataset card.
 
-    The manifest is also a wids shard index; its shard URLs are relative to the build folder
-    (``wids.ShardListDataset(f"{folder}/_cnc/manifest.json", base=folder)``)."""
+    The manifest is also a wids shard index (:class:`~triplets.shardio.ManifestHeader`); its shard URLs are relative
+    to the build folder (``wids.ShardListDataset(f"{folder}/_cnc/manifest.json", base=folder)``)."""
     shards = [markers[s] for s in sorted(markers)]
     models: dict = {}
     seen: dict[str, list] = collections.defaultdict(list)  # every distinct identity per key
     for m in shards:
-        for k, v in (m.get("models") or {}).items():
+        for k, v in (m.models or {}).items():
             models.setdefault(k, v)
             if v not in seen[k]:
                 seen[k].append(v)
     mixed = {k: v for k, v in seen.items() if len(v) > 1}
     for k, v in mixed.items():
         log.warning("shards were built with different %s: %s", k, " vs ".join(str(x.get("identity")) for x in v))
-    by_stage: collections.Counter = collections.Counter()
-    by_reason: collections.Counter = collections.Counter()
-    for m in shards:
-        by_stage.update(m.get("failures_by_stage", {}))
-        by_reason.update(m.get("failures_by_reason", {}))
-    manifest = {
-        "__kind__": "wids-shard-index-v1",
-        "wids_version": 1,
-        "name": output.name,
-        "shardlist": [{"url": m["url"], "nsamples": m["nsamples"], "filesize": m["bytes"], "sha256": m["sha256"]}
-                      for m in shards],
+    failed = FailureTotals.of(shards)
+    manifest = write_manifest_file(output.file(MANIFEST_FILE), ManifestHeader.of_markers(output.name, shards), {
         "config": config_dict(cfg),
         "fingerprint": plan["fingerprint"],
         "input": plan["input"],
@@ -133,15 +126,13 @@ def write_manifest(output: BuildOutput, cfg: BuildConfig, plan: dict, markers: d
         "totals": {
             "items": plan["num_items"], "shards_planned": len(plan["shards"]), "shards_committed": len(shards),
             "shards_uncommitted": sorted({s["shard"] for s in plan["shards"]} - set(markers)),
-            "samples": sum(m["nsamples"] for m in shards), "failures": sum(m["nfailed"] for m in shards),
-            "bytes": sum(m["bytes"] for m in shards), "failures_by_stage": dict(sorted(by_stage.items())),
-            "failures_by_reason": dict(by_reason.most_common(100)),
-            "gpu_or_model_seconds": round(sum(v for m in shards for k, v in m.get("stage_seconds", {}).items()
+            "samples": sum(m.nsamples for m in shards), "failures": failed.failed,
+            "bytes": sum(m.bytes for m in shards), "failures_by_stage": dict(sorted(failed.by_stage.items())),
+            "failures_by_reason": dict(failed.by_reason.most_common(100)),
+            "gpu_or_model_seconds": round(sum(v for m in shards for k, v in (m.stage_seconds or {}).items()
                                               if k not in ("decode", "encode", "write")), 3),
         },
-    }
-    output.file(MANIFEST_FILE).write_json(manifest)
-    from triplets.card import write_card
+    })
 
     write_card(output, manifest)  # _cnc/README.md + .huggingface.yaml (datasets.load_dataset(folder))
     return manifest
@@ -186,11 +177,11 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
         committed = out.recover(plan["fingerprint"], sizes, verify)  # 3. recover
         todo = [(s, False) for s in sorted(sizes) if s not in committed]
         if retry_failed:
-            todo += [(s, True) for s, m in sorted(committed.items()) if m.get("nfailed", 0) > 0]
+            todo += [(s, True) for s, m in sorted(committed.items()) if (m.nfailed or 0) > 0]
             todo.sort()
         log.info("%d of %d shards committed; building %d%s", len(committed), len(sizes), len(todo),
                  " (incl. shards with failures, --retry-failed)" if retry_failed else "")
-        built: dict[int, dict] = {}
+        built: dict[int, ShardMarker] = {}
         reasons: dict[int, str] = {}
         interrupted = None
         if todo:  # 4. build
@@ -228,7 +219,7 @@ def _check_cluster(address: str | None, timeout_s: float) -> None:
         return
     import ray
 
-    from pipelines.ray_session import connect_address
+    from cnc.ray_session import connect_address
 
     if not ray.is_initialized():
         connect_address(address, timeout_s)
@@ -289,34 +280,30 @@ def run_plan_only(cfg: BuildConfig, input: str, output: str, *, allow_model_chan
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, dict], built: dict[int, dict],
-            skipped: int, seconds: float, reasons: dict[int, str] | None = None) -> BuildResult:
+def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, ShardMarker],
+            built: dict[int, ShardMarker], skipped: int, seconds: float,
+            reasons: dict[int, str] | None = None) -> BuildResult:
     """The totals of ``out``; ``reasons``: why a shard of this run was left uncommitted (one line each, counted
     per sample in ``failures_by_reason``)."""
     sizes = {s["shard"]: shard_size(s) for s in plan["shards"]}
     uncommitted = sorted(set(sizes) - set(markers))
-    by_stage: collections.Counter = collections.Counter()
-    by_reason: collections.Counter = collections.Counter()
+    failed = FailureTotals.of(markers.values())
     stage_s: collections.Counter = collections.Counter()
-    for m in markers.values():
-        by_stage.update(m.get("failures_by_stage", {}))
-        by_reason.update(m.get("failures_by_reason", {}))
     for m in built.values():
-        stage_s.update(m.get("stage_seconds", {}))
+        stage_s.update(m.stage_seconds or {})
     missing = sum(sizes[s] for s in uncommitted)
     for s in uncommitted:
         why = (reasons or {}).get(s)
-        by_reason[f"shard not committed: {why}" if why else "shard not committed (worker died or not built)"] += \
-            sizes[s]
+        failed.by_reason[f"shard not committed: {why}" if why else "shard not committed (worker died or not built)"] \
+            += sizes[s]
     result = BuildResult(
         output=out.url, items_total=plan["num_items"], shards_total=len(sizes), shards_committed=len(markers),
         shards_built=len(built), shards_skipped=skipped, shards_lost=uncommitted,
-        samples=sum(m["nsamples"] for m in markers.values()),
-        failures=sum(m["nfailed"] for m in markers.values()) + missing,
+        samples=sum(m.nsamples for m in markers.values()), failures=failed.failed + missing,
         max_failure_fraction=cfg.max_failure_fraction, seconds=seconds,
-        items_processed=sum(m["nitems"] - m.get("nreused", 0) for m in built.values()),
-        bytes=sum(m["bytes"] for m in markers.values()), failures_by_stage=dict(by_stage),
-        failures_by_reason=dict(by_reason), stage_seconds={k: round(v, 3) for k, v in sorted(stage_s.items())},
+        items_processed=sum(m.nitems - (m.nreused or 0) for m in built.values()),
+        bytes=sum(m.bytes for m in markers.values()), failures_by_stage=dict(failed.by_stage),
+        failures_by_reason=dict(failed.by_reason), stage_seconds={k: round(v, 3) for k, v in sorted(stage_s.items())},
     )
     log.info("build %s: %d samples, %d failures (%.2f%%, limit %.2f%%), %d/%d shards committed, %.1f s",
              "OK" if result.exit_code == 0 else "FAILED", result.samples, result.failures,

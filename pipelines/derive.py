@@ -14,7 +14,6 @@ Every kept member is copied byte for byte; ``cnc score`` rewrites only the ``jso
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import time
@@ -22,10 +21,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from cnc.base.errors import UserError
+from cnc.base.hashing import json_sha256
 from cnc.base.location import check_writable_output, resolve
+from cnc.config import config_hash
 from pipelines.plan import prepare_plan
 from pipelines.sink import ShardSink
-from triplets.shardio import BuildOutput, TarStream, resolve_shards, tar_keys
+from triplets.shardio import (
+    BuildOutput,
+    FailureTotals,
+    ManifestHeader,
+    ShardMarker,
+    ShardStats,
+    TarStream,
+    load_marker,
+    resolve_shards,
+    tar_keys,
+    write_manifest,
+)
 from triplets.shardio.names import MANIFEST_FILE, marker_for_tar, shard_name, shard_of
 
 log = logging.getLogger(__name__)
@@ -59,12 +71,12 @@ def _source_shards(source: str) -> list[tuple[int, str]]:
     return sorted(zip(ids, urls))  # type: ignore[arg-type]
 
 
-def _marker(url: str) -> dict:
+def _marker(url: str) -> ShardMarker:
+    """The source tar's marker (an empty one when it has none or it is unreadable)."""
     try:
-        m = resolve(marker_for_tar(url)).read_json()
+        return load_marker(resolve(marker_for_tar(url))) or ShardMarker()
     except (OSError, ValueError):
-        return {}
-    return m if isinstance(m, dict) else {}
+        return ShardMarker()
 
 
 def make_derive_plan(source: str, operation: dict) -> dict:
@@ -72,18 +84,16 @@ def make_derive_plan(source: str, operation: dict) -> dict:
     shards = []
     for sid, url in _source_shards(source):
         marker = _marker(url)
-        n = marker.get("nsamples")
-        if not isinstance(n, int):
-            n = len(tar_keys(url))
+        n = marker.nsamples if marker.nsamples is not None else len(tar_keys(url))
         shards.append({"shard": sid, "name": shard_name(sid), "source": url, "nitems": n,
-                       "source_sha256": marker.get("sha256")})
-    fp = hashlib.sha256(json.dumps(operation, sort_keys=True).encode()).hexdigest()[:16]
+                       "source_sha256": marker.sha256})
+    fp = config_hash(operation)
     return {
         "version": DERIVE_PLAN_VERSION, "kind": "derived", "fingerprint": fp, "config": operation,
         "input": resolve(source).url if not source.startswith("pipe:") else source, "input_format": "shards",
         "samples_per_shard": max((s["nitems"] for s in shards), default=0),
         "num_items": sum(s["nitems"] for s in shards),
-        "items_sha256": hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest(),
+        "items_sha256": json_sha256(shards),
         "shards": shards,
     }
 
@@ -123,20 +133,24 @@ def derive_build(source: str, output: str, operation: dict, transform: Transform
             built += 1
         markers = {s: m for s, m in out.markers().items() if s in sizes}
         _write_manifest(out, plan, markers)
-    dropped: collections.Counter = collections.Counter()
-    for m in markers.values():
-        dropped.update(m.get("dropped_by_reason", {}))
+    dropped = _dropped(markers.values())
     result = DeriveResult(output=out.url, shards_total=len(sizes), shards_built=built,
                           shards_skipped=len(sizes) - built, items=plan["num_items"],
-                          samples=sum(m["nsamples"] for m in markers.values()), dropped=dict(dropped),
-                          failures=sum(m.get("nfailed", 0) for m in markers.values()),
-                          seconds=time.perf_counter() - t0)
+                          samples=sum(m.nsamples for m in markers.values()), dropped=dict(dropped),
+                          failures=FailureTotals.of(markers.values()).failed, seconds=time.perf_counter() - t0)
     log.info("%s: %d of %d samples kept in %d shards (%d built, %d already committed), %.1f s", out.url,
              result.samples, result.items, len(markers), built, result.shards_skipped, result.seconds)
     return result
 
 
-def _derive_shard(out: BuildOutput, spec: dict, fingerprint: str, transform: Transform, stage: str) -> dict:
+def _dropped(markers) -> collections.Counter:
+    dropped: collections.Counter = collections.Counter()
+    for m in markers:
+        dropped.update(m.dropped_by_reason or {})
+    return dropped
+
+
+def _derive_shard(out: BuildOutput, spec: dict, fingerprint: str, transform: Transform, stage: str) -> ShardMarker:
     shard, t0 = spec["shard"], time.perf_counter()
     counts: collections.Counter = collections.Counter()
     failures: list[dict] = []
@@ -159,34 +173,28 @@ def _derive_shard(out: BuildOutput, spec: dict, fingerprint: str, transform: Tra
                             f"source changed; use a new --output folder")
         if spec.get("source_sha256") and stream.sha256 != spec["source_sha256"]:
             raise UserError(f"source shard {spec['source']} differs from its marker's sha256 (changed or damaged)")
-        stats = {"shard": shard, "name": spec["name"], "fingerprint": fingerprint, "nitems": spec["nitems"],
-                 "nsamples": sink.written, "nfailed": len(failures), "ndropped": sum(counts.values()),
-                 "dropped_by_reason": dict(sorted(counts.items())), "source": spec["source"],
-                 "source_sha256": stream.sha256, "seconds": round(time.perf_counter() - t0, 4),
-                 "stage_seconds": {stage: round(seconds, 4)}}
-        if sink.written + len(failures) + stats["ndropped"] != spec["nitems"]:
+        stats = ShardStats(shard=shard, name=spec["name"], fingerprint=fingerprint, nitems=spec["nitems"],
+                           nsamples=sink.written, nfailed=len(failures), ndropped=sum(counts.values()),
+                           dropped_by_reason=dict(sorted(counts.items())), source=spec["source"],
+                           source_sha256=stream.sha256, seconds=round(time.perf_counter() - t0, 4),
+                           stage_seconds={stage: round(seconds, 4)})
+        if sink.written + len(failures) + stats.ndropped != spec["nitems"]:
             raise RuntimeError(f"shard {shard}: {sink.written} written + {len(failures)} failed + "
-                               f"{stats['ndropped']} dropped != {spec['nitems']} source samples")
+                               f"{stats.ndropped} dropped != {spec['nitems']} source samples")
         marker = sink.commit(sorted(failures, key=lambda r: r["key"]), stats)
-    log.info("shard %s committed: %d of %d samples kept (%s)", spec["name"], marker["nsamples"], spec["nitems"],
+    log.info("shard %s committed: %d of %d samples kept (%s)", spec["name"], marker.nsamples, spec["nitems"],
              ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none dropped")
     return marker
 
 
-def _write_manifest(out: BuildOutput, plan: dict, markers: dict[int, dict]) -> None:
+def _write_manifest(out: BuildOutput, plan: dict, markers: dict[int, ShardMarker]) -> None:
     shards = [markers[s] for s in sorted(markers)]
-    dropped: collections.Counter = collections.Counter()
-    for m in shards:
-        dropped.update(m.get("dropped_by_reason", {}))
-    out.file(MANIFEST_FILE).write_json({
-        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.name,
-        "shardlist": [{"url": m["url"], "nsamples": m["nsamples"], "filesize": m["bytes"], "sha256": m["sha256"]}
-                      for m in shards],
+    write_manifest(out.file(MANIFEST_FILE), ManifestHeader.of_markers(out.name, shards), {
         "derived_from": plan["input"], "operation": plan["config"], "fingerprint": plan["fingerprint"],
         "totals": {"items": plan["num_items"], "shards_planned": len(plan["shards"]),
-                   "shards_committed": len(shards), "samples": sum(m["nsamples"] for m in shards),
-                   "dropped_by_reason": dict(sorted(dropped.items())),
-                   "failures": sum(m.get("nfailed", 0) for m in shards)},
+                   "shards_committed": len(shards), "samples": sum(m.nsamples for m in shards),
+                   "dropped_by_reason": dict(sorted(_dropped(shards).items())),
+                   "failures": FailureTotals.of(shards).failed},
     })
 
 

@@ -2,7 +2,8 @@
 
 ``plan.json`` maps shard ids to their source items and is a pure function of the input and of the build config.
 The shard of an item never changes, so after any sequence of crashes and reruns an item can only ever be committed
-in its own shard. Two forms:
+in its own shard. Two forms; which one an input gets is its reader's choice (:func:`triplets.readers.plan_input`),
+this module knows no input format:
 
 * **version 1, item lists** (folder, COCO, Pick-a-Pic inputs; :func:`make_plan`): every shard spec lists
   its items (``{"shard", "name", "items": [...]}``); the input is identified by its absolute path and the sha256 of
@@ -13,8 +14,9 @@ in its own shard. Two forms:
   ``{"shard", "name", "nitems", "ranges": [{"file": INDEX, "url", "start", "stop"}]}`` (rows ``[start, stop)`` of
   input file ``INDEX``, or samples ``[start, stop)`` of a tar in member order; a shard may span the end of one file
   and the start of the next). Size is O(input files + shards); tables are planned from metadata (parquet footers),
-  tars from their headers (read in parallel, items not kept). Workers enumerate their rows lazily (:func:`items_of`).
-  An output holding a version-1 plan of a WebDataset input (earlier builds) keeps a version-1 plan and resumes.
+  tars from their headers (read in parallel, items not kept). Workers read their rows lazily
+  (:func:`triplets.readers.shard_items`). An output holding a version-1 plan of a WebDataset input (earlier builds)
+  keeps a version-1 plan and resumes.
 
 Both are resumable; a rerun on a changed input (items, or any table file's size/etag/mtime/hash) is refused.
 
@@ -29,16 +31,16 @@ keeps its fingerprint, records the change under ``model_changes`` and the new id
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import logging
 
 from cnc.base.errors import UserError
+from cnc.base.hashing import json_sha256
 from cnc.base.location import TEMP_NAME, resolve
-from cnc.config import config_dict
+from cnc.config import config_dict, config_hash
 from cnc.identity import identity_changes
 from triplets.config import BuildConfig
+from triplets.readers import ReadOptions, same_file
+from triplets.readers import plan_input as plan_reader_input
 from triplets.shardio import BuildOutput
 from triplets.shardio.names import LOCK_FILE, PLAN_FILE, PROBE_PREFIX, shard_name
 
@@ -72,7 +74,7 @@ def fingerprint(cfg: BuildConfig, models: dict | None = None, input_format: str 
     content = content_config(cfg, input_format)
     if models:
         content["model_identities"] = {k: (v or {}).get("identity") for k, v in models.items()}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return config_hash(content)
 
 
 def make_plan(items: list[dict], cfg: BuildConfig, input_path: str, input_format: str,
@@ -88,7 +90,7 @@ def make_plan(items: list[dict], cfg: BuildConfig, input_path: str, input_format
     shards = [{"shard": i // n, "name": shard_name(i // n), "items": items[i:i + n]} for i in range(0, len(items), n)]
     return {
         **_plan_header(PLAN_VERSION, cfg, models, input_path, input_format, len(items)),
-        "items_sha256": _json_sha256(items),
+        "items_sha256": json_sha256(items),
         "shards": shards,
     }
 
@@ -99,7 +101,7 @@ def make_table_plan(files: list[dict], cfg: BuildConfig, input_path: str, models
 
     Args:
         files: ``[{"url", "size", "etag"|"mtime", ["sha256"], "rows"}]`` in input order
-            (:class:`triplets.readers_table.TableInput`); for ``input_format="webdataset"`` the tars, "rows" being
+            (:func:`triplets.readers.plan_input`); for ``input_format="webdataset"`` the tars, "rows" being
             their samples (image members) in member order.
 
     Returns:
@@ -124,7 +126,7 @@ def make_table_plan(files: list[dict], cfg: BuildConfig, input_path: str, models
     return {
         **_plan_header(TABLE_PLAN_VERSION, cfg, models, input_path, input_format, sum(f["rows"] for f in files)),
         "inputs": inputs,
-        "inputs_sha256": _json_sha256(inputs),
+        "inputs_sha256": json_sha256(inputs),
         "shards": shards,
     }
 
@@ -137,56 +139,21 @@ def _plan_header(version: int, cfg: BuildConfig, models: dict | None, input_path
             "input_format": input_format, "num_items": num_items, "samples_per_shard": cfg.samples_per_shard}
 
 
-def _json_sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _tar_file(tar: str, content_hash: bool) -> dict:
-    from triplets.readers import tar_items
-    from triplets.readers_table import file_identity
-
-    return {**file_identity(resolve(tar), content_hash), "rows": len(tar_items(tar))}
-
-
 def plan_input(cfg: BuildConfig, src: str, fmt: str, models: dict | None = None, version: int | None = None) -> dict:
-    """The plan of input ``src`` read as ``fmt``: row ranges for tables (metadata only) and WebDataset tars (member
-    ranges; the tars' headers are read, 16 tars at a time, items are not kept), item lists otherwise.
+    """The plan of input ``src`` read as ``fmt``: what the format's reader plans (:func:`triplets.readers.plan_input`:
+    row ranges for tables and WebDataset tars, item lists otherwise) split into shards.
 
     Args:
-        version: ``1`` plans WebDataset tars as item lists (what builds of earlier versions wrote: they resume).
+        version: ``1`` plans as item lists where the format allows both (what builds of earlier versions wrote for
+            WebDataset inputs: they resume).
 
     Raises:
         triplets.readers.InputError: the input cannot be read as ``fmt``.
     """
-    if fmt == "webdataset" and version != PLAN_VERSION:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from triplets.readers import InputError, check_input_shape, expand_shards
-
-        check_input_shape(src, fmt)
-        tars = expand_shards(src)
-        if not tars:
-            raise InputError(f"no .tar files in {src!r}")
-        try:
-            with ThreadPoolExecutor(min(16, len(tars))) as pool:
-                files = list(pool.map(lambda t: _tar_file(t, cfg.input_hash), tars))
-        except OSError as exc:
-            raise InputError(f"cannot read input {src!r}: {exc.strerror or exc}") from None
-        if not sum(f["rows"] for f in files):
-            raise InputError(f"input {src!r} (webdataset) holds no usable images")
-        return make_table_plan(files, cfg, src, models, "webdataset")
-    if fmt == "table":
-        from triplets.readers import check_input_shape
-        from triplets.readers_table import TableColumns, TableInput
-
-        check_input_shape(src, fmt)
-        t = cfg.table
-        table = TableInput(src, TableColumns(t.image_column, t.caption_column, t.key_column, t.mask_column),
-                           content_hash=cfg.input_hash)
-        return make_table_plan([{**f.identity, "rows": f.rows} for f in table.files], cfg, src, models)
-    from triplets.readers import read_items
-
-    return make_plan(read_items(src, fmt, allow_outside_input=cfg.allow_outside_input), cfg, src, fmt, models)
+    planned = plan_reader_input(src, fmt, ReadOptions.from_config(cfg), item_lists=version == PLAN_VERSION)
+    if planned.items is not None:
+        return make_plan(planned.items, cfg, src, fmt, models)
+    return make_table_plan(planned.files, cfg, src, models, fmt)
 
 
 def plan_summary(plan: dict) -> dict:
@@ -203,48 +170,7 @@ def shard_size(spec: dict) -> int:
     return int(spec["nitems"]) if "nitems" in spec else len(spec["items"])
 
 
-def items_of(spec: dict, cfg: BuildConfig) -> list[dict]:
-    """The reader items of one shard spec, in plan order: its ``items`` (version 1) or its rows, read now (version 2).
-
-    Memory: one shard's items (``samples_per_shard``), never the whole input.
-
-    Raises:
-        OSError: a table file cannot be read or no longer has the planned rows (the shard attempt fails).
-    """
-    if "items" in spec:
-        return spec["items"]
-    from triplets.readers_table import TableColumns, read_rows
-
-    t = cfg.table
-    columns = TableColumns(t.image_column, t.caption_column, t.key_column, t.mask_column)
-    items = []
-    for r in spec["ranges"]:
-        if r["url"].endswith(".tar"):
-            part = _cached_tar_items(r["url"])[r["start"]:r["stop"]]
-            if len(part) != r["stop"] - r["start"]:
-                raise OSError(f"{r['url']}: samples {r['start']}..{r['stop']} planned, {len(part)} found "
-                              f"(the tar changed?)")
-            items += part
-        else:
-            items += read_rows(r["url"], r["start"], r["stop"], columns)
-    if len({it["key"] for it in items}) != len(items):
-        seen: set[str] = set()
-        dup = next(it["key"] for it in items if it["key"] in seen or seen.add(it["key"]))
-        raise OSError(f"shard {spec['shard']}: sample key {dup!r} repeats (table.key_column must be unique)")
-    return items
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_tar_items(tar: str) -> list[dict]:
-    """Items of one tar, kept for the next shard of the same tar (a worker's tar index)."""
-    from triplets.readers import tar_items
-
-    return tar_items(tar)
-
-
 def _input_changes(old: list[dict], new: list[dict]) -> list[str]:
-    from triplets.readers_table import same_file
-
     out = []
     old_by, new_by = {f["url"]: f for f in old}, {f["url"]: f for f in new}
     out += [f"{u} removed" for u in old_by if u not in new_by]

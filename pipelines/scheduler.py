@@ -16,7 +16,7 @@
   pinned to the driver's node (the head, for a job) and restarted if its process dies, so losing a worker node
   never loses it; the counts are informative only and a tracker that does not answer never stops the build;
 * **teardown**: every actor is killed at the end, after an error and after SIGINT/SIGTERM
-  (:class:`~pipelines.ray_session.Interrupted`), so in-flight shards are abandoned uncommitted.
+  (:class:`~cnc.ray_session.Interrupted`), so in-flight shards are abandoned uncommitted.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from cnc.base.errors import UserError, one_line
+from cnc.ray_session import Interrupted
 from pipelines.plan import shard_size
 from pipelines.progress import BuildProgress
-from pipelines.ray_session import Interrupted
 from triplets.config import BuildConfig
 
 log = logging.getLogger(__name__)

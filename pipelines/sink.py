@@ -9,7 +9,7 @@ Leaving the ``with`` block without a commit deletes the staging file; nothing pa
 
 from __future__ import annotations
 
-from triplets.shardio import BuildOutput, open_tar_writer
+from triplets.shardio import BuildOutput, ShardMarker, ShardStats, open_tar_writer
 from triplets.shardio.tario import HashingFile
 
 
@@ -33,8 +33,8 @@ class ShardSink:
         self._writer.write(encoded)
         self.written += 1
 
-    def commit(self, failures: list[dict], stats: dict) -> dict:
-        """Close the tar and commit it with its failure rows and marker fields; return the marker."""
+    def commit(self, failures: list[dict], stats: ShardStats) -> ShardMarker:
+        """Close the tar and commit it with its failure rows and stats; return the marker."""
         self._writer.close()  # ends the archive (a passed-in file stays open)
         self._file.close()
         return self.output.commit_shard(self.shard, self.path, failures, stats, sha256=self._file.hexdigest())

@@ -27,22 +27,11 @@ from typing import Any
 
 from pipelines.sink import ShardSink
 from triplets.config import BuildConfig
-from triplets.shardio import BuildOutput, TarStream, check_probe, tar_keys
+from triplets.readers import ReadOptions, shard_items
+from triplets.shardio import BuildOutput, ShardMarker, ShardStats, TarStream, check_probe, tar_keys
+from triplets.shardio.records import count_failures
 
 log = logging.getLogger(__name__)
-#: Distinct failure reasons kept per marker (the rest are counted under ``"<other>"``).
-MAX_REASONS = 100
-
-
-def count_reasons(failures: list[dict]) -> tuple[dict[str, int], dict[str, int]]:
-    """Failures by stage and by reason (reasons capped at :data:`MAX_REASONS` distinct values)."""
-    by_stage = collections.Counter(f["stage"] for f in failures)
-    by_reason = collections.Counter(f["reason"] for f in failures)
-    if len(by_reason) > MAX_REASONS:
-        top = dict(by_reason.most_common(MAX_REASONS))
-        top["<other>"] = sum(by_reason.values()) - sum(top.values())
-        by_reason = collections.Counter(top)
-    return dict(sorted(by_stage.items())), dict(sorted(by_reason.items()))
 
 
 class FaultInjection:
@@ -96,6 +85,7 @@ class ShardWorker:
 
         t0 = time.perf_counter()
         self.cfg = BuildConfig.model_validate(cfg)
+        self.read_options = ReadOptions.from_config(self.cfg)
         self.builder = TripletBuilder(self.cfg, resolved)
         self.fingerprint = fingerprint
         self.output = BuildOutput(output, self.cfg.storage.scratch_dir) if output is not None else None
@@ -138,16 +128,14 @@ class ShardWorker:
 
     # -- one shard -----------------------------------------------------------------------
     def build_shard(self, spec: dict, output: str | None = None, attempt: int = 0,
-                    reuse_committed: bool = False) -> dict:
+                    reuse_committed: bool = False) -> ShardMarker:
         """Build and commit shard ``spec`` (a plan's shard spec: items or row ranges); return its marker.
 
         ``output`` (path or URL) defaults to the worker's. With ``reuse_committed`` the samples of the committed tar
         are copied byte for byte and only its missing items (the failures) are computed again (``--retry-failed``).
         """
         out = BuildOutput(output, self.cfg.storage.scratch_dir) if output is not None else self.output
-        from pipelines.plan import items_of
-
-        shard, items = int(spec["shard"]), items_of(spec, self.cfg)  # this shard's items only, read now
+        shard, items = int(spec["shard"]), shard_items(spec, self.read_options)  # this shard's items only, read now
         start_wall, t0, cpu0 = datetime.now(timezone.utc), time.perf_counter(), time.process_time()
         old_tar = out.tar(shard)
         reused_keys = set(tar_keys(old_tar.url)) if reuse_committed and old_tar.exists() else set()
@@ -160,19 +148,18 @@ class ShardWorker:
                                    f"{len(items)} planned items")
             # 2. commit: tar, errors, marker
             failures.sort(key=lambda r: r["key"])
-            by_stage, by_reason = count_reasons(failures)
-            stats = {
-                "shard": shard, "name": spec["name"], "fingerprint": self.fingerprint, "attempt": attempt,
-                "nitems": len(items), "nsamples": sink.written, "nfailed": len(failures),
-                "nreused": len(reused_keys), "failures_by_stage": by_stage, "failures_by_reason": by_reason,
-                "seconds": round(time.perf_counter() - t0, 4),
-                "cpu_seconds": round(time.process_time() - cpu0, 4),  # all threads of the worker process
-                "stage_seconds": {k: round(v, 4) for k, v in sorted(stage_seconds.items())},
-                "start_time": start_wall.isoformat(timespec="milliseconds"),
-                "end_time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                "started_at": start_wall.timestamp(), "finished_at": time.time(),
-                "worker": self.worker_info(), "models": self.builder.models,
-            }
+            by_stage, by_reason = count_failures(failures)
+            stats = ShardStats(
+                shard=shard, name=spec["name"], fingerprint=self.fingerprint, attempt=attempt, nitems=len(items),
+                nsamples=sink.written, nfailed=len(failures), nreused=len(reused_keys), failures_by_stage=by_stage,
+                failures_by_reason=by_reason, seconds=round(time.perf_counter() - t0, 4),
+                cpu_seconds=round(time.process_time() - cpu0, 4),  # all threads of the worker process
+                stage_seconds={k: round(v, 4) for k, v in sorted(stage_seconds.items())},
+                start_time=start_wall.isoformat(timespec="milliseconds"),
+                end_time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                started_at=start_wall.timestamp(), finished_at=time.time(), worker=self.worker_info(),
+                models=self.builder.models,
+            )
             return sink.commit(failures, stats)
 
     def _stream(self, sink: ShardSink, shard: int, attempt: int, items: list[dict], reused_keys: set[str],

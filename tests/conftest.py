@@ -16,7 +16,7 @@ from tests.support import FAST_BUILD, TINY_CONFIG, make_photo_folder
 def ray_local():
     """One local Ray (2 CPUs, 127.0.0.1 only, no dashboard) for the whole session."""
     ray = pytest.importorskip("ray")
-    from pipelines.ray_session import init_local_ray
+    from cnc.ray_session import init_local_ray
 
     if not ray.is_initialized():
         init_local_ray(num_cpus=2, object_store_memory=200 * 2**20)
@@ -125,3 +125,36 @@ def s3_server():
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()  # cached clients point at the stopped server
+
+
+@pytest.fixture
+def memory_fs():
+    """``(fsspec memory filesystem, a fresh root folder)``: stands in for s3/gs in reader unit tests (the S3 journeys
+    use :func:`s3_server`)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = "/cnc-remote-readers"
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    yield fs, root
+    fs.rm(root, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def photo_table(tmp_path_factory) -> tuple[Path, dict]:
+    """The 11-item photo folder (8 good, 3 bad) described by two parquet files of 6 and 5 rows in a folder of their
+    own (the input); image paths absolute. Tests only read it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.support import make_photo_folder, table_rows
+
+    base = tmp_path_factory.mktemp("table")
+    photos = make_photo_folder(base / "images", 8)
+    keys = sorted(photos["good"] + photos["bad"])
+    root = base / "tables"
+    root.mkdir()
+    pq.write_table(pa.table(table_rows(keys[:6], f"{base}/images/")), root / "part-00000.parquet", row_group_size=4)
+    pq.write_table(pa.table(table_rows(keys[6:], f"{base}/images/")), root / "part-00001.parquet", row_group_size=4)
+    return root, photos

@@ -8,7 +8,7 @@ cluster. Teardown signals only our own sessions, never other Ray instances.
 
 Token authentication is on, with a token of the cluster's own (in :attr:`LocalCluster.env`, which every driver of
 a test uses; jobs inherit it from the head). All nodes stay on 127.0.0.1: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray from rewriting the loopback address
-to the machine's routable one (see :mod:`pipelines.ray_session`), and every port is chosen here.
+to the machine's routable one (see :mod:`cnc.ray_session`), and every port is chosen here.
 ``ray start --address`` refuses to add a worker node in that mode, so the launcher starts the node the way
 ``ray.cluster_utils.Cluster.add_node`` does (``ray._private.node.Node``), but in its own process.
 

@@ -15,27 +15,18 @@ import logging
 
 import yaml
 
-from triplets.shardio import BuildOutput
+from triplets.sample import SAMPLE_FIELDS
+from triplets.shardio import BuildOutput, read_manifest
 from triplets.shardio.names import CARD_FILE, HF_YAML_FILE, MANIFEST_FILE, TAR_SUFFIX
 
 log = logging.getLogger(__name__)
 
-#: Column → (Hugging Face feature dtype, meaning); the columns ``datasets``' webdataset builder yields.
+#: Column → (Hugging Face feature dtype, meaning); the columns ``datasets``' webdataset builder yields: the two it adds
+#: and every member of :data:`triplets.sample.SAMPLE_FIELDS`.
 FIELDS: dict[str, tuple[str, str]] = {
     "__key__": ("string", "sample key, dot-free, derived from the source path (stable across runs)"),
     "__url__": ("string", "the shard the sample came from"),
-    "jpg": ("image", "I: the source image, RGB uint8 (R, R, 3) after short-side resize and centre crop"),
-    "mask.png": ("image", "M: foreground mask, uint8 (R, R), values {0, 255}"),
-    "bg.jpg": ("image", "I_b: the inpainted background, RGB uint8 (R, R, 3)"),
-    "fg_depth.png": ("image", "MiDaS disparity of I_f = I*M, uint16 (R, R), min-max normalised per map (near = "
-                              "65535); 16-bit PNG: decode it keeping 16 bits (see Loading)"),
-    "bg_depth.png": ("image", "MiDaS disparity of I_b, uint16 (R, R), min-max normalised per map"),
-    "fg_emb.npy": ("numpy", "CLIP image embedding (image_embeds) of I (embed.fg_source: foreground: of I_f), "
-                            "float32 (D,)"),
-    "bg_emb.npy": ("numpy", "CLIP image embedding of I_b, float32 (D,)"),
-    "txt": ("string", "the caption, UTF-8"),
-    "json": ("json", "metadata: source id, original size, crop box, seed, models, mask area, raw depth ranges "
-                     "(fg_depth_range/bg_depth_range = [min, max]: raw = min + u16/65535 * (max - min)), timings"),
+    **{f.suffix: (f.feature, f"{f.content}; {f.stored}") for f in SAMPLE_FIELDS},
 }
 
 
@@ -105,10 +96,10 @@ def write_card(output: BuildOutput | str, manifest: dict | None = None) -> list[
     """
     out = output if isinstance(output, BuildOutput) else BuildOutput(output)
     if manifest is None:
-        loc = out.file(MANIFEST_FILE)
-        if not loc.isfile():
-            raise FileNotFoundError(f"{loc.url} does not exist (not a build folder, or a build older than cards)")
-        manifest = loc.read_json()
+        try:
+            _, manifest = read_manifest(out.file(MANIFEST_FILE))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc} (not a build folder, or a build older than cards)") from None
     card = out.file(CARD_FILE).write_text(render_card(manifest))
     hf = out.file(HF_YAML_FILE).write_text(yaml.safe_dump(hf_metadata(), sort_keys=False))
     log.info("wrote the dataset card %s and %s", card.url, hf.url)

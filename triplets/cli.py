@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cnc.base.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -101,8 +103,7 @@ def inspect(
         if v.problem_count > len(v.problems):
             typer.echo(f"... and {v.problem_count - len(v.problems)} more problems")
     if result.missing_keys:
-        typer.echo(f"error: keys not found: {', '.join(result.missing_keys)}", err=True)
-        raise typer.Exit(2)
+        raise UserError(f"keys not found: {', '.join(result.missing_keys)}")
     if not v.ok:
         typer.echo(f"INVALID: {v.error_count} errors in {len(v.shards)} shards", err=True)
         raise typer.Exit(1)
@@ -112,7 +113,6 @@ def _write_cards(paths: list[str]) -> list[str]:
     """``--card``: (re)write the dataset card of every build folder among ``paths``."""
     import logging
 
-    from cnc.base.errors import UserError
     from cnc.base.location import resolve
     from triplets.card import write_card
 

@@ -1,26 +1,16 @@
 """The triplet sample format: one WebDataset sample per source image.
 
-================  =========================================================================
-suffix            content
-================  =========================================================================
-``jpg``           I, RGB uint8 ``(R, R, 3)`` after short-side resize + centre crop, JPEG
-``mask.png``      M, uint8 ``(R, R)`` with values {0, 255}, lossless PNG
-``bg.jpg``        I_b, the inpainted background, RGB uint8 ``(R, R, 3)``, JPEG
-``fg_depth.png``  MiDaS disparity of I_f = I⊙M, uint16 ``(R, R)``, min-max normalised per map
-``bg_depth.png``  MiDaS disparity of I_b, uint16 ``(R, R)``, min-max normalised per map
-``fg_emb.npy``    CLIP image embedding (``image_embeds``), float32 ``(D,)`` (768 for ViT-L/14)
-``bg_emb.npy``    CLIP image embedding of I_b, float32 ``(D,)``
-``txt``           the caption, UTF-8
-``json``          metadata: source id, original size, crop box, seed, models, mask area,
-                  raw depth ranges (``fg_depth_range``/``bg_depth_range`` = [min, max]), timings,
-                  package version
-================  =========================================================================
+:data:`SAMPLE_FIELDS` is the one table of the format's members (suffix, :class:`TripletSample` attribute, stored
+form, meaning, Hugging Face feature, encoder and decoder). Everything else is derived from it: :func:`encode_sample`
+and :func:`decode_sample` (the only (de)serialisers; masks and depth maps round-trip bit-exactly), the stock-reader
+decoder :mod:`triplets.wds`, the dataset card's field table (:mod:`triplets.card`) and the README's table (checked by
+``tests/triplets/test_sample.py``; :func:`fields_markdown` prints it).
 
-Raw disparity is recoverable: ``raw = min + (u16 / 65535) * (max - min)``.
+Raw disparity is recoverable: ``raw = min + (u16 / 65535) * (max - min)`` with the ``json``'s ``fg_depth_range`` /
+``bg_depth_range``.
 
-:func:`encode_sample` and :func:`decode_sample` are the only (de)serialisers; masks and depth
-maps round-trip bit-exactly. Keys are dot-free (a dot would split the sample in every
-WebDataset reader) and derived from the source path, so they are stable across runs.
+Keys are dot-free (a dot would split the sample in every WebDataset reader) and derived from the source path, so they
+are stable across runs.
 """
 
 from __future__ import annotations
@@ -30,18 +20,14 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from triplets.image_io import decode_png, decode_rgb, encode_jpeg, encode_png
 
-#: Every sample carries every one of these suffixes (readers such as HF datasets require it).
-FIELDS: tuple[str, ...] = (
-    "jpg", "mask.png", "bg.jpg", "fg_depth.png", "bg_depth.png", "fg_emb.npy", "bg_emb.npy", "txt", "json",
-)
-#: Optional member: the VAE latent distribution of I (``latents.enabled``; see :class:`TripletSample`).
-LATENT_FIELD = "latent.npy"
 #: Metadata keys every sample's ``json`` holds.
 REQUIRED_META: tuple[str, ...] = (
     "key", "source", "original_size", "crop_box", "resolution", "seed", "models", "mask_area",
@@ -98,6 +84,124 @@ def depth_to_float(depth_u16: np.ndarray, depth_range: tuple[float, float] | Non
         return x
     lo, hi = depth_range
     return (lo + x * (hi - lo)).astype(np.float32)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _mask(data: bytes) -> np.ndarray:
+    mask = decode_png(data)
+    if mask.dtype != np.uint8:
+        raise ValueError(f"must be 8-bit, got {mask.dtype}")
+    return (mask > 127).astype(np.uint8)
+
+
+def _depth(data: bytes) -> np.ndarray:
+    depth = decode_png(data)
+    if depth.dtype != np.uint16:
+        raise ValueError(f"must be a 16-bit PNG, got {depth.dtype}")
+    return depth
+
+
+def _latent(data: bytes) -> np.ndarray:
+    latent = _npy(data)
+    if latent.dtype != np.float16 or latent.ndim != 4 or latent.shape[0] != 2:
+        raise ValueError(f"must be (2, C, h, w) float16, got {latent.dtype} {latent.shape}")
+    return latent
+
+
+def _meta(data) -> dict:
+    meta = json.loads(data) if isinstance(data, (bytes, str)) else data
+    if not isinstance(meta, dict):
+        raise ValueError(f"is not a JSON object (got {type(meta).__name__})")
+    return dict(meta)
+
+
+def _text(data) -> str:
+    return data.decode("utf-8") if isinstance(data, bytes) else str(data)
+
+
+@dataclass(frozen=True)
+class SampleField:
+    """One member of a sample.
+
+    Attributes:
+        suffix: the member's suffix (``key.<suffix>`` in the tar).
+        attr: the :class:`TripletSample` attribute it holds.
+        stored: how it is stored (codec, dtype and shape; ``R`` = resolution, ``D`` = embedding width).
+        content: what it is (Markdown; the README's and the dataset card's text).
+        feature: the Hugging Face ``datasets`` feature it loads as.
+        encode: ``(value, jpeg_quality) -> bytes``.
+        decode: ``bytes -> value``; raises ``ValueError`` (without the field's name) when the bytes are not this
+            field's form.
+        required: every sample holds it (``latent.npy`` is optional: ``latents.enabled``).
+    """
+
+    suffix: str
+    attr: str
+    stored: str
+    content: str
+    feature: str
+    encode: Callable[[Any, int], bytes]
+    decode: Callable[[bytes], Any]
+    required: bool = True
+
+    def decode_member(self, data: bytes) -> Any:
+        """:attr:`decode`, with the field's name in the error (``fg_depth.png must be a 16-bit PNG, got uint8``)."""
+        try:
+            return self.decode(data)
+        except ValueError as exc:
+            raise ValueError(f"{self.suffix} {exc}") from None
+
+
+#: The sample format, member by member (see the module docstring): the one table everything else derives from.
+SAMPLE_FIELDS: tuple[SampleField, ...] = (
+    SampleField("jpg", "image", "JPEG, RGB uint8 (R, R, 3)", "*I*, the photo after resize + centre crop", "image",
+                lambda v, q: encode_jpeg(v, q), decode_rgb),
+    SampleField("mask.png", "mask", "PNG, uint8 (R, R), values {0, 255} (decoded: {0, 1})",
+                "*M*, the salient-object mask, binary", "image",
+                lambda v, q: encode_png((v * 255).astype(np.uint8)), _mask),
+    SampleField("bg.jpg", "background", "JPEG, RGB uint8 (R, R, 3)", "*I_b*, the inpainted background", "image",
+                lambda v, q: encode_jpeg(v, q), decode_rgb),
+    SampleField("fg_depth.png", "fg_depth", "PNG, **uint16** (R, R)",
+                "MiDaS disparity of *I_f = I⊙M* (near = large), min-max normalised per map", "image",
+                lambda v, q: encode_png(v), _depth),
+    SampleField("bg_depth.png", "bg_depth", "PNG, **uint16** (R, R)",
+                "MiDaS disparity of *I_b*, min-max normalised per map", "image", lambda v, q: encode_png(v), _depth),
+    SampleField("fg_emb.npy", "fg_emb", "float32 (D,), D = 768 for ViT-L/14",
+                "CLIP `image_embeds` of *I* (reference behaviour; `embed.fg_source: foreground` uses *I_f*)", "numpy",
+                lambda v, q: _npy_bytes(v.astype(np.float32)), _npy),
+    SampleField("bg_emb.npy", "bg_emb", "float32 (D,)", "CLIP `image_embeds` of *I_b*", "numpy",
+                lambda v, q: _npy_bytes(v.astype(np.float32)), _npy),
+    SampleField("txt", "caption", "UTF-8", "caption", "string", lambda v, q: v.encode("utf-8"), _text),
+    SampleField("latent.npy", "latent", "float16 (2, 4, R/8, R/8)",
+                "optional (`latents.enabled`): VAE latent distribution of *I* — mean, log-variance (unscaled)",
+                "numpy", lambda v, q: _npy_bytes(v), _latent, required=False),
+    SampleField("json", "meta", "JSON",
+                "source id, original size, crop box, inpainting seed, model ids, revisions and identities (hub commit "
+                "or weight hash), mask area and source, raw depth ranges `fg_depth_range`/`bg_depth_range` = "
+                "[min, max], timings (with `sample_timings: true`), package version, `quality` scores", "json",
+                lambda v, q: json.dumps(v, sort_keys=True, ensure_ascii=False).encode("utf-8"), _meta),
+)
+FIELD_BY_SUFFIX: dict[str, SampleField] = {f.suffix: f for f in SAMPLE_FIELDS}
+#: Every sample carries every one of these suffixes (readers such as HF datasets require it).
+FIELDS: tuple[str, ...] = tuple(f.suffix for f in SAMPLE_FIELDS if f.required)
+#: Optional member: the VAE latent distribution of I (``latents.enabled``; see :class:`TripletSample`).
+LATENT_FIELD = "latent.npy"
+
+
+def fields_markdown() -> str:
+    """The README's table of :data:`SAMPLE_FIELDS` (``| suffix | content | dtype / shape |``)."""
+    rows = ["| suffix | content | dtype / shape |", "|---|---|---|"]
+    rows += [f"| `{f.suffix}` | {f.content} | {f.stored} |" for f in SAMPLE_FIELDS]
+    return "\n".join(rows)
 
 
 @dataclass
@@ -213,12 +317,6 @@ def validate_meta(meta) -> list[str]:
     return problems
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 def encode_sample(s: TripletSample, jpeg_quality: int = 95) -> dict:
     """Serialise a sample to a WebDataset dict ``{"__key__": key, suffix: bytes, ...}``.
 
@@ -228,19 +326,12 @@ def encode_sample(s: TripletSample, jpeg_quality: int = 95) -> dict:
     problems = validate_sample(s)
     if problems:
         raise ValueError(f"sample {s.key!r} is malformed: " + "; ".join(problems))
-    return {
-        "__key__": s.key,
-        "jpg": encode_jpeg(s.image, jpeg_quality),
-        "mask.png": encode_png((s.mask * 255).astype(np.uint8)),
-        "bg.jpg": encode_jpeg(s.background, jpeg_quality),
-        "fg_depth.png": encode_png(s.fg_depth),
-        "bg_depth.png": encode_png(s.bg_depth),
-        "fg_emb.npy": _npy_bytes(s.fg_emb.astype(np.float32)),
-        "bg_emb.npy": _npy_bytes(s.bg_emb.astype(np.float32)),
-        "txt": s.caption.encode("utf-8"),
-        "json": json.dumps(s.meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
-        **({} if s.latent is None else {LATENT_FIELD: _npy_bytes(s.latent)}),
-    }
+    out = {"__key__": s.key}
+    for f in SAMPLE_FIELDS:
+        value = getattr(s, f.attr)
+        if value is not None or f.required:
+            out[f.suffix] = f.encode(value, jpeg_quality)
+    return out
 
 
 def decode_sample(raw: dict) -> TripletSample:
@@ -254,33 +345,5 @@ def decode_sample(raw: dict) -> TripletSample:
     missing = [f for f in FIELDS if f not in d]
     if missing:
         raise KeyError(f"sample {d.get('__key__')!r} lacks fields {missing}")
-    mask = decode_png(d["mask.png"])
-    if mask.dtype != np.uint8:
-        raise ValueError(f"mask.png must be 8-bit, got {mask.dtype}")
-    return TripletSample(
-        key=d["__key__"],
-        image=decode_rgb(d["jpg"]),
-        mask=(mask > 127).astype(np.uint8),
-        background=decode_rgb(d["bg.jpg"]),
-        fg_depth=decode_png(d["fg_depth.png"]),
-        bg_depth=decode_png(d["bg_depth.png"]),
-        fg_emb=np.load(io.BytesIO(d["fg_emb.npy"]), allow_pickle=False),
-        bg_emb=np.load(io.BytesIO(d["bg_emb.npy"]), allow_pickle=False),
-        caption=d["txt"].decode("utf-8") if isinstance(d["txt"], bytes) else str(d["txt"]),
-        meta=_meta(d["json"]),
-        latent=_latent(d[LATENT_FIELD]) if LATENT_FIELD in d else None,
-    )
-
-
-def _latent(data: bytes) -> np.ndarray:
-    latent = np.load(io.BytesIO(data), allow_pickle=False)
-    if latent.dtype != np.float16 or latent.ndim != 4 or latent.shape[0] != 2:
-        raise ValueError(f"latent.npy must be (2, C, h, w) float16, got {latent.dtype} {latent.shape}")
-    return latent
-
-
-def _meta(data) -> dict:
-    meta = json.loads(data) if isinstance(data, (bytes, str)) else data
-    if not isinstance(meta, dict):
-        raise ValueError(f"json is not a JSON object (got {type(meta).__name__})")
-    return dict(meta)
+    values = {f.attr: f.decode_member(d[f.suffix]) for f in SAMPLE_FIELDS if f.suffix in d}
+    return TripletSample(key=d["__key__"], **values)

@@ -7,16 +7,10 @@ uint16 depth maps into near-constant 255 without an error. Pass :func:`decoder` 
     ds = wds.WebDataset(urls).decode(triplets.wds.decoder())            # numpy
     ds = wds.WebDataset(urls).decode(triplets.wds.decoder(torch=True))  # torch tensors
 
-Field by field (``R`` = resolution, ``D`` = embedding width):
-
-================  =================================================================
-``jpg``/``bg.jpg``   uint8 ``(R, R, 3)`` RGB (torch: ``(R, R, 3)`` uint8 too, HWC)
-``mask.png``         uint8 ``(R, R)`` in {0, 1}
-``*_depth.png``      uint16 ``(R, R)`` in [0, 65535] (near = 65535), never rescaled
-``*_emb.npy``        float32 ``(D,)``
-``txt``              ``str``
-``json``             ``dict``
-================  =================================================================
+Field by field, exactly :data:`triplets.sample.SAMPLE_FIELDS` (the same decoders as
+:func:`~triplets.sample.decode_sample`): ``jpg``/``bg.jpg`` uint8 ``(R, R, 3)`` RGB (torch: HWC uint8 too),
+``mask.png`` uint8 ``(R, R)`` in {0, 1}, ``*_depth.png`` uint16 ``(R, R)`` never rescaled, ``*_emb.npy`` float32
+``(D,)``, ``latent.npy`` float16 ``(2, 4, R/8, R/8)``, ``txt`` ``str``, ``json`` ``dict``.
 
 Every array collates with ``torch.utils.data.default_collate``. :func:`decode` does the same on a whole raw sample
 (keys with or without a leading dot: wids, Ray Data's ``decoder=``, plain dicts of bytes).
@@ -24,47 +18,15 @@ Every array collates with ``torch.utils.data.default_collate``. :func:`decode` d
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from triplets.image_io import decode_png, decode_rgb
+from triplets.sample import SAMPLE_FIELDS
 
-
-def _mask(data: bytes) -> np.ndarray:
-    m = decode_png(data)
-    if m.dtype != np.uint8:
-        raise ValueError(f"mask.png must be 8-bit, got {m.dtype}")
-    return (m > 127).astype(np.uint8)
-
-
-def _depth(data: bytes) -> np.ndarray:
-    d = decode_png(data)
-    if d.dtype != np.uint16:
-        raise ValueError(f"depth map must be a 16-bit PNG, got {d.dtype}")
-    return d
-
-
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8")
-
-
-def _json(data: bytes) -> dict:
-    return json.loads(data)
-
-
-#: Suffix → bytes decoder (the format of :mod:`triplets.sample`).
-FIELD_DECODERS: dict[str, Callable[[bytes], Any]] = {
-    "jpg": decode_rgb, "bg.jpg": decode_rgb, "mask.png": _mask, "fg_depth.png": _depth, "bg_depth.png": _depth,
-    "fg_emb.npy": _npy, "bg_emb.npy": _npy, "txt": _text, "json": _json,
-}
+#: Suffix → bytes decoder: the decoders of :data:`triplets.sample.SAMPLE_FIELDS`.
+FIELD_DECODERS: dict[str, Callable[[bytes], Any]] = {f.suffix: f.decode_member for f in SAMPLE_FIELDS}
 
 
 def _to_torch(x: Any) -> Any:

@@ -1,8 +1,10 @@
-"""Content hashes of files: one chunked sha256 for shard tars, weight files, downloads and table inputs."""
+"""Content hashes: one chunked sha256 for shard tars, weight files, downloads and table inputs; one hash of JSON data
+(configs, plans, operations)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import IO
 
@@ -22,3 +24,8 @@ def file_sha256(path: str | Path) -> str:
     """Hex sha256 of the local file ``path``."""
     with open(path, "rb") as f:
         return stream_sha256(f)
+
+
+def json_sha256(obj) -> str:
+    """Hex sha256 of ``obj``'s canonical JSON (sorted keys, default separators): the same data, the same hash."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

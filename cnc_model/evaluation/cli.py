@@ -22,14 +22,10 @@ from pathlib import Path
 
 import typer
 
+from cnc.base.errors import UserError
 from cnc_model.loading import WEIGHTS_HELP
 
 logger = logging.getLogger(__name__)
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 
 def _parse_seeds(spec: str) -> list[int]:
@@ -44,9 +40,9 @@ def _parse_seeds(spec: str) -> list[int]:
             elif part:
                 seeds.append(int(part))
     except ValueError:
-        _fail(f"--seeds takes integers like 0,1,2 or 0-3, got {spec!r}")
+        raise UserError(f"--seeds takes integers like 0,1,2 or 0-3, got {spec!r}") from None
     if not seeds:
-        _fail("--seeds is empty")
+        raise UserError("--seeds is empty")
     return sorted(set(seeds), key=seeds.index)
 
 
@@ -80,9 +76,10 @@ def _num_processes(spec: str, device: str) -> int:
     except ValueError:
         count = 0
     if count < 1:
-        _fail(f"--num-processes takes a positive integer or auto, got {spec!r}")
+        raise UserError(f"--num-processes takes a positive integer or auto, got {spec!r}")
     if on_cuda and count > torch.cuda.device_count():
-        _fail(f"--num-processes {count} exceeds the {torch.cuda.device_count()} visible GPU(s) (one process per GPU)")
+        raise UserError(f"--num-processes {count} exceeds the {torch.cuda.device_count()} visible GPU(s) "
+                        f"(one process per GPU)")
     return count
 
 
@@ -161,7 +158,6 @@ def eval_command(
     """Generate from held-out triplets and report FID, IS, CLIPScore, SSIM, LPIPS, depth MAE and region scores."""
     import torch
 
-    from cnc.base.errors import UserError
     from cnc_model.cli import describe_or_fail, load_source_or_fail, sampling_prompts
     from cnc_model.evaluation import models as metric_models
     from cnc_model.evaluation.run import EvalSettings, evaluate, load_samples
@@ -174,21 +170,19 @@ def eval_command(
 
     chosen = [weights, compare_weights][: len(paths)]
     if compare_weights is not None and compare is None:
-        _fail("--compare-weights needs --compare")
+        raise UserError("--compare-weights needs --compare")
     for p, option in zip(paths, ("PIPELINE", "--compare")):
         if not resolve(p).exists():
-            _fail(f"{option} {p} does not exist")
+            raise UserError(f"{option} {p} does not exist")
     sources = [describe_or_fail(p, option, w) for p, option, w in zip(paths, ("PIPELINE", "--compare"), chosen)]
     mm = metric_models.resolve(metrics_models, clip_model, depth_model)
     problems = metric_models.check(mm)
     if problems:
-        for line in problems:
-            typer.echo(f"error: {line}", err=True)
-        raise typer.Exit(code=2)
+        raise UserError("\n".join(problems))  # one error line per missing network
     try:
         samples = load_samples(shards, n)
     except (UserError, ValueError, FileNotFoundError) as err:
-        _fail(f"--shards: {str(err).splitlines()[0]}")
+        raise UserError(f"--shards: {str(err).splitlines()[0]}") from None
     # 2. several processes: start them (each checks the inputs again, cheaply) unless already launched
     if not _launched():
         count = _num_processes(num_processes, device)

@@ -119,8 +119,8 @@ def run_ray_training(cfg: TrainConfig, num_workers: int, use_gpu: bool, address:
     from ray.train.torch import TorchTrainer
 
     from cnc.base.location import resolve
+    from cnc.ray_session import ray_session
     from cnc_model.training.trainer import FAULT_ENV
-    from pipelines.ray_session import ray_session
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")

@@ -31,14 +31,13 @@ def synthetic_photos(folder: str | Path, n: int, seed: int = 0) -> Path:
 def build_tiny_shards(out_dir: str | Path, n_images: int = 6, n_shards: int = 2, resolution: int = 64,
                       seed: int = 0) -> list[Path]:
     """Build ``n_images`` triplets with the tiny build config and split them over ``n_shards`` marked tars."""
-    from cnc.base.location import resolve
-    from cnc.config import config_dict, load_config
+    from cnc.config import config_dict, config_hash, load_config
     from triplets.builder import TripletBuilder
     from triplets.card import write_card
     from triplets.config import BuildConfig
     from triplets.readers import read_items
-    from triplets.shardio import write_shard
-    from triplets.shardio.names import CURRENT, MANIFEST_FILE, tar_name
+    from triplets.shardio import BuildOutput, ManifestHeader, ShardStats, encode_tar, write_manifest
+    from triplets.shardio.names import MANIFEST_FILE, shard_name
 
     out = Path(out_dir)
     photos = synthetic_photos(out / "_photos", n_images, seed)
@@ -50,20 +49,18 @@ def build_tiny_shards(out_dir: str | Path, n_images: int = 6, n_shards: int = 2,
     samples, failures = TripletBuilder(cfg)(read_items(str(photos)))
     if failures or len(samples) != n_images:
         raise RuntimeError(f"tiny build failed: {failures}")
-    tars, markers = [], []
+    output, fingerprint, markers = BuildOutput(str(out)), config_hash(cfg), []
     for i, chunk in enumerate(np.array_split(np.arange(len(samples)), n_shards)):
-        tar = out / tar_name(i)
-        stats = write_shard(tar, [samples[j] for j in chunk])
-        resolve(out / CURRENT.marker(i)).write_json(stats)
-        tars.append(tar)
-        markers.append(dict(stats, url=tar.name))
-    manifest = {
-        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.name, "input": str(photos),
-        "input_format": "folder", "models": samples[0].meta.get("models", {}), "config": config_dict(cfg),
-        "shardlist": [{"url": m["url"], "nsamples": m["nsamples"], "filesize": m["bytes"]} for m in markers],
+        staged = output.staging_path(i)  # committed like a build's shard: tar -> errors -> marker
+        staged.write_bytes(encode_tar([samples[j] for j in chunk]))
+        stats = ShardStats(shard=i, name=shard_name(i), fingerprint=fingerprint, nitems=len(chunk),
+                           nsamples=len(chunk), nfailed=0)
+        markers.append(output.commit_shard(i, staged, [], stats))
+    manifest = write_manifest(output.file(MANIFEST_FILE), ManifestHeader.of_markers(out.name, markers), {
+        "input": str(photos), "input_format": "folder", "models": samples[0].meta.get("models", {}),
+        "config": config_dict(cfg),
         "totals": {"items": n_images, "samples": len(samples), "shards_planned": n_shards,
-                   "shards_committed": n_shards, "failures": 0, "bytes": sum(m["bytes"] for m in markers)},
-    }
-    resolve(out / CURRENT.sidecar(MANIFEST_FILE)).write_json(manifest)
-    write_card(str(out), manifest)
-    return tars
+                   "shards_committed": n_shards, "failures": 0, "bytes": sum(m.bytes for m in markers)},
+    })
+    write_card(output, manifest)
+    return [output.tar(i).local_path() for i in range(len(markers))]

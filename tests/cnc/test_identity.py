@@ -14,7 +14,7 @@ import yaml
 
 from cnc.identity import local_identity, model_identity
 from cnc.tiny_store import materialize
-from tests.support import FAST_BUILD, REPO, TINY_CONFIG, make_photo_folder
+from tests.support import FAST_BUILD, REPO, TINY_CONFIG, make_photo_folder, tiny_overrides, train_cli_app
 
 BASE_KEY = "model.pretrained_model_name_or_path"
 
@@ -89,7 +89,6 @@ def test_swapped_weights_refuse_a_resume_unless_allowed(ray_local, tmp_path):
 
 
 def test_training_resume_with_a_changed_base_model_is_refused(tiny_shards, tmp_path):
-    from test_train_loop import _cli, tiny_overrides
     from typer.testing import CliRunner
 
     base = tmp_path / "sd"
@@ -99,7 +98,7 @@ def test_training_resume_with_a_changed_base_model_is_refused(tiny_shards, tmp_p
     for item in tiny_overrides(tiny_shards, out, "train.max_train_steps=1", "train.checkpointing_steps=1",
                                f"{BASE_KEY}={base}"):
         args += ["--set", item]
-    result = CliRunner().invoke(_cli(), args)
+    result = CliRunner().invoke(train_cli_app(), args)
     assert result.exit_code == 0, result.output
     prov = yaml.safe_load((out / "train_config.yaml").read_text())["provenance"]
     old = prov["models"][BASE_KEY]["identity"]
@@ -109,6 +108,6 @@ def test_training_resume_with_a_changed_base_model_is_refused(tiny_shards, tmp_p
 
     unet = "unet/diffusion_pytorch_model.safetensors"
     shutil.copy(materialize("sd", 1) / unet, base / unet)
-    result = CliRunner().invoke(_cli(), args + ["--set", "train.max_train_steps=2", "--resume", "latest"])
+    result = CliRunner().invoke(train_cli_app(), args + ["--set", "train.max_train_steps=2", "--resume", "latest"])
     assert result.exit_code == 2
     assert BASE_KEY in result.output and old in result.output and local_identity(base) in result.output

@@ -105,7 +105,8 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
             "root": root}
 
 
-# One case per kind; the readers' and config's unit tests (test_hardening_inputs.py) cover the variants in-process.
+# One case per kind; the readers' and config's unit tests (tests/triplets/readers/, tests/triplets/test_config.py)
+# cover the variants in-process.
 @pytest.mark.parametrize("case,extra,match", [
     ("empty", [], "no usable images"),
     ("gzip_tar", [], "gzip-compressed"),

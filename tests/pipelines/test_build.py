@@ -20,7 +20,15 @@ import pytest
 from cnc.config import load_config
 from pipelines.build import build_entry, run_build
 from pipelines.plan import PlanMismatchError
-from tests.support import FAST_BUILD, REPO, TINY_CONFIG, synthetic_photo, write_jpeg
+from tests.support import (
+    FAST_BUILD,
+    REPO,
+    TINY_CONFIG,
+    assert_exactly_once,
+    start_driver,
+    synthetic_photo,
+    write_jpeg,
+)
 from triplets.config import BuildConfig
 from triplets.sample import FIELDS, validate_sample
 from triplets.shardio import file_sha256, iter_samples, tar_keys
@@ -42,23 +50,6 @@ def _stats(out: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(out.rglob("*")) if p.is_file() and p.name[:6].isdigit()}
 
 
-def _committed_keys(out: Path) -> tuple[list[str], list[str]]:
-    """(sample keys over all tars, error keys over all error files) — duplicates kept."""
-    keys = [s.key for tar in sorted(out.glob("*.tar")) for s in iter_samples(str(tar))]
-    errs = [json.loads(line)["key"] for f in sorted((out / "_cnc" / "errors").glob("*.jsonl"))
-            for line in f.read_text().splitlines()]
-    return keys, errs
-
-
-def _assert_exactly_once(out: Path, photos: dict) -> None:
-    keys, errs = _committed_keys(out)
-    assert sorted(keys) == sorted(photos["good"]), "every good item exactly once"
-    assert sorted(errs) == sorted(photos["bad"]), "every bad item quarantined exactly once"
-    for tar in out.glob("*.tar"):
-        assert (out / "_cnc" / f"{tar.stem}_stats.json").is_file(), f"{tar.name} has no marker"
-    assert not list(out.rglob("*.tmp"))
-
-
 @pytest.fixture(scope="module")
 def reference(reference_build):
     return reference_build
@@ -76,7 +67,7 @@ def test_build_outputs_are_readable_by_every_reader(reference):
     out, result, _, photos = reference
     assert result.exit_code == 0
     assert (result.items_total, result.samples, result.failures, result.shards_committed) == (11, 8, 3, 4)
-    _assert_exactly_once(out, photos)
+    assert_exactly_once(out, photos)
     tars = [str(p) for p in sorted(out.glob("*.tar"))]
     assert [Path(t).name for t in tars] == ["000000.tar", "000001.tar", "000002.tar", "000003.tar"]
 
@@ -142,7 +133,7 @@ def test_worker_killed_mid_shard_is_retried_without_loss(reference, tmp_path):
     assert result.exit_code == 0 and result.shards_lost == []
     marker = json.loads((tmp_path / "faulty" / "_cnc" / "000001_stats.json").read_text())
     assert marker["attempt"] >= 1  # retried (a restarting actor may cost one more attempt under load)
-    _assert_exactly_once(tmp_path / "faulty", photos)
+    assert_exactly_once(tmp_path / "faulty", photos)
     assert _shas(tmp_path / "faulty") == _shas(out)
 
 
@@ -180,7 +171,7 @@ def test_retry_failed_recomputes_only_failures(reference, tmp_path):
     for shard in (0, 2, 3):
         m = json.loads((out / "_cnc" / f"{shard:06d}_stats.json").read_text())
         assert m["nreused"] == m["nsamples"] and m["nfailed"] == 1
-    _assert_exactly_once(out, photos)
+    assert_exactly_once(out, photos)
 
 
 def test_exit_code_follows_max_failure_fraction_and_retry_fixes(ray_local, tiny_photo_folder, tmp_path):
@@ -244,7 +235,7 @@ def test_driver_sigkill_then_rerun_is_exactly_once(reference, tmp_path):
                     pass
     result = run_build(_cfg(), str(src), out, progress=False)
     assert result.exit_code == 0 and result.shards_skipped >= 1
-    _assert_exactly_once(out, photos)
+    assert_exactly_once(out, photos)
     assert _shas(out) == _shas(ref)
 
 
@@ -263,3 +254,29 @@ def test_missing_model_fails_fast_with_one_line(photo_folder, tmp_path):
     assert "inpaint.model" in lines[0] and "stable-diffusion-v1-5/stable-diffusion-inpainting" in lines[0]
     assert any("segment.sam_checkpoint" in line for line in lines)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_table_build_killed_driver_and_worker_is_exactly_once(ray_local, photo_table, tmp_path):
+    """``cnc build`` on the table (joined to the session's Ray) is SIGKILLed after its first commit; the rerun loses
+    a worker mid-shard; every item ends up committed exactly once."""
+    root, photos = photo_table
+    out = tmp_path / "out"
+    env = dict(os.environ, CNC_TEST_FAULT_INJECTION=json.dumps({"batch_delay_s": 0.5}))
+    cmd = [sys.executable, "-m", "cnc.cli", "build", "--config", str(TINY_CONFIG), "--input", str(root),
+           "--output", str(out), "--no-progress", "--address", ray_local.get_runtime_context().gcs_address]
+    cmd += [a for o in FAST_BUILD + ["max_failure_fraction=0.5", "ray.num_workers=1"] for a in ("--set", o)]
+    proc = start_driver(cmd, tmp_path / "driver.log", lambda: bool(list(out.glob("_cnc/*_stats.json"))), cwd=REPO,
+                        env=env, poll_s=0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert len(list(out.glob("_cnc/*_stats.json"))) < 4, "the build finished before the kill"
+    fault = {"kill_shard": 3, "kill_after_batches": 1}  # the rerun's worker dies in shard 3's first attempt
+    result = run_build(_cfg(), str(root), out, progress=False, fault_injection=fault)
+    assert result.exit_code == 0 and result.shards_lost == [] and result.items_total == 11
+    assert result.shards_skipped >= 1 and json.loads((out / "_cnc" / "000003_stats.json").read_text())["attempt"] >= 1
+    assert_exactly_once(out, photos)
+    manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
+    assert manifest["input_format"] == "table" and manifest["totals"]["shards_committed"] == 4
+    again = run_build(_cfg(), str(root), out, progress=False)
+    assert (again.shards_built, again.shards_skipped) == (0, 4)  # resume: markers only, no work

@@ -185,7 +185,7 @@ def test_parallel_encodes_keep_tar_bytes(tmp_path):
     one = worker.build_shard(spec, output=str(tmp_path / "one"))
     worker.cfg.ray.encode_threads = 4
     four = worker.build_shard(spec, output=str(tmp_path / "four"))
-    assert one["nsamples"] == four["nsamples"] == 3
+    assert one.nsamples == four.nsamples == 3
     assert (tmp_path / "one" / "000000.tar").read_bytes() == (tmp_path / "four" / "000000.tar").read_bytes()
 
 

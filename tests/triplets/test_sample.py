@@ -122,3 +122,57 @@ def test_json_is_canonical():
     raw = encode_sample(_sample())
     meta = json.loads(raw["json"])
     assert list(meta) == sorted(meta)
+
+
+# -- the one field table ------------------------------------------------------------------------------------------
+def test_every_member_is_in_the_field_table_and_round_trips_through_it():
+    """encode_sample writes exactly the table's members (latent.npy only when set) and each field's decoder gives
+    the attribute back."""
+    from triplets.sample import LATENT_FIELD, SAMPLE_FIELDS
+
+    s = _sample()
+    s.latent = np.zeros((2, 4, 3, 3), np.float16)
+    raw = encode_sample(s)
+    assert set(raw) - {"__key__"} == {f.suffix for f in SAMPLE_FIELDS}
+    assert [f.suffix for f in SAMPLE_FIELDS if not f.required] == [LATENT_FIELD]
+    assert set(FIELDS) == {f.suffix for f in SAMPLE_FIELDS if f.required}
+    for f in SAMPLE_FIELDS:
+        decoded, want = f.decode(raw[f.suffix]), getattr(s, f.attr)
+        if isinstance(want, np.ndarray) and f.suffix not in ("jpg", "bg.jpg"):  # JPEG is lossy
+            assert decoded.dtype == want.dtype and np.array_equal(decoded, want), f.suffix
+        elif not isinstance(want, np.ndarray):
+            assert decoded == want, f.suffix
+
+
+def test_a_field_that_does_not_decode_is_named():
+    from triplets.image_io import encode_png
+
+    raw = encode_sample(_sample())
+    raw["fg_depth.png"] = encode_png(np.zeros((24, 24), np.uint8))
+    with pytest.raises(ValueError, match="fg_depth.png must be a 16-bit PNG, got uint8"):
+        decode_sample(raw)
+
+
+def test_stock_decoder_card_and_readme_are_the_field_table():
+    """triplets.wds's decoder, the dataset card's columns and the README's table are derived from (or checked
+    against) SAMPLE_FIELDS: a field added, removed or reworded in one place fails here."""
+    import triplets.wds
+    from tests.support import REPO
+    from triplets.card import FIELDS as CARD_FIELDS
+    from triplets.card import render_card
+    from triplets.sample import SAMPLE_FIELDS, fields_markdown
+
+    raw = encode_sample(_sample())
+    decoded = triplets.wds.decode(raw)
+    assert set(triplets.wds.FIELD_DECODERS) == {f.suffix for f in SAMPLE_FIELDS}
+    for f in SAMPLE_FIELDS:
+        if f.suffix in raw:
+            want = f.decode(raw[f.suffix])
+            assert (np.array_equal(decoded[f.suffix], want) if isinstance(want, np.ndarray)
+                    else decoded[f.suffix] == want), f.suffix
+    assert [k for k in CARD_FIELDS if not k.startswith("__")] == [f.suffix for f in SAMPLE_FIELDS]
+    card = render_card({"name": "x"})
+    assert all(f"| `{f.suffix}` | {f.feature} | {f.content}" in card for f in SAMPLE_FIELDS)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert fields_markdown() in readme, "README's sample-format table differs from triplets.sample.SAMPLE_FIELDS " \
+                                        "(paste triplets.sample.fields_markdown())"

@@ -16,11 +16,9 @@ import numpy as np
 
 from triplets.quality import SCORES, has_quality, score_value
 from triplets.sample import DEPTH_MAX, TripletSample
+from triplets.shardio.records import ShardMarker
 
 _DIGITS = re.compile(r"\d+(\.\d+)?")
-_COUNT_KEYS = ("nsamples", "count", "num_samples", "samples")
-_SECONDS_KEYS = ("seconds", "duration", "duration_s", "elapsed", "wall_seconds")
-_STAGE_KEYS = ("stage_seconds", "stages", "seconds_by_stage", "timings")
 
 
 @dataclass
@@ -156,20 +154,6 @@ def _quality_stats() -> dict[str, ScoreStats]:
     return {name: ScoreStats.for_score(name) for name in SCORES}
 
 
-def _first_number(d: dict, keys: tuple[str, ...]) -> float | None:
-    for k in keys:
-        v = d.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    return None
-
-
-def marker_count(marker: dict) -> int | None:
-    """Sample count of a stats marker (``nsamples``, ``count``...), ``None`` when absent."""
-    v = _first_number(marker, _COUNT_KEYS)
-    return None if v is None else int(v)
-
-
 @dataclass
 class Throughput:
     """Build speed from the stats markers: ``seconds`` are worker-seconds summed over shards."""
@@ -179,20 +163,16 @@ class Throughput:
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
-    def add_marker(self, marker: dict) -> None:
-        n, sec = marker_count(marker), _first_number(marker, _SECONDS_KEYS)
+    def add_marker(self, marker: ShardMarker) -> None:
+        n, sec = marker.nsamples, marker.seconds
         if n is None or sec is None:
             return
         self.shards_with_stats += 1
         self.samples += n
         self.seconds += sec
-        for key in _STAGE_KEYS:
-            stages = marker.get(key)
-            if isinstance(stages, dict):
-                for stage, v in stages.items():
-                    if isinstance(v, (int, float)):
-                        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + float(v)
-                break
+        for stage, v in (marker.stage_seconds or {}).items():
+            if isinstance(v, (int, float)):
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + float(v)
 
     def merge(self, other: Throughput) -> None:
         self.shards_with_stats += other.shards_with_stats

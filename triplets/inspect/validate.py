@@ -24,7 +24,6 @@ import heapq
 import json
 import logging
 import multiprocessing
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cnc.base.location import resolve
-from triplets.inspect.summary import Summary, failure_reason, marker_count
+from triplets.inspect.summary import Summary, failure_reason
 from triplets.quality import SCORES, score_value
 from triplets.sample import (
     FIELDS,
@@ -46,7 +45,7 @@ from triplets.sample import (
     validate_meta,
     validate_sample,
 )
-from triplets.shardio import ShardReadError, TarStream, open_stream, resolve_shards, split_member
+from triplets.shardio import ShardMarker, ShardReadError, TarStream, load_marker, resolve_shards
 from triplets.shardio.names import (
     LEGACY,
     MANIFEST_FILE,
@@ -59,6 +58,7 @@ from triplets.shardio.names import (
     marker_for_tar,
     tar_for_marker,
 )
+from triplets.shardio.records import read_errors
 from triplets.shardio.tario import MAX_MEMBER_BYTES
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class ShardCheck:
     bytes: int = 0
     sha256: str | None = None
     complete: bool = False
-    marker: dict | None = None
+    marker: ShardMarker | None = None
 
 
 @dataclass
@@ -244,23 +244,19 @@ def _parent(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0]
 
 
-def _read_failures(tar: str, marker: dict | None, report: Callable[..., None]) -> Counter:
+def _read_failures(tar: str, marker: ShardMarker | None, report: Callable[..., None]) -> Counter:
     """Failure counts by ``"stage: reason"`` from ``errors/NNNNNN.jsonl``, else from the marker."""
     path, counts = resolve(errors_for_tar(tar)), Counter()
     if not path.isfile():
         path = resolve(errors_for_tar(tar, LEGACY))  # a folder of the legacy layout
     if path.isfile():
-        for lineno, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                counts[failure_reason(row.get("stage"), row.get("reason"))] += 1
-            except (ValueError, AttributeError):
-                report(f"{path.name} line {lineno} is not a JSON object", None, WARNING)
+        records, bad = read_errors(path)
+        for row in records:
+            counts[failure_reason(row.stage, row.reason)] += 1
+        for lineno in bad:
+            report(f"{path.name} line {lineno} is not a JSON object", None, WARNING)
     elif marker:
-        by_reason = next((marker[k] for k in ("failures_by_reason", "failures") if isinstance(marker.get(k), dict)), {})
-        for reason, n in by_reason.items():
+        for reason, n in (marker.failures_by_reason or {}).items():
             if isinstance(n, int):
                 counts[failure_reason(None, reason)] += n
     return counts
@@ -276,16 +272,16 @@ def _check_marker(tar: str, check: ShardCheck, report: Callable[..., None]) -> N
         return
     if not check.complete:
         return  # the truncation is the finding; counts and hashes cannot agree
-    n = marker_count(marker)
+    n = marker.nsamples
     if n is None:
         report(f"stats marker {_name(marker_for_tar(tar))} has no sample count", None, WARNING)
     elif n != check.nsamples:
         report(f"stats marker says {n} samples, the tar holds {check.nsamples}")
-    sha = marker.get("sha256")
+    sha = marker.sha256
     if sha is not None and sha != check.sha256:
         report(f"stats marker sha256 {str(sha)[:12]}... != tar sha256 {check.sha256[:12]}...")
-    size = marker.get("bytes")
-    if isinstance(size, int) and size != check.bytes:
+    size = marker.bytes
+    if size is not None and size != check.bytes:
         report(f"stats marker says {size} bytes, the tar has {check.bytes}")
 
 
@@ -301,7 +297,7 @@ def scan_shard(path: str, opts: ScanOptions = ScanOptions()) -> ShardScan:
     check, summary = ShardCheck(str(tar)), Summary(shards=1)
     for candidate in marker_candidates(tar):  # _cnc/ first, then beside the tar (legacy layout)
         try:
-            check.marker = read_json(candidate)
+            check.marker = load_marker(resolve(candidate))
         except (ValueError, OSError) as exc:
             report(f"stats marker {_name(candidate)} is not valid JSON: {exc}")
             break
@@ -364,15 +360,11 @@ def _duplicate_keys(scans: list[ShardScan]) -> dict[str, list[str]]:
     for scan in scans:
         if not dup.intersection(scan.key_hashes.tolist()):
             continue
-        last = None
         try:
-            with open_stream(scan.check.path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
-                for member in tf:
-                    key, _ = split_member(member.name)
-                    if key is not None and key != last and key_hash(key) in dup:
-                        where.setdefault(key, []).append(scan.check.path)
-                    last = key
-        except (tarfile.TarError, OSError):
+            for key in TarStream(scan.check.path).keys():  # headers only: no member is kept
+                if key_hash(key) in dup:
+                    where.setdefault(key, []).append(scan.check.path)
+        except (ShardReadError, OSError):
             continue  # already reported as unreadable
     return {k: v for k, v in where.items() if len(v) > 1}
 

@@ -8,6 +8,7 @@ module              owns
 ``resolve``         shard specs (folders, globs, brace patterns, URLs, ``pipe:``) → shard URLs
 ``tario``           the reproducible ``TarWriter``; :class:`TarStream`, the one streaming tar → sample reader
 ``output``          :class:`BuildOutput`: staging, commit (tar → errors → marker), recovery, locks, probes
+``records``         the typed records of a build: shard stats and marker, error rows, the manifest's wids header
 ==================  ==================================================================================
 
 Locations (local paths and fsspec URLs) come from :mod:`cnc.base.location`.
@@ -15,6 +16,16 @@ Locations (local paths and fsspec URLs) come from :mod:`cnc.base.location`.
 
 from triplets.shardio.names import split_member
 from triplets.shardio.output import BuildOutput, OutputNotSharedError, check_probe, file_sha256
+from triplets.shardio.records import (
+    ErrorRecord,
+    FailureTotals,
+    ManifestHeader,
+    ShardMarker,
+    ShardStats,
+    load_marker,
+    read_manifest,
+    write_manifest,
+)
 from triplets.shardio.resolve import ShardSpecError, resolve_shards
 from triplets.shardio.tario import (
     FIXED_MTIME,
@@ -30,7 +41,8 @@ from triplets.shardio.tario import (
 )
 
 __all__ = [
-    "FIXED_MTIME", "BuildOutput", "OutputNotSharedError", "ShardReadError", "ShardSpecError", "TarStream",
-    "check_probe", "encode_tar", "file_sha256", "iter_raw_samples", "iter_samples", "open_stream", "open_tar_writer",
-    "resolve_shards", "split_member", "tar_keys", "write_shard",
+    "FIXED_MTIME", "BuildOutput", "ErrorRecord", "FailureTotals", "ManifestHeader", "OutputNotSharedError",
+    "ShardMarker", "ShardReadError", "ShardSpecError", "ShardStats", "TarStream", "check_probe", "encode_tar",
+    "file_sha256", "iter_raw_samples", "iter_samples", "load_marker", "open_stream", "open_tar_writer",
+    "read_manifest", "resolve_shards", "split_member", "tar_keys", "write_manifest", "write_shard",
 ]

@@ -42,6 +42,7 @@ from cnc.base.errors import OutputBusyError, UserError
 from cnc.base.hashing import file_sha256, stream_sha256
 from cnc.base.location import TEMP_NAME, Location, fsync_replace, resolve, temp_name
 from triplets.shardio import names
+from triplets.shardio.records import ErrorRecord, ShardMarker, ShardStats, load_marker, write_errors, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -119,31 +120,31 @@ class BuildOutput:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / temp_name(names.tar_name(shard))
 
-    def commit_shard(self, shard: int, staged: Path, failures: list[dict], stats: dict,
-                     sha256: str | None = None) -> dict:
+    def commit_shard(self, shard: int, staged: Path, failures: list[ErrorRecord | dict], stats: ShardStats,
+                     sha256: str | None = None) -> ShardMarker:
         """Publish the staged tar, then its errors, then the marker (the commit point); return the marker.
 
-        ``stats`` gets ``url``, ``bytes``, ``sha256`` and ``errors`` filled in here; ``sha256`` is the staged file's
-        digest when the writer already computed it while streaming (else it is read back and hashed).
+        The marker is ``stats`` plus the tar's ``url``, ``bytes``, ``sha256`` and the ``errors`` file; ``sha256`` is
+        the staged file's digest when the writer already computed it while streaming (else it is read back and
+        hashed).
         """
         final = self.tar(shard)
-        stats = dict(stats, url=final.name, bytes=staged.stat().st_size, sha256=sha256 or file_sha256(staged),
-                     errors=self.layout.errors(shard))
+        marker = ShardMarker.committed(stats, final.name, staged.stat().st_size, sha256 or file_sha256(staged),
+                                       self.layout.errors(shard))
         final.upload(staged, move=True)  # 1. the tar
-        self.errors(shard).write_text(  # 2. its failures
-            "".join(json.dumps(f, sort_keys=True, ensure_ascii=False) + "\n" for f in failures))
-        self.marker(shard).write_json(stats)  # 3. the marker: commit point
-        return stats
+        write_errors(self.errors(shard), failures)  # 2. its failures
+        write_marker(self.marker(shard), marker)  # 3. the marker: commit point
+        return marker
 
     # -- reading markers ------------------------------------------------------------------------------------
-    def read_marker(self, shard: int) -> dict | None:
+    def read_marker(self, shard: int) -> ShardMarker | None:
+        """Shard ``shard``'s marker; ``None`` when missing or unreadable."""
         try:
-            marker = self.marker(shard).read_json()
+            return load_marker(self.marker(shard))
         except (OSError, ValueError):
             return None
-        return marker if isinstance(marker, dict) else None
 
-    def markers(self) -> dict[int, dict]:
+    def markers(self) -> dict[int, ShardMarker]:
         """Markers present (not verified; for reports after :meth:`recover`)."""
         shards = sorted(s for n in self.meta.list() if names.is_marker(n) and (s := names.shard_of(n)) is not None)
         with ThreadPoolExecutor(8) as pool:
@@ -152,7 +153,7 @@ class BuildOutput:
 
     # -- recovery -------------------------------------------------------------------------------------------
     def recover(self, fingerprint: str, shard_sizes: dict[int, int], verify: bool = False,
-                threads: int = 8) -> dict[int, dict]:
+                threads: int = 8) -> dict[int, ShardMarker]:
         """Bring the output back to a committed-only state; return ``{shard: marker}`` of committed shards.
 
         Args:
@@ -166,12 +167,12 @@ class BuildOutput:
         meta = self.meta.list() if lay.meta else top
         markers = sorted(names.shard_of(n) for n in meta if names.is_marker(n))
 
-        def check(shard: int) -> tuple[int, dict | None, str | None]:
+        def check(shard: int) -> tuple[int, ShardMarker | None, str | None]:
             marker = self.read_marker(shard)
             return shard, marker, self._marker_problem(shard, marker, fingerprint, shard_sizes.get(shard), top,
                                                        errs, verify)
 
-        committed: dict[int, dict] = {}
+        committed: dict[int, ShardMarker] = {}
         removed: list[str] = []
         with ThreadPoolExecutor(max(1, threads)) as pool:
             for shard, marker, problem in pool.map(check, markers):
@@ -197,25 +198,25 @@ class BuildOutput:
             log.info("recovery removed %d uncommitted file(s) in %s", len(removed), self.url)
         return committed
 
-    def _marker_problem(self, shard: int, marker: dict | None, fingerprint: str, nitems: int | None,
+    def _marker_problem(self, shard: int, marker: ShardMarker | None, fingerprint: str, nitems: int | None,
                         top: dict[str, dict], errs: dict[str, dict], verify: bool) -> str | None:
         """Why a marker does not commit its shard (``None`` when it does)."""
         if marker is None:
             return "unreadable marker"
-        if marker.get("fingerprint") != fingerprint:
+        if marker.fingerprint != fingerprint:
             return "marker from another plan"
         if nitems is None:
             return "shard not in the plan"
-        if marker.get("nitems") != nitems:
-            return f"marker counts {marker.get('nitems')} items, plan has {nitems}"
+        if marker.nitems != nitems:
+            return f"marker counts {marker.nitems} items, plan has {nitems}"
         tar = top.get(names.tar_name(shard))
         if tar is None:
             return "tar missing"
         if self.layout.errors(shard).rsplit("/", 1)[1] not in errs:
             return "errors file missing"
-        if tar.get("size") != marker.get("bytes"):
-            return f"tar size {tar.get('size')} != marker {marker.get('bytes')}"
-        if verify and location_sha256(self.tar(shard)) != marker.get("sha256"):
+        if tar.get("size") != marker.bytes:
+            return f"tar size {tar.get('size')} != marker {marker.bytes}"
+        if verify and location_sha256(self.tar(shard)) != marker.sha256:
             return "tar sha256 differs from marker"
         return None
 

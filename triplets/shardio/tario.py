@@ -168,6 +168,15 @@ class TarStream:
         self.nbytes = 0
 
     def samples(self) -> Iterator[dict]:
+        """The samples, in tar order (members of a sample must be contiguous, as WebDataset requires)."""
+        return self._read(with_data=True)
+
+    def keys(self) -> Iterator[str]:
+        """The sample keys, in tar order, without keeping any member's bytes (the same checks as :meth:`samples`)."""
+        for sample in self._read(with_data=False):
+            yield sample["__key__"]
+
+    def _read(self, with_data: bool) -> Iterator[dict]:
         try:
             raw = open_stream(self.url)
         except (OSError, UserError) as exc:
@@ -200,7 +209,7 @@ class TarStream:
                         if key is None:
                             self.on_problem(f"member {name!r} has no extension (ignored by readers)")
                             continue
-                        data = tf.extractfile(member).read()
+                        data = tf.extractfile(member).read() if with_data else b""
                         if current is not None and key != current["__key__"]:
                             yield current
                             current = None
@@ -262,5 +271,9 @@ def iter_samples(spec) -> Iterator[TripletSample]:
 
 
 def tar_keys(url: str) -> list[str]:
-    """Sample keys of one tar, in order."""
-    return [s["__key__"] for s in TarStream(url).samples()]
+    """Sample keys of one tar, in order (member bytes are not kept).
+
+    Raises:
+        ShardReadError: the tar is truncated or corrupt.
+    """
+    return list(TarStream(url).keys())

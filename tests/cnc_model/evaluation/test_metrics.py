@@ -124,8 +124,7 @@ def test_per_network_tiny_options_match_metrics_models_tiny(tmp_path, tiny_metri
 
 
 def test_model_labels_and_process_counts():
-    import typer
-
+    from cnc.base.errors import UserError
     from cnc_model.evaluation.cli import _labels, _num_processes
 
     assert _labels(["out/a", "out/b"], ["ema", "ema"]) == ["a", "b"]
@@ -133,6 +132,6 @@ def test_model_labels_and_process_counts():
     assert _labels(["x/c", "y/c"], ["ema", "ema"]) == ["c-A", "c-B"]
     assert _num_processes("auto", "cpu") == 1 and _num_processes("3", "cpu") == 3  # CPU processes: gloo
     for bad in ("0", "two"):
-        with pytest.raises(typer.Exit) as exit_info:
+        with pytest.raises(UserError, match=f"--num-processes takes a positive integer or auto, got '{bad}'") as err:
             _num_processes(bad, "cpu")
-        assert exit_info.value.exit_code == 2
+        assert err.value.exit_code == 2

@@ -18,17 +18,8 @@ from safetensors.torch import load_file
 from cnc.base.location import resolve
 from cnc.tiny import tiny_unet
 from cnc_model.training import Trainer, load_train_config
-from tests.support import REPO
+from tests.support import REPO, tiny_overrides, train_cli_app
 from triplets.shardio import iter_samples, write_shard
-
-
-def tiny_overrides(shards, out, *extra: str) -> list[str]:
-    return [
-        "model.pretrained_model_name_or_path=tiny", f"data.train_shards={shards}", f"output_dir={out}",
-        "data.resolution=64", "data.num_workers=0", "data.shuffle_buffer=8", "train.mixed_precision=no",
-        "train.gradient_checkpointing=false", "train.report_to=none", "train.progress_bar=false",
-        "train.train_batch_size=2", "validation.num_samples=0", "optim.learning_rate=1e-4", *extra,
-    ]
 
 
 def _clone(module) -> dict[str, torch.Tensor]:
@@ -133,19 +124,6 @@ def test_resume_after_ctrl_c_equals_a_straight_run(tiny_shards, tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def _cli():
-    import typer
-
-    from cnc.cli import _wrap_commands
-    from cnc_model.train_cli import register
-
-    app = typer.Typer()
-    register(app)
-    app.command("noop")(lambda: None)  # keep "train" a sub-command
-    _wrap_commands(app)  # the CLI's one user-error contract: UserError -> exit 2, one line
-    return app
-
-
 def test_checkpoint_rotation_and_resume_latest_from_the_cli(tiny_shards, tmp_path, caplog):
     from typer.testing import CliRunner
 
@@ -154,7 +132,7 @@ def test_checkpoint_rotation_and_resume_latest_from_the_cli(tiny_shards, tmp_pat
     for item in tiny_overrides(tiny_shards, out, "train.max_train_steps=6", "train.checkpointing_steps=2",
                                "train.checkpoints_total_limit=2"):
         args += ["--set", item]
-    result = CliRunner().invoke(_cli(), args)
+    result = CliRunner().invoke(train_cli_app(), args)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     ckpt = out / "checkpoint-6"
@@ -167,7 +145,7 @@ def test_checkpoint_rotation_and_resume_latest_from_the_cli(tiny_shards, tmp_pat
     assert sum((ckpt / n).stat().st_size for n in names) < 4 * fuser_bytes + unet_bytes / 2
 
     with caplog.at_level(logging.INFO, logger="cnc_model.training.trainer"):
-        result = CliRunner().invoke(_cli(), args + ["--set", "train.max_train_steps=8", "--resume", "latest"])
+        result = CliRunner().invoke(train_cli_app(), args + ["--set", "train.max_train_steps=8", "--resume", "latest"])
     assert result.exit_code == 0, result.output
     assert "resumed from" in caplog.text and "at step 6" in caplog.text
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
@@ -179,10 +157,10 @@ def test_cli_fails_fast_on_a_missing_base_model(tiny_shards, tmp_path):
 
     args = ["train", "--config", str(REPO / "configs/train/local.yaml"), "--set", f"data.train_shards={tiny_shards}",
             "--set", f"output_dir={tmp_path}", "--set", "model.pretrained_model_name_or_path=/nonexistent/sd15"]
-    result = CliRunner().invoke(_cli(), args)
+    result = CliRunner().invoke(train_cli_app(), args)
     assert result.exit_code == 2
     assert "/nonexistent/sd15" in result.output and "model.pretrained_model_name_or_path" in result.output
-    bad = CliRunner().invoke(_cli(), ["train", "--config", str(REPO / "configs/train/local.yaml"),
+    bad = CliRunner().invoke(train_cli_app(), ["train", "--config", str(REPO / "configs/train/local.yaml"),
                                       "--set", "train.learning_rate=1"])
     assert bad.exit_code == 2 and "learning_rate" in bad.output
 

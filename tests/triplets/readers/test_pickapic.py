@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from triplets.readers import InputError, detect_format, read_items, read_source_bytes
-from triplets.readers_pickapic import load_stopwords, read_pickapic
+from triplets.readers.pickapic import load_stopwords, read_pickapic
 from triplets.stages import LoadStage
 
 

@@ -1,112 +1,97 @@
-"""Input readers: folder (jsonl / uid:caption / sidecar txt / masks), COCO (+ COCO-Stuff), WebDataset tars."""
+"""The readers' entry points (:mod:`triplets.readers`): format registry, forced formats, duplicate keys, shard items
+of either plan form, source bytes."""
 
-import io
-import json
-import tarfile
+from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
+
 import pytest
-from PIL import Image
 
-from triplets.readers import InputError, detect_format, read_items, read_source_bytes
-
-
-def _jpeg(seed=0, size=(96, 80)) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def test_folder_with_jsonl_captions_and_masks(tmp_path):
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "a.jpg").write_bytes(_jpeg(0))
-    (tmp_path / "sub" / "b.png").write_bytes(_jpeg(1))
-    (tmp_path / "c.v2.jpg").write_bytes(_jpeg(2))
-    (tmp_path / "notes.md").write_text("ignored")
-    (tmp_path / "masks" / "sub").mkdir(parents=True)
-    Image.fromarray(np.full((80, 96), 255, np.uint8)).save(tmp_path / "masks" / "sub" / "b.png")
-    (tmp_path / "captions.jsonl").write_text(
-        json.dumps({"key": "a", "caption": "first: with colon"}) + "\n"
-        + json.dumps({"file": "sub/b.png", "caption": "second"}) + "\nnot json\n")
-    items = read_items(str(tmp_path))
-    assert detect_format(str(tmp_path)) == "folder"
-    by_key = {it["key"]: it for it in items}
-    assert [it["key"] for it in items] == sorted(by_key)
-    assert by_key["a"]["caption"] == "first: with colon"
-    assert by_key["sub/b"]["caption"] == "second"
-    assert by_key["sub/b"]["mask_path"].endswith("masks/sub/b.png") and by_key["sub/b"]["mask_kind"] == "binary"
-    assert by_key["a"]["mask_path"] is None
-    dotted = [k for k in by_key if k.startswith("c_v2")]
-    assert len(dotted) == 1 and "." not in dotted[0]
-    assert not any(k.startswith("masks") for k in by_key)
-    assert read_source_bytes(by_key["a"]["source"]) == (tmp_path / "a.jpg").read_bytes()
+from cnc.base.errors import LocationError
+from tests.support import jpeg_bytes, tar_bytes
+from triplets.config import BuildConfig
+from triplets.readers import (
+    FORMATS,
+    READERS,
+    InputError,
+    ReadOptions,
+    TableColumns,
+    get_reader,
+    plan_input,
+    read_items,
+    read_source_bytes,
+    shard_items,
+)
 
 
-def test_folder_uid_caption_lines_keep_colons_and_sidecar_txt(tmp_path):
-    for name in ("x", "y", "z"):
-        (tmp_path / f"{name}.jpg").write_bytes(_jpeg())
-    (tmp_path / "captions.txt").write_text("x: a sign reading: STOP\nbroken line without separator\n")
-    (tmp_path / "y.txt").write_text("caption from sidecar\n")
-    by_key = {it["key"]: it for it in read_items(str(tmp_path))}
-    assert by_key["x"]["caption"] == "a sign reading: STOP"
-    assert by_key["y"]["caption"] == "caption from sidecar"
-    assert by_key["z"]["caption"] == ""
+def _folder(root: Path, names=("a", "b", "c")) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(names):
+        (root / f"{n}.jpg").write_bytes(jpeg_bytes(i))
+    return root
 
 
-def test_coco_reader_first_caption_present_images_and_stuff_masks(tmp_path):
-    (tmp_path / "annotations").mkdir()
-    (tmp_path / "train2017").mkdir()
-    stuff = tmp_path / "stuffthingmaps_trainval2017" / "train2017"
-    stuff.mkdir(parents=True)
-    (tmp_path / "train2017" / "000000000009.jpg").write_bytes(_jpeg())
-    (tmp_path / "train2017" / "000000000025.jpg").write_bytes(_jpeg())
-    Image.fromarray(np.full((80, 96), 255, np.uint8)).save(stuff / "000000000009.png")
-    ann = {
-        "images": [{"id": 9, "file_name": "000000000009.jpg"}, {"id": 25, "file_name": "000000000025.jpg"},
-                   {"id": 30, "file_name": "000000000030.jpg"}],
-        "annotations": [{"id": 7, "image_id": 9, "caption": "second\ncaption"},
-                        {"id": 3, "image_id": 9, "caption": "the  first caption"},
-                        {"id": 5, "image_id": 25, "caption": "only one"}],
-    }
-    path = tmp_path / "annotations" / "captions_train2017.json"
-    path.write_text(json.dumps(ann))
-    assert detect_format(str(path)) == "coco"
-    items = read_items(str(path))
-    assert [it["key"] for it in items] == ["000000000009", "000000000025"]  # 30 is not on disk
-    assert items[0]["caption"] == "second caption"  # first in file order, newline → space (the reference's rule)
-    assert items[0]["mask_kind"] == "cocostuff" and items[1]["mask_path"] is None
+def test_every_format_of_the_config_has_one_reader():
+    assert tuple(READERS) == FORMATS
+    assert FORMATS == BuildConfig.model_fields["input_format"].annotation.__args__[1:]  # "auto" + the formats
+    assert all(get_reader(name).name == name for name in FORMATS)
+    with pytest.raises(InputError, match="unknown input format 'parquet'"):
+        get_reader("parquet")
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+def test_read_options_come_from_the_build_config():
+    cfg = BuildConfig.model_validate({"allow_outside_input": True, "input_hash": True,
+                                      "table": {"image_column": "img", "mask_column": "m"}})
+    assert ReadOptions.from_config(cfg) == ReadOptions(True, True, TableColumns(image="img", mask="m"))
 
 
-def test_webdataset_input_img2dataset_style(tmp_path):
-    img = _jpeg(3)
-    _tar(tmp_path / "00000.tar", [("000000000.jpg", img), ("000000000.txt", b"a cat"), ("000000000.json", b"{}"),
-                                  ("000000001.jpg", _jpeg(4)), ("000000001.txt", b"a dog"),
-                                  ("000000002.txt", b"caption without image")])
-    _tar(tmp_path / "00001.tar", [("000010000.png", _jpeg(5)), ("000010000.txt", b"png one")])
-    pattern = str(tmp_path / "{00000..00001}.tar")
-    assert detect_format(pattern) == "webdataset"
-    items = read_items(pattern)
-    assert [it["caption"] for it in items] == ["a cat", "a dog", "png one"]
-    assert read_source_bytes(items[0]["source"]) == img
-    assert len({it["key"] for it in items}) == 3
-    assert [it["key"] for it in read_items(str(tmp_path))] == [it["key"] for it in items]  # folder of tars
+def test_shard_items_of_both_plan_forms(tmp_path):
+    """An item-list spec is its items; a range spec is read by the reader of each range's file, in range order."""
+    assert shard_items({"shard": 0, "items": [{"key": "x"}]}, ReadOptions()) == [{"key": "x"}]
+    members = [(f"{k}.jpg", jpeg_bytes(i)) for i, k in enumerate("abcd")] + [("a.txt", b"cap a")]
+    (tmp_path / "t.tar").write_bytes(tar_bytes(sorted(members)))
+    tar = str(tmp_path / "t.tar")
+    [planned] = plan_input(tar, "webdataset", ReadOptions()).files
+    assert planned["rows"] == 4 and planned["url"] == tar
+    spec = {"shard": 0, "ranges": [{"file": 0, "url": tar, "start": 1, "stop": 3},
+                                   {"file": 0, "url": tar, "start": 0, "stop": 1}]}
+    items = shard_items(spec, ReadOptions())
+    assert [it["key"] for it in items] == ["t/b", "t/c", "t/a"] and items[2]["caption"] == "cap a"
+    assert read_source_bytes(items[0]["source"]) == jpeg_bytes(1)
+    with pytest.raises(OSError, match="repeats"):  # a key twice in one shard
+        shard_items({"shard": 0, "ranges": spec["ranges"] * 2}, ReadOptions())
+    with pytest.raises(OSError, match="planned, 2 found"):  # the tar changed under the plan
+        shard_items({"shard": 0, "ranges": [{"file": 0, "url": tar, "start": 2, "stop": 5}]}, ReadOptions())
+    with pytest.raises(OSError, match="no reader"):
+        shard_items({"shard": 0, "ranges": [{"file": 0, "url": str(tmp_path / "x.zip"), "start": 0, "stop": 1}]},
+                    ReadOptions())
+    with pytest.raises(OSError, match="names no image"):
+        read_source_bytes("")
 
 
 def test_forced_format_duplicates_and_missing_input(tmp_path):
-    (tmp_path / "a.jpg").write_bytes(_jpeg())
-    (tmp_path / "a.png").write_bytes(_jpeg())
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "a.png").write_bytes(jpeg_bytes())
     with pytest.raises(InputError, match="same sample key"):
         read_items(str(tmp_path), "folder")
     with pytest.raises(InputError, match="unknown input format"):
         read_items(str(tmp_path), "parquet")
     with pytest.raises(InputError, match="does not exist"):
         read_items(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("fmt,make", [
+    ("coco", lambda p: _folder(p)),
+    ("folder", lambda p: (p.parent.mkdir(parents=True, exist_ok=True), p.write_bytes(tar_bytes([("a.jpg", jpeg_bytes())])))),
+    ("webdataset", lambda p: (p.parent.mkdir(parents=True, exist_ok=True), p.write_text("{}"))),
+])
+def test_forced_format_that_does_not_fit_the_input_is_refused(tmp_path, fmt, make):
+    path = tmp_path / ("x.json" if fmt == "webdataset" else "x.tar" if fmt == "folder" else "dir")
+    make(path)
+    with pytest.raises(InputError, match=f"input_format={fmt} needs"):
+        read_items(str(path), fmt)
+
+
+def test_unknown_scheme_is_a_location_error():
+    with pytest.raises(LocationError, match="unknown URL scheme"):
+        read_items("nosuchscheme://bucket/photos")

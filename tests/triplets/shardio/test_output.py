@@ -12,10 +12,9 @@ import pytest
 import cnc.base.location as location
 from cnc.base.errors import OutputBusyError
 from pipelines.plan import PlanMismatchError, fingerprint, make_plan, prepare_plan
-from pipelines.worker import count_reasons
 from triplets.config import BuildConfig
 from triplets.sample import TripletSample, encode_sample
-from triplets.shardio import BuildOutput, encode_tar, file_sha256, iter_samples, open_tar_writer, tar_keys
+from triplets.shardio import BuildOutput, ShardStats, encode_tar, file_sha256, iter_samples, open_tar_writer, tar_keys
 
 FP = "f" * 16
 
@@ -39,8 +38,8 @@ def _write_shard(out, shard: int, keys: list[str], failures: list[dict] | None =
     tmp = output.staging_path(shard)
     tmp.write_bytes(encode_tar([_sample(k, i) for i, k in enumerate(keys)]))
     failures = failures or []
-    stats = {"shard": shard, "name": f"{shard:06d}", "fingerprint": FP,
-             "nitems": len(keys) + len(failures), "nsamples": len(keys), "nfailed": len(failures)}
+    stats = ShardStats(shard=shard, name=f"{shard:06d}", fingerprint=FP, nitems=len(keys) + len(failures),
+                       nsamples=len(keys), nfailed=len(failures))
     if crash_after is None:
         return output.commit_shard(shard, tmp, failures, stats)
 
@@ -86,16 +85,16 @@ def test_streamed_tar_is_byte_identical_to_encode_tar(tmp_path):
     with ShardSink(BuildOutput(str(tmp_path / "out")), 0) as sink:
         for s in samples:
             sink.write(encode_sample(s))
-        marker = sink.commit([], {"shard": 0, "name": "000000", "nsamples": 3})
+        marker = sink.commit([], ShardStats(shard=0, name="000000", nsamples=3))
     published = tmp_path / "out" / "000000.tar"
     assert published.read_bytes() == encode_tar(samples)
-    assert marker["sha256"] == file_sha256(published) and marker["bytes"] == published.stat().st_size
+    assert marker.sha256 == file_sha256(published) and marker.bytes == published.stat().st_size
 
 
 def test_commit_then_recover_keeps_committed_shard(tmp_path):
     marker = _write_shard(tmp_path, 0, ["a", "b"], [{"key": "c", "source": "s", "stage": "decode", "reason": "x"}])
-    assert marker["sha256"] == file_sha256(tmp_path / "000000.tar")
-    assert marker["url"] == "000000.tar" and marker["errors"] == "_cnc/errors/000000.jsonl"
+    assert marker.sha256 == file_sha256(tmp_path / "000000.tar")
+    assert marker.url == "000000.tar" and marker.errors == "_cnc/errors/000000.jsonl"
     rows = [json.loads(line) for line in (tmp_path / "_cnc" / "errors" / "000000.jsonl").read_text().splitlines()]
     assert rows == [{"key": "c", "source": "s", "stage": "decode", "reason": "x"}]
     committed = _recover(tmp_path, FP, {0: 3})
@@ -216,13 +215,6 @@ def test_plan_workers_rules():
     assert plan_workers(_cfg(device="cpu"), {"CPU": 4, "GPU": 2}, 10) == (2, 0.0, 1)
     with pytest.raises(SchedulingError, match="no GPU"):
         plan_workers(_cfg(device="cuda"), {"CPU": 4}, 1)
-
-
-def test_count_reasons_caps_distinct_reasons():
-    fails = [{"stage": "decode", "reason": f"r{i}"} for i in range(150)]
-    by_stage, by_reason = count_reasons(fails)
-    assert by_stage == {"decode": 150}
-    assert len(by_reason) == 101 and sum(by_reason.values()) == 150
 
 
 def test_output_lock_is_exclusive(tmp_path):

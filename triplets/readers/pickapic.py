@@ -10,10 +10,10 @@ generated images for one prompt; the reference's rules (``data/parse_pickapic.py
 3. keep the preferred image: ``jpg_0`` if ``label_0 > label_1``, else ``jpg_1`` (**ties -> image 1**);
 4. de-duplicate by the kept image's uid (``image_0_uid`` / ``image_1_uid``): the first row wins.
 
-Items are the plain dicts of :mod:`triplets.readers`: ``key`` = the image uid (the reference's file name),
+Items are the plain dicts of :mod:`triplets.readers.base`: ``key`` = the image uid (the reference's file name),
 ``caption``, no dataset mask, and ``source`` in the **parquet cell scheme** ``PARQUET#COLUMN/ROW``
 (``/data/train-00000-of-00100.parquet#jpg_1/1234``: the bytes in column ``COLUMN`` of row ``ROW``, 0-based within the
-file), which :func:`read_parquet_cell` reads (``triplets.readers.read_source_bytes`` dispatches to it).
+file), which :func:`read_parquet_cell` reads (:func:`triplets.readers.read_source_bytes` dispatches to it).
 
 Stop-list: the reference's list (``triplets/data/pickapic_stopwords.txt``) unless a ``stopwords.txt`` lies beside the
 parquet files (in the input folder, or the folder of the file / glob), which then replaces it (an empty file turns the
@@ -32,17 +32,19 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from triplets.readers import InputError
+from triplets.readers.base import InputError, InputFormat, ItemWarnings, ReadOptions
 from triplets.sample import make_key
 
 log = logging.getLogger(__name__)
 
 #: The reference's stop-list, shipped with the package.
-DEFAULT_STOPWORDS = Path(__file__).with_name("data") / "pickapic_stopwords.txt"
+DEFAULT_STOPWORDS = Path(__file__).parent.parent / "data" / "pickapic_stopwords.txt"
 SIDECAR_STOPWORDS = "stopwords.txt"
 MIN_WORDS = 3
 _CELL = re.compile(r"(?P<file>.+\.parquet)#(?P<column>[A-Za-z0-9_]+)/(?P<row>\d+)")
 _COLUMNS = ["caption", "label_0", "label_1", "image_0_uid", "image_1_uid"]
+#: Columns that make a parquet file a Pick-a-Pic v1 file rather than a generic table (format detection).
+SIGNATURE_COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1")
 
 
 class PickapicInputError(InputError):
@@ -191,3 +193,21 @@ def read_parquet_cell(source: str) -> bytes:
     if not isinstance(value, (bytes, bytearray)):
         raise OSError(f"{source}: the cell holds no image bytes")
     return bytes(value)
+
+
+def is_cell_source(source: str) -> bool:
+    """Whether ``source`` is a ``PARQUET#COLUMN/ROW`` reference."""
+    return "#" in source and source.split("#", 1)[0].endswith(".parquet")
+
+
+class PickapicFormat(InputFormat):
+    """Pick-a-Pic v1 parquet files (module docstring); planned as an item list (the reference's rules need every
+    row: de-duplication is global)."""
+
+    name = "pickapic"
+
+    def list_items(self, path: str, warn: ItemWarnings, options: ReadOptions) -> list[dict]:
+        return read_pickapic(path)
+
+
+FORMAT = PickapicFormat()

@@ -1,6 +1,6 @@
-"""``python -m pipelines.reaper DRIVER_PID SESSION_DIR``: kill a local Ray session's processes once its driver is gone.
+"""``python -m cnc.reaper DRIVER_PID SESSION_DIR``: kill a local Ray session's processes once its driver is gone.
 
-Started by :func:`pipelines.ray_session.start_reaper` in a new process session, so it outlives a ``kill -9`` of the
+Started by :func:`cnc.ray_session.start_reaper` in a new process session, so it outlives a ``kill -9`` of the
 driver. While the driver lives it keeps a record of the driver's process tree (every second: pid and start time of
 each descendant — Ray's raylet, GCS, dashboard and runtime-env agents, workers). When the driver has exited it sends
 SIGKILL to every recorded process that still runs with the same start time (so a reused pid is never hit), and to

@@ -25,9 +25,19 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cnc.base.hashing import stream_sha256
 from cnc.base.location import Location, is_url, resolve
-from triplets.readers import TABLE_SUFFIXES, InputError
+from triplets.readers.base import (
+    TABLE_SUFFIXES,
+    InputError,
+    InputFormat,
+    ItemWarnings,
+    PlannedInput,
+    ReadOptions,
+    TableColumns,
+    Where,
+    file_identity,
+    has_glob,
+)
 from triplets.sample import make_key
 
 log = logging.getLogger(__name__)
@@ -37,16 +47,6 @@ PLAN_THREADS = 16
 
 class TableInputError(InputError):
     """The table input cannot be planned (missing files or columns, unreadable table)."""
-
-
-@dataclass(frozen=True)
-class TableColumns:
-    """Column names of a table input (``table:`` config section)."""
-
-    image: str = "url"
-    caption: str = "caption"
-    key: str = "key"
-    mask: str | None = None
 
 
 def is_table_name(name: str) -> bool:
@@ -77,35 +77,6 @@ def list_table_files(path: str) -> list[Location]:
     if not files:
         raise TableInputError(f"no .parquet, .csv or .jsonl files in {path!r}")
     return files
-
-
-def file_identity(loc: Location, content_hash: bool = False) -> dict:
-    """``{"url", "size", "etag" | "mtime", ["sha256"]}``: what makes a changed input file detectable."""
-    info = loc.fs.info(loc.path)
-    out: dict = {"url": loc.url, "size": int(info.get("size") or 0)}
-    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
-    if etag:
-        out["etag"] = str(etag).strip('"')
-    else:
-        mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
-        out["mtime"] = mtime if isinstance(mtime, (int, float)) else str(mtime) if mtime is not None else None
-    if content_hash:
-        with loc.open("rb") as f:
-            out["sha256"] = stream_sha256(f)
-    return out
-
-
-def same_file(old: dict, new: dict) -> bool:
-    """Whether two :func:`file_identity` records describe the same content.
-
-    With a sha256 on both sides only the hashes count (a copied file keeps its hash but not its mtime); otherwise
-    size and etag/mtime must match.
-    """
-    if old.get("url") != new.get("url") or old.get("size") != new.get("size"):
-        return False
-    if old.get("sha256") and new.get("sha256"):
-        return old["sha256"] == new["sha256"]
-    return old.get("etag") == new.get("etag") and old.get("mtime") == new.get("mtime")
 
 
 def _columns_of(loc: Location) -> tuple[list[str], int]:
@@ -255,7 +226,7 @@ def _source(value, folder: Location) -> str:
 
 
 def read_rows(url: str, start: int, stop: int, columns: TableColumns) -> list[dict]:
-    """Reader items (:mod:`triplets.readers`) of rows ``[start, stop)`` of one table file, in row order.
+    """Reader items (:mod:`triplets.readers.base`) of rows ``[start, stop)`` of one table file, in row order.
 
     A row without an image gets an empty ``source`` (it fails per item in the load stage).
 
@@ -284,3 +255,31 @@ def read_rows(url: str, start: int, stop: int, columns: TableColumns) -> list[di
                       "caption": caption.strip() if isinstance(caption, str) else "",
                       "mask_path": mask or None, "mask_kind": "binary" if mask else None})
     return items
+
+
+class TableFormat(InputFormat):
+    """Table files (module docstring); planned by row ranges from metadata, never listed item by item."""
+
+    name = "table"
+    range_suffixes = TABLE_SUFFIXES
+
+    def check_shape(self, path: str) -> None:
+        p = Where(path)
+        if not (p.is_dir() or (p.is_file() and p.suffix.lower() in TABLE_SUFFIXES) or has_glob(path)):
+            raise InputError(f"input_format=table needs a .parquet/.csv/.jsonl file, a folder or a glob of them, "
+                             f"{path!r} is none of these")
+
+    def list_items(self, path: str, warn: ItemWarnings, options: ReadOptions) -> list[dict]:
+        """Every row as items (small tables only: builds plan tables by row range, :meth:`plan`)."""
+        table = TableInput(path, options.columns)
+        return [it for f in table.files for it in read_rows(f.identity["url"], 0, f.rows, options.columns)]
+
+    def plan(self, path: str, options: ReadOptions, item_lists: bool = False) -> PlannedInput:
+        table = TableInput(path, options.columns, content_hash=options.content_hash)
+        return PlannedInput(files=[{**f.identity, "rows": f.rows} for f in table.files])
+
+    def range_items(self, url: str, start: int, stop: int, options: ReadOptions) -> list[dict]:
+        return read_rows(url, start, stop, options.columns)
+
+
+FORMAT = TableFormat()

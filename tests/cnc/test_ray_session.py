@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from pipelines.ray_session import ClusterUnreachableError, connect_address
+from cnc.ray_session import ClusterUnreachableError, connect_address
 from tests.support import REPO, TINY_CONFIG
 
 

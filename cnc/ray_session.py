@@ -74,7 +74,7 @@ def start_reaper() -> subprocess.Popen | None:
         session_dir = worker._global_node.get_session_dir_path()
     except Exception:  # noqa: BLE001 - not a local node we started: nothing to reap
         return None
-    return subprocess.Popen([sys.executable, "-m", "pipelines.reaper", str(os.getpid()), session_dir],
+    return subprocess.Popen([sys.executable, "-m", "cnc.reaper", str(os.getpid()), session_dir],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True)
 
