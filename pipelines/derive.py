@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from cnc.base import jsonio
 from cnc.base.errors import UserError
 from cnc.base.hashing import json_sha256
 from cnc.base.location import check_writable_output, resolve
@@ -206,7 +207,7 @@ def filter_transform(quality_filter) -> Transform:
     def transform(raws: Iterator[dict], counts: collections.Counter, failures: list) -> Iterator[dict]:
         for raw in raws:
             try:
-                meta = json.loads(raw["json"])
+                meta = jsonio.loads(raw["json"], what="sample json")
             except (KeyError, ValueError) as exc:
                 failures.append({"key": raw["__key__"], "stage": "filter", "reason": f"unreadable json: {exc}"})
                 continue

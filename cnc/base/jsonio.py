@@ -45,29 +45,29 @@ def loads(data: bytes | bytearray | str, *, what: str = "json", max_bytes: int |
 
     Args:
         data: the document (UTF-8 bytes or text).
-        what: what the document is, for the message (``"sample json"``, ``"marker"``...).
+        what: what the document is, the subject of the message (``"marker"``...; ``""``: the caller names it).
         max_bytes: size limit in bytes (``None``: none, for inputs that are big by nature such as COCO captions).
         max_depth: nesting limit.
 
     Raises:
         JSONLimitError: too big, too deep, not UTF-8 or not JSON (one line naming ``what`` and the limit).
     """
-    size = len(data)
+    size, subject = len(data), f"{what} " if what else ""
     if max_bytes is not None and size > max_bytes:
-        raise JSONLimitError(f"{what} of {size:,} bytes exceeds the {max_bytes:,}-byte limit")
+        raise JSONLimitError(f"{subject}has {size:,} bytes, over the {max_bytes:,}-byte limit")
     if isinstance(data, (bytes, bytearray)):
         try:
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise JSONLimitError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise JSONLimitError(f"{subject}is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     else:
         text = data
     if _depth_exceeds(text, max_depth):
-        raise JSONLimitError(f"{what} nests deeper than {max_depth} levels")
+        raise JSONLimitError(f"{subject}nests deeper than {max_depth} levels")
     try:
         return json.loads(text)
     except RecursionError:  # unreachable after the depth check; kept as the last line of defence
-        raise JSONLimitError(f"{what} nests deeper than {max_depth} levels") from None
+        raise JSONLimitError(f"{subject}nests deeper than {max_depth} levels") from None
     except json.JSONDecodeError as exc:
-        raise JSONLimitError(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") \
+        raise JSONLimitError(f"{subject}is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") \
             from None

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from cnc.base import jsonio
 from cnc.base.errors import LocationError
 
 #: ``proto://...``
@@ -184,7 +185,7 @@ class Location:
         return self.read_bytes().decode("utf-8")
 
     def read_json(self) -> Any:
-        return json.loads(self.read_bytes())
+        return jsonio.loads(self.read_bytes(), what=self.name or "json", max_bytes=None)
 
     # -- writing -----------------------------------------------------------------------------------------
     def makedirs(self) -> None:
