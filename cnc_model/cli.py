@@ -208,6 +208,7 @@ def describe_or_fail(path: str, option: str = "PIPELINE", weights: str | None = 
 def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = None):
     """``(Source, CnCPipeline)`` of ``path`` (a folder, or a :class:`~cnc_model.loading.Source` already described)
     with the selected ``weights``; failures are a :class:`UserError` (one line)."""
+    from cnc.base.errors import one_line
     from cnc_model.loading import NotAPipelineError, Source, load_pipeline
     from triplets.errors import ModelUnavailableError
 
@@ -216,6 +217,8 @@ def load_source_or_fail(path, option: str = "PIPELINE", weights: str | None = No
         return source, load_pipeline(source)
     except (NotAPipelineError, ModelUnavailableError) as err:
         raise UserError(str(err).splitlines()[0]) from None
+    except Exception as err:  # noqa: BLE001 - a user-given folder that does not load is one line, never a traceback
+        raise UserError(f"{option} {source.path} does not load: {one_line(err)}") from None
 
 
 def export(

@@ -181,6 +181,49 @@ def _select_weights(source: Source, requested: str | None) -> Source:
     return source
 
 
+#: The file a pipeline component's folder must hold, by the class named in ``model_index.json`` (others:
+#: ``config.json``, the diffusers/transformers model convention).
+_COMPONENT_FILES = (("Scheduler", ("scheduler_config.json",)), ("Tokenizer", ("tokenizer_config.json",)),
+                    ("ImageProcessor", ("preprocessor_config.json",)),
+                    ("FeatureExtractor", ("preprocessor_config.json",)))
+
+
+def pipeline_problems(root: Path) -> list[str]:
+    """Why the pipeline folder ``root`` cannot be loaded, one line each (empty: every component is there).
+
+    Every component named in ``model_index.json`` needs its folder and its config file, and a model component its
+    weights; safetensors files must be complete (headers only are read: cheap). ``from_pretrained`` would otherwise
+    name the pipeline root instead of the missing folder, or fail with an unrelated error (a missing tokenizer gives
+    ``OverflowError``).
+    """
+    from cnc.base import jsonio
+    from cnc_model.training.checkpointing import safetensors_problem
+
+    try:
+        index = jsonio.loads((root / "model_index.json").read_bytes(), what="model_index.json")
+    except (OSError, ValueError) as exc:
+        return [f"{root / 'model_index.json'} is unreadable ({exc})"]
+    if not isinstance(index, dict):
+        return [f"{root / 'model_index.json'} is not a JSON object"]
+    problems = []
+    for name, spec in sorted(index.items()):
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue  # metadata, or an optional component saved as null
+        folder, cls = root / name, str(spec[1])
+        if not folder.is_dir():
+            problems.append(f"component {name} ({cls}) is missing: no folder {folder}")
+            continue
+        need = next((files for marker, files in _COMPONENT_FILES if marker in cls), ("config.json",))
+        problems += [f"component {name} ({cls}) is incomplete: no {folder / f}" for f in need
+                     if not (folder / f).is_file()]
+        if need == ("config.json",):
+            weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+            if not weights:
+                problems.append(f"component {name} ({cls}) has no weights in {folder}")
+            problems += [p for p in map(safetensors_problem, folder.glob("*.safetensors")) if p]
+    return problems
+
+
 def describe(path: str | Path, weights: str | None = None) -> Source:
     """Classify ``path`` (see the module docstring) and select its weights; a URL is downloaded first
     (:func:`localize`).
@@ -197,6 +240,10 @@ def describe(path: str | Path, weights: str | None = None) -> Source:
 
     p = localize(path)
     if (p / "model_index.json").is_file():
+        problems = pipeline_problems(p)
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise NotAPipelineError(f"pipeline folder {p}: {problems[0]}{more}")
         return _select_weights(Source("pipeline", p), weights)
     if (p / ckpt.TRAINER_STATE).is_file() and (p.parent / "train_config.yaml").is_file():
         state = ckpt.read_json(p / ckpt.TRAINER_STATE)
@@ -241,6 +288,7 @@ def _quiet_config_warnings():
 def _load_fusers(source: Source) -> dict:
     from cnc_model.models.global_fuser import GlobalFuser
     from cnc_model.models.local_fuser import LocalFuser
+    from cnc_model.training.checkpointing import safetensors_problem
 
     cfg = source.config
     wanted = _trained(cfg)
@@ -253,6 +301,9 @@ def _load_fusers(source: Source) -> dict:
         if not (folder / "config.json").is_file():
             raise NotAPipelineError(f"{source.kind} folder {source.path} of stage {cfg.stage!r} has no "
                                     f"{folder.name}/")
+        damaged = [p for p in map(safetensors_problem, sorted(folder.glob("*.safetensors"))) if p]
+        if damaged:
+            raise NotAPipelineError(damaged[0])
         with _quiet_config_warnings():
             fusers[name] = cls.from_pretrained(folder).eval()
     return fusers

@@ -28,6 +28,27 @@ from cnc_model.loading import WEIGHTS_HELP
 logger = logging.getLogger(__name__)
 
 
+def _check_numbers(n: int, steps: int, guidance: float, batch_size: int) -> None:
+    """Refuse, in one ``error:`` line each (exit 2, before anything is loaded), numbers no evaluation can use: the
+    bounds of the configs (:mod:`cnc.config`) and enough triplets for FID."""
+    import math
+
+    from cnc.config import MAX_GUIDANCE, MAX_STEPS
+    from cnc_model.evaluation.metrics import MIN_SAMPLES
+
+    problems = []
+    if n < MIN_SAMPLES:
+        problems.append(f"--n {n}: FID needs at least {MIN_SAMPLES} triplets")
+    if not 1 <= steps <= MAX_STEPS:
+        problems.append(f"--steps {steps}: must be 1 .. {MAX_STEPS}")
+    if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        problems.append(f"--guidance {guidance}: must be a number in 0 .. {MAX_GUIDANCE:g}")
+    if batch_size < 1:
+        problems.append(f"--batch-size {batch_size}: must be at least 1")
+    if problems:
+        raise UserError("\n".join(problems))
+
+
 def _parse_seeds(spec: str) -> list[int]:
     """``0,1,2`` or ``0-3`` (inclusive) -> ``[0, 1, 2]`` / ``[0, 1, 2, 3]``."""
     seeds: list[int] = []
@@ -128,11 +149,11 @@ def eval_command(
     shards: list[str] = typer.Option(..., "--shards", help="Held-out shards: build folder, tar paths, globs, "
                                                            "{000..009} patterns (repeatable)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for metrics.json, metrics.md, grid.png."),
-    n: int = typer.Option(100, "--n", min=2, help="Triplets to evaluate (the first N well-formed ones)."),
-    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps."),
+    n: int = typer.Option(100, "--n", help="Triplets to evaluate (the first N well-formed ones; at least 2)."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps."),
     seeds: str = typer.Option("0", "--seeds", help="Seeds, e.g. 0 or 0,1,2 or 0-3: one image per triplet and seed."),
-    guidance: float = typer.Option(7.5, "--guidance", min=0.0, help="Classifier-free guidance scale."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per pipeline call."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Images per pipeline call."),
     metrics_models: str = typer.Option(
         None, "--metrics-models", help="Folder with hub/checkpoints/ (Inception, AlexNet), clip/ and dpt/; or 'tiny' "
                                        "(seeded random networks: offline smoke runs). Default: the torch hub and "
@@ -160,8 +181,10 @@ def eval_command(
 
     from cnc_model.cli import describe_or_fail, load_source_or_fail, sampling_prompts
     from cnc_model.evaluation import models as metric_models
+    from cnc_model.evaluation.metrics import MIN_SAMPLES
     from cnc_model.evaluation.run import EvalSettings, evaluate, load_samples
 
+    _check_numbers(n, steps, guidance, batch_size)
     seed_list = _parse_seeds(seeds)
     negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
     # 1. everything that can be missing is checked before any generation
@@ -183,6 +206,9 @@ def eval_command(
         samples = load_samples(shards, n)
     except (UserError, ValueError, FileNotFoundError) as err:
         raise UserError(f"--shards: {str(err).splitlines()[0]}") from None
+    if len(samples) < MIN_SAMPLES:
+        raise UserError(f"--shards: {len(samples)} well-formed triplet(s) found; FID needs at least {MIN_SAMPLES} "
+                        f"(add shards)")
     # 2. several processes: start them (each checks the inputs again, cheaply) unless already launched
     if not _launched():
         count = _num_processes(num_processes, device)

@@ -182,6 +182,16 @@ def _check_safetensors(path: Path) -> None:
         f.keys()
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (truncated, bad header), or ``None``. Reads the header only."""
+    try:
+        _check_safetensors(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means "damaged"
+        text = str(exc).strip()
+        return f"{path} is unreadable ({type(exc).__name__}: {text.splitlines()[0] if text else ''})"
+    return None
+
+
 def _check_torch_zip(path: Path) -> None:
     import zipfile
 
