@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from cnc.base.location import check_writable_output
 from cnc.config import config_dict, save_config
 from cnc.ray_session import Interrupted, interrupt_on_sigterm, ray_session
-from pipelines.plan import absolute_input, plan_input, plan_summary, prepare_plan, shard_size
+from pipelines.plan import (
+    absolute_input,
+    plan_input,
+    plan_summary,
+    prepare_plan,
+    refuse_foreign_folder,
+    shard_size,
+)
 from pipelines.scheduler import ShardScheduler
 from triplets.card import write_card
 from triplets.config import BuildConfig
@@ -170,6 +177,7 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
     if fault_injection is None and os.environ.get(FAULT_ENV):
         fault_injection = json.loads(os.environ[FAULT_ENV])
     verify = cfg.storage.verify if verify_checksums is None else verify_checksums
+    refuse_foreign_folder(out)  # before the lock: a refused folder keeps no .lock
     with out.lock(cfg.storage.lease_seconds):
         plan = prepare_plan(out, plan, allow_model_change)
         save_config(cfg, out.file(CONFIG_FILE))
@@ -272,6 +280,7 @@ def run_plan_only(cfg: BuildConfig, input: str, output: str, *, allow_model_chan
     """
     t0 = time.perf_counter()
     _, out, plan = _plan(cfg, input, output)
+    refuse_foreign_folder(out)  # before the lock: a refused folder keeps no .lock
     with out.lock(cfg.storage.lease_seconds):
         plan = prepare_plan(out, plan, allow_model_change)
         save_config(cfg, out.file(CONFIG_FILE))

@@ -9,6 +9,7 @@ and 16-bit images are converted to 8-bit RGB; EXIF orientation is applied first.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -86,7 +87,11 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
     except UnidentifiedImageError:
         raise SampleError("decode", "not an image (unidentified format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise SampleError("decode", f"decompression bomb: {exc}") from None
+        # PIL raises at open, before the size check above, and quotes its own limit (2 x max_pixels for the error)
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(m.group(1))} pixels" if m else "an image"
+        raise SampleError("decode", f"decompression bomb? {size}, over the limit of {max_pixels} (max_pixels)") \
+            from None
     except OSError as exc:
         msg = str(exc)
         reason = "truncated image file" if "truncated" in msg.lower() else f"corrupt image: {msg}"

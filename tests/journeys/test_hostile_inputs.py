@@ -79,6 +79,9 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
     paths["bad_yaml"].write_text("resolution: [64\nseed: 1\n")
     paths["out_file"] = root / "out_is_a_file"
     paths["out_file"].write_text("x")
+    paths["foreign"] = root / "not_a_build"
+    paths["foreign"].mkdir()
+    (paths["foreign"] / "notes.txt").write_text("mine")
     # a folder with good images and bad items: bad caption lines, non-UTF-8 name, symlink out, 16-bit mask
     folder = root / "mixed"
     make_photo_folder(folder, 2, bad=("truncated",))
@@ -118,13 +121,15 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
     ("mixed", ["--set", "device=banana"], "unknown device"),
     ("mixed", ["--config", "BAD_YAML"], "not valid YAML"),
     ("mixed", ["--output", "OUT_FILE"], "existing file"),
+    ("mixed", ["--output", "FOREIGN"], "is not empty and holds no plan.json"),  # and gets no .lock (26.8)
     # issue 26.5: settings that would commit garbage or could never run are refused before any work
     ("mixed", ["--set", "inpaint.guidance_scale=.inf"], "inpaint.guidance_scale"),
     ("mixed", ["--set", "inpaint.guidance_scale=.nan"], "inpaint.guidance_scale"),
     ("mixed", ["--set", "resolution=100000"], "resolution"),
 ])
 def test_build_refuses_whole_input_faults_with_exit_2_and_one_line(hostile, tmp_path, case, extra, match):
-    extra = [hostile["bad_yaml"] if e == "BAD_YAML" else hostile["out_file"] if e == "OUT_FILE" else e for e in extra]
+    named = {"BAD_YAML": hostile["bad_yaml"], "OUT_FILE": hostile["out_file"], "FOREIGN": hostile["foreign"]}
+    extra = [named.get(e, e) for e in extra]
     args = ["build", "--input", hostile[case]]
     if "--config" not in extra:
         args += ["--config", TINY_CONFIG]
@@ -135,6 +140,7 @@ def test_build_refuses_whole_input_faults_with_exit_2_and_one_line(hostile, tmp_
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line or "error" in line]
     assert len(errors) == 1 and match in errors[0], proc.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+    assert sorted(p.name for p in hostile["foreign"].iterdir()) == ["notes.txt"]  # left exactly as it was
 
 
 def test_build_quarantines_bad_items_and_goes_on(hostile, tmp_path, ray_local):
