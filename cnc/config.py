@@ -31,7 +31,7 @@ class ConfigError(UserError, ValueError):
 #: A seed every consumer accepts: ``numpy.random.seed`` (accelerate's ``set_seed``) takes 0 .. 2**32 - 1.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="random seed, 0 .. 2**32 - 1")]
 
-# Bounds shared by every config and command that takes these settings (documented in docs/configuration.md). A value
+# Bounds shared by every config and command that takes these settings (README "Exit codes", docs/build.md). A value
 # outside them is refused at parse time (exit 2) instead of failing every sample later or committing garbage.
 #: Largest image side a build or a training run accepts: a 4096 px crop already needs ~0.2 GB per field in float32
 #: and its Stable Diffusion latents (512x512) far more than the 64x64 the SD-1.5 models are trained on.
