@@ -184,7 +184,6 @@ def test_filter_on_object_storage_resumes_after_a_crash_exactly_once(filtered, t
 
 def test_a_filter_that_drops_everything_stops_the_loader_with_one_message(tiny_shards):
     from cnc_model.data import TrainingDataError, make_dataloader
-
     from triplets.shardio import TarStream
 
     loader = make_dataloader(str(tiny_shards), batch_size=1, shuffle_buffer=0,
