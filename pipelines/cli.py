@@ -53,20 +53,29 @@ def filter_build(
     source: str = typer.Argument(..., help="Build folder (committed shards), glob, brace pattern or tars."),
     output: str = typer.Option(..., "--output", "-o", help="New folder (local path or URL) for the filtered copy."),
     where: list[str] = typer.Option([], "--where", "-w", help="SCORE OP NUMBER, e.g. 'removal>=0.5', "
-                                    "'depth_order>=0.6', 'mask_components<=2'; repeatable, all must hold."),
-    keep_unscored: bool = typer.Option(False, "--keep-unscored/--drop-unscored", help="Samples without quality "
-                                       "scores (old shards): keep or drop them."),
+                                    "'depth_order>=0.5', 'mask_components<=2'; repeatable, all must hold."),
+    recommended: bool = typer.Option(False, "--recommended", help="Add the shipped thresholds chosen on the "
+                                     "labelled benchmark: removal>=0.5 and depth_order>=0.5 (docs/build.md, "
+                                     "'Quality scores', for their precision and recall)."),
+    keep_unscored: bool = typer.Option(False, "--keep-unscored/--drop-unscored", help="Samples that cannot be "
+                                       "judged (no quality scores, or a score undefined on the sample): keep or "
+                                       "drop them."),
+    allow_version_mix: bool = typer.Option(False, "--allow-version-mix", help="Accept samples scored by another "
+                                           "quality version, treated as unscored (refused by default: rescore "
+                                           "them with `cnc score`)."),
     verify: bool = typer.Option(False, "--verify", help="On resume, re-hash committed output shards."),
 ) -> None:
     """Write a filtered copy of a build (exactly once per shard; a rerun resumes). Kept samples are copied byte
     for byte; each output marker counts the dropped samples by condition.
 
-    Scores: removal, removal_changed, removal_residual, clip_sim, depth_order, depth_margin, mask_area,
-    mask_components, mask_border, mask_bbox_fill (see docs/build.md, "Quality scores").
+    Scores: removal, removal_changed, removal_contrast, clip_sim, depth_order, depth_margin, mask_area,
+    mask_components, mask_border, mask_bbox_fill (see docs/build.md, "Quality scores", for what each measures, its
+    ROC-AUC on the labelled benchmark and a precision/recall table to pick thresholds from).
     """
     from pipelines.derive import run_filter
 
-    result = run_filter(source, output, where, keep_unscored=keep_unscored, verify=verify)
+    result = run_filter(source, output, where, keep_unscored=keep_unscored, allow_version_mix=allow_version_mix,
+                        recommended=recommended, verify=verify)
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(result.dropped.items())) or "none"
     typer.echo(f"{result.output}: kept {result.samples} of {result.items} samples in {result.shards_total} shards "
                f"({result.shards_built} written, {result.shards_skipped} already committed); dropped: {dropped}"
@@ -82,9 +91,10 @@ def score_build(
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: the config's)."),
     verify: bool = typer.Option(False, "--verify", help="On resume, re-hash committed output shards."),
 ) -> None:
-    """Add quality scores to shards built without them: a copy of SOURCE whose sample json carries ``quality``,
-    recomputed from the stored fields with the config's saliency and CLIP models (committed per shard like a
-    build; a rerun resumes). Every other member is copied byte for byte."""
+    """Add or refresh quality scores: a copy of SOURCE whose sample json carries ``quality`` of the current version
+    (shards built without scores, or with an older version's), recomputed from the stored fields with the config's
+    depth and CLIP models (committed per shard like a build; a rerun resumes). Every other member is copied byte
+    for byte."""
     from cnc.config import load_config
     from pipelines.derive import run_score
     from triplets.config import BuildConfig

@@ -221,22 +221,49 @@ def filter_transform(quality_filter) -> Transform:
 
 
 def run_filter(source: str, output: str, where: list[str], *, keep_unscored: bool = False,
-               scratch_dir: str | None = None, verify: bool = False) -> DeriveResult:
-    """``cnc filter``: a copy of ``source`` with the samples satisfying every ``where`` condition."""
-    from triplets.quality import QualityFilter, parse_where
+               allow_version_mix: bool = False, recommended: bool = False, scratch_dir: str | None = None,
+               verify: bool = False) -> DeriveResult:
+    """``cnc filter``: a copy of ``source`` with the samples satisfying every ``where`` condition (plus the shipped
+    thresholds with ``recommended``).
 
-    conditions = [parse_where(w) for w in where]
+    Samples scored by another quality version are refused (:class:`~triplets.quality_filter.QualityVersionError`,
+    before anything is written when the first sample of a shard shows it) unless ``allow_version_mix``, which
+    treats them as unscored (``keep_unscored`` decides).
+    """
+    from triplets.quality_filter import QualityFilter, parse_where, recommended_conditions
+
+    conditions = [parse_where(w) for w in where] + (recommended_conditions() if recommended else [])
     if not conditions:
-        raise UserError("cnc filter: give at least one --where condition, e.g. --where 'removal>=0.5'")
-    qf = QualityFilter(conditions, keep_unscored=keep_unscored)
+        raise UserError("cnc filter: give at least one --where condition, e.g. --where 'removal>=0.5', or "
+                        "--recommended")
+    qf = QualityFilter(conditions, keep_unscored=keep_unscored, refuse_other_versions=not allow_version_mix)
+    if not allow_version_mix:
+        _check_versions(source, qf)
     operation = {"op": "filter", "where": [str(c) for c in conditions], "keep_unscored": keep_unscored}
+    if allow_version_mix:
+        operation["allow_version_mix"] = True
     return derive_build(source, output, operation, filter_transform(qf), scratch_dir=scratch_dir, verify=verify,
                         stage="filter")
 
 
+def _check_versions(source: str, qf) -> None:
+    """Judge the first sample of every source shard with ``qf`` (which raises on another quality version), so a
+    build of old scores is refused before any output is written."""
+    for _, url in _source_shards(source):
+        for raw in TarStream(url).samples():
+            try:
+                meta = json.loads(raw["json"])
+            except (KeyError, ValueError):
+                pass
+            else:
+                qf.reason(meta)
+            break
+
+
 def score_transform(scorer, batch_size: int = 4) -> Transform:
-    """Recompute ``quality`` from the stored fields with ``scorer`` (:class:`triplets.quality.QualityScorer`) and
-    replace only the ``json`` member; an undecodable sample is a failure row (stage ``quality``)."""
+    """Recompute ``quality`` from the stored fields with ``scorer`` (:class:`triplets.quality.QualityScorer`: D(I)
+    from its depth model, D(I_b) as stored) and replace only the ``json`` member; an undecodable sample is a failure
+    row (stage ``quality``)."""
     import numpy as np
 
     from triplets.sample import decode_sample
@@ -247,8 +274,7 @@ def score_transform(scorer, batch_size: int = 4) -> Transform:
         samples = [s for _, s in pending]
         try:
             scores = scorer(np.stack([s.image for s in samples]), np.stack([s.mask for s in samples]),
-                            np.stack([s.background for s in samples]), np.stack([s.fg_depth for s in samples]),
-                            np.stack([s.bg_depth for s in samples]))
+                            np.stack([s.background for s in samples]), np.stack([s.bg_depth for s in samples]))
         except Exception:  # noqa: BLE001 - isolate the culprit: score row by row
             if len(pending) == 1:
                 raw, s = pending[0]
@@ -282,17 +308,18 @@ def score_transform(scorer, batch_size: int = 4) -> Transform:
 
 def run_score(source: str, output: str, cfg, *, scratch_dir: str | None = None, verify: bool = False,
               device: str | None = None) -> DeriveResult:
-    """``cnc score``: a copy of ``source`` whose samples carry freshly computed ``quality`` scores.
+    """``cnc score``: a copy of ``source`` whose samples carry freshly computed ``quality`` scores of the current
+    version (:data:`triplets.quality.QUALITY_VERSION`), whatever version they carried before.
 
-    ``cfg`` is the source's :class:`~triplets.config.BuildConfig` (its segment backend, saliency and CLIP models,
-    dilation and thresholds are used); only the saliency and CLIP models are loaded.
+    ``cfg`` is the source's :class:`~triplets.config.BuildConfig` (its depth model, CLIP, dilation and quality
+    settings are used); only the depth model (D(I), which shards do not store) and CLIP are loaded.
     """
     from triplets.quality import QUALITY_VERSION, scorer_from_config, scorer_models
 
     operation = {"op": "score", "quality_version": QUALITY_VERSION, "models": scorer_models(cfg),
-                 "segment_backend": cfg.segment.backend, "depth_preprocess": cfg.depth.preprocess,
-                 "dilation_px": cfg.inpaint.dilation_px, "change_threshold": cfg.quality.change_threshold,
-                 "prior_quantile": cfg.segment.prior_quantile, "batch_size": cfg.batch_size}
+                 "depth_preprocess": cfg.depth.preprocess, "dilation_px": cfg.inpaint.dilation_px,
+                 "change_floor": cfg.quality.change_floor, "clip_sim": cfg.quality.clip_sim,
+                 "batch_size": cfg.batch_size}
     plan_check = make_derive_plan(source, operation)  # fail on a bad source before loading models
     if not plan_check["shards"]:
         raise UserError(f"no shards in {source}")

@@ -66,7 +66,12 @@ def content_config(cfg: BuildConfig, input_format: str | None = None) -> dict:
     ``table`` (column names) only counts for table inputs, so plans of other inputs keep their fingerprint.
     """
     skip = OPERATIONAL_KEYS if input_format == "table" else (*OPERATIONAL_KEYS, "table")
-    return {k: v for k, v in config_dict(cfg).items() if k not in skip}
+    content = {k: v for k, v in config_dict(cfg).items() if k not in skip}
+    if cfg.quality.enabled:  # the scores' definitions change tar content as much as their settings do
+        from triplets.quality import QUALITY_VERSION
+
+        content["quality"] = dict(content["quality"], version=QUALITY_VERSION)
+    return content
 
 
 def fingerprint(cfg: BuildConfig, models: dict | None = None, input_format: str | None = None) -> str:

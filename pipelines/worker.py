@@ -6,7 +6,8 @@ three-step pipeline so CPU work never stalls the models::
 
     prefetch thread   builder.decode(batch i+1)        read, decode, resize
     caller thread     builder.run_models(batch i)      segment → inpaint → depth → embed → quality (the GPU stages)
-    writer thread     encode (``ray.encode_threads`` threads) + append batch i-1, in plan order, to the shard's
+    writer thread     builder.assemble(batch i-1) with its quality statistics, then encode, both on the
+                      ``ray.encode_threads`` encode threads, and append, in plan order, to the shard's
                       :class:`~pipelines.sink.ShardSink`
 
 The sink stages the tar locally and commits it through :class:`triplets.shardio.BuildOutput` (tar → errors →
@@ -181,12 +182,11 @@ class ShardWorker:
                 batch, decode_s = next_decoded.result()
                 stage_seconds["decode"] += decode_s
                 next_decoded = decoder.submit(self._decode, batches[b + 1]) if b + 1 < len(batches) else None
-                samples, fails = self.builder.assemble(self.builder.run_models(batch, stage_seconds))
-                failures += fails
+                batch = self.builder.run_models(batch, stage_seconds)
                 if pending_write is not None:
                     self._collect(pending_write, failures, stage_seconds)
-                pending_write = writer.submit(self._write, sink, order, reused_iter, [it["key"] for it in chunk],
-                                              samples, encoder)
+                pending_write = writer.submit(self._assemble_and_write, sink, order, reused_iter,
+                                              [it["key"] for it in chunk], batch, encoder)
                 self._report(shard, attempt, len(reused_keys) + sum(len(c) for c in batches[:b + 1]), len(failures))
                 self.fault.after_batch(shard, attempt, b + 1)
             if pending_write is not None:
@@ -201,10 +201,21 @@ class ShardWorker:
 
     @staticmethod
     def _collect(future, failures: list[dict], stage_seconds: collections.Counter) -> int:
-        encode_fails, encode_s, write_s = future.result()
-        failures += encode_fails
+        fails, encode_s, write_s, quality_s = future.result()
+        failures += fails
         stage_seconds["encode"] += encode_s
         stage_seconds["write"] += write_s
+        if quality_s:
+            stage_seconds["quality_stats"] += quality_s
+
+    def _assemble_and_write(self, sink: ShardSink, order: Iterator[dict], reused: Iterator[dict], keys: list[str],
+                            batch: dict, encoder: ThreadPoolExecutor) -> tuple:
+        """Writer thread: the batch's samples (quality statistics on the encode threads, off the model thread),
+        then :meth:`_write`. Returns ``(model-stage and encode failures, encode_s, write_s, quality_stats_s)``."""
+        seconds: collections.Counter = collections.Counter()
+        samples, fails = self.builder.assemble(batch, encoder, seconds)
+        encode_fails, enc_s, wr_s = self._write(sink, order, reused, keys, samples, encoder)
+        return fails + encode_fails, enc_s, wr_s, seconds["quality_stats"]
 
     @staticmethod
     def _reused_samples(url: str) -> Iterator[dict]:

@@ -5,7 +5,7 @@ of reader items into ``(samples, failures)`` in three steps the shard worker ove
 
     decode(items) -> batch           CPU: read, decode, resize (the load stage)
     run_models(batch, seconds) -> batch   the model stages: segment → inpaint → depth → embed [→ quality]
-    assemble(batch) -> (samples, failures)
+    assemble(batch, pool) -> (samples, failures)   CPU: samples, with the quality statistics (on ``pool``'s threads)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cnc.tiny_store import TINY_SAM_TYPE
 from triplets.batch import ensure_status
 from triplets.config import BuildConfig
 from triplets.errors import ModelUnavailableError
-from triplets.quality import QualityScorer, QualityStage, saliency_of
+from triplets.quality import QualityScorer, QualityStage
 from triplets.sample import TripletSample
 from triplets.stages import DepthStage, EmbedStage, InpaintStage, LoadStage, SegmentStage
 from triplets.stages.latents import LatentStage
@@ -86,7 +86,7 @@ class TripletBuilder:
         self.load = LoadStage(cfg.resolution, cfg.min_side, cfg.max_pixels)
         segment = SegmentStage(**seg_kwargs)
         depth = DepthStage(resolved["depth.model"], cfg.depth.mask_foreground_depth, preprocess=cfg.depth.preprocess,
-                           **common)
+                           image_disparity=self._image_disparity_mode(resolved), **common)
         embed = EmbedStage(resolved["embed.model"], cfg.embed.fg_source, **common)
         self.model_stages = [
             segment,
@@ -96,16 +96,28 @@ class TripletBuilder:
             depth,
             embed,
         ]
-        if cfg.quality.enabled:  # the same model instances, never a second copy
-            scorer = QualityScorer(saliency_of(segment, depth), embed.embedder, ip.dilation_px,
-                                   cfg.quality.change_threshold, seg.prior_quantile)
-            self.model_stages.append(QualityStage(scorer))
+        self.quality = None
+        if cfg.quality.enabled:  # the build's own CLIP instance and depth maps, never a second copy or pass
+            self.quality = QualityScorer(embed.embedder if cfg.quality.clip_sim else None, None, ip.dilation_px,
+                                         cfg.quality.change_floor, cfg.depth.preprocess)
+            if cfg.quality.clip_sim:
+                self.model_stages.append(QualityStage(self.quality))
         if cfg.latents.enabled:  # the inpainting pipeline's VAE, not a second copy
             inpaint = self.model_stages[1]
             self.model_stages.append(LatentStage(inpaint.pipe.vae, cfg.latents.resolution or cfg.resolution))
         for stage in self.model_stages:
             stage.batch_size = cfg.stage_batch_size(stage.name)
         self.models = model_identities(cfg, resolved)
+
+    def _image_disparity_mode(self, resolved: dict[str, str]) -> str:
+        """How the depth stage provides D(I) for the quality scores: ``reuse`` the ``sam`` prior's pass when it is
+        this depth model in the same input mode (the same shared DPT instance: same weights, device and dtype), else
+        ``compute`` it in the depth stage's own call; ``off`` without quality scores."""
+        cfg = self.cfg
+        if not cfg.quality.enabled:
+            return "off"
+        same = cfg.segment.backend == "sam" and resolved.get("segment.saliency_model") == resolved["depth.model"]
+        return "reuse" if same and cfg.depth.preprocess == "processor" else "compute"
 
     def __reduce__(self):
         """Pickle by the constructor arguments: the receiver loads every model once, and the quality stage shares
@@ -144,13 +156,50 @@ class TripletBuilder:
             failures += f
         return samples, failures
 
-    def assemble(self, batch: dict) -> tuple[list[TripletSample], list[dict]]:
-        """Final batch → (samples of healthy rows, failure records ``{key, source, stage, reason}``)."""
+    def quality_statistics(self, batch: dict, rows: list[int], pool=None) -> dict[int, dict | Exception]:
+        """Row → ``quality`` dict of ``rows`` of a final batch (:func:`triplets.quality.statistics`; NumPy/OpenCV,
+        no model), on ``pool``'s threads when given (the worker's encode threads: off the model thread). A row whose
+        statistics raise maps to the exception (a per-sample failure, never the batch's)."""
+        q = self.quality
+        sims = batch.get("quality_clip_sim")
+
+        def one(i: int) -> dict | Exception:
+            try:
+                return q.statistics(batch["image"][i], batch["mask"][i], batch["background"][i], batch["bg_depth"][i],
+                                    batch["image_disparity"][i] if "image_disparity" in batch else None,
+                                    None if sims is None else sims[i])
+            except Exception as exc:  # noqa: BLE001 - reported per sample by assemble
+                log.warning("quality statistics failed on %s: %s: %s", batch["key"][i], type(exc).__name__, exc)
+                return exc
+
+        return dict(zip(rows, pool.map(one, rows) if pool is not None else map(one, rows)))
+
+    def assemble(self, batch: dict, pool=None, seconds: collections.Counter | None = None,
+                 ) -> tuple[list[TripletSample], list[dict]]:
+        """Final batch → (samples of healthy rows, failure records ``{key, source, stage, reason}``).
+
+        With quality scores, their statistics run here (on ``pool``'s threads when given); their wall time is added
+        to ``seconds["quality_stats"]``; a row whose statistics fail is a failure of stage ``quality``.
+        """
+        import time
+
         samples, failures = [], []
+        healthy_rows = [i for i, e in enumerate(batch["error"]) if not e]
+        quality = {}
+        if self.quality is not None and healthy_rows:
+            t = time.perf_counter()
+            quality = self.quality_statistics(batch, healthy_rows, pool)
+            if seconds is not None:
+                seconds["quality_stats"] += time.perf_counter() - t
         for i, key in enumerate(batch["key"]):
             if batch["error"][i]:
                 failures.append({"key": key, "source": batch["source"][i], "stage": batch["error_stage"][i],
                                  "reason": batch["error"][i]})
+                continue
+            if isinstance(quality.get(i), Exception):
+                exc = quality[i]
+                failures.append({"key": key, "source": batch["source"][i], "stage": "quality",
+                                 "reason": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
             timings = ({s: round(float(batch[f"time_{s}"][i]), 6) for s in STAGE_NAMES if f"time_{s}" in batch}
                        if self.cfg.sample_timings else {})
@@ -166,8 +215,8 @@ class TripletBuilder:
                             "paste_back": self.cfg.inpaint.paste_back},
                 "embed_fg_source": self.cfg.embed.fg_source, "timings": timings, "version": cnc.__version__,
             }
-            if self.cfg.quality.enabled:
-                meta["quality"] = batch["quality"][i]
+            if self.quality is not None:
+                meta["quality"] = quality[i]
             if self.cfg.latents.enabled:
                 meta["latents"] = {"resolution": self.cfg.latents.resolution or self.cfg.resolution,
                                    "vae": "inpaint.model"}

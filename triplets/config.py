@@ -84,11 +84,28 @@ class QualityConfig(_Strict):
     """Per-sample quality scores in each sample's json (``triplets.quality``; changes tar content)."""
 
     enabled: bool = Field(True, description="compute removal / depth-order / mask-shape scores during the build "
-                                            "(reuses the loaded saliency and CLIP models)")
+                                            "(reuses the depth maps and the CLIP model the build already has)")
     batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
                                                            "top-level batch_size)")
-    change_threshold: int = Field(24, ge=0, le=254, description="removal.changed: a pixel of M counts as changed "
-                                                                "when a channel differs by more than this (of 255)")
+    change_floor: float = Field(6.0, ge=0, le=254, description="removal.changed: a pixel of M counts as changed when "
+                                                               "its locally averaged difference (of 255, global "
+                                                               "shift removed) exceeds this and the noise outside "
+                                                               "the inpainted region")
+    clip_sim: bool = Field(True, description="measure removal.clip_sim (CLIP on two crops per sample on the model "
+                                             "thread; the only model work of the quality stage)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_1_keys(cls, data):
+        """Configs saved by builds of quality version 1 carry ``change_threshold``, a pixel threshold of a score
+        that no longer exists: dropped (with a warning) so ``cnc score`` can rescore those builds."""
+        if isinstance(data, dict) and "change_threshold" in data:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "quality.change_threshold (quality version 1) is no longer used; ignored (see quality.change_floor)")
+            data = {k: v for k, v in data.items() if k != "change_threshold"}
+        return data
 
 
 class LatentsConfig(_Strict):

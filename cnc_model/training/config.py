@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cnc.config import FINITE_FLOATS, MAX_RESOLUTION, GuidanceScale, Seed, Steps, load_config
 from cnc.hub import TINY
-from triplets.quality import FilterConfig
+from triplets.quality_filter import FilterConfig
 
 STAGES = ("local", "global", "joint")
 

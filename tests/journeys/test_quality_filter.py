@@ -1,5 +1,6 @@
-"""Quality end to end: tiny build with scores → `cnc filter` → train; old shards without scores → load, `cnc score`,
-`cnc inspect` histograms and worst-k sheets."""
+"""Quality end to end: tiny build with scores → `cnc filter` → train; shards scored by quality version 1 → load,
+`cnc filter` refuses them unless told, `cnc score` rescores them to the current version, `cnc inspect` histograms
+and worst-k sheets."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from cnc.base.location import resolve
 from pipelines.derive import run_filter
 from tests.support import REPO
-from triplets.quality import FilterSpecError, QualityFilter, parse_where, score_value
+from triplets.quality import QUALITY_VERSION, score_value
+from triplets.quality_filter import FilterSpecError, QualityFilter, parse_where
 from triplets.shardio import iter_raw_samples, iter_samples, write_shard
 from triplets.shardio.names import marker_name
 
@@ -30,15 +32,15 @@ def _raw_by_key(spec) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def filtered(tiny_shards, tmp_path_factory):
-    """`cnc filter` of the session's tiny build at the median depth order (some kept, some dropped)."""
+    """`cnc filter` of the session's tiny build at the median removal score (some kept, some dropped)."""
     src = _raw_by_key(tiny_shards)
-    values = {k: score_value(json.loads(r["json"]), "depth_order") for k, r in src.items()}
+    values = {k: score_value(json.loads(r["json"]), "removal") for k, r in src.items()}
     assert None not in values.values()  # every sample of a new build carries its scores
     threshold = float(np.median(sorted(values.values())))
     kept = {k for k, v in values.items() if v >= threshold}
     assert 0 < len(kept) < len(src)
     out = tmp_path_factory.mktemp("filtered") / "out"
-    proc = _cnc("filter", str(tiny_shards), "--output", str(out), "--where", f"depth_order>={threshold}")
+    proc = _cnc("filter", str(tiny_shards), "--output", str(out), "--where", f"removal>={threshold}")
     assert proc.returncode == 0, proc.stderr
     return out, src, kept, threshold
 
@@ -53,12 +55,12 @@ def test_filter_writes_a_committed_copy_with_kept_samples_byte_for_byte(filtered
     markers = [json.loads((out / "_cnc" / marker_name(s)).read_text()) for s in (0, 1)]
     assert sum(m["nsamples"] for m in markers) == len(kept)
     assert sum(m["ndropped"] for m in markers) == len(src) - len(kept)
-    assert {r for m in markers for r in m["dropped_by_reason"]} == {f"depth_order>={threshold:g}"}
+    assert {r for m in markers for r in m["dropped_by_reason"]} == {f"removal>={threshold:g}"}
     manifest = json.loads((out / "_cnc" / "manifest.json").read_text())
     assert manifest["totals"]["samples"] == len(kept) and manifest["operation"]["op"] == "filter"
     # a rerun resumes: nothing rewritten; another condition in the same folder is refused
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    again = run_filter(str(tiny_shards), str(out), [f"depth_order>={threshold}"])
+    again = run_filter(str(tiny_shards), str(out), [f"removal>={threshold}"])
     assert (again.shards_built, again.shards_skipped, again.samples) == (0, 2, len(kept))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
     proc = _cnc("filter", str(tiny_shards), "--output", str(out), "--where", "removal>=0.99")
@@ -84,42 +86,67 @@ def test_training_on_the_filtered_build_and_with_data_filter(filtered, tiny_shar
     # the same thresholds as data.filter while streaming the unfiltered build: no dropped sample is trained on
     result = Trainer(load_train_config(REPO / "configs/train/local.yaml", common + [
         f"data.train_shards={tiny_shards}", f"output_dir={tmp_path / 'b'}",
-        f"data.filter.min_depth_order={threshold}", "train.max_train_steps=4"])).train()
+        f"data.filter.min_removal={threshold}", "train.max_train_steps=4"])).train()
     seen = (tmp_path / "b" / "keys" / "rank-0.txt").read_text().split()
     assert result.global_step == 4 and set(seen) <= kept
-    assert set(result.filtered) <= {f"depth_order>={threshold:g}"}
+    assert set(result.filtered) <= {f"removal>={threshold:g}"}
+
+
+def test_undefined_scores_are_kept_or_dropped_as_the_user_says(tiny_shards, tmp_path):
+    """The tiny models' D(I) and D(I_b) do not align (random weights): depth_order is undefined on every sample,
+    never silently another score; --keep-unscored / --drop-unscored decide."""
+    src = _raw_by_key(tiny_shards)
+    assert all(score_value(json.loads(r["json"]), "depth_order") is None for r in src.values())
+    kept = run_filter(str(tiny_shards), str(tmp_path / "keep"), ["depth_order>=0.5"], keep_unscored=True)
+    dropped = run_filter(str(tiny_shards), str(tmp_path / "drop"), ["depth_order>=0.5"], keep_unscored=False)
+    assert (kept.samples, kept.dropped) == (len(src), {})
+    assert (dropped.samples, dropped.dropped) == (0, {"depth_order undefined": len(src)})
+
+
+V1_QUALITY = {"version": 1, "removal": {"changed": 1.0, "residual": None, "clip_sim": 0.5, "score": 1.0},
+              "depth": {"order": 1.0, "margin": 0.4}, "mask": {"area": 0.5, "components": 1, "border": 0.0,
+                                                             "bbox_fill": 0.6}}
 
 
 @pytest.fixture(scope="module")
 def old_shards(tiny_shards, tmp_path_factory):
-    """The tiny build as shards written before quality scores existed (no ``quality`` in the json)."""
+    """The tiny build as shards scored by quality version 1 (whose removal score and depth order meant something
+    else, e.g. 1.0 for an object regenerated in place)."""
     old = tmp_path_factory.mktemp("old")
     for shard, tar in enumerate(sorted(Path(tiny_shards).glob("*.tar"))):
         samples = list(iter_samples(str(tar)))
         for s in samples:
-            s.meta.pop("quality")
+            s.meta["quality"] = dict(V1_QUALITY)
         stats = write_shard(old / tar.name, samples)
         resolve(old / marker_name(shard)).write_json(stats)
     return old
 
 
-def test_old_shards_load_and_pass_an_unscored_filter(old_shards):
+def test_old_shards_load_as_unscored_and_cnc_filter_refuses_to_mix_versions(old_shards, tmp_path):
     from cnc_model.data import make_dataloader
 
     keys = set(_raw_by_key(old_shards))
-    qf = QualityFilter([parse_where("removal>=0.5")])
+    qf = QualityFilter([parse_where("removal>=0.5")])  # the trainer's data.filter, keep_unscored by default
     loader = make_dataloader(str(old_shards), batch_size=1, shuffle_buffer=0, epoch_samples=len(keys),
                              quality_filter=qf)
     it = iter(loader)
     seen = {next(it)["keys"][0] for _ in range(len(keys))}
     assert seen == keys and not loader.filtered and "filtered" in loader.state_dict()
+    # version-1 numbers are never judged by version-2 meanings: refused before anything is written...
+    out = tmp_path / "f"
+    proc = _cnc("filter", str(old_shards), "--output", str(out), "--recommended")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "quality version 1" in proc.stderr and "cnc score" in proc.stderr and not list(out.glob("*.tar"))
+    # ...unless told, and then they are unscored: --drop-unscored drops them by version
+    result = run_filter(str(old_shards), str(out), ["removal>=0.5"], allow_version_mix=True)
+    assert result.samples == 0 and result.dropped == {"quality v1": len(keys)}
 
 
-def test_score_adds_quality_to_old_shards_and_inspect_shows_it(old_shards, tiny_shards, tmp_path):
+def test_score_rescores_version_1_shards_and_inspect_shows_it(old_shards, tiny_shards, tmp_path):
     from triplets.inspect import inspect_shards, write_report
 
     before = inspect_shards(str(old_shards), n=0, worst=2)
-    assert before.summary.unscored == 6 and not before.worst
+    assert before.summary.unscored == 6 and not before.worst  # version-1 scores are not shown as current ones
     out = tmp_path / "scored"
     proc = _cnc("score", str(old_shards), "--output", str(out), "--config", "configs/build/tiny.yaml",
                 "--device", "cpu")
@@ -130,11 +157,13 @@ def test_score_adds_quality_to_old_shards_and_inspect_shows_it(old_shards, tiny_
         assert {k: v for k, v in raw.items() if k not in ("json", "__url__", "__local_path__")} == \
                {k: v for k, v in old[key].items() if k not in ("json", "__url__", "__local_path__")}
         q, ref = json.loads(raw["json"])["quality"], json.loads(built[key]["json"])["quality"]
-        assert q["depth"] == ref["depth"] and q["mask"] == ref["mask"]  # lossless fields: the build's own values
-        assert abs(q["removal"]["changed"] - ref["removal"]["changed"]) < 0.1  # from JPEG-decoded I and I_b
+        assert q["version"] == QUALITY_VERSION and q["mask"] == ref["mask"]  # lossless fields: the build's values
+        assert abs(q["removal"]["score"] - ref["removal"]["score"]) < 0.15  # from JPEG-decoded I and I_b
+    operation = json.loads((out / "_cnc" / "manifest.json").read_text())["operation"]
+    assert operation["op"] == "score" and operation["quality_version"] == QUALITY_VERSION
     result = inspect_shards(str(out), n=0, worst=2)
     assert result.validation.ok and result.summary.unscored == 0
-    assert result.summary.quality["depth_order"].stats.n == 6
+    assert result.summary.quality["removal"].stats.n == 6
     assert sum(result.summary.quality["mask_area"].hist.counts) == 6
     worst = result.worst["removal"]
     assert len(worst) == 2 and worst[0][0] <= worst[1][0]
@@ -147,8 +176,11 @@ def test_score_adds_quality_to_old_shards_and_inspect_shows_it(old_shards, tiny_
     assert summary["summary"]["quality"]["removal"]["stats"]["n"] == 6
     proc = _cnc("inspect", str(out), "--n", "0", "--worst", "1", "--output", str(tmp_path / "cli"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Quality scores" in proc.stdout and "depth_order" in proc.stdout
-    assert (tmp_path / "cli" / "worst_depth_order.png").is_file()
+    assert "Quality scores" in proc.stdout and "removal" in proc.stdout
+    assert (tmp_path / "cli" / "worst_removal.png").is_file()
+    # and the rescored copy filters without complaint
+    again = run_filter(str(out), str(tmp_path / "f2"), [], recommended=True)
+    assert again.samples + sum(again.dropped.values()) == 6
 
 
 def test_filter_on_object_storage_resumes_after_a_crash_exactly_once(filtered, tiny_shards):
@@ -157,8 +189,8 @@ def test_filter_on_object_storage_resumes_after_a_crash_exactly_once(filtered, t
     from triplets.shardio import resolve_shards
 
     local, _, kept, threshold = filtered
-    qf = QualityFilter([parse_where(f"depth_order>={threshold}")])
-    operation = {"op": "filter", "where": [f"depth_order>={threshold:g}"], "keep_unscored": False}
+    qf = QualityFilter([parse_where(f"removal>={threshold}")])
+    operation = {"op": "filter", "where": [f"removal>={threshold:g}"], "keep_unscored": False}
     url = "memory://cnc-quality-test/filtered"
 
     calls = []

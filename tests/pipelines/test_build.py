@@ -104,7 +104,8 @@ def test_build_outputs_are_readable_by_every_reader(reference):
     assert sum(m["nsamples"] for m in markers) == 8 and sum(m["nfailed"] for m in markers) == 3
     for m in markers:
         assert m["sha256"] == file_sha256(out / m["url"]) and m["bytes"] == (out / m["url"]).stat().st_size
-        assert {"decode", "segment", "inpaint", "depth", "embed", "quality", "encode", "write"} <= set(m["stage_seconds"])
+        assert {"decode", "segment", "inpaint", "depth", "embed", "quality", "quality_stats", "encode", "write"} <= \
+            set(m["stage_seconds"])
         assert {"pid", "host", "node_id", "device"} <= set(m["worker"])
     assert markers[0]["failures_by_stage"] == {"decode": 1} and markers[1]["nfailed"] == 0
 

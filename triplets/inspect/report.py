@@ -26,7 +26,7 @@ from PIL import Image
 from triplets.inspect.render import COLUMNS, colorize, contact_sheet, contact_sheets, default_tile, sample_tiles
 from triplets.inspect.summary import ScoreStats, Summary, depth_margin
 from triplets.inspect.validate import InspectResult, ValidationResult
-from triplets.quality import SCORES, quality_summary_line
+from triplets.quality import QUALITY_VERSION, SCORES, quality_summary_line
 
 _BAR = "█"
 
@@ -81,7 +81,7 @@ def summary_rows(summary: Summary, validation: ValidationResult | None = None) -
     if s.empty_captions:
         rows.append(("empty captions", str(s.empty_captions)))
     if s.scored or s.unscored:
-        rows.append(("quality scores", f"{s.scored} scored, {s.unscored} without scores"
+        rows.append(("quality scores", f"{s.scored} scored, {s.unscored} without version-{QUALITY_VERSION} scores"
                      + (" (add them with `cnc score`)" if s.unscored else "")))
     t = s.throughput
     if t.samples_per_second is not None:
@@ -119,8 +119,16 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
+def _threshold_position(sc, bins: int) -> float | None:
+    """Where a score's shipped threshold falls on its histogram, in bins from the left (``None`` without one)."""
+    if sc.threshold is None or sc.hi <= sc.lo:
+        return None
+    return min(max((sc.threshold - sc.lo) / (sc.hi - sc.lo) * bins, 0.0), float(bins))
+
+
 def quality_rows(summary: Summary) -> list[tuple[str, str, str, str, str, str]]:
-    """``(score, n, mean, min..max, histogram over [lo, hi], good end)`` per score with values."""
+    """``(score, n, mean, min..max, histogram over [lo, hi], good end)`` per score with values; the shipped
+    threshold is drawn into the histogram as ``┃`` and named in the last column (``high, keep >= 0.5``)."""
     rows = []
     for name, st in summary.quality.items():
         if not st.stats.n and not st.undefined:
@@ -128,19 +136,36 @@ def quality_rows(summary: Summary) -> list[tuple[str, str, str, str, str, str]]:
         sc = SCORES[name]
         n = str(st.stats.n) + (f" (+{st.undefined} undefined)" if st.undefined else "")
         good = {"high": "high", "low": "low"}.get(sc.better, "-")
+        spark = sparkline(st.hist.counts).ljust(len(st.hist.counts)) if st.stats.n else ""
+        pos = _threshold_position(sc, len(st.hist.counts))
+        if pos is not None and spark:
+            spark = spark[:round(pos)] + "┃" + spark[round(pos):]
+            good += f", keep {sc.keep_op} {sc.threshold:g}"
         rows.append((name, n, _fmt(st.stats.mean), f"{_fmt(st.stats.min)}..{_fmt(st.stats.max)}",
-                     f"{sc.lo:g} |{sparkline(st.hist.counts)}| {sc.hi:g}", good))
+                     f"{sc.lo:g} |{spark}| {sc.hi:g}", good))
     return rows
 
 
-def bin_rows(st: ScoreStats, width: int = 30) -> list[tuple[str, int, str, str]]:
+def bin_rows(st: ScoreStats, width: int = 30, score: str | None = None) -> list[tuple[str, int | str, str, str]]:
     """``(bin, count, bar, share of samples below the bin's upper edge)`` of one score's histogram: the share is what
-    a ``min`` threshold at that edge would remove."""
+    a ``min`` threshold at that edge would remove. With ``score``, its shipped threshold is drawn as a row of its own
+    where it falls (``("shipped threshold >= 0.5", "", "┄┄┄", "41% removed")``; ``≈`` when it falls inside a bin)."""
     peak, total, below = max(st.hist.counts) or 1, sum(st.hist.counts) or 1, 0
+    sc = SCORES[score] if score is not None else None
+    pos = _threshold_position(sc, len(st.hist.counts)) if sc is not None else None
     out = []
-    for lo, hi, c in zip(st.hist.edges[:-1], st.hist.edges[1:], st.hist.counts):
+    for i, (lo, hi, c) in enumerate(zip(st.hist.edges[:-1], st.hist.edges[1:], st.hist.counts)):
+        if pos is not None and i <= pos < i + 1:
+            exact = pos == i
+            removed = (below if sc.keep_op == ">=" else total - below) / total if exact else \
+                (below + c * (pos - i) if sc.keep_op == ">=" else total - below - c * (pos - i)) / total
+            out.append((f"shipped threshold {sc.keep_op} {sc.threshold:g}", "", "┄" * width,
+                        f"{'' if exact else '≈'}{removed:.0%} removed"))
         below += c
         out.append((f"{lo:.2f} – {hi:.2f}", c, _BAR * round(c / peak * width), f"{below / total:.0%}"))
+    if pos is not None and pos >= len(st.hist.counts):
+        out.append((f"shipped threshold {sc.keep_op} {sc.threshold:g}", "", "┄" * width,
+                    f"{(1.0 if sc.keep_op == '>=' else 0.0):.0%} removed"))
     return out
 
 
@@ -236,7 +261,7 @@ def html_report(result: InspectResult, *, tile: int | None = None, cmap: str = "
                          + (f", {st.undefined} undefined" if st.undefined else "") + "</p>"
                          "<table><tr><th>bin</th><th>samples</th><th></th><th>below</th></tr>")
             parts += [f"<tr><td>{e(b)}</td><td>{c}</td><td>{bar}</td><td>{below}</td></tr>"
-                      for b, c, bar, below in bin_rows(st)]
+                      for b, c, bar, below in bin_rows(st, score=name)]
             parts.append("</table>")
     if result.worst:
         size_w = tile or default_tile(next(iter(result.worst.values()))[0][1].image.shape[0])

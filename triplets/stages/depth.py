@@ -90,21 +90,31 @@ class DepthStage(Stage):
 
     Needs ``image``, ``mask`` and ``background``. With ``mask_foreground_depth`` the normalised
     D_f is multiplied by M (reference: not masked).
+
+    ``image_disparity`` (what the quality scores need): ``"off"``; ``"compute"`` adds the ``image_disparity`` column
+    ``(N, R, R)`` float32, the raw disparity of the whole photo I, from the same model call as D_f and D_b;
+    ``"reuse"`` keeps the column an earlier stage computed with this very model and input mode (the ``sam``
+    segmenter's saliency prior) and computes it when the batch lacks it.
     """
 
     name = "depth"
 
     def __init__(self, model: str = "Intel/dpt-large", mask_foreground_depth: bool = False, device: str = "auto",
-                 dtype: str = "auto", preprocess: str = "processor"):
+                 dtype: str = "auto", preprocess: str = "processor", image_disparity: str = "off"):
+        if image_disparity not in ("off", "compute", "reuse"):
+            raise ValueError(f"image_disparity must be off, compute or reuse, got {image_disparity!r}")
         self.estimator = shared_dpt(model, device, dtype)
         self.preprocess = check_preprocess(preprocess)
         self.mask_foreground_depth = mask_foreground_depth
+        self.image_disparity = image_disparity
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
         image, mask, bg = rows["image"], rows["mask"], rows["background"]
         n = len(image)
         fg = image * mask[..., None]
-        raw = self.estimator(np.concatenate([fg, bg], axis=0), self.preprocess)
+        want = self.image_disparity == "compute" or (
+            self.image_disparity == "reuse" and "image_disparity" not in rows)
+        raw = self.estimator(np.concatenate([fg, bg, image] if want else [fg, bg], axis=0), self.preprocess)
         cols = {"fg_depth": np.zeros(mask.shape, np.uint16), "bg_depth": np.zeros(mask.shape, np.uint16),
                 "fg_depth_range": np.zeros((n, 2)), "bg_depth_range": np.zeros((n, 2))}
         for i in range(n):
@@ -114,10 +124,15 @@ class DepthStage(Stage):
                 fq = fq * mask[i].astype(np.uint16)
             cols["fg_depth"][i], cols["fg_depth_range"][i] = fq, fr
             cols["bg_depth"][i], cols["bg_depth_range"][i] = bq, br
+        if want:
+            cols["image_disparity"] = raw[2 * n:].astype(np.float32)
         return cols, {}
 
     def empty(self, batch: dict) -> dict:
         n = len(batch["key"])
         r = batch["image"].shape[1] if "image" in batch else 0
-        return {"fg_depth": np.zeros((n, r, r), np.uint16), "bg_depth": np.zeros((n, r, r), np.uint16),
+        cols = {"fg_depth": np.zeros((n, r, r), np.uint16), "bg_depth": np.zeros((n, r, r), np.uint16),
                 "fg_depth_range": np.zeros((n, 2)), "bg_depth_range": np.zeros((n, 2))}
+        if self.image_disparity != "off":
+            cols["image_disparity"] = np.zeros((n, r, r), np.float32)
+        return cols

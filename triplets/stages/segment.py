@@ -90,6 +90,12 @@ class SamSegmenter:
         self.quantile, self.min_area, self.max_area = prior_quantile, min_area, max_area
 
     def __call__(self, rows: dict) -> tuple[np.ndarray, list[str]]:
+        masks, sources, _ = self.segment(rows)
+        return masks, sources
+
+    def segment(self, rows: dict) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+        """Masks, sources and the extra column ``image_disparity`` ``(N, R, R)`` float32: the prior's raw DPT
+        disparity of I, which the depth and quality stages reuse instead of running DPT on I again."""
         images = rows["image"]
         disparity = self.prior_depth(images)
         priors = [saliency_prior(d, self.quantile) for d in disparity]
@@ -105,7 +111,7 @@ class SamSegmenter:
                     break
             masks[i] = chosen
             sources.append(source)
-        return masks, sources
+        return masks, sources, {"image_disparity": np.asarray(disparity, np.float32)}
 
 
 def sam_architectures() -> dict[str, Callable]:
@@ -139,7 +145,8 @@ class DatasetSegmenter:
 
 
 class SegmentStage(Stage):
-    """Adds ``mask`` ``(N, R, R)`` uint8 {0,1}, ``mask_area`` ``(N,)`` float and ``mask_source``."""
+    """Adds ``mask`` ``(N, R, R)`` uint8 {0,1}, ``mask_area`` ``(N,)`` float and ``mask_source``, plus the columns a
+    backend computed on the way (its ``segment(rows)`` method's third value: ``sam`` adds ``image_disparity``)."""
 
     name = "segment"
 
@@ -151,7 +158,10 @@ class SegmentStage(Stage):
         self.min_area, self.max_area = min_area, max_area
 
     def process(self, rows: dict) -> tuple[dict, dict[int, str]]:
-        masks, sources = self.segmenter(rows)
+        if hasattr(self.segmenter, "segment"):
+            masks, sources, extra = self.segmenter.segment(rows)
+        else:
+            (masks, sources), extra = self.segmenter(rows), {}
         masks = (masks > 0).astype(np.uint8)
         areas = masks.reshape(len(masks), -1).mean(axis=1)
         failures: dict[int, str] = {}
@@ -162,7 +172,7 @@ class SegmentStage(Stage):
                 failures[i] = f"empty mask (area {area:.4f} < min_area {self.min_area})"
             elif area > self.max_area:
                 failures[i] = f"near-full mask (area {area:.4f} > max_area {self.max_area})"
-        return {"mask": masks, "mask_area": areas, "mask_source": np.array(sources, dtype=object)}, failures
+        return {"mask": masks, "mask_area": areas, "mask_source": np.array(sources, dtype=object), **extra}, failures
 
     def empty(self, batch: dict) -> dict:
         n = len(batch["key"])

@@ -147,8 +147,12 @@ def test_cocostuff_dataset_masks_through_the_builder(tmp_path):
            "annotations": [{"id": 1, "image_id": 1, "caption": "a cat"}]}
     (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(ann))
     cfg = load_config(BuildConfig, "configs/build/tiny.yaml", FAST + ["segment.backend=dataset"])
-    samples, failures = TripletBuilder(cfg)(read_items(str(tmp_path / "annotations" / "captions_val2017.json")))
+    builder = TripletBuilder(cfg)
+    samples, failures = builder(read_items(str(tmp_path / "annotations" / "captions_val2017.json")))
     assert not failures
+    # no saliency prior to reuse: the depth stage adds I to its own DPT call for the quality scores' D(I)
+    assert builder.model_stages[2].image_disparity == "compute"
+    assert samples[0].meta["quality"]["version"] == 2 and samples[0].meta["quality"]["removal"]["score"] is not None
     m = samples[0].mask
     assert set(np.unique(m)) == {0, 1}
     assert 0.2 < m.mean() < 0.45  # the 40x40 thing box after crop/resize, nothing else
@@ -192,17 +196,48 @@ def test_missing_weights_fail_fast_with_model_and_key(tmp_path):
     assert "stable-diffusion-v1-5/stable-diffusion-inpainting" in proc.stderr and "inpaint.model" in proc.stderr
 
 
-def test_quality_stage_shares_the_loaded_models_and_scores_every_sample(builder, built):
-    from triplets.quality import QualityStage
+def test_quality_reuses_the_builds_maps_and_models_and_scores_off_the_model_thread(builder, built):
+    """No second DPT pass (D(I) is the sam prior's, D(I_b) the stored map), CLIP shared, and the statistics run in
+    `assemble` (the worker's encode threads), not among the model stages."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triplets.quality import QUALITY_VERSION, QualityStage
 
     segment, _, depth, embed, quality = builder.model_stages
-    assert isinstance(quality, QualityStage) and quality.name == "quality"
-    assert quality.scorer.saliency is segment.segmenter.prior_depth  # the same instances, not second copies
-    assert quality.scorer.embedder is embed.embedder
-    _, batch, (samples, _) = built
-    assert "time_quality" in batch
-    for s in samples:
+    assert isinstance(quality, QualityStage) and quality.scorer.embedder is embed.embedder
+    assert depth.image_disparity == "reuse" and depth.estimator is segment.segmenter.prior_depth
+    items, batch, (samples, _) = built
+    assert "quality" not in batch and batch["quality_clip_sim"].dtype == np.float32
+    # the D(I) the scores use is the segmenter's own pass, reused as it is
+    healthy = [i for i, e in enumerate(batch["error"]) if not e]
+    prior = segment.segmenter.prior_depth(batch["image"][healthy])
+    assert np.allclose(batch["image_disparity"][healthy], prior, atol=1e-4)
+    # DPT images per healthy row: 1 (I, segment) + 2 (I_f, I_b, depth); version 1 ran 2 more in its quality stage
+    seen = []
+
+    def count(module, args, kwargs, output):
+        seen.append(len(kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]))
+
+    hook = depth.estimator.model.register_forward_hook(count, with_kwargs=True)
+    try:
+        builder.run_batch(items)
+    finally:
+        hook.remove()
+    assert sum(seen) == 3 * len(healthy)
+    with ThreadPoolExecutor(2, "test-encode") as pool:
+        threaded, _ = builder.assemble(batch, pool)
+    for s, t in zip(samples, threaded):
         q = s.meta["quality"]
+        assert t.meta["quality"] == q and q["version"] == QUALITY_VERSION
         assert set(q) == {"version", "removal", "depth", "mask"}
         assert q["mask"]["area"] == pytest.approx(s.meta["mask_area"], abs=1e-5)
-        assert 0 <= q["removal"]["score"] <= 1 and 0 <= q["depth"]["order"] <= 1
+        assert q["removal"]["score"] is None or 0 <= q["removal"]["score"] <= 1
+    # statistics that cannot be computed fail their own row only; a non-finite D(I) leaves depth undefined
+    broken = dict(batch, image_disparity=np.array(list(batch["image_disparity"]) + [None], dtype=object)[:-1])
+    broken["image_disparity"][healthy[0]] = np.zeros((3, 3), np.float32)
+    broken["image_disparity"][healthy[1]] = np.full((R, R), np.nan, np.float32)
+    got, fails = builder.assemble(broken)
+    assert [(f["key"], f["stage"]) for f in fails if f["stage"] == "quality"] == [(batch["key"][healthy[0]],
+                                                                                   "quality")]
+    nan_row = next(s for s in got if s.key == batch["key"][healthy[1]])
+    assert nan_row.meta["quality"]["depth"] == {"order": None, "margin": None}
