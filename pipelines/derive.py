@@ -252,7 +252,7 @@ def _check_versions(source: str, qf) -> None:
     for _, url in _source_shards(source):
         for raw in TarStream(url).samples():
             try:
-                meta = json.loads(raw["json"])
+                meta = jsonio.loads(raw["json"], what="sample json")
             except (KeyError, ValueError):
                 pass
             else:
