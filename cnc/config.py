@@ -32,6 +32,22 @@ class ConfigError(UserError, ValueError):
 #: A seed every consumer accepts: ``numpy.random.seed`` (accelerate's ``set_seed``) takes 0 .. 2**32 - 1.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="random seed, 0 .. 2**32 - 1")]
 
+# Bounds shared by every config and command that takes these settings (README "Exit codes", docs/build.md). A value
+# outside them is refused at parse time (exit 2) instead of failing every sample later or committing garbage.
+#: Largest image side a build or a training run accepts: a 4096 px crop already needs ~0.2 GB per field in float32
+#: and its Stable Diffusion latents (512x512) far more than the 64x64 the SD-1.5 models are trained on.
+MAX_RESOLUTION = 4096
+#: Most denoising steps of a sampler (DDIM/PNDM schedules have 1000 training timesteps).
+MAX_STEPS = 1000
+#: Largest classifier-free guidance scale (the paper and the reference use 7.5-10; beyond ~30 images saturate).
+MAX_GUIDANCE = 100.0
+#: Pydantic setting of every config model: NaN and ±inf are refused for every float field.
+FINITE_FLOATS = {"allow_inf_nan": False}
+
+GuidanceScale = Annotated[float, Field(ge=0, le=MAX_GUIDANCE, description=f"classifier-free guidance, 0 .. "
+                                                                          f"{MAX_GUIDANCE:g}")]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS, description=f"denoising steps, 1 .. {MAX_STEPS}")]
+
 
 def parse_override(item: str) -> tuple[list[str], object]:
     """``"a.b=3"`` → ``(["a", "b"], 3)``.

@@ -360,7 +360,10 @@ class TripletStream(IterableDataset):
                 raise RuntimeError(f"a whole pass over {len(shards)} shard(s) gave no samples for this worker "
                                    f"(all corrupt or empty?); last error: {errors.last or 'none'}")
 
-    def _decode(self, raw: dict, errors: _ErrorLog) -> dict | None:
+    def _decode(self, raw: dict, errors: _ErrorLog, drops: dict | None = None) -> dict | None:
+        """The sample's tensors, or ``None`` when it is filtered out or does not decode (counted in ``errors``;
+        ``drops[(url, key)]`` = the filter condition or ``"did not decode"``)."""
+        where = (raw.get("__url__"), raw.get("__key__"))
         try:
             s = decode_sample({k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"})
             problems = validate_sample(s)
@@ -369,10 +372,14 @@ class TripletStream(IterableDataset):
             why = self.quality_filter.reason(s.meta) if self.quality_filter is not None else None
             if why is not None:
                 errors.filtered[why] += 1
+                if drops is not None:
+                    drops[where] = why
                 return None
             return sample_to_tensors(s, self.resolution, self.depth_channels, self.compact)
         except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped and counted
             errors("sample", f"{raw.get('__url__')}#{raw.get('__key__')}", exc)
+            if drops is not None:
+                drops[where] = "did not decode"
             return None
 
     def __iter__(self) -> Iterator[dict]:
@@ -395,19 +402,23 @@ class TripletStream(IterableDataset):
         if emitted >= self.batches_per_epoch:
             return
         streak = 0  # samples in a row that were dropped (filter) or skipped (undecodable)
+        dropped: dict = {}  # (url, key) -> why, of this streak: each sample once, however many passes it spans
         for ordinal, sample in enumerate(raw):
             if ordinal < start_pos:
                 continue  # consumed before the checkpoint (resume)
-            item = self._decode(sample, errors)
+            item = self._decode(sample, errors, dropped)
             if item is None:
                 streak += 1
                 if errors.pass_size and streak > 2 * errors.pass_size + self.shuffle_buffer:
+                    why = Counter(dropped.values())
+                    undecodable = why.pop("did not decode", 0)
                     raise TrainingDataError(
-                        f"no usable sample in a whole pass over {len(shards)} shard(s): data.filter dropped "
-                        f"{dict(errors.filtered) or 0}, {errors.counts.get('sample', 0)} did not decode; loosen "
+                        f"no usable sample in a whole pass over {len(shards)} shard(s): all {len(dropped)} samples "
+                        f"were dropped (data.filter: {dict(why) or 0}; {undecodable} did not decode); loosen "
                         f"data.filter ({self.quality_filter.describe() if self.quality_filter else 'none'})")
                 continue
             streak = 0
+            dropped.clear()
             items.append(apply_condition_dropout(
                 item, self.dropout, np.random.default_rng(_seed(self.seed, self.epoch, gid, ordinal, 4))))
             if len(items) == self.batch_size:

@@ -37,11 +37,13 @@ from pathlib import Path
 
 import yaml
 
+from cnc.base import jsonio
 from cnc.base.errors import ModelUnavailableError, UserError
 from cnc.base.location import Location, resolve
 from cnc.config import config_dict
 from cnc_model.card import write_pipeline_files
 from cnc_model.training import checkpointing as ckpt
+from cnc_model.training.checkpointing import safetensors_problem
 from cnc_model.training.run_storage import RunStorage
 
 logger = logging.getLogger(__name__)
@@ -207,6 +209,47 @@ def _select_weights(source: Source, requested: str | None) -> Source:
     return source
 
 
+#: The file a pipeline component's folder must hold, by the class named in ``model_index.json`` (others:
+#: ``config.json``, the diffusers/transformers model convention).
+_COMPONENT_FILES = (("Scheduler", ("scheduler_config.json",)), ("Tokenizer", ("tokenizer_config.json",)),
+                    ("ImageProcessor", ("preprocessor_config.json",)),
+                    ("FeatureExtractor", ("preprocessor_config.json",)))
+
+
+def pipeline_problems(root: Path) -> list[str]:
+    """Why the pipeline folder ``root`` cannot be loaded, one line each (empty: every component is there).
+
+    Every component named in ``model_index.json`` needs its folder and its config file, and a model component its
+    weights; safetensors files must be complete (headers only are read: cheap). ``from_pretrained`` would otherwise
+    name the pipeline root instead of the missing folder, or fail with an unrelated error (a missing tokenizer gives
+    ``OverflowError``).
+    """
+
+    try:
+        index = jsonio.loads((root / "model_index.json").read_bytes(), what="model_index.json")
+    except (OSError, ValueError) as exc:
+        return [f"{root / 'model_index.json'} is unreadable ({exc})"]
+    if not isinstance(index, dict):
+        return [f"{root / 'model_index.json'} is not a JSON object"]
+    problems = []
+    for name, spec in sorted(index.items()):
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue  # metadata, or an optional component saved as null
+        folder, cls = root / name, str(spec[1])
+        if not folder.is_dir():
+            problems.append(f"component {name} ({cls}) is missing: no folder {folder}")
+            continue
+        need = next((files for marker, files in _COMPONENT_FILES if marker in cls), ("config.json",))
+        problems += [f"component {name} ({cls}) is incomplete: no {folder / f}" for f in need
+                     if not (folder / f).is_file()]
+        if need == ("config.json",):
+            weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+            if not weights:
+                problems.append(f"component {name} ({cls}) has no weights in {folder}")
+            problems += [p for p in map(safetensors_problem, folder.glob("*.safetensors")) if p]
+    return problems
+
+
 def describe(path: str | Path, weights: str | None = None) -> Source:
     """Classify ``path`` (see the module docstring) and select its weights; a URL is downloaded first
     (:func:`localize`).
@@ -223,6 +266,10 @@ def describe(path: str | Path, weights: str | None = None) -> Source:
 
     p = localize(path)
     if (p / "model_index.json").is_file():
+        problems = pipeline_problems(p)
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise NotAPipelineError(f"pipeline folder {p}: {problems[0]}{more}")
         meta = json.loads((p / EXPORT_META).read_text()) if (p / EXPORT_META).is_file() else None
         return _select_weights(Source("pipeline", p, meta=meta), weights)
     if (p / ckpt.TRAINER_STATE).is_file() and (p.parent / "train_config.yaml").is_file():
@@ -281,6 +328,9 @@ def _load_fusers(source: Source) -> dict:
         if not (folder / "config.json").is_file():
             raise NotAPipelineError(f"{source.kind} folder {source.path} of stage {cfg.stage!r} has no "
                                     f"{folder.name}/")
+        damaged = [p for p in map(safetensors_problem, sorted(folder.glob("*.safetensors"))) if p]
+        if damaged:
+            raise NotAPipelineError(damaged[0])
         with _quiet_config_warnings():
             fusers[name] = cls.from_pretrained(folder).eval()
     return fusers

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from cnc.base.errors import ModelUnavailableError, UserError
+from cnc.base.errors import ModelUnavailableError, UserError, one_line
 from cnc.base.location import resolve
 from cnc.hub import resolve_all
 from cnc_model.loading import NotAPipelineError, Source, describe, load_pipeline
@@ -59,6 +59,8 @@ def load_source(path, option: str = "PIPELINE", weights: str | None = None):
         return source, load_pipeline(source)
     except (NotAPipelineError, ModelUnavailableError) as err:
         raise UserError(str(err).splitlines()[0]) from None
+    except Exception as err:  # noqa: BLE001 - a user-given folder that does not load is one line, never a traceback
+        raise UserError(f"{option} {source.path} does not load: {one_line(err)}") from None
 
 
 def resolve_sampling_models(source, from_photos: bool, depth_model: str, sam_checkpoint: str | None,

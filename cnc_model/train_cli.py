@@ -12,6 +12,7 @@ Heavy imports happen inside the command so ``cnc --help`` stays fast.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import typer
@@ -37,8 +38,15 @@ def train_command(
     ray_workers: int = typer.Option(None, "--ray-workers", hidden=True, help="Deprecated alias of --workers."),
     ray_address: str = typer.Option(None, "--ray-address", hidden=True, help="Deprecated alias of --address."),
     gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Ray workers take one GPU each."),
+    max_failures: int = typer.Option(3, "--max-failures", min=0,
+                                     help="Ray Train: restarts after a worker or node is lost, each resuming from the "
+                                          "last checkpoint of this run."),
 ) -> None:
-    """Train the local fuser, the global fuser, or both (stage from the config)."""
+    """Train the local fuser, the global fuser, or both (stage from the config).
+
+    Exit status: 0 done; 2 a bad config/input (one line); 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint
+    (continue with --resume latest); 1 any other failure.
+    """
     from cnc_model.training.config import check_tracker, load_train_config
 
     ray_workers = deprecated_alias(workers, ray_workers, "--ray-workers", "--workers", default=0)
@@ -53,7 +61,7 @@ def train_command(
     if ray_workers > 0:
         from cnc_model.training.ray_train import run_ray_training
 
-        run_ray_training(cfg, num_workers=ray_workers, use_gpu=gpu, address=ray_address)
+        run_ray_training(cfg, num_workers=ray_workers, use_gpu=gpu, address=ray_address, max_failures=max_failures)
         typer.echo(f"ray training finished; outputs in {cfg.output_dir}")
         return
     from cnc_model.training.trainer import train
@@ -61,6 +69,8 @@ def train_command(
     result = train(cfg)
     state = "interrupted" if result.interrupted else "finished"
     typer.echo(f"training {state} at step {result.global_step}; outputs in {cfg.output_dir}")
+    if result.interrupted:  # 128 + signal, as the build and every shell: a preempted job is not a success
+        raise typer.Exit(128 + (result.signal or signal.SIGTERM))
 
 
 def register(app: typer.Typer) -> None:

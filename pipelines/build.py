@@ -31,15 +31,22 @@ from importlib import metadata
 
 from cnc.base.location import check_writable_output
 from cnc.config import config_dict, load_config, save_config
-from cnc.ray_session import Interrupted, interrupt_on_sigterm, ray_session
-from pipelines.plan import absolute_input, plan_input, plan_summary, prepare_plan, shard_size
+from cnc.ray_session import Interrupted, connect_address, interrupt_on_sigterm, ray_session
+from pipelines.plan import (
+    absolute_input,
+    plan_input,
+    plan_summary,
+    prepare_plan,
+    refuse_foreign_folder,
+    shard_size,
+)
 from pipelines.result import BuildResult
 from pipelines.scheduler import ShardScheduler
 from triplets.card import write_card
 from triplets.config import BuildConfig
 from triplets.shardio import BuildOutput, FailureTotals, ManifestHeader, ShardMarker
 from triplets.shardio import write_manifest as write_manifest_file
-from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, PLAN_FILE
+from triplets.shardio.names import CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, shard_name
 
 log = logging.getLogger(__name__)
 #: Test-only fault injection (JSON, see :class:`pipelines.worker.FaultInjection`).
@@ -122,13 +129,16 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
 
     Raises:
         cnc.base.errors.UserError: a model cannot be found, the output holds a build of another input/config or is
-            held by another build, the input cannot be read, no worker can be placed (before any work).
+            held by another build, the input cannot be read, the cluster at ``address`` does not answer within
+            ``ray.connect_timeout_s``, no worker can be placed (before any work).
     """
     t0 = time.perf_counter()
+    _check_cluster(address, cfg.ray.connect_timeout_s)
     resolved, out, plan = _plan(cfg, input, output)  # 1. fail fast + 2. plan
     if fault_injection is None and os.environ.get(FAULT_ENV):
         fault_injection = json.loads(os.environ[FAULT_ENV])
     verify = cfg.storage.verify if verify_checksums is None else verify_checksums
+    refuse_foreign_folder(out)  # before the lock: a refused folder keeps no .lock
     with out.lock(cfg.storage.lease_seconds):
         plan = prepare_plan(out, plan, allow_model_change)
         save_config(cfg, out.file(CONFIG_FILE))
@@ -141,16 +151,17 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
         log.info("%d of %d shards committed; building %d%s", len(committed), len(sizes), len(todo),
                  " (incl. shards with failures, --retry-failed)" if retry_failed else "")
         built: dict[int, ShardMarker] = {}
+        reasons: dict[int, str] = {}
         interrupted = None
         if todo:  # 4. build
             probe = out.write_probe()
             try:
                 # ours before Ray starts, and again after ray.init() installed Ray's own SIGTERM handler
-                with interrupt_on_sigterm(), ray_session(address), interrupt_on_sigterm():
+                with interrupt_on_sigterm(), ray_session(address, cfg.ray.connect_timeout_s), interrupt_on_sigterm():
                     scheduler = ShardScheduler(cfg, resolved, plan["fingerprint"], out.url, probe, fault_injection)
                     specs = {s["shard"]: s for s in plan["shards"]}
                     done = scheduler.run(specs, todo, progress)
-                built, interrupted = done.markers, done.interrupted
+                built, interrupted, reasons = done.markers, done.interrupted, done.reasons
             except Interrupted as exc:  # arrived while Ray was starting or stopping
                 interrupted = exc
             except SystemExit as exc:  # Ray's own SIGTERM handler (active inside ray.init) exits with the signal
@@ -162,7 +173,7 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
             out.remove_temp_files()  # leftovers of attempts whose worker died (all workers are gone now)
         markers = {s: m for s, m in out.markers().items() if s in sizes}
         write_manifest(out, cfg, plan, markers)  # 5. manifest
-    result = _result(out, cfg, plan, markers, built, len(sizes) - len(todo), time.perf_counter() - t0)
+    result = _result(out, cfg, plan, markers, built, len(sizes) - len(todo), time.perf_counter() - t0, reasons)
     if interrupted is not None:
         result.interrupted = interrupted.signum
         log.error("build interrupted by %s: %d of %d shards committed; rerun the same command to resume",
@@ -170,6 +181,18 @@ def run_build(cfg: BuildConfig, input: str, output: str, *, address: str | None 
     elif result.exit_code:
         log.error("%s (errors: %s/)", result.status_line(), out.loc.child(out.layout.errors_dir).url)
     return result
+
+
+def _check_cluster(address: str | None, timeout_s: float) -> None:
+    """Refuse an unreachable ``--address`` (or ``$RAY_ADDRESS``) in one line before any work (exit 2)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return
+    import ray
+
+
+    if not ray.is_initialized():
+        connect_address(address, timeout_s)
 
 
 def _plan(cfg: BuildConfig, input: str, output: str) -> tuple[dict, BuildOutput, dict]:
@@ -217,6 +240,7 @@ def run_plan_only(cfg: BuildConfig, input: str, output: str, *, allow_model_chan
     """
     t0 = time.perf_counter()
     _, out, plan = _plan(cfg, input, output)
+    refuse_foreign_folder(out)  # before the lock: a refused folder keeps no .lock
     with out.lock(cfg.storage.lease_seconds):
         plan = prepare_plan(out, plan, allow_model_change)
         save_config(cfg, out.file(CONFIG_FILE))
@@ -226,7 +250,10 @@ def run_plan_only(cfg: BuildConfig, input: str, output: str, *, allow_model_chan
 
 
 def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, ShardMarker],
-            built: dict[int, ShardMarker], skipped: int, seconds: float) -> BuildResult:
+            built: dict[int, ShardMarker], skipped: int, seconds: float,
+            reasons: dict[int, str] | None = None) -> BuildResult:
+    """The totals of ``out``; ``reasons``: why a shard of this run was left uncommitted (one line each, counted
+    per sample in ``failures_by_reason``)."""
     sizes = {s["shard"]: shard_size(s) for s in plan["shards"]}
     uncommitted = sorted(set(sizes) - set(markers))
     failed = FailureTotals.of(markers.values())
@@ -234,8 +261,10 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, S
     for m in built.values():
         stage_s.update(m.stage_seconds or {})
     missing = sum(sizes[s] for s in uncommitted)
-    if missing:
-        failed.by_reason["shard not committed (worker died or not built)"] += missing
+    for s in uncommitted:
+        why = (reasons or {}).get(s)
+        failed.by_reason[f"shard not committed: {why}" if why else "shard not committed (worker died or not built)"] \
+            += sizes[s]
     result = BuildResult(
         output=out.url, items_total=plan["num_items"], shards_total=len(sizes), shards_committed=len(markers),
         shards_built=len(built), shards_skipped=skipped, shards_lost=uncommitted,
@@ -248,6 +277,9 @@ def _result(out: BuildOutput, cfg: BuildConfig, plan: dict, markers: dict[int, S
     log.info("build: %d samples, %d failures (%.2f%%, max_failure_fraction %.2f%%), %d/%d shards committed, %.1f s",
              result.samples, result.failures, 100 * result.failure_fraction, 100 * cfg.max_failure_fraction,
              result.shards_committed, result.shards_total, seconds)
+    if uncommitted and reasons:  # why each shard of this run failed (the status line names them)
+        log.error("%d shard(s) not committed: %s", len(uncommitted),
+                  ", ".join(shard_name(s) + (f" ({reasons[s]})" if s in reasons else "") for s in uncommitted[:10]))
     return result
 
 

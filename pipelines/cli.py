@@ -18,7 +18,8 @@ BUILD_HELP = """Build triplet shards from an image collection on Ray (resumable,
 
 Reruns with the same --input/--config/--output resume: committed shards are skipped, partial ones
 rebuilt. Exit code 0 = done; 1 = failures above max_failure_fraction or shards left uncommitted;
-2 = bad config/input, missing model, or an output folder holding another build.
+2 = bad config/input, missing model, an output folder holding another build, or an --address where no Ray
+cluster answers; 130/143 = stopped by SIGINT/SIGTERM (committed shards kept, rerun to resume).
 """
 
 

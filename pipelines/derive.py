@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from cnc.base import jsonio
 from cnc.base.errors import UserError
 from cnc.base.hashing import json_sha256
 from cnc.base.location import check_writable_output, resolve
@@ -252,7 +253,7 @@ def filter_transform(quality_filter) -> Transform:
     def transform(raws: Iterator[dict], counts: collections.Counter, failures: list) -> Iterator[dict]:
         for raw in raws:
             try:
-                meta = json.loads(raw["json"])
+                meta = jsonio.loads(raw["json"], what="sample json")
             except (KeyError, ValueError) as exc:
                 failures.append({"key": raw["__key__"], "stage": "filter", "reason": f"unreadable json: {exc}"})
                 continue
@@ -297,7 +298,7 @@ def _check_versions(source: str, qf) -> None:
     for _, url in _source_shards(source):
         for raw in TarStream(url).samples():
             try:
-                meta = json.loads(raw["json"])
+                meta = jsonio.loads(raw["json"], what="sample json")
             except (KeyError, ValueError):
                 pass
             else:

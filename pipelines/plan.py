@@ -259,15 +259,25 @@ def prepare_plan(output: BuildOutput, plan: dict, allow_model_change: bool = Fal
         log.info("plan matches %s: resuming (%d shards)", path.url, len(plan["shards"]))
         return old
     output.loc.makedirs()
+    refuse_foreign_folder(output)
+    path.write_json(plan, indent=None)
+    log.info("wrote %s: %d items in %d shards of %d", path.url, plan["num_items"], len(plan["shards"]),
+             plan["samples_per_shard"])
+    return plan
+
+
+def refuse_foreign_folder(output: BuildOutput) -> None:
+    """Raise :class:`PlanMismatchError` when ``output`` exists, holds files and no ``plan.json`` (not a build).
+
+    Called before the output is locked too, so a refused folder is left exactly as it was (no ``.lock``).
+    """
+    if output.file(PLAN_FILE).exists() or not output.loc.exists():
+        return
     strangers = [n for n in output.loc.list()
                  if n != LOCK_FILE and not n.startswith(PROBE_PREFIX) and not TEMP_NAME.match(n)]
     if strangers:
         raise PlanMismatchError(f"output folder {output.url} is not empty and holds no {PLAN_FILE} "
                                 f"(found {', '.join(sorted(strangers)[:3])}); use an empty or new folder")
-    path.write_json(plan, indent=None)
-    log.info("wrote %s: %d items in %d shards of %d", path.url, plan["num_items"], len(plan["shards"]),
-             plan["samples_per_shard"])
-    return plan
 
 
 def absolute_input(path: str) -> str:

@@ -115,7 +115,7 @@ def summary_table(result: BuildResult):
     for stage, n in sorted(result.failures_by_stage.items()):
         rows.append((f"failed in {stage}", n))
     for reason, n in sorted(result.failures_by_reason.items(), key=lambda kv: -kv[1])[:8]:
-        rows.append((f"  reason: {reason[:60]}", n))
+        rows.append((f"  reason: {reason[:200]}", n))
     for stage, s in result.stage_seconds.items():
         rows.append((f"{stage} seconds (this run)", f"{s:.1f}"))
     rows.append(("status", "OK" if result.exit_code == 0 else f"exit {result.exit_code}: see the line below"))

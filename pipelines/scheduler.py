@@ -7,9 +7,15 @@
   ``ray.pools: split`` those are model workers and the shards go to CPU workers (:mod:`pipelines.pools`);
 * **start-up**: workers load their models; none ready after ``ray.worker_start_timeout_s`` is an error; every
   worker checks it sees the driver's output (shared-storage probe) before any shard is assigned;
-* **assignment and retries**: idle workers take the next shard; a shard whose worker dies is retried
-  ``ray.max_shard_retries`` times; a worker that fails that many shards in a row leaves the pool;
-* **progress**: a ``num_cpus=0`` tracker actor collects per-batch counts, shown by :class:`BuildProgress`;
+* **assignment and retries** (on the driver): idle workers take the next shard; a shard whose worker dies is
+  retried ``ray.max_shard_retries`` times; a worker that fails that many shards in a row leaves the pool. A worker
+  whose process or node died is not given work again until it answers a ping (Ray restarts it, on another node if
+  its node is gone); shards go to the workers that answer, so losing a node loses at most its in-flight shards,
+  which the surviving nodes rebuild. A build whose workers all stay unreachable for
+  ``ray.worker_start_timeout_s`` leaves the remaining shards uncommitted (a rerun builds them);
+* **progress**: a ``num_cpus=0`` tracker actor collects per-batch counts, shown by :class:`BuildProgress`. It is
+  pinned to the driver's node (the head, for a job) and restarted if its process dies, so losing a worker node
+  never loses it; the counts are informative only and a tracker that does not answer never stops the build;
 * **teardown**: every actor is killed at the end, after an error and after SIGINT/SIGTERM
   (:class:`~cnc.ray_session.Interrupted`), so in-flight shards are abandoned uncommitted.
 """
@@ -19,10 +25,11 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass, field
 
-from cnc.base.errors import UserError
+from cnc.base.errors import UserError, one_line
 from cnc.ray_session import Interrupted
 from pipelines.plan import shard_size
 from pipelines.pools import ModelWorker, choose_pools, plan_cpu_workers
@@ -98,6 +105,7 @@ class ScheduleResult:
 
     markers: dict[int, dict] = field(default_factory=dict)
     lost: list[int] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)  # why a lost shard was not committed (one line)
     interrupted: Interrupted | None = None
 
 
@@ -139,6 +147,29 @@ class ShardScheduler:
         self.actors: list = []
         self.model_actors: list = []  # ray.pools: split (pipelines.pools)
         self.tracker = None
+        self._totals = (0, 0)  # the tracker's last answer
+
+    def _start_tracker(self) -> str:
+        """The progress tracker on the driver's node (never on a worker node that can be lost); returns its name."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        name = f"cnc-build-progress-{uuid.uuid4().hex[:12]}"
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.tracker = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ProgressTracker).options(
+            name=name, scheduling_strategy=here).remote()
+        ray.get(self.tracker.totals.remote())  # registered before any worker looks it up by name
+        return name
+
+    def totals(self) -> tuple[int, int]:
+        """``(items done, items failed)`` from the tracker, or its last answer when it does not answer now."""
+        import ray
+
+        try:
+            self._totals = ray.get(self.tracker.totals.remote(), timeout=5.0)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            log.debug("progress tracker did not answer (%s); showing its last counts", type(exc).__name__)
+        return self._totals
 
     def _start(self, nshards: int) -> None:
         import ray
@@ -163,9 +194,7 @@ class ShardScheduler:
             check_placeable(ray.nodes(), cpus, 0.0)
             log.info("starting %d CPU worker(s): %s CPU each, %d batch(es) in flight each", nworkers, cpus,
                      rc.batches_in_flight)
-        tracker_name = f"cnc-build-progress-{uuid.uuid4().hex[:12]}"
-        self.tracker = ray.remote(num_cpus=0)(ProgressTracker).options(name=tracker_name).remote()
-        ray.get(self.tracker.totals.remote())  # registered before any worker looks it up by name
+        tracker_name = self._start_tracker()
         actor_cls = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=worker_gpus, max_restarts=-1,
                                                    max_task_retries=0)
         cfg_json = self.cfg.model_dump(mode="json")
@@ -195,20 +224,25 @@ class ShardScheduler:
         total = sum(shard_size(specs[s]) for s, _ in todo)
         bar = BuildProgress(total, progress, rc.progress_interval_s)
         pending = collections.deque(todo)
-        inflight: dict = {}
+        inflight: dict = {}  # build_shard ref -> (worker, shard, reuse)
+        probing: dict = {}  # ping ref -> worker whose process or node died: idle again once it answers
         try:
             self._start(len(todo))
             attempts: dict[int, int] = collections.Counter()
             strikes: dict[int, int] = collections.Counter()  # consecutive failures per actor
             idle = list(range(len(self.actors)))
+            stalled_since: float | None = None  # since when no worker could take the pending shards
             while pending or inflight:
                 while idle and pending:
                     a = idle.pop(0)
                     shard, reuse = pending.popleft()
                     ref = self.actors[a].build_shard.remote(specs[shard], self.output, attempts[shard], reuse)
                     inflight[ref] = (a, shard, reuse)
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(rc.progress_interval_s, 10.0))
+                ready, _ = ray.wait([*inflight, *probing], num_returns=1, timeout=min(rc.progress_interval_s, 10.0))
                 for ref in ready:
+                    if ref in probing:
+                        self._on_ping(ref, probing.pop(ref), idle, probing)
+                        continue
                     a, shard, reuse = inflight.pop(ref)
                     try:
                         result.markers[shard] = ray.get(ref)
@@ -217,15 +251,28 @@ class ShardScheduler:
                         attempts[shard] += 1
                         strikes[a] += 1
                         self._on_failure(shard, attempts[shard], exc, pending, reuse, result)
-                    if strikes[a] <= rc.max_shard_retries:
-                        idle.append(a)
-                    else:
-                        log.error("worker %d failed %d shards in a row; removed from the pool", a, strikes[a])
-                if not idle and not inflight and pending:
-                    log.error("no worker left; %d shard(s) not built", len(pending))
-                    result.lost += [s for s, _ in pending]
-                    pending.clear()
-                n_done, n_failed = ray.get(self.tracker.totals.remote())
+                        if strikes[a] > rc.max_shard_retries:
+                            log.error("worker %d failed %d shards in a row; removed from the pool", a, strikes[a])
+                        elif not isinstance(exc, ray.exceptions.RayTaskError):  # its process (or node) died
+                            probing[self.actors[a].worker_info.remote()] = a
+                        else:
+                            idle.append(a)
+                        continue
+                    idle.append(a)
+                if pending and not inflight and not idle:
+                    stalled_since = stalled_since or time.monotonic()
+                    waited = time.monotonic() - stalled_since
+                    if not probing or waited > rc.worker_start_timeout_s:
+                        why = (f"no worker answered for {waited:.0f} s (ray.worker_start_timeout_s)" if probing
+                               else "no worker left")
+                        log.error("%s; %d shard(s) not built", why, len(pending))
+                        for s, _ in pending:
+                            result.reasons.setdefault(s, why)
+                        result.lost += [s for s, _ in pending]
+                        pending.clear()
+                else:
+                    stalled_since = None
+                n_done, n_failed = self.totals()
                 bar.update(n_done, n_failed, len(result.markers), len(todo))
         except Interrupted as exc:
             log.warning("%s: stopping; %d shard(s) in flight are abandoned uncommitted", exc, len(inflight))
@@ -237,18 +284,32 @@ class ShardScheduler:
         result.lost = sorted(set(result.lost))
         return result
 
+    def _on_ping(self, ref, a: int, idle: list[int], probing: dict) -> None:
+        """A ping of worker ``a`` (whose process died) returned: idle again, or gone for good."""
+        import ray
+
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # not reachable yet (restarting): ask again
+            time.sleep(0.2)
+            probing[self.actors[a].worker_info.remote()] = a
+            return
+        except ray.exceptions.RayError as exc:
+            log.error("worker %d cannot be restarted (%s); removed from the pool", a, one_line(exc))
+            return
+        log.info("worker %d answers again; it takes shards again", a)
+        idle.append(a)
+
     def _on_failure(self, shard: int, attempt: int, exc: Exception, pending: collections.deque, reuse: bool,
                     result: ScheduleResult) -> None:
-        text = str(exc).strip()
-        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+        reason = shard_failure_reason(exc)
         if attempt <= self.cfg.ray.max_shard_retries:
-            log.warning("shard %06d failed on attempt %d (%s: %s); retrying", shard, attempt, type(exc).__name__,
-                        reason)
+            log.warning("shard %06d failed on attempt %d (%s); retrying", shard, attempt, reason)
             pending.appendleft((shard, reuse))
         else:
-            log.error("shard %06d failed %d times (%s: %s); left uncommitted, a rerun retries it", shard, attempt,
-                      type(exc).__name__, reason)
+            log.error("shard %06d failed %d times (%s); left uncommitted, a rerun retries it", shard, attempt, reason)
             result.lost.append(shard)
+            result.reasons[shard] = reason
 
     def close(self) -> None:
         """Kill every actor of this scheduler (idempotent)."""
@@ -261,3 +322,18 @@ class ShardScheduler:
                 except Exception:  # noqa: BLE001 - already gone
                     pass
         self.actors, self.model_actors, self.tracker = [], [], None
+
+
+def shard_failure_reason(exc: BaseException) -> str:
+    """One line saying why a shard attempt failed: the worker's own exception for a task error (an ``OSError``
+    keeps errno and path, ENOSPC reads "disk full at PATH"), else Ray's reason (worker or node died)."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException) and not isinstance(cause, ray.exceptions.RayTaskError):
+            return one_line(cause)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        if lines:  # Ray's text ends with the worker's "Type: message" line
+            return lines[-1][:300]
+    return one_line(exc)

@@ -4,11 +4,13 @@ A :class:`ShardSink` opens a local staging file (:meth:`triplets.shardio.BuildOu
 samples with the reproducible ``TarWriter`` (so a streamed shard is byte-identical to
 :func:`triplets.shardio.encode_tar` of the same samples) while hashing what it writes, and on :meth:`commit` closes
 the tar and hands it with its sha256 to :meth:`~triplets.shardio.BuildOutput.commit_shard` (tar → errors → marker).
-Leaving the ``with`` block without a commit deletes the staging file; nothing partial is ever published.
+Leaving the ``with`` block without a commit deletes the staging file; nothing partial is ever published. A failed
+write (disk full) raises an ``OSError`` that names the staging file, so the shard's one-line reason says where.
 """
 
 from __future__ import annotations
 
+from cnc.base.errors import naming_path
 from triplets.shardio import BuildOutput, ShardMarker, ShardStats, open_tar_writer
 from triplets.shardio.tario import HashingFile
 
@@ -24,19 +26,22 @@ class ShardSink:
     def __init__(self, output: BuildOutput, shard: int):
         self.output, self.shard = output, shard
         self.path = output.staging_path(shard)
-        self._file = HashingFile(open(self.path, "wb"))  # the marker's sha256, computed while streaming
+        with naming_path(self.path):
+            self._file = HashingFile(open(self.path, "wb"))  # the marker's sha256, computed while streaming
         self._writer = open_tar_writer(self._file)
         self.written = 0
 
     def write(self, encoded: dict) -> None:
         """Append one encoded sample (``{"__key__": key, suffix: bytes}``)."""
-        self._writer.write(encoded)
+        with naming_path(self.path):  # write() on an open file: ENOSPC would not say which file
+            self._writer.write(encoded)
         self.written += 1
 
     def commit(self, failures: list[dict], stats: ShardStats) -> ShardMarker:
         """Close the tar and commit it with its failure rows and stats; return the marker."""
-        self._writer.close()  # ends the archive (a passed-in file stays open)
-        self._file.close()
+        with naming_path(self.path):
+            self._writer.close()  # ends the archive (a passed-in file stays open)
+            self._file.close()
         return self.output.commit_shard(self.shard, self.path, failures, stats, sha256=self._file.hexdigest())
 
     def __enter__(self) -> ShardSink:
@@ -48,5 +53,8 @@ class ShardSink:
                 self._writer.close()  # finish the abandoned tar stream, so it never writes to a closed file later
             except Exception:  # noqa: BLE001 - the file is deleted below anyway
                 pass
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # the flush of a full disk: the exception that got us here says why
+                pass
         self.path.unlink(missing_ok=True)  # gone after a commit (renamed or uploaded), else the abandoned attempt

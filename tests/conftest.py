@@ -206,3 +206,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """``mount(kib) -> Path``: a fresh folder with a tmpfs of that size mounted on it (unmounted after the test), for
+    disk-full tests. Skips, with the reason, where the test may not mount (not root, a container without
+    CAP_SYS_ADMIN, no ``mount``)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("disk-full tests mount a small tmpfs: they need root and mount(8)")
+    mounted: list[Path] = []
+
+    def mount(kib: int) -> Path:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k,mode=0755", "tmpfs", str(path)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)

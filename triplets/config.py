@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cnc.config import Seed
+from cnc.config import FINITE_FLOATS, MAX_RESOLUTION, GuidanceScale, Seed, Steps
 
 #: The input formats (one reader each in :mod:`triplets.readers`); ``input_format: auto`` detects one.
 INPUT_FORMATS = ("folder", "coco", "webdataset", "pickapic", "table")
@@ -21,7 +21,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **FINITE_FLOATS)
 
 
 class SegmentConfig(_Strict):
@@ -60,11 +60,12 @@ class InpaintConfig(_Strict):
     prompt: str = Field("empty scenery, ultra detailed, no people", description="inpainting prompt (reference)")
     negative_prompt: str = Field("low resolution, worst quality, low quality",
                                  description="inpainting negative prompt (reference)")
-    num_inference_steps: int = Field(25, ge=1, description="inpainting denoising steps (reference: 25)")
-    guidance_scale: float = Field(10.0, description="inpainting classifier-free guidance (reference: 10)")
+    num_inference_steps: Steps = Field(25, description="inpainting denoising steps (reference: 25)")
+    guidance_scale: GuidanceScale = Field(10.0, description="inpainting classifier-free guidance (reference: 10)")
     strength: float = Field(1.0, gt=0, le=1, description="inpainting strength (1 = the masked region from "
                                                        "pure noise, reference)")
-    dilation_px: int = Field(50, ge=0, description="square dilation of M at 512 px; scaled with the resolution")
+    dilation_px: int = Field(50, ge=0, le=512, description="square dilation of M at 512 px; scaled with the "
+                                                           "resolution")
     batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
                                                            "top-level batch_size)")
     paste_back: bool = Field(True, description="keep I's pixels outside the dilated mask")
@@ -126,8 +127,9 @@ class LatentsConfig(_Strict):
 
     enabled: bool = Field(False, description="store latent.npy (mean and log-variance, float16) in every sample; the "
                                              "trainer's data.use_latents samples from it instead of encoding")
-    resolution: int | None = Field(None, ge=8, description="side the VAE encodes I at (the trainer's "
-                                                           "data.resolution); default: resolution")
+    resolution: int | None = Field(None, ge=8, le=MAX_RESOLUTION, description="side the VAE encodes I at (the "
+                                                                              "trainer's data.resolution); default: "
+                                                                              "resolution")
     batch_size: int | None = Field(None, ge=1, description="rows per model call of this stage (default: the "
                                                            "top-level batch_size)")
 
@@ -195,6 +197,9 @@ class RayConfig(_Strict):
     progress_interval_s: float = Field(5.0, gt=0, description="off a terminal: a progress log line this often")
     worker_start_timeout_s: float = Field(
         900.0, gt=0, description="give up when no worker has started (loaded its models) after this long")
+    connect_timeout_s: float = Field(
+        60.0, gt=0, description="--address/$RAY_ADDRESS: refuse in one line when the cluster does not accept a "
+                                "connection within this many seconds")
 
 
 class StorageConfig(_Strict):
@@ -225,7 +230,8 @@ class BuildConfig(_Strict):
 
     CONFIG_KIND: ClassVar[str] = "build"  # shipped configs named without a folder are looked up in build/
 
-    resolution: int = Field(512, ge=16, description="side of the square crop of every field")
+    resolution: int = Field(512, ge=16, le=MAX_RESOLUTION, description="side of the square crop of every field "
+                                                                       f"(at most {MAX_RESOLUTION})")
     min_side: int = Field(256, ge=1, description="images whose short side is smaller fail")
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit")
     jpeg_quality: int = Field(95, ge=50, le=100, description="JPEG quality of I and I_b in the shards")

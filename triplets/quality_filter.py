@@ -143,7 +143,7 @@ class FilterConfig(BaseModel):
     quality version) follow ``keep_unscored``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN threshold would drop every sample
 
     min_removal: float | None = Field(None, description="removal score >= this (0 = object still there, 1 = gone; "
                                                         "shipped threshold 0.5)")

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cnc.base import jsonio
 from triplets.image_io import decode_png, decode_rgb, encode_jpeg, encode_png
 
 #: Metadata keys every sample's ``json`` holds.
@@ -159,7 +160,7 @@ def _latent(data: bytes) -> np.ndarray:
 
 
 def _meta(data) -> dict:
-    meta = json.loads(data) if isinstance(data, (bytes, str)) else data
+    meta = jsonio.loads(data, what="")  # decode_sample prefixes "json" if isinstance(data, (bytes, str)) else data
     if not isinstance(meta, dict):
         raise ValueError(f"is not a JSON object (got {type(meta).__name__})")
     return dict(meta)

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cnc.base.errors import LocationError
+from cnc.base import jsonio
+from cnc.base.errors import LocationError, naming_path
 
 #: ``proto://...``
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -185,7 +186,7 @@ class Location:
         return self.read_bytes().decode("utf-8")
 
     def read_json(self) -> Any:
-        return json.loads(self.read_bytes())
+        return jsonio.loads(self.read_bytes(), what=self.name or "json", max_bytes=None)
 
     # -- writing -----------------------------------------------------------------------------------------
     def makedirs(self) -> None:
@@ -221,7 +222,7 @@ class Location:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
+            with naming_path(self.path), os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -282,7 +283,7 @@ class Location:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(temp_name(final.name))
             try:
-                with open(tmp, "wb") as f:
+                with naming_path(final), open(tmp, "wb") as f:  # a full disk says which file it stopped
                     yield f
                 fsync_replace(tmp, final)
             finally:

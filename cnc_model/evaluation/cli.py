@@ -20,6 +20,7 @@ Heavy imports happen inside the command so ``cnc --help`` stays fast.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -30,6 +31,7 @@ import typer
 
 from cnc.base.errors import UserError
 from cnc.base.location import resolve
+from cnc.config import MAX_GUIDANCE, MAX_STEPS
 from cnc.options import Weights, choice_enum, deprecated_alias, value_of
 from cnc_model.evaluation.trackers import check_report_to, report_metrics, source_record
 from cnc_model.loading import WEIGHTS_HELP
@@ -38,6 +40,25 @@ from cnc_model.sources import describe_source, load_source, pipeline_dtype, reso
 logger = logging.getLogger(__name__)
 #: ``--report-to``: the trackers of ``train.report_to``.
 ReportTo = choice_enum("ReportTo", ("tensorboard", "wandb", "mlflow", "none"))
+
+
+def _check_numbers(n: int, steps: int, guidance: float, batch_size: int) -> None:
+    """Refuse, in one ``error:`` line each (exit 2, before anything is loaded), numbers no evaluation can use: the
+    bounds of the configs (:mod:`cnc.config`) and enough triplets for FID."""
+
+    from cnc_model.evaluation.metrics import MIN_SAMPLES
+
+    problems = []
+    if n < MIN_SAMPLES:
+        problems.append(f"--n {n}: FID needs at least {MIN_SAMPLES} triplets")
+    if not 1 <= steps <= MAX_STEPS:
+        problems.append(f"--steps {steps}: must be 1 .. {MAX_STEPS}")
+    if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        problems.append(f"--guidance {guidance}: must be a number in 0 .. {MAX_GUIDANCE:g}")
+    if batch_size < 1:
+        problems.append(f"--batch-size {batch_size}: must be at least 1")
+    if problems:
+        raise UserError("\n".join(problems))
 
 
 def _parse_seeds(spec: str) -> list[int]:
@@ -134,11 +155,12 @@ def eval_command(
                                                            "{000..009} patterns (repeatable)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for metrics.json, metrics.md, grid.png and "
                                                            "images/ (a rerun reuses the images generated there)."),
-    n: int = typer.Option(100, "--n", "-n", min=2, help="Triplets to evaluate (the first N well-formed ones)."),
-    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps."),
+    n: int = typer.Option(100, "--n", "-n", help="Triplets to evaluate (the first N well-formed ones; at least "
+                                                  "2)."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps."),
     seeds: str = typer.Option("0", "--seeds", help="Seeds, e.g. 0 or 0,1,2 or 0-3: one image per triplet and seed."),
-    guidance: float = typer.Option(7.5, "--guidance", min=0.0, help="Classifier-free guidance scale."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Images per pipeline call."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Images per pipeline call."),
     metrics_models: str = typer.Option(
         None, "--metrics-models", help="Folder with hub/checkpoints/ (Inception, AlexNet), clip/ and dpt/; or 'tiny' "
                                        "(seeded random networks: offline smoke runs). Default: the torch hub and "
@@ -176,10 +198,13 @@ def eval_command(
     import torch
 
     from cnc_model.evaluation import models as metric_models  # torch, torchmetrics: heavy
+    from cnc_model.evaluation.metrics import MIN_SAMPLES  # lazy: torch
     from cnc_model.evaluation.run import EvalSettings, evaluate, load_samples
 
     workers = deprecated_alias(workers, num_processes, "--num-processes", "--workers", default="auto")
     weights, compare_weights, report_to = value_of(weights), value_of(compare_weights), value_of(report_to)
+
+    _check_numbers(n, steps, guidance, batch_size)
     seed_list = _parse_seeds(seeds)
     negative_prompt, prompt_suffix = sampling_prompts(negative_prompt, prompt_suffix, reference_prompts)
     # 1. everything that can be missing is checked before any generation
@@ -206,6 +231,10 @@ def eval_command(
         samples = load_samples(shards, n)
     except (UserError, ValueError, FileNotFoundError) as err:
         raise UserError(f"--shards: {str(err).splitlines()[0]}") from None
+    if len(samples) < MIN_SAMPLES:
+        raise UserError(f"--shards: {len(samples)} well-formed triplet(s) found; FID needs at least {MIN_SAMPLES} "
+                        f"(add shards)")
+
     from triplets.conditions import compare_builds  # lazy: torch / transformers
 
     torch_dtype = pipeline_dtype(dtype)

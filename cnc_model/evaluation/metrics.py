@@ -33,6 +33,8 @@ METRICS = {
     "region_fg_to_fg_ref": True, "region_fg_to_bg_ref": False, "region_bg_to_bg_ref": True,
     "region_bg_to_fg_ref": False, "region_fg_margin": True, "region_bg_margin": True,
 }
+#: Fewest distinct triplets an evaluation needs: FID compares two covariance matrices, each from at least 2 samples.
+MIN_SAMPLES = 2
 
 
 def inception_splits(n: int) -> int:

@@ -8,12 +8,17 @@ Layout of ``OUTPUT/checkpoint-N/``::
     data_state_rank_R.json           data position of every process (cnc_model.data.TrainDataLoader.state_dict)
     trainer_state.json               step, stage, batches consumed -- written last: marks the checkpoint complete
 
+A checkpoint is written into ``checkpoint-N.partial/`` and renamed to ``checkpoint-N`` once complete
+(:func:`staged_write`, :func:`publish`): a save that fails (disk full, quota, a kill) leaves no folder under a final
+name, the previous checkpoint intact, and one line saying what failed where (:class:`CheckpointWriteError`).
+
 The frozen UNet / VAE / text encoder are never written (they are not prepared by accelerate, and the save hook pops
 the prepared fusers' weights so accelerate does not also write ``model.safetensors``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -22,6 +27,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cnc.base.errors import RunError, os_error_text
 from cnc.base.location import resolve
 
 logger = logging.getLogger(__name__)
@@ -29,8 +35,70 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
 
+STAGING_SUFFIX = ".partial"
+#: Below this many free bytes a failed write is reported as "disk full" (torch's zip writer drops the errno).
+FULL_BELOW_BYTES = 8 * 2**20
+
+
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
+
+
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
+
+
+def staging_dir(ckpt: Path) -> Path:
+    """Where ``checkpoint-N`` is written before it is renamed into place (never matches :data:`CHECKPOINT_RE`)."""
+    return Path(ckpt).with_name(Path(ckpt).name + STAGING_SUFFIX)
+
+
+def discard(folder: Path) -> None:
+    """Remove a staging folder (ours) if it exists."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Rename the complete ``staging`` folder to ``final`` (replacing a previous save of the same step)."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        discard(old)
+        final.rename(old)
+        staging.rename(final)
+        discard(old)
+    else:
+        staging.rename(final)
+
+
+def write_failure(exc: BaseException, where: Path) -> str:
+    """One line for a failed write under ``where``: the OSError's errno and path, ENOSPC as "disk full at PATH";
+    torch's and safetensors' writers lose the errno, so a nearly full disk is named from its free space."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os_error_text(exc if exc.filename is not None else OSError(exc.errno, exc.strerror, str(where)))
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else type(exc).__name__
+    free = None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+    if "code: 28" in text or "StorageFull" in text or (free is not None and free < FULL_BELOW_BYTES):
+        return f"disk full at {where} ({free if free is not None else '?'} bytes free; {type(exc).__name__}: {first})"
+    return f"{type(exc).__name__}: {first}"
+
+
+@contextlib.contextmanager
+def staged_write(final: Path, staging: Path) -> Iterator[None]:
+    """Writes into ``staging`` for checkpoint ``final``: any failure removes ``staging`` and raises
+    :class:`CheckpointWriteError` naming the checkpoint, the cause and the checkpoint a resume would use."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, CheckpointWriteError):
+            raise
+        reason = write_failure(exc, staging)
+        discard(staging)
+        previous = find_latest_checkpoint(final.parent)
+        keep = f"{previous.name} is intact (--resume latest)" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"could not write {final.name}: {reason}; {keep}") from exc
 
 
 def list_checkpoints(output_dir: str | Path, complete_only: bool = True) -> list[Path]:
@@ -87,7 +155,8 @@ def rotate_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[
         logger.info("removing old checkpoint %s (checkpoints_total_limit=%d)", p.name, total_limit)
     for p in stale:
         logger.info("removing incomplete checkpoint %s (a save that did not finish)", p.name)
-    for p in removed + stale:
+    leftovers = [p for p in Path(output_dir).glob(f"checkpoint-*{STAGING_SUFFIX}") if p.is_dir()]
+    for p in removed + stale + leftovers:
         shutil.rmtree(p, ignore_errors=True)
     return removed + stale
 
@@ -112,6 +181,16 @@ def _check_safetensors(path: Path) -> None:
 
     with safe_open(str(path), framework="pt") as f:  # header + declared sizes vs. the file size
         f.keys()
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (truncated, bad header), or ``None``. Reads the header only."""
+    try:
+        _check_safetensors(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means "damaged"
+        text = str(exc).strip()
+        return f"{path} is unreadable ({type(exc).__name__}: {text.splitlines()[0] if text else ''})"
+    return None
 
 
 def _check_torch_zip(path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnc.base.errors import UserError
-from cnc.config import ConfigError, Seed, load_config
+from cnc.config import FINITE_FLOATS, MAX_RESOLUTION, ConfigError, GuidanceScale, Seed, Steps, load_config
 from cnc.hub import TINY
 from cnc_model.training.run_storage import RunStorage
 from triplets.quality_filter import FilterConfig
@@ -23,7 +23,7 @@ STAGES = ("local", "global", "joint")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **FINITE_FLOATS)
 
 
 class ModelConfig(_Strict):
@@ -73,8 +73,8 @@ class DataConfig(_Strict):
 
     train_shards: list[str] = Field(default_factory=list, description="shard paths / globs / brace patterns / "
                                     "build folders / remote URLs")
-    resolution: int | None = Field(512, ge=8, description="training size; samples of another size are resized; "
-                                                          "null = as stored")
+    resolution: int | None = Field(512, ge=8, le=MAX_RESOLUTION, description="training size; samples of another "
+                                                                            "size are resized; null = as stored")
     shuffle_buffer: int = Field(1000, ge=0, description="samples in the shuffle buffer (0 or 1: no shuffling)")
     num_workers: int = Field(4, ge=0, description="DataLoader workers per process")
     epoch_samples: int | None = Field(None, ge=1, description="nominal epoch (default: marker counts)")
@@ -188,8 +188,8 @@ class ValidationConfig(_Strict):
 
     steps: int = Field(1000, ge=0, description="every N optimizer steps (0 = only at the end)")
     num_samples: int = Field(4, ge=0, description="0 = no validation")
-    num_inference_steps: int = Field(20, ge=1, description="DDIM steps of the validation images")
-    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance of the validation images")
+    num_inference_steps: Steps = Field(20, description="DDIM steps of the validation images")
+    guidance_scale: GuidanceScale = Field(7.5, description="classifier-free guidance of the validation images")
     seed: Seed = 0
     shards: list[str] = Field(default_factory=list, description="default: data.train_shards")
 

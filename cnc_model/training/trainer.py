@@ -17,8 +17,10 @@ share the accelerator state.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import pickle
 import signal
 import threading
@@ -40,6 +42,8 @@ from cnc_model.training.components import Components, load_components, resolve_b
 from cnc_model.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
+#: Test-only fault injection (JSON): ``{"step_delay_s": S}`` sleeps S seconds after every optimizer step (kill tests).
+FAULT_ENV = "CNC_TEST_FAULT_INJECTION"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -50,6 +54,7 @@ class TrainResult:
     global_step: int
     losses: list[float] = field(default_factory=list)  # per optimizer step of this run (this process's batches)
     interrupted: bool = False
+    signal: int | None = None  # the signal that stopped this process (SIGINT/SIGTERM), None without one
     checkpoints: list[str] = field(default_factory=list)
     validation_images: list[str] = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
@@ -73,6 +78,8 @@ class Trainer:
         self.step_callback = step_callback
         self.global_step = 0
         self._stop = False
+        self._stop_signal: int | None = None  # the first SIGINT/SIGTERM this process received
+        self._step_delay = float(json.loads(os.environ.get(FAULT_ENV) or "{}").get("step_delay_s", 0.0))
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -406,6 +413,8 @@ class Trainer:
                     self._log(window, per_step)
                 if self.step_callback is not None:
                     self.step_callback(self, self.global_step)
+                if self._step_delay:
+                    time.sleep(self._step_delay)
                 stop = self._stop_requested()  # agreed by all ranks: they all leave after the same step
                 if stop:
                     break
@@ -418,6 +427,8 @@ class Trainer:
         if keys_file is not None:
             keys_file.close()
         result.interrupted = stop
+        if stop:  # a rank stopped by the others' signal reports SIGTERM (what the launcher sends to every rank)
+            result.signal = self._stop_signal or int(signal.SIGTERM)
         self._finish(result)
         result.global_step, result.skipped = self.global_step, dict(self.loader.skipped)
         result.filtered = dict(self.loader.filtered)
@@ -547,21 +558,31 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """``checkpoint-<step>``: fusers + accelerate state + per-rank data position; rotates old ones."""
+        """``checkpoint-<step>``: fusers + accelerate state + per-rank data position; rotates old ones.
+
+        Staged: every rank writes into ``checkpoint-<step>.partial/``, the main process adds ``trainer_state.json``
+        last and renames the folder, so a failed write (disk full, quota, preemption) never leaves a half checkpoint
+        under the final name and the previous checkpoint stays the one ``--resume latest`` finds. A failure raises
+        :class:`~cnc_model.training.checkpointing.CheckpointWriteError` (one line: what, where, why).
+        """
         acc, cfg = self.accelerator, self.cfg
         path = ckpt.checkpoint_dir(cfg.output_path, self.global_step)
+        staging = ckpt.staging_dir(path)
         if acc.is_main_process:
-            ckpt.mark_incomplete(path)  # trainer_state.json is written last, after everything else
+            ckpt.discard(staging)  # leftovers of an earlier failed save of this step
         acc.wait_for_everyone()
-        acc.save_state(str(path))
-        ckpt.write_json(ckpt.data_state_path(path, acc.process_index), self.loader.state_dict())
+        with ckpt.staged_write(path, staging):
+            acc.save_state(str(staging))
+            ckpt.write_json(ckpt.data_state_path(staging, acc.process_index), self.loader.state_dict())
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ckpt.write_json(path / ckpt.TRAINER_STATE, {
-                "global_step": self.global_step, "stage": cfg.stage, "num_processes": acc.num_processes,
-                "train_batch_size": cfg.train.train_batch_size,
-                "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps})
-            prov.write_checkpoint_provenance(path, self.provenance)
+            with ckpt.staged_write(path, staging):
+                prov.write_checkpoint_provenance(staging, self.provenance)
+                ckpt.write_json(staging / ckpt.TRAINER_STATE, {
+                    "global_step": self.global_step, "stage": cfg.stage, "num_processes": acc.num_processes,
+                    "train_batch_size": cfg.train.train_batch_size,
+                    "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps})
+                ckpt.publish(staging, path)
             logger.info("saved %s", path)
             ckpt.rotate_checkpoints(cfg.output_path, cfg.train.checkpoints_total_limit)  # only once it is complete
             self.storage.push_checkpoint(path)  # trainer_state.json last: complete on the store too
@@ -645,6 +666,7 @@ class Trainer:
             logger.warning("%s received: saving a checkpoint after this step (send it again to abort)",
                            signal.Signals(signum).name)
             self._stop = True
+            self._stop_signal = self._stop_signal or int(signum)
             signal.signal(signum, previous[signum])
 
         for sig in signals:

@@ -71,6 +71,9 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
     paths["bad_yaml"].write_text("resolution: [64\nseed: 1\n")
     paths["out_file"] = root / "out_is_a_file"
     paths["out_file"].write_text("x")
+    paths["foreign"] = root / "not_a_build"
+    paths["foreign"].mkdir()
+    (paths["foreign"] / "notes.txt").write_text("mine")
     # a folder with good images and bad items: bad caption lines, non-UTF-8 name, symlink out, 16-bit mask
     folder = root / "mixed"
     make_photo_folder(folder, 2, bad=("truncated",))
@@ -90,7 +93,10 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
     shards = root / "bad_shards"
     raw = _encoded_sample("k")
     raw["json"] = b"[1, 2]"
-    _tar(shards / "000000.tar", [(f"k.{k}", v) for k, v in raw.items() if k != "__key__"] + [("\xe9.jpg", b"x")])
+    deep = _encoded_sample("deep")
+    deep["json"] = b"[" * 5000 + b"]" * 5000  # 10 KB nested 5000 deep (issue 26.6)
+    _tar(shards / "000000.tar", [(f"k.{k}", v) for k, v in raw.items() if k != "__key__"] + [("\xe9.jpg", b"x")]
+         + [(f"deep.{k}", v) for k, v in deep.items() if k != "__key__"])
     os.mkfifo(shards / "000001.tar")
     paths["bad_shards"] = shards
     return {**paths, "empty": root / "empty", "dir_tar": root / "photos.tar", "dir_brace": root / "a{1..2}",
@@ -107,9 +113,15 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
     ("mixed", ["--set", "device=banana"], "unknown device"),
     ("mixed", ["--config", "BAD_YAML"], "not valid YAML"),
     ("mixed", ["--output", "OUT_FILE"], "existing file"),
+    ("mixed", ["--output", "FOREIGN"], "is not empty and holds no plan.json"),  # and gets no .lock (26.8)
+    # issue 26.5: settings that would commit garbage or could never run are refused before any work
+    ("mixed", ["--set", "inpaint.guidance_scale=.inf"], "inpaint.guidance_scale"),
+    ("mixed", ["--set", "inpaint.guidance_scale=.nan"], "inpaint.guidance_scale"),
+    ("mixed", ["--set", "resolution=100000"], "resolution"),
 ])
 def test_build_refuses_whole_input_faults_with_exit_2_and_one_line(hostile, tmp_path, case, extra, match):
-    extra = [hostile["bad_yaml"] if e == "BAD_YAML" else hostile["out_file"] if e == "OUT_FILE" else e for e in extra]
+    named = {"BAD_YAML": hostile["bad_yaml"], "OUT_FILE": hostile["out_file"], "FOREIGN": hostile["foreign"]}
+    extra = [named.get(e, e) for e in extra]
     args = ["build", "--input", hostile[case]]
     if "--config" not in extra:
         args += ["--config", TINY_CONFIG]
@@ -119,6 +131,8 @@ def test_build_refuses_whole_input_faults_with_exit_2_and_one_line(hostile, tmp_
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line or "error" in line]
     assert len(errors) == 1 and match in errors[0], proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert sorted(p.name for p in hostile["foreign"].iterdir()) == ["notes.txt"]  # left exactly as it was
 
 
 def test_build_quarantines_bad_items_and_goes_on(hostile, tmp_path, ray_local):
@@ -144,6 +158,7 @@ def test_inspect_reports_odd_shards_and_never_hangs(hostile, tmp_path):
     proc = cnc("inspect", hostile["bad_shards"], "--n", "0", timeout=120)
     assert proc.returncode == 1
     assert "not a JSON object" in proc.stdout and "not valid UTF-8" in proc.stdout
+    assert "[deep] does not decode: ValueError: json nests deeper than 64 levels" in proc.stdout
     assert "not a regular file" in proc.stderr
     assert cnc("inspect", hostile["root"] / "nope").returncode == 2
     assert cnc("inspect", hostile["empty"]).returncode == 2

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import logging
 import multiprocessing
 from collections import Counter
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnc.base import jsonio
 from cnc.base.location import resolve
 from triplets.inspect.summary import Summary, failure_reason
 from triplets.quality import SCORES, score_value
@@ -206,7 +206,7 @@ def _check_sample(raw: dict, decode: bool, summary: Summary, report: Callable[[s
         if not KEY_PATTERN.match(key):
             report(f"key {key!r} is not dot-free [A-Za-z0-9_/-]", key)
         try:
-            meta = json.loads(raw["json"])
+            meta = jsonio.loads(raw["json"], what="sample json")
         except ValueError as exc:  # incl. UnicodeDecodeError
             report(f"json does not parse: {exc}", key)
             return
@@ -230,7 +230,7 @@ def read_json(url: str) -> dict | None:
     loc = resolve(url)
     if not loc.isfile():
         return None
-    data = json.loads(loc.read_bytes())
+    data = jsonio.loads(loc.read_bytes(), what=_name(url), max_bytes=None)
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     return data
@@ -337,7 +337,7 @@ def scan_shard(path: str, opts: ScanOptions = ScanOptions()) -> ShardScan:
 def _keep_worst(raw: dict, worst: dict[str, list], k: int) -> None:
     """Push ``raw`` into each score's min-heap of the ``k`` worst samples (ties broken by key hash)."""
     try:
-        meta = json.loads(raw["json"])
+        meta = jsonio.loads(raw["json"], what="sample json")
     except (KeyError, ValueError):
         return
     tie = key_hash(raw["__key__"])

@@ -8,11 +8,11 @@ present. On object storage image existence comes from one listing of the split f
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 from pathlib import Path
 
+from cnc.base import jsonio
 from cnc.base.location import Location, is_url, resolve
 from triplets.readers.base import InputError, InputFormat, ItemWarnings, ReadOptions, Where, inside, make_item
 
@@ -48,9 +48,9 @@ def first_captions(data: dict, warn: ItemWarnings, where: str) -> dict[int, str]
 
 def _coco_data(ann: Location) -> dict:
     try:
-        data = json.loads(ann.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{ann.url}: not a UTF-8 JSON file ({exc})") from None
+        data = jsonio.loads(ann.read_bytes(), what=f"COCO captions file {ann.name}", max_bytes=None)
+    except ValueError as exc:  # not UTF-8, not JSON, nested too deep (jsonio)
+        raise InputError(f"{ann.url}: not a usable UTF-8 JSON file ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations", []), list):
         raise InputError(f"{ann.url}: not a COCO captions file (expected an object with 'images' and 'annotations' "

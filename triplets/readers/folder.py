@@ -9,10 +9,10 @@ never (the workers read each source directly).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from cnc.base import jsonio
 from cnc.base.location import Location, is_url, resolve
 from triplets.readers.base import (
     IMAGE_EXTENSIONS,
@@ -57,8 +57,8 @@ def folder_captions(root: Path | Location, warn: ItemWarnings) -> dict[str, str]
                 put(uid.strip(), cap.strip(), f"{name}:{n}")
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = jsonio.loads(line, what="captions.jsonl row")
+            except ValueError:  # not JSON, too big or too deep (jsonio)
                 row = None
             key = row.get("key", row.get("file")) if isinstance(row, dict) else None
             caption = row.get("caption") if isinstance(row, dict) else None

@@ -19,12 +19,12 @@ row group, CSV/JSONL by streaming from the start of the file (keep those files s
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cnc.base import jsonio
 from cnc.base.location import Location, is_url, resolve
 from triplets.readers.base import (
     TABLE_SUFFIXES,
@@ -105,8 +105,8 @@ def _columns_of(loc: Location) -> tuple[list[str], int]:
     if last and not last.endswith(b"\n"):
         rows += 1  # last line without a newline
     try:
-        head = json.loads(first) if first else {}
-    except json.JSONDecodeError:
+        head = jsonio.loads(first, what="JSONL row") if first else {}
+    except ValueError:  # not JSON, not UTF-8, nested too deep (jsonio)
         raise TableInputError(f"{loc.url}: the first line is not a JSON object") from None
     return (list(head) if isinstance(head, dict) else []), rows
 
@@ -206,8 +206,8 @@ def _stream_rows(loc: Location, start: int, stop: int, cols: list[str]) -> dict[
             if n < start:
                 continue
             try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = jsonio.loads(line, what="JSONL row")
+            except ValueError:  # not JSON, not UTF-8, too big or too deep (jsonio): an empty row
                 row = None
             row = row if isinstance(row, dict) else {}
             for c in cols:

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cnc.base import jsonio
 from cnc.base.errors import OutputBusyError, UserError
 from cnc.base.hashing import file_sha256, stream_sha256
 from cnc.base.location import TEMP_NAME, Location, fsync_replace, resolve, temp_name
@@ -335,7 +336,7 @@ class LeaseLock:
             if self.loc.create_exclusive(self._body()):
                 break
             try:
-                held = json.loads(self.loc.read_bytes())
+                held = jsonio.loads(self.loc.read_bytes(), what="lock")
             except (OSError, ValueError):
                 held = {}
             why = self._stale(held)
@@ -367,7 +368,7 @@ class LeaseLock:
         if self._thread is not None:
             self._thread.join(timeout=10)
         try:
-            held = json.loads(self.loc.read_bytes())
+            held = jsonio.loads(self.loc.read_bytes(), what="lock")
             if held.get("id") == self.owner["id"]:
                 self.loc.rm()
         except (OSError, ValueError):

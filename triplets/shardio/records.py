@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnc.base import jsonio
 from cnc.base.location import Location
 
 #: Distinct failure reasons kept per marker (the rest are counted under ``"<other>"``).
@@ -148,7 +149,7 @@ def load_marker(loc: Location) -> ShardMarker | None:
         raw = loc.read_bytes()
     except FileNotFoundError:
         return None
-    data = json.loads(raw)
+    data = jsonio.loads(raw, what="marker")
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     return ShardMarker.from_json(data)
@@ -178,7 +179,7 @@ def read_errors(loc: Location) -> tuple[list[ErrorRecord], list[int]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = jsonio.loads(line, what="error row")
         except ValueError:
             row = None
         if isinstance(row, dict):

@@ -191,10 +191,19 @@ class TarStream:
             member, end, compressed = None, 0, False
             try:
                 with tarfile.open(fileobj=reader, mode="r|*") as tf:
-                    compressed = getattr(tf.fileobj, "comptype", "tar") != "tar"
+                    comptype = getattr(tf.fileobj, "comptype", "tar")
+                    compressed = comptype != "tar"
+                    if compressed:
+                        self.on_problem(f"the tar is {comptype}-compressed: shards are plain tars (indexed readers "
+                                        f"such as wids seek into them)")
                     for member in tf:
                         end = tar_member_end(member)
                         tf.members = []  # streaming: keep no TarInfo list
+                        if member.issym() or member.islnk():
+                            kind = "symlink" if member.issym() else "hard link"
+                            self.on_problem(f"member {_printable(member.name)!r} is a {kind} to "
+                                            f"{_printable(member.linkname)!r}: readers ignore links (shards hold "
+                                            f"regular files only)")
                         if not member.isreg():
                             continue
                         name = _printable(member.name)

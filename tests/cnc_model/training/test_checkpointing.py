@@ -50,23 +50,27 @@ def _config(shards, out, *extra):
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tiny_shards, tmp_path, monkeypatch):
-    """limit=1: the save of checkpoint-4 dies half-way (disk full) -> checkpoint-2 is still there, complete."""
+    """limit=1: the save of checkpoint-4 dies half-way (disk full) -> checkpoint-2 is still there, complete; no
+    checkpoint-4 folder at all (the save was staged); one line says what, where and why (issue 26.3)."""
     from accelerate import Accelerator
 
     real = Accelerator.save_state
 
     def save_state(self, output_dir=None, **kw):
-        if output_dir.endswith("checkpoint-4"):
+        if "checkpoint-4" in output_dir:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "optimizer.bin").write_bytes(b"partial")
-            raise OSError(28, "No space left on device")
+            with open(Path(output_dir) / "optimizer.bin", "wb") as f:
+                f.write(b"partial")
+                raise OSError(28, "No space left on device")  # write() on an open file: no path in the error
         return real(self, output_dir, **kw)
 
     monkeypatch.setattr(Accelerator, "save_state", save_state)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointWriteError) as err:
         Trainer(_config(tiny_shards, tmp_path, "train.checkpoints_total_limit=1")).train()
+    assert str(err.value) == (f"could not write checkpoint-4: disk full at {tmp_path / 'checkpoint-4.partial'} "
+                              "(ENOSPC: No space left on device); checkpoint-2 is intact (--resume latest)")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2"]
-    assert not ckpt.is_complete(tmp_path / "checkpoint-4")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]  # nothing partial left
     assert ckpt.checkpoint_problems(tmp_path / "checkpoint-2") == []
 
 

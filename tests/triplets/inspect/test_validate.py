@@ -115,6 +115,32 @@ def test_members_over_the_size_cap_are_findings_and_not_read(tmp_path):
     assert validate(tmp_path).ok
 
 
+def test_compressed_tars_and_link_members_are_findings(tmp_path):
+    """Issue 26.8: a gzip tar and link members were called valid (the links silently ignored)."""
+    import gzip
+
+    _tar(tmp_path / "plain.tar", _members("a"))
+    (tmp_path / "000000.tar").write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
+    (tmp_path / "plain.tar").unlink()
+    links = tmp_path / "links"
+    links.mkdir()
+    with tarfile.open(links / "000000.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in _members("a"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind in (("b.jpg", tarfile.SYMTYPE), ("c.jpg", tarfile.LNKTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "a.jpg"
+            tf.addfile(info)
+    gz = validate(tmp_path / "000000.tar")
+    assert not gz.ok and "the tar is gz-compressed: shards are plain tars" in _messages(gz)
+    linked = validate(links)
+    assert not linked.ok
+    assert "member 'b.jpg' is a symlink to 'a.jpg'" in _messages(linked)
+    assert "member 'c.jpg' is a hard link to 'a.jpg'" in _messages(linked)
+
+
 def test_trainer_preflight_reports_instead_of_crashing(tmp_path):
     from cnc_model.data import preflight_check
 
