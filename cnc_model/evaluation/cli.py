@@ -253,7 +253,7 @@ def eval_command(
         device = str(state.device) if state.num_processes > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
     # 3. generate (every process its share; images of an earlier run with the same settings are reused) and score
     labels = _labels(paths, [s.weights for s in sources])
-    pipes, held, records = {}, {}, {}
+    pipes, held, records, generation = {}, {}, {}, {}
     settings = EvalSettings(n=n, steps=steps, seeds=seed_list, guidance_scale=guidance, batch_size=batch_size,
                             negative_prompt=negative_prompt, prompt_suffix=prompt_suffix, device=device,
                             progress=state.is_main_process, resume=not regenerate)
@@ -270,12 +270,14 @@ def eval_command(
         if state.is_main_process:
             (logger.warning if check["differences"] or not check["trained_known"] else logger.info)(
                 "%s: %s", label, check["line"])
-        # what determines the images (a rerun reuses them only when this is unchanged), with the conditions check
-        records[label] = {**settings.generation_record(samples, source_record(source), urls),
-                          "conditions": {k: v for k, v in check.items() if k != "line"},
+        records[label] = {"conditions": {k: v for k, v in check.items() if k != "line"},
                           "attention": {"resize_mode": pipe.soft_guidance_resize,
                                         "fp32_logits": pipe.attention_fp32_logits, "dtype": dtype}}
-    report = evaluate(pipes, samples, settings, mm, output, weights=held, state=state, records=records)
+        # what determines the images (a rerun reuses them only when this is unchanged): precision included
+        generation[label] = {**settings.generation_record(samples, source_record(source), urls),
+                             "attention": records[label]["attention"]}
+    report = evaluate(pipes, samples, settings, mm, output, weights=held, state=state, records=records,
+                      generation=generation)
     if report is None:  # not the main process
         return
     report_metrics(report, output, report_to, step=sources[0].step, labels=labels,

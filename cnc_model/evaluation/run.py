@@ -163,16 +163,16 @@ def _reusable(folder: Path, record: dict, resume: bool) -> bool:
 
 
 def _generate_all(pipelines: dict[str, object], samples: Sequence, settings: EvalSettings, out: Path,
-                  state, records: dict[str, dict] | None = None) -> dict[str, np.ndarray] | None:
+                  state, generation: dict[str, dict] | None = None) -> dict[str, np.ndarray] | None:
     """Generate this process's share with every pipeline, write it to ``images/<label>/``; on the main process
     return every pipeline's images ``(len(seeds) * N, H, W, 3)`` uint8 (after a barrier, read back from the files
     the other processes wrote), elsewhere ``None``.
 
-    Batches whose images are all in ``images/<label>/`` under an unchanged ``generation.json`` (``records[label]``)
-    are not generated again."""
+    Batches whose images are all in ``images/<label>/`` under an unchanged ``generation.json``
+    (``generation[label]``) are not generated again."""
     from triplets.image_io import decode_rgb
 
-    records = records or {}
+    generation = generation or {}
     n_jobs = len(settings.seeds) * len(samples)
     batches = job_batches(n_jobs, settings.batch_size)
     with state.split_between_processes(batches) as mine:
@@ -183,7 +183,7 @@ def _generate_all(pipelines: dict[str, object], samples: Sequence, settings: Eva
     mine_images = {}
     for label, pipe in pipelines.items():
         folder = out / "images" / label
-        record = records.get(label) or settings.generation_record(samples)
+        record = generation.get(label) or settings.generation_record(samples)
         reuse = _reusable(folder, record, settings.resume)
         state.wait_for_everyone()  # every process has decided before the main one rewrites the record
         todo = [b for b in mine if not (reuse and all((folder / image_name(samples, settings.seeds, j)).is_file()
@@ -258,7 +258,7 @@ def report_keys() -> set[str]:
 
 def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSettings, metric_models: MetricModels,
              output: str | Path, *, weights: dict[str, str | None] | None = None, state=None,
-             records: dict[str, dict] | None = None) -> dict | None:
+             records: dict[str, dict] | None = None, generation: dict[str, dict] | None = None) -> dict | None:
     """Generate with every pipeline, score, write ``metrics.json``, ``metrics.md``, ``grid.png``; return the json.
 
     Under ``accelerate launch`` / torchrun every process generates its share and only the main process scores and
@@ -271,7 +271,7 @@ def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSett
         records: ``{label: {key: value}}`` recorded per model as is (``cnc eval``: ``conditions`` -- the evaluation
             shards' build settings against the model's training ones -- and ``attention``).
         state: the ``accelerate.PartialState`` (default: the current one; a single process when not launched).
-        records: ``{label: generation record}`` (:meth:`EvalSettings.generation_record`): images already in
+        generation: ``{label: generation record}`` (:meth:`EvalSettings.generation_record`): images already in
             ``images/<label>/`` under the same record are reused.
     """
     if state is None:
@@ -280,7 +280,7 @@ def evaluate(pipelines: dict[str, object], samples: Sequence, settings: EvalSett
         state = PartialState()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    generated = _generate_all(pipelines, samples, settings, out, state, records)
+    generated = _generate_all(pipelines, samples, settings, out, state, generation)
     if generated is None:
         return None
     weights = weights or {}
