@@ -26,7 +26,7 @@ from cnc.base.location import resolve
 from cnc.identity import local_identity
 from cnc.options import Weights, deprecated_alias, value_of
 from cnc_model.loading import WEIGHTS_HELP
-from cnc_model.sources import describe_source, load_source, pipeline_dtype, sampling_prompts
+from cnc_model.sources import base_model_problems, describe_source, load_source, pipeline_dtype, sampling_prompts
 
 logger = logging.getLogger(__name__)
 #: Shortcut options of ``cnc sample`` and the build keys they set.
@@ -180,18 +180,29 @@ def sample(
     source = describe_source(checkpoint_dir, weights=weights)
     shortcut, options = _shortcut_overrides(depth_model, clip_model, sam_checkpoint)
     maker = choice = None
+    missing = base_model_problems(source)  # every model is checked before any loads: one line per missing model
     if shard_sample is None:  # conditions first: a missing condition model fails before the pipeline loads
-        from triplets.conditions import ConditionMaker, choose_conditions  # lazy: torch / transformers
+        from triplets.conditions import (  # lazy: torch / transformers
+            ConditionMaker,
+            choose_conditions,
+            resolve_condition_models,
+        )
 
         trained, notes = source.conditions()
         choice = choose_conditions(trained, config=config, overrides=[*shortcut, *overrides], notes=notes)
+        embeddings = _has_global_fuser(source)
         try:
-            maker = ConditionMaker(choice.settings, device=device, embeddings=_has_global_fuser(source))
+            resolved = resolve_condition_models(choice.settings.model_ids(embeddings), choice.settings.seed)
         except ModelUnavailableError as err:
             why = ("\nthe model records no training conditions, so the default build settings were used: give the "
                    "build config its shards were made with (-c BUILD_CONFIG)" if choice.origin == "default" else "")
-            raise ModelUnavailableError(_name_options(err, options) + why) from None
+            raise ModelUnavailableError("\n".join([*missing, _name_options(err, options) + why])) from None
+        if missing:
+            raise ModelUnavailableError("\n".join(missing))
+        maker = ConditionMaker(choice.settings, device=device, embeddings=embeddings, resolved=resolved)
         (logger.warning if choice.differences or choice.trained is None else logger.info)("%s", choice.line())
+    elif missing:
+        raise ModelUnavailableError("\n".join(missing))
     _, pipe = load_source(source)
     record: dict = {"model": str(source.path), "kind": source.kind, "weights": source.weights}
     if unet is not None:

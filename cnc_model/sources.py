@@ -3,8 +3,6 @@ and the reference demo's prompt defaults. Below every CLI of ``cnc_model`` (they
 
 from __future__ import annotations
 
-import json
-
 from cnc.base.errors import ModelUnavailableError, UserError, one_line
 from cnc.base.location import resolve
 from cnc.hub import resolve_all
@@ -63,34 +61,17 @@ def load_source(path, option: str = "PIPELINE", weights: str | None = None):
         raise UserError(f"{option} {source.path} does not load: {one_line(err)}") from None
 
 
-def resolve_sampling_models(source, from_photos: bool, depth_model: str, sam_checkpoint: str | None,
-                            clip_model: str) -> dict[str, str]:
-    """Every model ``cnc sample`` (and, for the base model, ``cnc eval``) will load, checked up front
-    (:func:`cnc.hub.resolve_all`): the run's base model, and with --fg/--bg the depth model, SAM (with
-    --sam-checkpoint) and the CLIP model (when the pipeline has a global fuser but no image encoder). Option or config
-    key → local path (or a hub id the hub will serve).
-
-    Raises:
-        cnc.base.errors.ModelUnavailableError: one line per missing model.
-    """
-    models: dict[str, str] = {}
-    files: tuple[str, ...] = ()
-    if source.kind != "pipeline":
-        models["model.pretrained_model_name_or_path"] = source.config.model.pretrained_model_name_or_path
-    if from_photos:
-        models["--depth-model"] = depth_model
-        if sam_checkpoint is not None:
-            models["--sam-checkpoint"] = sam_checkpoint
-            files = ("--sam-checkpoint",)
-        if needs_image_encoder(source):
-            models["--clip-model"] = clip_model
-    return resolve_all(models, files=files, seed=getattr(source.config, "seed", 0) or 0)
-
-
-def needs_image_encoder(source) -> bool:
-    """Whether sampling from photos needs ``--clip-model``: a global fuser and no image encoder in the folder."""
+def base_model_problems(source) -> list[str]:
+    """Why the base model of a run or checkpoint ``source`` cannot load, one line each (checked up front with
+    :func:`cnc.hub.resolve_all`, in seconds: ``cnc sample`` and ``cnc eval`` report it beside every other missing
+    model before anything loads); a pipeline folder holds its base parts (checked by
+    :func:`cnc_model.loading.pipeline_problems`)."""
     if source.kind == "pipeline":
-        index = json.loads((source.path / "model_index.json").read_text())
-        return (index.get("global_fuser") or [None])[0] is not None and (index.get("image_encoder")
-                                                                          or [None])[0] is None
-    return bool(source.config.trains_global)
+        return []
+    key = "model.pretrained_model_name_or_path"
+    try:
+        resolve_all({key: source.config.model.pretrained_model_name_or_path},
+                    seed=getattr(source.config, "seed", 0) or 0)
+    except ModelUnavailableError as err:
+        return str(err).splitlines()
+    return []

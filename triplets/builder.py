@@ -84,7 +84,8 @@ class TripletBuilder:
         ip = cfg.inpaint
         # the condition stages: the same function builds them for cnc sample / compose (triplets.conditions)
         segment, depth, embed = condition_stages(cfg, resolved, dev,
-                                                 image_disparity=self._image_disparity_mode(resolved))
+                                                 image_disparity=cfg.image_disparity_mode(
+                                                     resolved.get("segment.saliency_model") == resolved["depth.model"]))
         self.model_stages = [
             segment,
             InpaintStage(resolved["inpaint.model"], ip.prompt, ip.negative_prompt, ip.num_inference_steps,
@@ -109,16 +110,6 @@ class TripletBuilder:
         for stage in self.model_stages:
             stage.batch_size = cfg.stage_batch_size(stage.name)
             stage.host_pool = self.host_pool
-
-    def _image_disparity_mode(self, resolved: dict[str, str]) -> str:
-        """How the depth stage provides D(I) for the quality scores: ``reuse`` the ``sam`` prior's pass when it is
-        this depth model in the same input mode (the same shared DPT instance: same weights, device and dtype), else
-        ``compute`` it in the depth stage's own call; ``off`` without quality scores."""
-        cfg = self.cfg
-        if not cfg.quality.enabled:
-            return "off"
-        same = cfg.segment.backend == "sam" and resolved.get("segment.saliency_model") == resolved["depth.model"]
-        return "reuse" if same and cfg.depth.preprocess == "processor" else "compute"
 
     def __reduce__(self):
         """Pickle by the constructor arguments: the receiver loads every model once, and the quality stage shares

@@ -291,6 +291,18 @@ class BuildConfig(_Strict):
         """Rows per model call of ``stage`` (segment | inpaint | depth | embed | quality | latents)."""
         return getattr(self, stage).batch_size or self.batch_size
 
+    def image_disparity_mode(self, same_dpt: bool | None = None) -> str:
+        """How the depth stage provides D(I), the raw disparity of I the quality scores need: ``reuse`` the ``sam``
+        prior's pass when it is the depth model in the same input mode (the same shared DPT instance), else
+        ``compute`` it in the depth stage's own call (a third image beside I_f and I_b); ``off`` without quality
+        scores. ``same_dpt``: whether the prior's model is the depth model (default: the same config ids)."""
+        if not self.quality.enabled:
+            return "off"
+        if same_dpt is None:
+            same_dpt = self.segment.saliency_model == self.depth.model
+        same = self.segment.backend == "sam" and same_dpt
+        return "reuse" if same and self.depth.preprocess == "processor" else "compute"
+
     def model_ids(self) -> dict[str, str]:
         """Config key → model id of every model this build loads."""
         ids = {"inpaint.model": self.inpaint.model, "depth.model": self.depth.model, "embed.model": self.embed.model}

@@ -13,9 +13,9 @@ calls per triplet, for the ``sam`` backend and the default stages:
 | inpaint | VAE encoder | the masked image, R² | 1 |
 | inpaint | UNet | latents (R/8)², 9 channels, 77 text tokens | evaluations × 2 (classifier-free guidance) |
 | inpaint | VAE decoder | (R/8)² latents | 1 |
-| depth | DPT | I_f and I_b at the processor's size (R² with ``depth.preprocess: reference``) | 2 |
+| depth | DPT | I_f, I_b (+ I for the quality scores, unless the prior's pass is reused) at the processor's size | 2-3 |
 | embed | CLIP vision | the processor's crop (224²) | 2 |
-| quality | saliency model (DPT or U²-Net) + CLIP vision | I and I_b; two 224² crops | 2 + 2 |
+| quality | CLIP vision (``quality.clip_sim``; the statistics need no model) | two 224² crops | 2 |
 | latents | VAE encoder | I at ``latents.resolution`` | 1 (when enabled) |
 
 UNet evaluations = the scheduler's timesteps the pipeline runs (PNDM at 25 steps: 26). The prompt embeddings (CLIP
@@ -327,21 +327,14 @@ def triplet_flops(cfg: BuildConfig, models: BuildModels) -> FlopTable:
                   lambda: unet_call(models.unet, latent), evals * guidance),
              cost("inpaint", "VAE decoder", ("vae-dec",), lambda: vae_decode_call(models.vae, latent), 1)]
     depth_key = ("dpt", id(models.depth_dpt), models.depth_size)
-    rows.append(cost("depth", "DPT (I_f, I_b)", depth_key,
-                     lambda: pixel_model_call(models.depth_dpt, models.depth_size), 2))
+    # quality scores need D(I): reused from the sam prior's pass, or a third image in the depth stage's call
+    with_image = cfg.image_disparity_mode() == "compute"
+    rows.append(cost("depth", "DPT (I_f, I_b" + (", I)" if with_image else ")"), depth_key,
+                     lambda: pixel_model_call(models.depth_dpt, models.depth_size), 3 if with_image else 2))
     clip_key = ("clip", models.clip_size)
     rows.append(cost("embed", "CLIP vision (I or I_f, I_b)", clip_key,
                      lambda: pixel_model_call(models.clip, models.clip_size), 2))
-    if cfg.quality.enabled:  # the scorer's saliency model on I and I_b, CLIP on two crops (triplets.quality)
-        if seg == "sam":
-            rows.append(cost("quality", "DPT saliency (I, I_b)", prior_key,
-                             lambda: pixel_model_call(models.prior_dpt, models.prior_size), 2))
-        elif seg == "u2net":
-            rows.append(cost("quality", "U²-Net saliency (I, I_b)", ("u2net",),
-                             lambda: u2net_call(models.u2net, models.u2net_size), 2))
-        else:
-            rows.append(cost("quality", "DPT saliency (I, I_b)", depth_key,
-                             lambda: pixel_model_call(models.depth_dpt, models.depth_size), 2))
+    if cfg.quality.enabled and cfg.quality.clip_sim:  # the quality stage's only model work (triplets.quality)
         rows.append(cost("quality", "CLIP vision (two crops)", clip_key,
                          lambda: pixel_model_call(models.clip, models.clip_size), 2))
     if cfg.latents.enabled:

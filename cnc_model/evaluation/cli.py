@@ -35,7 +35,7 @@ from cnc.config import MAX_GUIDANCE, MAX_STEPS
 from cnc.options import Weights, choice_enum, deprecated_alias, value_of
 from cnc_model.evaluation.trackers import check_report_to, report_metrics, source_record
 from cnc_model.loading import WEIGHTS_HELP
-from cnc_model.sources import describe_source, load_source, pipeline_dtype, resolve_sampling_models, sampling_prompts
+from cnc_model.sources import base_model_problems, describe_source, load_source, pipeline_dtype, sampling_prompts
 
 logger = logging.getLogger(__name__)
 #: ``--report-to``: the trackers of ``train.report_to``.
@@ -216,12 +216,8 @@ def eval_command(
         if not resolve(p).exists():
             raise UserError(f"{option} {p} does not exist")
     sources = [describe_source(p, option, w) for p, option, w in zip(paths, ("PIPELINE", "--compare"), chosen)]
-    problems = []
-    for source in sources:  # the runs' base models (one line per missing model, before anything loads)
-        try:
-            resolve_sampling_models(source, False, "", None, "")
-        except UserError as err:
-            problems += str(err).splitlines()
+    # the runs' base models (one line per missing model, before anything loads)
+    problems = [line for source in sources for line in base_model_problems(source)]
     mm = metric_models.resolve(metrics_models, clip_model, depth_model)
     problems += metric_models.check(mm)
     check_report_to(report_to)
