@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench gpu-check gpu-wheels clean
+.PHONY: help install demo test test-cluster lint bench gpu-check gpu-wheels clean
 
 help: ## List the targets.
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -36,8 +36,11 @@ lint: install ## Lint with ruff and check the import layers of docs/architecture
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: lint ## Lint, then run the test suite (no network, CPU only).
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+test: lint ## Lint, then run the test suite (no network, CPU only; the cluster tier is `make test-cluster`).
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not cluster" $(PYTEST_ARGS)
+
+test-cluster: install ## The cluster tier: emulated multi-node Ray clusters (node loss), Ray Jobs, multi-worker Ray Train.
+	$(BIN)/python -m pytest -q -m cluster $(PYTEST_ARGS)
 
 bench: install ## CPU throughput benchmark of the shard builder (tiny models).
 	$(BIN)/python benchmarks/build_throughput.py

@@ -26,7 +26,7 @@ from PIL import Image
 
 from tests.support import REPO
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # make test-cluster
 
 TINY = str(REPO / "configs" / "build" / "tiny.yaml")
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -27,7 +27,7 @@ from tests.ray_cluster import LocalCluster
 from tests.support import REPO, TINY_CONFIG, make_photo_folder, start_driver
 from triplets.shardio import TarStream
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # make test-cluster
 #: 12 images in 6 shards of 2 (one batch each); every batch sleeps 4 s, so a kill lands inside a shard.
 N_IMAGES, SHARDS = 12, 6
 BUILD_SETS = ["resolution=64", "min_side=32", "inpaint.num_inference_steps=2", "samples_per_shard=2", "batch_size=2",

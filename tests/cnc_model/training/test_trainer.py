@@ -210,6 +210,7 @@ def test_two_processes_on_cpu_train_on_disjoint_data(tiny_shards, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.cluster
 def test_ray_train_runs_the_same_loop_on_two_cpu_workers(tiny_shards, tmp_path, ray_local):
     from cnc_model.training.ray_train import run_ray_training
 
