@@ -5,7 +5,7 @@ GPU (needs CUDA; random-weight real-size models built from the published configs
 
     .venv/bin/python benchmarks/gpu_suite.py --images 32 --out gpu_suite.json
 
-CPU (tiny models, seconds; what ``tests/journeys/test_benchmarks.py`` runs so the suite cannot rot)::
+CPU (tiny models, seconds; what the CPU smoke of ``make gpu-check`` runs so the suite cannot rot)::
 
     .venv/bin/python benchmarks/gpu_suite.py --tiny --images 8 --resolution 64 --steps 2
 

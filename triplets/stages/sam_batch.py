@@ -6,7 +6,7 @@ each) by the same computation for a whole batch:
 * every image is resized with SAM's own ``ResizeLongestSide`` and normalised/padded with ``Sam.preprocess`` (exactly
   what the predictor does), the stacked batch goes through the image encoder once; off the CPU the resize to 1024 is
   SAM's tensor variant (``apply_image_torch``: antialiased bilinear on the device, within the tolerance that
-  ``tests/triplets/test_gpu_efficiency.py`` states) instead of a PIL resize per image on the model thread;
+  ``tests/support.py`` states) instead of a PIL resize per image on the model thread;
 * the prompts (one box + one positive point per image) of the whole batch go through the prompt encoder and the mask
   decoder in one call each (:func:`decode_masks`: the decoder's own layers, image i paired with prompt i instead of
   every prompt with one image), and the masks stay on the device (:meth:`BatchedSam.predict`);
