@@ -179,7 +179,7 @@ def sample(
     shard = _shard_conditions(shard_sample) if shard_sample is not None else None  # the inputs first, then models
     source = describe_source(checkpoint_dir, weights=weights)
     shortcut, options = _shortcut_overrides(depth_model, clip_model, sam_checkpoint)
-    maker = choice = None
+    maker = choice = resolved = None
     missing = base_model_problems(source)  # every model is checked before any loads: one line per missing model
     if shard_sample is None:  # conditions first: a missing condition model fails before the pipeline loads
         from triplets.conditions import (  # lazy: torch / transformers
@@ -196,13 +196,12 @@ def sample(
         except ModelUnavailableError as err:
             why = ("\nthe model records no training conditions, so the default build settings were used: give the "
                    "build config its shards were made with (-c BUILD_CONFIG)" if choice.origin == "default" else "")
-            raise ModelUnavailableError("\n".join([*missing, _name_options(err, options) + why])) from None
-        if missing:
-            raise ModelUnavailableError("\n".join(missing))
+            missing.append(_name_options(err, options) + why)
+    if missing:
+        raise ModelUnavailableError("\n".join(missing))
+    if shard_sample is None:
         maker = ConditionMaker(choice.settings, device=device, embeddings=embeddings, resolved=resolved)
         (logger.warning if choice.differences or choice.trained is None else logger.info)("%s", choice.line())
-    elif missing:
-        raise ModelUnavailableError("\n".join(missing))
     _, pipe = load_source(source)
     record: dict = {"model": str(source.path), "kind": source.kind, "weights": source.weights}
     if unet is not None:
@@ -256,7 +255,6 @@ def sample(
 
 def _has_global_fuser(source) -> bool:
     """Whether the model samples with a global fuser (so the conditions need CLIP embeddings)."""
-
     if source.config is not None:
         return source.config.trains_global
     index = source.path / "model_index.json"
