@@ -270,7 +270,12 @@ def describe(path: str | Path, weights: str | None = None) -> Source:
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
             raise NotAPipelineError(f"pipeline folder {p}: {problems[0]}{more}")
-        meta = json.loads((p / EXPORT_META).read_text()) if (p / EXPORT_META).is_file() else None
+        meta = None
+        if (p / EXPORT_META).is_file():  # written by cnc export / convert-reference; a user's folder: bounded
+            try:
+                meta = jsonio.loads((p / EXPORT_META).read_bytes(), what=EXPORT_META)
+            except (OSError, ValueError) as exc:
+                raise NotAPipelineError(f"pipeline folder {p}: {p / EXPORT_META} is unreadable ({exc})") from None
         return _select_weights(Source("pipeline", p, meta=meta), weights)
     if (p / ckpt.TRAINER_STATE).is_file() and (p.parent / "train_config.yaml").is_file():
         state = ckpt.read_json(p / ckpt.TRAINER_STATE)

@@ -32,12 +32,6 @@ def sampling_prompts(negative_prompt: str | None, prompt_suffix: str | None, ref
     return negative_prompt, prompt_suffix
 
 
-def load_source_pipeline(path: str, option: str = "PIPELINE", weights: str | None = None):
-    """:func:`cnc_model.loading.load_pipeline`; an unloadable folder, weights it does not hold or a missing base
-    model are a :class:`UserError` (one line)."""
-    return load_source(path, option, weights)[1]
-
-
 def describe_source(path: str, option: str = "PIPELINE", weights: str | None = None):
     """:func:`cnc_model.loading.describe` (cheap: no model is loaded); failures are a :class:`UserError` (one
     line)."""

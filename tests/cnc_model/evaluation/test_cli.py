@@ -1,6 +1,6 @@
 """``cnc eval`` checks what it can before generating (issue 26.4): each broken input is one ``error:`` line and exit
 2, in a fresh process, and nothing is written: too few triplets for FID, a pipeline component missing (named with its
-folder), a truncated safetensors file, impossible numbers."""
+folder), an unreadable cnc_export.json, a truncated safetensors file, impossible numbers."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from tests.support import REPO
 
 @pytest.fixture(scope="module")
 def broken(tiny_shards, tiny_metrics_cache, tmp_path_factory) -> dict:
-    """A good tiny pipeline, copies missing vae/ and tokenizer/, one with a truncated UNet, a one-triplet shard."""
+    """A good tiny pipeline, copies missing vae/ and tokenizer/, one with a broken cnc_export.json, one with a
+    truncated UNet, a one-triplet shard."""
     from cnc_model.data import first_samples
     from cnc_model.testing.tiny import tiny_cnc_pipeline
     from triplets.shardio.tario import write_shard
@@ -27,6 +28,8 @@ def broken(tiny_shards, tiny_metrics_cache, tmp_path_factory) -> dict:
     for name, part in (("no_vae", "vae"), ("no_tokenizer", "tokenizer")):
         shutil.copytree(good, root / name)
         shutil.rmtree(root / name / part)
+    shutil.copytree(good, root / "bad_export")
+    (root / "bad_export" / "cnc_export.json").write_text('{"weights": ')
     shutil.copytree(good, root / "cut_unet")
     weights = root / "cut_unet" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -42,6 +45,7 @@ CASES = {  # pipeline, shards, extra args -> text of the one error line
     "no_vae": ("no_vae", "shards", [], "component vae (AutoencoderKL) is missing: no folder {root}/no_vae/vae"),
     "no_tokenizer": ("no_tokenizer", "shards", [],
                      "component tokenizer (CLIPTokenizer) is missing: no folder {root}/no_tokenizer/tokenizer"),
+    "bad_export": ("bad_export", "shards", [], "{root}/bad_export/cnc_export.json is unreadable (cnc_export.json "),
     "cut_unet": ("cut_unet", "shards", [], "{root}/cut_unet/unet/diffusion_pytorch_model.safetensors is unreadable"),
     "n_0": ("good", "shards", ["--n", "0"], "--n 0: FID needs at least 2 triplets"),
     "inf_guidance": ("good", "shards", ["--guidance", "inf"], "--guidance inf: must be a number in 0 .. 100"),
