@@ -216,13 +216,16 @@ def test_sbatch_script_runs_under_fake_slurm(tmp_path):
     bodies = {
         "scontrol": "echo node-a; echo node-b",
         "srun": 'case "$*" in *hostname*) echo 10.1.2.3;; *) sleep 0.2;; esac',
-        # the node-count check waits a moment so the background `srun ... start` stubs have logged themselves
-        "py": 'case "$*" in *" build "*) exit 7;; *ray.nodes*) sleep 1;; esac; exit 0',
+        # like the real checks, `ray status` succeeds only once the head has started and the node count only once
+        # the worker has: the stubs wait (bounded) for the background `srun ... start` stubs to log themselves
+        "py": ('case "$*" in *" build "*) exit 7;; *" status "*) want="start --head";; '
+               '*ray.nodes*) want="start --block --address";; *) exit 0;; esac; '
+               'for _ in $(seq 200); do grep -q -- "$want" {calls} && exit 0; sleep 0.1; done; exit 1'),
     }
     (tmp_path / "bin").mkdir()
     for name, body in bodies.items():
         path = tmp_path / ("bin" if name != "py" else "") / name
-        path.write_text(stub.format(calls=calls, body=body))
+        path.write_text(stub.format(calls=calls, body=body.replace("{calls}", str(calls))))
         path.chmod(0o755)
     env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "42",
            "SLURM_SUBMIT_DIR": str(tmp_path)}
