@@ -117,6 +117,22 @@ def start_driver(cmd: list[str], log_path: Path, until, *, cwd: Path, env: dict,
     return proc
 
 
+def local_http_server(handler):
+    """A threaded HTTP server on 127.0.0.1 (a free port) with daemon handler threads and a listen backlog of 128.
+
+    socketserver's default backlog is 5: a burst of concurrent requests (a fetch window, parallel hub downloads) on a
+    loaded machine overflows it, a SYN is dropped and the kernel resends it only after 1 s, past a test's short
+    connect timeout (the fetch test failed 6 of 12 runs so under load, 0 of 12 with 128). A real host's is far larger.
+    """
+    from http.server import ThreadingHTTPServer
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 128
+        daemon_threads = True
+
+    return Server(("127.0.0.1", 0), handler)
+
+
 class HubStandIn:
     """A local stand-in of the parts of the Hugging Face Hub HTTP API that ``huggingface_hub`` uses to create a repo,
     upload a folder, push a card and download a snapshot (``HF_ENDPOINT`` points clients at it; 127.0.0.1 only).
@@ -134,12 +150,11 @@ class HubStandIn:
 
     def __init__(self):
         import threading
-        from http.server import ThreadingHTTPServer
 
         self.repos: dict[tuple[str, str], dict] = {}
         self.requests: list[tuple[str, str]] = []
         handler = self._handler()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = local_http_server(handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -373,7 +388,7 @@ class WebServer:
         import collections
         import threading
         import time
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.routes: dict[str, collections.deque] = {}
         self.requests: list[tuple[str, dict]] = []
@@ -413,8 +428,7 @@ class WebServer:
                     with lock:
                         server.in_flight -= 1
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = local_http_server(Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
