@@ -122,7 +122,7 @@ def local_http_server(handler):
 
     socketserver's default backlog is 5: a burst of concurrent requests (a fetch window, parallel hub downloads) on a
     loaded machine overflows it, a SYN is dropped and the kernel resends it only after 1 s, past a test's short
-    connect timeout (the fetch test failed 6 of 12 runs so under load, 0 of 12 with 128). A real host's is far larger.
+    connect timeout (a fetch test failed 6 of 12 runs under load with 5, 0 of 12 with 128). A real host's is far larger.
     """
     from http.server import ThreadingHTTPServer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cnc.downloads import DownloadError, FileSpec, download_file
-from tests.support import REPO
+from tests.support import REPO, local_http_server
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB "checkpoint"
 
@@ -47,7 +47,7 @@ class _Server:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = local_http_server(Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

@@ -212,7 +212,7 @@ def test_sbatch_script_runs_under_fake_slurm(tmp_path):
     script.write_text(render_slurm(spec, SlurmOptions(nodes=2, gpus_per_node=1, python=str(tmp_path / "py"),
                                                       startup_timeout_s=10, port_base=30000)))
     calls = tmp_path / "calls.txt"
-    stub = '#!/bin/bash\necho "$(basename "$0") $*" >> {calls}\n{body}\n'
+    stub = '#!/bin/bash\ncalls="{calls}"\necho "$(basename "$0") $*" >> "$calls"\n{body}\n'
     bodies = {
         "scontrol": "echo node-a; echo node-b",
         "srun": 'case "$*" in *hostname*) echo 10.1.2.3;; *) sleep 0.2;; esac',
@@ -220,12 +220,12 @@ def test_sbatch_script_runs_under_fake_slurm(tmp_path):
         # the worker has: the stubs wait (bounded) for the background `srun ... start` stubs to log themselves
         "py": ('case "$*" in *" build "*) exit 7;; *" status "*) want="start --head";; '
                '*ray.nodes*) want="start --block --address";; *) exit 0;; esac; '
-               'for _ in $(seq 200); do grep -q -- "$want" {calls} && exit 0; sleep 0.1; done; exit 1'),
+               'for _ in $(seq 200); do grep -q -- "$want" "$calls" && exit 0; sleep 0.1; done; exit 1'),
     }
     (tmp_path / "bin").mkdir()
     for name, body in bodies.items():
         path = tmp_path / ("bin" if name != "py" else "") / name
-        path.write_text(stub.format(calls=calls, body=body.replace("{calls}", str(calls))))
+        path.write_text(stub.format(calls=calls, body=body))
         path.chmod(0o755)
     env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "42",
            "SLURM_SUBMIT_DIR": str(tmp_path)}
